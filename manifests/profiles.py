@@ -1,0 +1,141 @@
+"""Target profiles: which layout each projection role gets on a device class, per dtype.
+
+A profile is data (`manifests/targets/NAME.yaml`):
+
+    name: m5
+    description: ...
+    evidence: ...            # where the choice comes from: a measurement or a citation
+    layouts:                 # roles not listed are `standard`
+      mlp.gate_proj: pretransposed
+      lm_head: {float32: pretransposed, default: standard}   # per-dtype rule
+
+`target_for_device` maps an `mx.device_info()` dictionary to a built-in target name. It is a
+pure function so tests feed it recorded dictionaries instead of needing the hardware.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from manifests.format import DTYPES, LAYOUTS, STANDARD
+
+ROLES = (
+    "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "laurel.linear_left", "laurel.linear_right",
+    "altup.prediction_coefs", "altup.correction_coefs", "altup.modality_router",
+    "per_layer_input_gate", "per_layer_projection",
+    "per_layer_model_projection", "altup_projections", "altup_unembed_projections",
+    "lm_head",
+)
+
+
+class ProfileError(ValueError):
+    """An unknown target name or a malformed profile file."""
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    content: dict = field(repr=False)
+    sha256: str = ""
+
+    @property
+    def layouts(self) -> dict:
+        return self.content.get("layouts") or {}
+
+    def layout_for(self, role: str, dtype: str) -> str:
+        """The layout this profile asks for `role` when the weight is written as `dtype`."""
+        rule = self.layouts.get(role, STANDARD)
+        if isinstance(rule, str):
+            return rule
+        return rule.get(dtype, rule.get("default", STANDARD))
+
+
+def _targets_dir():
+    return resources.files("manifests").joinpath("targets")
+
+
+def known_targets() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in _targets_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def profile_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check(content: object, where: str) -> dict:
+    if not isinstance(content, dict):
+        raise ProfileError(f"{where}: a target profile must be a mapping")
+    if not isinstance(content.get("name"), str) or not content["name"]:
+        raise ProfileError(f"{where}: missing `name`")
+    layouts = content.get("layouts") or {}
+    if not isinstance(layouts, dict):
+        raise ProfileError(f"{where}: `layouts` must be a mapping of role to layout")
+    for role, rule in layouts.items():
+        if role not in ROLES:
+            raise ProfileError(f"{where}: unknown role {role!r} (known: {', '.join(ROLES)})")
+        rules = {"default": rule} if isinstance(rule, str) else rule
+        if not isinstance(rules, dict):
+            raise ProfileError(f"{where}: layout of {role} must be a layout or a dtype mapping")
+        for dtype, layout in rules.items():
+            if dtype != "default" and dtype not in DTYPES:
+                raise ProfileError(f"{where}: {role}: unknown dtype {dtype!r}")
+            if layout not in LAYOUTS:
+                raise ProfileError(f"{where}: {role}: unknown layout {layout!r} (use {' or '.join(LAYOUTS)})")
+    return content
+
+
+def _from_text(text: str, where: str) -> TargetProfile:
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    content = _check(content, where)
+    return TargetProfile(name=content["name"], content=content, sha256=profile_sha256(text))
+
+
+def load_profile(name: str) -> TargetProfile:
+    """A built-in profile by name; an unknown name lists the known ones."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name not in known_targets():
+        raise ProfileError(f"unknown target {name!r}; known targets: {', '.join(known_targets())}")
+    path = _targets_dir().joinpath(f"{name}.yaml")
+    return _from_text(path.read_text(), f"manifests/targets/{name}.yaml")
+
+
+def load_profile_file(path: str | os.PathLike) -> TargetProfile:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot read target profile ({e.strerror})") from None
+    return _from_text(text, str(path))
+
+
+_APPLE = re.compile(r"applegpu_g(\d+)([a-z]*)")
+
+
+def target_for_device(info: dict) -> str:
+    """Map `mx.device_info()` to a built-in target name.
+
+    Apple GPUs report `applegpu_g<NN><s>`: 13..16 are M1..M4, 17 is M5; suffix `p` is phone
+    class (A-series), which the M5 evidence does not cover. Generations after 17 are assumed to
+    keep M5's preference until measured otherwise. CUDA reports `sm_NN`; a CPU its machine type.
+    """
+    arch = str(info.get("architecture", "")).lower()
+    apple = _APPLE.fullmatch(arch)
+    if apple:
+        generation, suffix = int(apple.group(1)), apple.group(2)
+        return "m5" if generation >= 17 and suffix != "p" else "generic"
+    if arch.startswith("sm_"):
+        return "cuda"
+    if arch in ("x86_64", "amd64"):
+        return "cpu-x86_64"
+    return "generic"
