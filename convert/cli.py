@@ -1,0 +1,70 @@
+"""`convert [OPTIONS] SOURCE OUT` (also `python -m convert`): the command over `convert.pipeline`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from convert.errors import ConvertError
+from convert.pipeline import execute, plan, preflight, run_report
+from convert.plan import BAND_BYTES, DTYPE_OPTIONS, READ_BLOCK, human, parse_size
+from manifests import known_targets
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ConvertError as e:
+        raise click.BadParameter(e.message.split(": ", 1)[-1]) from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--target", default=None, metavar="NAME",
+              help=f"Device class to prepare for: auto (this machine, the default) or one of "
+                   f"{', '.join(known_targets())}.")
+@click.option("--target-profile", type=click.Path(path_type=Path), metavar="FILE",
+              help="A target profile YAML file instead of a built-in target.")
+@click.option("--dtype", type=click.Choice(DTYPE_OPTIONS), default="keep", show_default=True,
+              help="Float dtype to write (quantized weights always pass through).")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")
+@click.option("--max-shard-size", default="5GB", show_default=True, callback=_size,
+              help="Largest shard, e.g. 500MB, 2GB.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is a bundle (only once the new one is complete).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--read-block-size", default=None, callback=_size, hidden=True)
+@click.option("--band-size", default=None, callback=_size, hidden=True)
+def command(source, out, target, target_profile, dtype, revision, max_shard_size, force, dry_run, quiet,
+            read_block_size, band_size):
+    """Convert the Gemma3n checkpoint SOURCE (a directory or a hub repo id like org/name) into a
+    bundle at OUT whose projections have the layout TARGET decodes fastest."""
+    started = time.perf_counter()
+    p = plan(source, out, target=target, target_profile=target_profile, dtype=dtype, revision=revision,
+             max_shard_size=max_shard_size, read_block=read_block_size or READ_BLOCK,
+             band_bytes=band_size or BAND_BYTES)
+    if dry_run:
+        click.echo(p.summary())
+        return
+    preflight(p, out, force=force)
+    if quiet:
+        execute(p, out, force=force)
+        return
+    with click.progressbar(length=p.tensor_bytes_out, label=f"converting to {p.profile.name}", file=sys.stderr,
+                           show_eta=True, show_percent=True,
+                           item_show_func=lambda _: None) as bar:
+        done = execute(p, out, force=force, on_write=bar.update)
+    click.echo(run_report(p, done, time.perf_counter() - started))
+
+
+def main(args=None, prog_name: str | None = None):
+    command.main(args=args, prog_name=prog_name or "convert")
+
+
+__all__ = ["command", "main", "human"]

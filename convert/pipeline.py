@@ -1,0 +1,272 @@
+"""The library API: `plan(...)` and `convert_checkpoint(...)`; the CLI is a thin layer over these.
+
+Atomicity: the bundle is written into `.OUT.tmp-<pid>` beside OUT and renamed into place only
+when complete (with `force`, the old OUT is first renamed to `.OUT.old-<pid>` and deleted after).
+A run killed at any point leaves OUT as it was plus a temporary directory named after its dead
+pid, which the next run for the same OUT removes (or, for an `.old-` directory whose OUT is
+missing because the kill fell between the two renames, puts back).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from convert.errors import ConvertError
+from convert.plan import (
+    BAND_BYTES,
+    DEFAULT_MAX_SHARD_SIZE,
+    READ_BLOCK,
+    Plan,
+    human,
+    make_plan,
+    parse_size,
+    peak_rss,
+)
+from convert.source import Source, open_source
+from convert.write import write_bundle
+from manifests import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    ManifestError,
+    ProfileError,
+    TargetProfile,
+    load_profile,
+    load_profile_file,
+    target_for_device,
+    write_manifest,
+)
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def resolve_target(target: str | None = None, target_profile: str | os.PathLike | None = None,
+                   device_info: dict | None = None) -> tuple[TargetProfile, dict | None]:
+    """(profile, device info it was detected on or None). `auto` asks MLX about this machine."""
+    try:
+        if target_profile is not None:
+            if target not in (None, "auto"):
+                raise ConvertError("use --target or --target-profile, not both")
+            return load_profile_file(target_profile), None
+        if target in (None, "auto"):
+            if device_info is None:
+                import mlx.core as mx
+
+                device_info = dict(mx.device_info())
+            device = {k: v for k, v in device_info.items() if isinstance(v, (str, int, float, bool))}
+            return load_profile(target_for_device(device)), device
+        return load_profile(target), None
+    except ProfileError as e:
+        raise ConvertError(str(e)) from None
+
+
+def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = None, *, target: str | None = "auto",
+         target_profile: str | os.PathLike | None = None, dtype: str = "keep", revision: str | None = None,
+         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, device_info: dict | None = None,
+         read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES) -> Plan:
+    """Open SOURCE and plan its conversion; reads headers and configs only, writes nothing."""
+    src = source if isinstance(source, Source) else open_source(source, revision)
+    if out is not None:
+        check_destination(src, Path(out))
+    profile, device = resolve_target(target, target_profile, device_info)
+    return make_plan(src, profile, dtype=dtype, device=device, max_shard_size=parse_size(max_shard_size),
+                     read_block=read_block, band_bytes=band_bytes)
+
+
+def _within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def check_destination(src: Source, out: Path) -> None:
+    out_real = os.path.realpath(out)
+    for root in {os.path.realpath(src.root), str(src.containment or os.path.realpath(src.root))}:
+        if _within(out_real, root):
+            raise ConvertError(f"{out}: OUT is inside SOURCE ({src.display}); write the bundle elsewhere")
+        if _within(root, out_real):
+            raise ConvertError(f"{out}: SOURCE ({src.display}) is inside OUT; write the bundle elsewhere")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove what runs for `out` that died left behind; return what was removed or restored."""
+    parent = out.parent
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
+    handled = []
+    for entry in parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if not m or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out.exists() and (entry / MANIFEST_NAME).is_file():
+            os.rename(entry, out)  # killed between the two renames of --force: put the old one back
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+        handled.append(entry)
+    return handled
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    if not os.path.lexists(out):
+        return
+    if not force:
+        raise ConvertError(f"{out}: OUT already exists; pass --force to replace it")
+    if out.is_symlink() or not out.is_dir():
+        raise ConvertError(f"{out}: OUT exists and is not a directory; refusing to replace it")
+    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ConvertError(f"{out}: OUT exists and is not a bundle (no {MANIFEST_NAME}); refusing to replace it")
+
+
+def eos_token_ids(src: Source) -> list[int]:
+    """Every EOS id of the config, its text config and the generation config (a model may stop on any)."""
+    ids: set[int] = set()
+    for where in (src.config, src.text_config, src.generation_config or {}):
+        value = where.get("eos_token_id")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool):
+                ids.add(v)
+    return sorted(ids)
+
+
+def normalized_text_config(src: Source) -> dict:
+    text = {k: v for k, v in src.text_config.items()
+            if k not in ("architectures", "quantization", "quantization_config", "transformers_version")}
+    text["model_type"] = "gemma3n_text"
+    if "tie_word_embeddings" not in text and "tie_word_embeddings" in src.config:
+        text["tie_word_embeddings"] = src.config["tie_word_embeddings"]
+    return text
+
+
+def build_manifest(p: Plan, files: dict, source_files: dict) -> dict:
+    src = p.source
+    if src.kind == "hub":
+        source = {"kind": "hub", "repo_id": src.repo_id, "revision": src.revision, "commit": src.commit,
+                  "path": str(src.root)}
+    else:
+        source = {"kind": "local", "path": str(Path(src.root).resolve())}
+    source.update(naming=src.naming, files=source_files)
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "mlx-prepared", "version": _version("mlx-prepared")},
+        "versions": {"mlx": _version("mlx"), "python": platform.python_version(), "numpy": _version("numpy"),
+                     "safetensors": _version("safetensors")},
+        "source": source,
+        "model": {"architecture": "gemma3n", "model_type": src.model_type,
+                  "text_config": normalized_text_config(src), "eos_token_ids": eos_token_ids(src)},
+        "target": {"name": p.profile.name, "profile": p.profile.content, "profile_sha256": p.profile.sha256,
+                   "device": p.device},
+        "dtype": p.dtype,
+        "projections": p.projections,
+        "embeddings": p.embeddings,
+        "dropped": p.dropped,
+        "files": files,
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _free_space(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def preflight(p: Plan, out: str | os.PathLike, *, force: bool = False) -> Path:
+    """Every check that can refuse before a byte is written (also run by `execute`)."""
+    out = Path(out).absolute()
+    check_destination(p.source, out)
+    clean_stale(out)
+    _check_replaceable(out, force)
+    free = _free_space(out.parent)
+    if free < p.disk_needed:
+        raise ConvertError(f"{out.parent}: not enough free disk space for the bundle (needs "
+                           f"{human(p.disk_needed)}, {human(free)} free)")
+    return out
+
+
+def execute(p: Plan, out: str | os.PathLike, *, force: bool = False, on_write=None) -> Path:
+    """Write the planned bundle to OUT atomically; return OUT."""
+    out = preflight(p, out, force=force)
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        files, source_files = write_bundle(p, tmp, on_write=on_write)
+        try:
+            write_manifest(build_manifest(p, files, source_files), tmp)
+        except ManifestError as e:  # a bug of ours, not bad input; still one line
+            raise ConvertError(f"internal error, manifest does not validate: {e}") from None
+        _fsync_dir(tmp)
+        if os.path.lexists(out):
+            _check_replaceable(out, force)
+            old = parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConvertError(f"{e.filename or out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, target: str | None = "auto",
+                       target_profile: str | os.PathLike | None = None, dtype: str = "keep",
+                       revision: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                       force: bool = False, device_info: dict | None = None, on_write=None,
+                       read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES) -> Path:
+    """Convert SOURCE (directory or hub repo id) into a prepared bundle at OUT; return OUT.
+
+    Every refusal is a `ConvertError` (a `click.ClickException`, exit code 2) with one line naming
+    the file and tensor; nothing is left at OUT then.
+    """
+    p = plan(source, out, target=target, target_profile=target_profile, dtype=dtype, revision=revision,
+             max_shard_size=max_shard_size, device_info=device_info, read_block=read_block,
+             band_bytes=band_bytes)
+    return execute(p, out, force=force, on_write=on_write)
+
+
+def run_report(p: Plan, out: Path, seconds: float) -> str:
+    moved = p.tensor_bytes_out
+    return (f"wrote {out}: {len(p.items)} tensors in {len(p.shards)} shard{'s' if len(p.shards) != 1 else ''}, "
+            f"{human(moved)} in {seconds:.1f} s ({moved / max(seconds, 1e-9) / 1e9:.2f} GB/s), "
+            f"peak memory {human(peak_rss())} (predicted {human(p.predicted_peak)})")
+
+
+__all__ = ["plan", "convert_checkpoint", "execute", "preflight", "resolve_target", "clean_stale", "run_report"]

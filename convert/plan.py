@@ -1,0 +1,436 @@
+"""The plan: every bundle tensor, where its bytes come from, and what happens to them on the way.
+
+Planning is pure (a `Source` of parsed headers and config, a target profile, options in; a `Plan`
+out) and reads no tensor data, so `--dry-run` prints exactly what a conversion would do, and
+the writer executes the plan without making decisions of its own.
+
+Each bundle tensor is made from one source tensor by a `transform`: `copy` (bytes as they are),
+`cast` (to another float dtype) or `transpose` (cast if asked, then written [in, out]). A later
+`quantize` transform slots in beside them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+from convert.dtypes import CODE_FOR_OPTION, FLOATS
+from convert.errors import ConvertError
+from convert.gemma3n import expected_tensors, kv_shared_unused, projection_role
+from convert.safetensors_io import DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
+from convert.source import NAMING_PREFIXES, TOWERS, Source
+from convert.transpose import TILE_ROWS
+from manifests.format import (
+    INDEX_NAME,
+    LM_HEAD,
+    LM_HEAD_PRETRANSPOSED_KEY,
+    PREFIX,
+    PRETRANSPOSED,
+    PRETRANSPOSED_SUFFIX,
+    STANDARD,
+)
+from manifests.profiles import TargetProfile
+
+DTYPE_OPTIONS = ("keep", "bfloat16", "float16", "float32")
+
+# Bytes read per pread (and per cast): big enough that syscalls cost nothing, small beside 2 GB.
+READ_BLOCK = 64 * 1024 * 1024
+# Output band of a transposed tensor held in memory at once (in source dtype). A tensor whose
+# transpose is larger is written in several bands, each a full pass over the source rows.
+BAND_BYTES = 512 * 1024 * 1024
+# The buffer that reads bytes only to hash them (gaps between tensors, dropped tensors).
+HASH_SCRATCH = 8 * 1024 * 1024
+# numpy's temporaries inside a cast (a few sub-chunks of 2^18 elements) and Python's own objects.
+CAST_SLACK = 8 * 1024 * 1024
+
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000  # what the hub's save_pretrained uses ("5GB")
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, as the hub), '512MiB' binary, a bare number bytes."""
+    if isinstance(text, int):
+        value = text
+    else:
+        import re
+
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConvertError(f"--max-shard-size {text!r}: use a size like 500MB, 2GB or 5GB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ConvertError(f"--max-shard-size {text!r}: must be positive")
+    return value
+
+
+def human(n: int) -> str:
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One bundle tensor and how it is made from one source tensor."""
+
+    key: str  # bundle key
+    file: str  # source file, relative to the source root
+    source: TensorInfo
+    dtype: str  # safetensors dtype code written
+    shape: tuple[int, ...]  # shape written
+    transform: str  # "copy" | "cast" | "transpose"
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+@dataclass
+class Shard:
+    name: str
+    items: list[Item]
+    header: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(i.nbytes for i in self.items)
+
+
+@dataclass
+class Plan:
+    source: Source
+    profile: TargetProfile
+    device: dict | None
+    dtype: str
+    shards: list[Shard]
+    projections: dict[str, dict]
+    embeddings: dict[str, dict]
+    dropped: list[dict]
+    tied: bool
+    read_block: int = READ_BLOCK
+    band_bytes: int = BAND_BYTES
+    baseline_rss: int = 0
+    roles: Counter = field(default_factory=Counter)
+
+    @property
+    def items(self) -> list[Item]:
+        return [i for s in self.shards for i in s.items]
+
+    @property
+    def index_bytes(self) -> int:
+        return len(index_text(self)) if len(self.shards) > 1 else 0
+
+    @property
+    def bytes_out(self) -> int:
+        copied = sum(self.source.path(n).stat().st_size for n in self.source.copied_files)
+        return sum(s.nbytes for s in self.shards) + self.index_bytes + copied
+
+    @property
+    def tensor_bytes_out(self) -> int:
+        return sum(i.nbytes for i in self.items)
+
+    @property
+    def disk_needed(self) -> int:
+        # The manifest is small but not tiny (every projection and file is listed): allow 1 MB + 1 kB
+        # per tensor for it and for file system rounding.
+        return self.bytes_out + 1_000_000 + 1000 * len(self.items)
+
+    @property
+    def predicted_peak(self) -> int:
+        work = max((working_set(i, self.read_block, self.band_bytes) for i in self.items), default=0)
+        return self.baseline_rss + HASH_SCRATCH + CAST_SLACK + work
+
+    def summary(self) -> str:
+        src = self.source
+        lines = [
+            f"source   {src.display} ({src.kind}, naming {src.naming}, {len(src.headers)} safetensors "
+            f"file{'s' if len(src.headers) != 1 else ''}, {len(src.tensors)} tensors)",
+            f"target   {self.profile.name} (profile sha256 {self.profile.sha256[:12]})"
+            + (f", device {self.device.get('architecture')}" if self.device else ""),
+            f"dtype    {self.dtype}",
+            f"tensors  {len(self.items)} written, {len(self.dropped)} dropped",
+        ]
+        reasons = Counter(d["reason"] for d in self.dropped)
+        for reason, n in sorted(reasons.items()):
+            lines.append(f"  dropped {n:5d}  {reason}")
+        lines.append(f"{'role':28s} {STANDARD:>9s} {PRETRANSPOSED:>14s}")
+        for role in sorted({r for r, _ in self.roles}):
+            lines.append(f"{role:28s} {self.roles[role, STANDARD]:9d} {self.roles[role, PRETRANSPOSED]:14d}")
+        transforms = Counter(i.transform for i in self.items)
+        lines += [
+            "writes   " + ", ".join(f"{n} {t}" for t, n in sorted(transforms.items())),
+            f"bytes in   {human(src.bytes_in)}",
+            f"bytes out  {human(self.bytes_out)} in {len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}"
+            + (" + index" if len(self.shards) > 1 else ""),
+            f"predicted peak memory  {human(self.predicted_peak)}",
+            f"disk needed  {human(self.disk_needed)}",
+        ]
+        return "\n".join(lines)
+
+
+def rows_per_block(item: Item, read_block: int) -> int:
+    """Source rows read at once for a transpose: a multiple of the tile height, within the block."""
+    rows, cols = item.source.shape
+    per_row = cols * item.source.itemsize
+    n = max(TILE_ROWS, (read_block // max(per_row, 1)) // TILE_ROWS * TILE_ROWS)
+    return min(rows, n)
+
+
+def band_rows(item: Item, band_bytes: int) -> int:
+    """Output rows of a transpose held in memory at once (held in the source dtype)."""
+    rows, cols = item.source.shape
+    return max(1, min(cols, band_bytes // max(rows * item.source.itemsize, 1)))
+
+
+def block_bytes(item: Item, read_block: int) -> int:
+    """Source bytes read at once for a copy or cast: whole elements, at most `read_block`."""
+    size = item.source.itemsize
+    return max(size, min(item.source.nbytes, read_block) // size * size)
+
+
+def working_set(item: Item, read_block: int, band_bytes: int) -> int:
+    """Bytes of buffers the writer allocates for `item` (the plan's memory prediction)."""
+    src, out_size = item.source, ITEMSIZE[item.dtype]
+    if item.transform == "transpose":
+        rows, cols = src.shape
+        read = rows_per_block(item, read_block) * cols * src.itemsize
+        band = band_rows(item, band_bytes) * rows * src.itemsize
+        cast = 0 if item.dtype == src.dtype else block_bytes(item, read_block) // src.itemsize * out_size
+        return read + band + cast
+    read = block_bytes(item, read_block)
+    cast = 0 if item.transform == "copy" else read // src.itemsize * out_size
+    return read + cast
+
+
+def current_rss() -> int:
+    """This process's resident memory now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def quantization_of(config: dict, text_config: dict, display: str) -> dict | None:
+    """The MLX `quantization` block (defaults plus per-module overrides), or None."""
+    for where in (config, text_config):
+        q = where.get("quantization")
+        if q is None and isinstance(where.get("quantization_config"), dict):
+            q = where["quantization_config"]
+            if "quant_method" in q:
+                raise ConvertError(f"{display}: quantization method {q['quant_method']!r} is not MLX quantization; "
+                                   "only MLX-quantized weights pass through")
+        if q is not None:
+            if not isinstance(q, dict):
+                raise ConvertError(f"{display}: quantization is not a mapping")
+            return q
+    return None
+
+
+def _quant_params(q: dict | None, module_key: str, where: str) -> dict:
+    if q is None:
+        raise ConvertError(f"{where}: uint32 weight with .scales (MLX-quantized) but config.json has no "
+                           "quantization block")
+    params = q.get(module_key)
+    if params is False:
+        raise ConvertError(f"{where}: quantized, but config.json's quantization block says this module is not")
+    params = params if isinstance(params, dict) else q
+    try:
+        return {"bits": int(params["bits"]), "group_size": int(params["group_size"]),
+                "mode": str(params.get("mode", q.get("mode", "affine")))}
+    except (KeyError, TypeError, ValueError):
+        raise ConvertError(f"{where}: config.json's quantization block lacks bits/group_size") from None
+
+
+def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", device: dict | None = None,
+              max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, read_block: int = READ_BLOCK,
+              band_bytes: int = BAND_BYTES, baseline_rss: int | None = None) -> Plan:
+    if dtype not in DTYPE_OPTIONS:
+        raise ConvertError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_OPTIONS)}")
+    tc, cfg = source.text_config, source.config
+    shapes = expected_tensors(tc)
+    unused = set(kv_shared_unused(tc))
+    tied = bool(tc.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True)))
+    prefix = NAMING_PREFIXES[source.naming]
+    config_where = f"{source.display}/config.json"
+    quant = quantization_of(cfg, tc, config_where)
+
+    def where(key: str) -> str:
+        return f"{source.display}/{source.tensors[key][0]}: tensor {key!r}"
+
+    # 1. Classify every source tensor: a decoder tensor (by decoder-relative path) or dropped.
+    decoder: dict[str, str] = {}  # decoder path -> source key
+    dropped: list[dict] = []
+    for key in source.tensors:
+        bare = key[len("model."):] if key.startswith("model.") else key
+        if bare.split(".")[0] in TOWERS:
+            dropped.append({"key": key, "reason": f"{bare.split('.')[0]}: not part of the text decoder"})
+        elif key.startswith(prefix):
+            path = key[len(prefix):]
+            module, _, leaf = path.rpartition(".")
+            if path in unused or (leaf in ("scales", "biases") and f"{module}.weight" in unused):
+                layer = path.split(".")[1]
+                dropped.append({"key": key, "reason": f"KV-shared layer {layer} reuses an earlier layer's "
+                                "K/V; the model never reads it"})
+                continue
+            decoder[path] = key
+        elif "lm_head" in key.split(".")[:-1]:
+            if not tied:
+                raise ConvertError(f"{where(key)}: an untied LM head is not supported (Gemma3n ties it to "
+                                   "embed_tokens)")
+            dropped.append({"key": key, "reason": "stray LM head of a tied model; the LM head is embed_tokens"})
+        else:
+            raise ConvertError(f"{where(key)}: unexpected tensor (not part of the Gemma3n text decoder "
+                               f"under {prefix!r}, and not a vision/audio tower)")
+
+    # 2. Quantized modules: `.weight` uint32 with `.scales` (and `.biases` in affine mode).
+    quantized: dict[str, dict] = {}  # decoder module -> {bits, group_size, mode}
+    for path, key in decoder.items():
+        module, _, leaf = path.rpartition(".")
+        if leaf == "scales":
+            wpath = f"{module}.weight"
+            if wpath not in decoder or source.tensors[decoder[wpath]][1].dtype != "U32":
+                raise ConvertError(f"{where(key)}: .scales without a uint32 {module}.weight beside it")
+            q = _quant_params(quant, key[: -len(".scales")], where(decoder[wpath]))
+            out_dim, in_dim = shapes[wpath][0], shapes[wpath][-1]
+            winfo = source.tensors[decoder[wpath]][1]
+            want_w = (out_dim, in_dim * q["bits"] // 32)
+            if in_dim * q["bits"] % 32 or in_dim % q["group_size"] or winfo.shape != want_w:
+                raise ConvertError(f"{where(decoder[wpath])}: shape {list(winfo.shape)} but config.json implies "
+                                   f"{list(want_w)} ({q['bits']}-bit of {list(shapes[wpath])})")
+            sinfo = source.tensors[key][1]
+            want_s = (out_dim, in_dim // q["group_size"])
+            if sinfo.shape != want_s:
+                raise ConvertError(f"{where(key)}: shape {list(sinfo.shape)} but config.json implies {list(want_s)} "
+                                   f"(group size {q['group_size']})")
+            bpath = f"{module}.biases"
+            if q["mode"] == "affine":
+                if bpath not in decoder:
+                    raise ConvertError(f"{where(decoder[wpath])}: affine-quantized but {prefix}{bpath} is missing")
+                if source.tensors[decoder[bpath]][1].shape != want_s:
+                    raise ConvertError(f"{where(decoder[bpath])}: shape "
+                                       f"{list(source.tensors[decoder[bpath]][1].shape)} but config.json implies "
+                                       f"{list(want_s)}")
+            quantized[module] = q
+
+    # 3. Every other decoder tensor must be expected, of a float dtype and of the expected shape.
+    for path, key in decoder.items():
+        module, _, leaf = path.rpartition(".")
+        info = source.tensors[key][1]
+        if module in quantized and leaf in ("weight", "scales", "biases"):
+            continue
+        if leaf == "biases" or path not in shapes:
+            raise ConvertError(f"{where(key)}: unexpected tensor (not part of the Gemma3n text decoder)")
+        if info.dtype == "U32" and leaf == "weight":
+            raise ConvertError(f"{where(key)}: uint32 weight without {prefix}{module}.scales")
+        if info.dtype not in FLOATS:
+            raise ConvertError(f"{where(key)}: dtype {info.dtype} is not supported (bfloat16, float16 or float32)")
+        if info.shape != shapes[path]:
+            raise ConvertError(f"{where(key)}: shape {list(info.shape)} but config.json implies {list(shapes[path])}")
+    missing = [p for p in shapes if p not in decoder]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        first_file = next(iter(source.headers))
+        raise ConvertError(f"{source.display}/{first_file}: tensor {prefix + missing[0]!r} is missing{more}; "
+                           "config.json's text config needs it")
+
+    # 4. Items, projections and embeddings, in source reading order.
+    items: list[Item] = []
+    projections: dict[str, dict] = {}
+    embeddings: dict[str, dict] = {}
+    roles: Counter = Counter()
+
+    def out_dtype(info: TensorInfo) -> str:
+        return info.dtype if dtype == "keep" else CODE_FOR_OPTION[dtype]
+
+    def add_projection(name: str, role: str, info: TensorInfo, src_key: str, file: str, module: str | None):
+        q = quantized.get(module) if module is not None else None
+        written = info.dtype if q else out_dtype(info)
+        layout = STANDARD if q else profile.layout_for(role, DTYPE_NAMES[written])
+        if layout == PRETRANSPOSED:
+            key = LM_HEAD_PRETRANSPOSED_KEY if role == "lm_head" else PREFIX + module + PRETRANSPOSED_SUFFIX
+            shape = info.shape[::-1]
+            items.append(Item(key, file, info, written, shape, "transpose"))
+        else:
+            key = PREFIX + (module if role != "lm_head" else "embed_tokens") + ".weight"
+            shape = info.shape
+        projections[name] = {"role": role, "layout": layout, "key": key, "source_key": src_key,
+                             "shape": list(shape), "source_shape": list(info.shape),
+                             "dtype": DTYPE_NAMES[written], "bias": None, "quantized": q}
+        roles[role, layout] += 1
+
+    for path, key in decoder.items():
+        file, info = source.tensors[key]
+        module, _, leaf = path.rpartition(".")
+        q = quantized.get(module)
+        if q:
+            items.append(Item(PREFIX + path, file, info, info.dtype, info.shape, "copy"))
+        else:
+            written = out_dtype(info)
+            role = projection_role(module) if leaf == "weight" else None
+            transposed = role is not None and profile.layout_for(role, DTYPE_NAMES[written]) == PRETRANSPOSED
+            if not transposed:
+                items.append(Item(PREFIX + path, file, info, written, info.shape,
+                                  "copy" if written == info.dtype else "cast"))
+        if leaf != "weight":
+            continue
+        role = projection_role(module)
+        if role is not None:
+            add_projection(PREFIX + module, role, info, key, file, module)
+        elif module in ("embed_tokens", "embed_tokens_per_layer"):
+            written = info.dtype if q else out_dtype(info)
+            embeddings[PREFIX + module] = {"key": PREFIX + path, "source_key": key, "shape": list(info.shape),
+                                           "dtype": DTYPE_NAMES[written], "quantized": q}
+            if module == "embed_tokens":
+                add_projection(LM_HEAD, "lm_head", info, key, file, module)
+
+    # 5. Shards: greedy in reading order, each at most `max_shard_size` of data (a bigger tensor
+    # gets a shard of its own); inside a shard, larger item sizes first so every tensor stays
+    # aligned to its element size (the writer packs tensors without padding).
+    groups: list[list[Item]] = [[]]
+    size = 0
+    for item in items:
+        if groups[-1] and size + item.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item.nbytes
+    n = len(groups)
+    shards = []
+    for i, group in enumerate(groups):
+        group.sort(key=lambda it: -ITEMSIZE[it.dtype])
+        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        header = build_header([(it.key, it.dtype, it.shape) for it in group], SHARD_METADATA)
+        shards.append(Shard(name, group, header))
+
+    return Plan(source=source, profile=profile, device=device, dtype=dtype, shards=shards,
+                projections=projections, embeddings=embeddings, dropped=dropped, tied=tied,
+                read_block=read_block, band_bytes=band_bytes,
+                baseline_rss=current_rss() if baseline_rss is None else baseline_rss, roles=roles)
+
+
+SHARD_METADATA = {"format": "mlx", "producer": "mlx-prepared"}
+
+
+def index_text(plan: Plan) -> bytes:
+    import json
+
+    weight_map = {it.key: s.name for s in plan.shards for it in s.items}
+    doc = {"metadata": {"total_size": plan.tensor_bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+__all__ = ["Item", "Plan", "Shard", "make_plan", "parse_size", "index_text", "INDEX_NAME"]

@@ -1,0 +1,300 @@
+"""Safetensors by hand: a strict header parser, a hashing `pread` reader, a streaming writer.
+
+Why not the `safetensors` package or `mx.load`: both memory-map or materialize whole tensors, and
+a memory-mapped source counts in the process's resident size page by page (DESIGN.md pitfalls).
+Reading byte ranges with `pread` into one reused buffer keeps the converter's footprint small and
+honest, and parsing the header ourselves lets every defect be reported as one line naming the
+file and the tensor.
+
+The format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor name to
+`{dtype, shape, data_offsets: [begin, end]}` (offsets relative to the end of the header) plus an
+optional `__metadata__` of strings, then the data. The data must be covered exactly: no overlap,
+no holes, nothing after the last tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from convert.errors import ConvertError
+
+# The safetensors library refuses headers above 100 MB; a real model's header is well under 1 MB.
+# Checked before anything is allocated, so a corrupt length cannot make us allocate gigabytes.
+HEADER_LIMIT = 100 * 1024 * 1024
+
+ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+
+# Safetensors dtype -> the name the manifest (and MLX) uses.
+DTYPE_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2",
+    "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
+    "I32": "int32", "U32": "uint32", "F32": "float32",
+    "I64": "int64", "U64": "uint64", "F64": "float64",
+}
+DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+class SafetensorsError(ConvertError):
+    """A malformed or truncated safetensors file; the message names the file and the tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code: "BF16", "U32", ...
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    display: str  # how error messages name the file
+    size: int  # bytes in the file
+    data_start: int  # 8 + header length
+    tensors: dict[str, TensorInfo]  # in file order
+    metadata: dict[str, str]
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, display: str) -> None:
+    done, n = 0, len(view)
+    while done < n:
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # platforms without preadv: one copy, still no growing allocation
+            chunk = os.pread(fd, n - done, offset + done)
+            got = len(chunk)
+            view[done:done + got] = chunk
+        if got == 0:
+            raise SafetensorsError(f"{display}: unexpected end of file at byte {offset + done} "
+                                   "(truncated, or changed while being read)")
+        done += got
+
+
+def read_header(path: str | os.PathLike, display: str | None = None) -> Header:
+    """Parse and validate the header of one safetensors file without reading its data."""
+    path = Path(path)
+    display = display or str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise SafetensorsError(f"{display}: cannot open ({e.strerror})") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise SafetensorsError(f"{display}: {size} bytes, too short to hold a safetensors header")
+        raw = bytearray(8)
+        _pread_into(fd, memoryview(raw), 0, display)
+        (n,) = struct.unpack("<Q", raw)
+        if n > HEADER_LIMIT:
+            raise SafetensorsError(f"{display}: header length {n} exceeds the {HEADER_LIMIT}-byte limit "
+                                   "(corrupt file or not safetensors)")
+        if 8 + n > size:
+            raise SafetensorsError(f"{display}: header length {n} runs past the end of the {size}-byte file "
+                                   "(truncated or not safetensors)")
+        text = bytearray(n)
+        _pread_into(fd, memoryview(text), 8, display)
+    finally:
+        os.close(fd)
+    return parse_header(bytes(text), size, path, display)
+
+
+def parse_header(text: bytes, size: int, path: Path, display: str) -> Header:
+    data_start = 8 + len(text)
+    try:
+        doc = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{display}: header is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise SafetensorsError(f"{display}: header is not a JSON object")
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{display}: __metadata__ must map strings to strings")
+
+    infos = []
+    for name, entry in doc.items():
+        where = f"{display}: tensor {name!r}"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise SafetensorsError(f"{where}: entry must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in ITEMSIZE:
+            raise SafetensorsError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(ITEMSIZE)})")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise SafetensorsError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise SafetensorsError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+        need = math.prod(shape) * ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != need:
+            raise SafetensorsError(f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes but "
+                                   f"{dtype} x {shape} needs {need}")
+        infos.append(TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], need))
+
+    infos.sort(key=lambda t: (t.offset, t.nbytes))
+    cursor, previous = data_start, None
+    for t in infos:
+        if t.offset + t.nbytes > size:
+            raise SafetensorsError(f"{display}: tensor {t.name!r}: data ends at byte {t.offset + t.nbytes}, past "
+                                   f"the end of the {size}-byte file (truncated?)")
+        if t.offset < cursor:
+            raise SafetensorsError(f"{display}: tensor {t.name!r}: data overlaps tensor {previous!r}")
+        if t.offset > cursor:
+            raise SafetensorsError(f"{display}: tensor {t.name!r}: {t.offset - cursor} unindexed bytes before "
+                                   "its data (a hole in the data buffer)")
+        cursor, previous = t.offset + t.nbytes, t.name
+    if cursor != size:
+        after = f"after tensor {previous!r}" if previous else "after the header"
+        raise SafetensorsError(f"{display}: {size - cursor} unindexed bytes {after} at the end of the file")
+    return Header(path, display, size, data_start, {t.name: t for t in infos}, dict(metadata))
+
+
+class HashingReader:
+    """Reads byte ranges of one source file with `pread` and hashes the whole file on the way.
+
+    sha256 needs the bytes in order. Reads that arrive in file order extend the hashed prefix as
+    they go. A read that starts beyond the hashed prefix first reads the gap (the header, tensors
+    that are dropped) through the scratch buffer just to hash it. A read behind the prefix (another
+    pass over a tensor being transposed) is not hashed twice. `finish()` hashes whatever remains up
+    to the end, so every source file gets a full sha256 while each byte is read for hashing once.
+    """
+
+    def __init__(self, header: Header, scratch: bytearray):
+        self.header = header
+        self._scratch = scratch
+        self._sha = hashlib.sha256()
+        self._hashed = 0
+        try:
+            self._fd = os.open(header.path, os.O_RDONLY)
+        except OSError as e:
+            raise SafetensorsError(f"{header.display}: cannot open ({e.strerror})") from None
+        if os.fstat(self._fd).st_size != header.size:
+            raise SafetensorsError(f"{header.display}: file changed size since its header was read")
+
+    def _catch_up(self, offset: int) -> None:
+        scratch = memoryview(self._scratch)
+        while self._hashed < offset:
+            n = min(len(scratch), offset - self._hashed)
+            _pread_into(self._fd, scratch[:n], self._hashed, self.header.display)
+            self._sha.update(scratch[:n])
+            self._hashed += n
+
+    def read_into(self, offset: int, view: memoryview) -> memoryview:
+        if offset > self._hashed:
+            self._catch_up(offset)
+        _pread_into(self._fd, view, offset, self.header.display)
+        end = offset + len(view)
+        if offset <= self._hashed < end:
+            self._sha.update(view[self._hashed - offset:])
+            self._hashed = end
+        return view
+
+    def finish(self) -> str:
+        self._catch_up(self.header.size)
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length plus JSON header for tensors written back to back in `entries` order.
+
+    Padded with spaces to a multiple of 8 bytes, as the safetensors library does, so the data of
+    tensors sorted by decreasing item size stays aligned.
+    """
+    doc: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    cursor = 0
+    for name, dtype, shape in entries:
+        n = math.prod(shape) * ITEMSIZE[dtype]
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + n]}
+        cursor += n
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class SafetensorsWriter:
+    """Streams one safetensors file: the header first (the plan knows every size), then the data.
+
+    A small state machine: `begin(name)` must name the next tensor of the header and may only come
+    once the previous one is complete; `write` refuses more bytes than the tensor holds; `close`
+    refuses a file with an incomplete tensor. Everything written is hashed on the way out, so the
+    file is never read back to be hashed.
+    """
+
+    def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None, on_write=None, header: bytes | None = None):
+        self.path = Path(path)
+        self._entries = [(n, math.prod(s) * ITEMSIZE[d]) for n, d, s in entries]
+        self._next = 0
+        self._left = 0
+        self._sha = hashlib.sha256()
+        self._bytes = 0
+        self._on_write = on_write
+        self._file = open(self.path, "xb")
+        self._emit(header if header is not None else build_header(entries, metadata), count=False)
+
+    def _emit(self, data, count: bool = True) -> None:
+        view = memoryview(data).cast("B")
+        self._sha.update(view)
+        self._file.write(view)
+        self._bytes += view.nbytes
+        if count and self._on_write:
+            self._on_write(view.nbytes)
+
+    def begin(self, name: str) -> None:
+        if self._left:
+            raise RuntimeError(f"{self.path.name}: {name} begun with {self._left} bytes of "
+                               f"{self._entries[self._next - 1][0]} unwritten")
+        if self._next >= len(self._entries) or self._entries[self._next][0] != name:
+            expected = self._entries[self._next][0] if self._next < len(self._entries) else "nothing"
+            raise RuntimeError(f"{self.path.name}: {name} written out of order (expected {expected})")
+        self._left = self._entries[self._next][1]
+        self._next += 1
+
+    def write(self, data) -> None:
+        n = memoryview(data).nbytes
+        if n > self._left:
+            raise RuntimeError(f"{self.path.name}: {n} bytes written where {self._left} remain in "
+                               f"{self._entries[self._next - 1][0]}")
+        self._left -= n
+        self._emit(data)
+
+    def close(self) -> tuple[str, int]:
+        """Finish the file (flushed and fsynced); return its sha256 and size."""
+        if self._left or self._next != len(self._entries):
+            self._file.close()
+            raise RuntimeError(f"{self.path.name}: closed before every tensor was written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._sha.hexdigest(), self._bytes
+
+    def abort(self) -> None:
+        self._file.close()
