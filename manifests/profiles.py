@@ -139,3 +139,61 @@ def target_for_device(info: dict) -> str:
     if arch in ("x86_64", "amd64"):
         return "cpu-x86_64"
     return "generic"
+
+
+# --- Calibrated profiles the user saved (`runtime calibrate --save`) --------------------------
+
+PROFILE_DIR_ENV = "MLX_PREPARED_PROFILE_DIR"
+
+
+def user_profile_dir() -> Path:
+    """Where saved calibrated profiles live: `$MLX_PREPARED_PROFILE_DIR`, else
+    `$XDG_CONFIG_HOME/mlx-prepared/profiles` (`~/.config/mlx-prepared/profiles`)."""
+    if os.environ.get(PROFILE_DIR_ENV):
+        return Path(os.environ[PROFILE_DIR_ENV]).expanduser()
+    config_home = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(config_home) / "mlx-prepared" / "profiles"
+
+
+def _device_key(info: dict) -> tuple[str, str]:
+    return str(info.get("device_name", "")), str(info.get("architecture", ""))
+
+
+def _file_slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def user_profile_path(info: dict) -> Path:
+    """The file a calibrated profile of the device `info` (`mx.device_info()`) is saved as."""
+    name, arch = _device_key(info)
+    return user_profile_dir() / f"{_file_slug(arch)}--{_file_slug(name)}.yaml"
+
+
+def save_user_profile(text: str, info: dict) -> Path:
+    """Check `text` as a profile and store it for the device `info`; replaces an earlier one."""
+    _from_text(text, "calibrated profile")
+    path = user_profile_path(info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def saved_profile_for_device(info: dict) -> TargetProfile | None:
+    """The saved calibrated profile whose recorded `device` has exactly this device's
+    `device_name` and `architecture`, or None. A malformed file in the directory is an error
+    naming it, not silently skipped: the user saved it to be used."""
+    directory = user_profile_dir()
+    if not directory.is_dir():
+        return None
+    want = _device_key(info)
+    if not all(want):
+        return None
+    found = []
+    for path in sorted(directory.glob("*.yaml")):
+        profile = load_profile_file(path)
+        device = profile.content.get("device")
+        if isinstance(device, dict) and _device_key(device) == want:
+            found.append((path.stat().st_mtime, str(path), profile))
+    return max(found, key=lambda f: f[:2])[2] if found else None

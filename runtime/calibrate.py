@@ -1,0 +1,366 @@
+"""`runtime calibrate`: measure, on this device, which weight layout runs each projection faster.
+
+For every projection role at the real shapes of a Gemma3n config (default: E2B and E4B), and for
+every dtype asked for, time batch-1 GEMV in both layouts the bundle format knows:
+
+- standard:      `x @ W.T` with `W` stored `[out, in]` (the Hugging Face layout; MLX's `gemv`)
+- pretransposed: `x @ Wt`  with `Wt` stored contiguous `[in, out]` (MLX's `gemv_t`)
+
+The winner depends on device *and* dtype (on one x86_64 CPU float32 prefers pretransposed while
+bfloat16 prefers standard), so the result is a target profile with per-dtype rules, in the
+format of `manifests/targets/*.yaml`, plus the measurements it rests on. `convert
+--target-profile FILE` applies it; `--save` stores it where `convert --target auto` looks first
+(`manifests.profiles.user_profile_dir()`).
+
+How a time is taken: several copies of the weight (at least `cache_bytes` together, so that no
+GEMV is served from a cache the previous one warmed), many GEMVs in one evaluated graph (so the
+per-call overhead is not what is measured), a warm-up pass, then the median of `repeats` samples.
+A role switches to pretransposed only when that is faster by more than `margin` over all of the
+role's shapes together; a tie keeps the layout that needs no conversion.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import click
+import mlx.core as mx
+import yaml
+
+from manifests import MANIFEST_NAME, ManifestError, read_manifest
+from manifests.format import DTYPES, PRETRANSPOSED, STANDARD
+from manifests.profiles import profile_sha256, save_user_profile, target_for_device
+
+# Projections whose weight goes through a plain matmul. The AltUp coefficient and router tensors
+# (4x4, 16x4, 4x2048) are left out: too small for the layout to matter, and their math runs in
+# float32 whatever the bundle's dtype.
+CALIBRATED_ROLES = (
+    "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "laurel.linear_left", "laurel.linear_right",
+    "per_layer_input_gate", "per_layer_projection", "per_layer_model_projection",
+    "altup_projections", "altup_unembed_projections",
+    "lm_head",
+)
+DEFAULT_DTYPES = ("bfloat16", "float32")
+
+# The shape-bearing fields of google/gemma-3n-E2B-it and -E4B-it's text configs.
+_COMMON = {
+    "model_type": "gemma3n_text", "hidden_size": 2048, "hidden_size_per_layer_input": 256,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256, "laurel_rank": 64,
+    "vocab_size": 262400, "vocab_size_per_layer_input": 262144,
+}
+DEFAULT_CONFIGS = {
+    "E2B": dict(_COMMON, num_hidden_layers=30, intermediate_size=8192, num_kv_shared_layers=10),
+    "E4B": dict(_COMMON, num_hidden_layers=35, intermediate_size=16384, num_kv_shared_layers=15),
+}
+
+Shape = tuple[int, int]
+Measure = Callable[[Shape, str, str], list[float]]
+
+
+class CalibrationError(ValueError):
+    """A config or bundle calibrate cannot read."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    repeats: int = 5
+    warmup: int = 1
+    cache_bytes: int = 256 << 20   # distinct weight bytes per sample: larger than any cache
+    graph_bytes: int = 512 << 20   # weight bytes streamed per evaluated graph
+    max_copies: int = 1024
+    margin: float = 0.03
+
+
+def role_shapes(text_config: dict) -> dict[str, list[Shape]]:
+    """Role -> the distinct `[out, in]` weight shapes it has in this config, in first-use order."""
+    c = text_config
+    try:
+        h = int(c["hidden_size"])
+        hp = int(c["hidden_size_per_layer_input"])
+        layers = int(c["num_hidden_layers"])
+        heads, kv = int(c["num_attention_heads"]), int(c["num_key_value_heads"])
+        hd = int(c.get("head_dim") or h // heads)
+        rank = int(c.get("laurel_rank", 64))
+        vocab = int(c["vocab_size"])
+        inter = c["intermediate_size"]
+    except KeyError as e:
+        raise CalibrationError(f"text config lacks {e.args[0]!r}") from None
+    inters = list(dict.fromkeys(int(x) for x in (inter if isinstance(inter, (list, tuple)) else [inter])))
+    shapes = {
+        "attn.q_proj": [(heads * hd, h)],
+        "attn.k_proj": [(kv * hd, h)],
+        "attn.v_proj": [(kv * hd, h)],
+        "attn.o_proj": [(h, heads * hd)],
+        "mlp.gate_proj": [(i, h) for i in inters],
+        "mlp.up_proj": [(i, h) for i in inters],
+        "mlp.down_proj": [(h, i) for i in inters],
+        "laurel.linear_left": [(rank, h)],
+        "laurel.linear_right": [(h, rank)],
+        "per_layer_input_gate": [(hp, h)],
+        "per_layer_projection": [(h, hp)],
+        "per_layer_model_projection": [(layers * hp, h)],
+        "altup_projections": [(h, h)],
+        "altup_unembed_projections": [(h, h)],
+        "lm_head": [(vocab, h)],
+    }
+    return {role: shapes[role] for role in CALIBRATED_ROLES}
+
+
+def merge_shapes(configs: Iterable[dict]) -> dict[str, list[Shape]]:
+    merged: dict[str, list[Shape]] = {}
+    for cfg in configs:
+        for role, shapes in role_shapes(cfg).items():
+            merged.setdefault(role, [])
+            merged[role] += [s for s in shapes if s not in merged[role]]
+    return merged
+
+
+def read_text_config(path: str | Path) -> tuple[dict, str, list[str]]:
+    """(text config, a label, the bundle's projection dtypes or []) from a config.json, a
+    checkpoint directory holding one, or a bundle directory (its manifest)."""
+    path = Path(path)
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        try:
+            manifest = read_manifest(path)
+        except ManifestError as e:
+            raise CalibrationError(str(e)) from None
+        dtypes = sorted({p["dtype"] for p in manifest["projections"].values()
+                         if p.get("quantized") is None and p["dtype"] in DTYPES})
+        return manifest["model"]["text_config"], str(path), dtypes
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        config = yaml.safe_load(path.read_text())  # JSON is YAML
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError:
+        raise CalibrationError(f"{path}: not valid JSON") from None
+    if not isinstance(config, dict):
+        raise CalibrationError(f"{path}: not a JSON object")
+    text = config.get("text_config", config)
+    model_type = str(text.get("model_type", config.get("model_type", "")))
+    if model_type not in ("gemma3n", "gemma3n_text"):
+        raise CalibrationError(f"{path}: model_type {model_type!r} is not Gemma3n")
+    try:
+        role_shapes(text)
+    except CalibrationError as e:
+        raise CalibrationError(f"{path}: {e}") from None
+    return text, str(path), []
+
+
+def measure_gemv(shape: Shape, dtype: str, layout: str, settings: Settings = Settings()) -> list[float]:
+    """Seconds per batch-1 GEMV with a weight of `[out, in]` shape `shape`, one value per sample."""
+    out_f, in_f = shape
+    dt = getattr(mx, dtype)
+    nbytes = out_f * in_f * dt.size
+    copies = min(settings.max_copies, max(2, math.ceil(settings.cache_bytes / nbytes)))
+    count = min(4 * settings.max_copies, max(copies, math.ceil(settings.graph_bytes / nbytes)))
+    stored = (in_f, out_f) if layout == PRETRANSPOSED else (out_f, in_f)
+    weights = []
+    for _ in range(copies):
+        w = (mx.random.normal(stored) * in_f ** -0.5).astype(dt)
+        mx.eval(w)  # one at a time: never a float32 temporary of all copies at once
+        weights.append(w)
+    xs = [mx.random.normal((1, in_f)).astype(dt) for _ in range(4)]
+    mx.eval(xs)
+
+    def graph():
+        if layout == PRETRANSPOSED:
+            return [xs[i % 4] @ weights[i % copies] for i in range(count)]
+        return [xs[i % 4] @ weights[i % copies].T for i in range(count)]
+
+    samples = []
+    for r in range(settings.warmup + settings.repeats):
+        ys = graph()
+        t0 = time.perf_counter()
+        mx.eval(ys)
+        elapsed = time.perf_counter() - t0
+        if r >= settings.warmup:
+            samples.append(elapsed / count)
+    del weights, xs, ys
+    mx.clear_cache()
+    return samples
+
+
+def device_info() -> dict:
+    info = {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float, bool))}
+    info.setdefault("machine", platform.machine())
+    info["default_device"] = str(mx.default_device())
+    return info
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def choose(standard_s: float, pretransposed_s: float, margin: float) -> str:
+    """Pretransposed only when clearly faster: a tie keeps the layout that needs no conversion."""
+    return PRETRANSPOSED if pretransposed_s < standard_s * (1.0 - margin) else STANDARD
+
+
+def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DTYPES, *,
+              settings: Settings = Settings(), measure: Measure | None = None,
+              info: dict | None = None, source: str = "E2B, E4B",
+              progress: Callable[[str], None] | None = None) -> dict:
+    """Measure every (role, shape, dtype, layout) and return a target profile as a dict.
+
+    `measure(shape, dtype, layout) -> [seconds per GEMV, ...]` defaults to `measure_gemv` on the
+    current MLX device; tests inject their own timer.
+    """
+    dtypes = list(dict.fromkeys(dtypes))
+    for dtype in dtypes:
+        if dtype not in DTYPES:
+            raise CalibrationError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    unknown = sorted(set(shapes) - set(CALIBRATED_ROLES))
+    if unknown:
+        raise CalibrationError(f"cannot calibrate roles {', '.join(unknown)}")
+    if measure is None:
+        def measure(shape, dtype, layout):
+            return measure_gemv(shape, dtype, layout, settings)
+    info = device_info() if info is None else dict(info)
+
+    layouts: dict[str, dict] = {}
+    measurements: dict[str, dict] = {}
+    for role, role_shape_list in shapes.items():
+        rule: dict[str, str] = {}
+        for dtype in dtypes:
+            rows, totals = [], {STANDARD: 0.0, PRETRANSPOSED: 0.0}
+            for shape in role_shape_list:
+                medians = {}
+                for layout in (STANDARD, PRETRANSPOSED):
+                    samples = measure(tuple(shape), dtype, layout)
+                    medians[layout] = statistics.median(samples)
+                    totals[layout] += medians[layout]
+                gb = shape[0] * shape[1] * getattr(mx, dtype).size / 1e9
+                rows.append({
+                    "shape": [int(shape[0]), int(shape[1])],
+                    "standard_us": round(medians[STANDARD] * 1e6, 2),
+                    "pretransposed_us": round(medians[PRETRANSPOSED] * 1e6, 2),
+                    "speedup": round(medians[STANDARD] / medians[PRETRANSPOSED], 3),
+                    "standard_gb_s": round(gb / medians[STANDARD], 2),
+                    "pretransposed_gb_s": round(gb / medians[PRETRANSPOSED], 2),
+                })
+                if progress:
+                    progress(f"{role:28s} {dtype:9s} {str(tuple(shape)):16s} standard "
+                             f"{rows[-1]['standard_us']:10.1f} us  pretransposed "
+                             f"{rows[-1]['pretransposed_us']:10.1f} us  x{rows[-1]['speedup']:.2f}")
+            rule[dtype] = choose(totals[STANDARD], totals[PRETRANSPOSED], settings.margin)
+            measurements.setdefault(role, {})[dtype] = rows
+        rule["default"] = STANDARD
+        layouts[role] = rule
+
+    device_name = str(info.get("device_name", "unknown"))
+    arch = str(info.get("architecture", "unknown"))
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    return {
+        "name": f"calibrated-{_slug(arch)}-{_slug(device_name)}",
+        "description": f"Calibrated by `runtime calibrate` on {device_name} ({arch})",
+        "evidence": (
+            f"Measured on this device on {now[:10]} with MLX {mx.__version__}: batch-1 GEMV, "
+            f"median of {settings.repeats} samples after {settings.warmup} warm-up, each sample "
+            f"many GEMVs in one graph over weight copies of at least {settings.cache_bytes >> 20} MiB; "
+            f"pretransposed where it was more than {settings.margin:.0%} faster over the role's shapes "
+            f"({source}). Dtypes not measured stay standard."
+        ),
+        "device": info,
+        "device_class": target_for_device(info),
+        "mlx_version": mx.__version__,
+        "calibration": {
+            "date": now, "shapes_from": source, "dtypes": dtypes, "repeats": settings.repeats,
+            "warmup": settings.warmup, "cache_bytes": settings.cache_bytes,
+            "graph_bytes": settings.graph_bytes, "margin": settings.margin,
+        },
+        "layouts": layouts,
+        "measurements": measurements,
+    }
+
+
+def profile_text(profile: dict) -> str:
+    header = ("# Target profile written by `runtime calibrate`; use it with\n"
+              "# `convert --target-profile THIS_FILE`, or save it with `runtime calibrate --save`.\n")
+    return header + yaml.safe_dump(profile, sort_keys=False, width=100)
+
+
+def layout_table(profile: dict) -> str:
+    """The measurements as an aligned text table, one row per role, dtype and shape."""
+    lines = [f"{'role':28s} {'dtype':9s} {'shape [out, in]':16s} {'standard us':>12s} "
+             f"{'pretr. us':>12s} {'speedup':>8s}  chosen"]
+    for role, per_dtype in profile["measurements"].items():
+        for dtype, rows in per_dtype.items():
+            chosen = profile["layouts"][role][dtype]
+            for row in rows:
+                lines.append(f"{role:28s} {dtype:9s} {str(row['shape']):16s} {row['standard_us']:12.1f} "
+                             f"{row['pretransposed_us']:12.1f} {row['speedup']:8.2f}  {chosen}")
+    return "\n".join(lines)
+
+
+class BadInput(click.ClickException):
+    exit_code = 2
+
+
+@click.command("calibrate")
+@click.option("--config", "config_path", type=click.Path(exists=False), default=None,
+              help="config.json, a checkpoint directory, or a bundle directory whose shapes to measure "
+                   "(default: the E2B and E4B shapes)")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(DTYPES),
+              help="dtype to measure (repeatable; default: the bundle's, else bfloat16 and float32)")
+@click.option("--role", "roles", multiple=True, type=click.Choice(CALIBRATED_ROLES),
+              help="measure only this role (repeatable; default: every projection role)")
+@click.option("--repeats", type=click.IntRange(1), default=Settings.repeats, show_default=True)
+@click.option("--margin", type=click.FloatRange(0.0, 0.5), default=Settings.margin, show_default=True,
+              help="how much faster pretransposed must be to be chosen")
+@click.option("--cache-mb", type=click.IntRange(1), default=Settings.cache_bytes >> 20, show_default=True,
+              help="distinct weight bytes per sample (MiB)")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="write the profile here")
+@click.option("--save", is_flag=True, help="store the profile in the user profile directory, where "
+                                           "`convert --target auto` prefers it for this device")
+@click.option("--quiet", is_flag=True, help="no progress or table on stderr")
+def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out, save, quiet):
+    """Measure standard vs pretransposed GEMV per projection role on this device; write a profile."""
+    try:
+        if config_path:
+            text, source, bundle_dtypes = read_text_config(config_path)
+            shapes = role_shapes(text)
+        else:
+            source, bundle_dtypes = ", ".join(DEFAULT_CONFIGS), []
+            shapes = merge_shapes(DEFAULT_CONFIGS.values())
+    except CalibrationError as e:
+        raise BadInput(str(e)) from None
+    if roles:
+        shapes = {r: s for r, s in shapes.items() if r in roles}
+    settings = Settings(repeats=repeats, margin=margin, cache_bytes=cache_mb << 20,
+                        graph_bytes=2 * (cache_mb << 20))
+    say = None if quiet else (lambda line: click.echo(line, err=True))
+    if say:
+        say(f"calibrating on {mx.default_device()} ({mx.device_info().get('device_name', '?')}), "
+            f"MLX {mx.__version__}, shapes of {source}")
+    profile = calibrate(shapes, dtypes or bundle_dtypes or DEFAULT_DTYPES, settings=settings,
+                        source=source, progress=say)
+    text = profile_text(profile)
+    if say:
+        say(layout_table(profile))
+    if out:
+        Path(out).write_text(text)
+        if say:
+            say(f"wrote {out} (sha256 {profile_sha256(text)[:12]})")
+    if save:
+        path = save_user_profile(text, profile["device"])
+        if say:
+            say(f"saved {path}: `convert --target auto` uses it on this device")
+    if not out and not save:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    calibrate_command()

@@ -1,0 +1,180 @@
+"""`runtime calibrate`: measured GEMV times -> a target profile the converter reads.
+
+The layout rule is checked with an injected timer (so either outcome can be forced); the real
+timer runs once at tiny shapes through the real command, and its profile must say what its own
+measurements say.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from convert.gemma3n import expected_tensors, projection_role
+from manifests.format import PRETRANSPOSED, STANDARD
+from manifests.profiles import (
+    PROFILE_DIR_ENV,
+    ProfileError,
+    load_profile_file,
+    save_user_profile,
+    saved_profile_for_device,
+    user_profile_dir,
+    user_profile_path,
+)
+from runtime.calibrate import (
+    CALIBRATED_ROLES,
+    DEFAULT_CONFIGS,
+    Settings,
+    calibrate,
+    choose,
+    merge_shapes,
+    profile_text,
+    role_shapes,
+)
+from tests.checkpoints import make_checkpoint, tiny_text_config
+
+CPU = {"architecture": "x86_64", "device_name": "AMD EPYC"}
+
+
+def fake_timer(faster: dict[tuple[str, str], float]):
+    """Standard takes 1 ms per GEMV; pretransposed takes `ratio` ms for (role-by-shape, dtype)."""
+    calls = []
+
+    def measure(shape, dtype, layout):
+        calls.append((shape, dtype, layout))
+        ratio = faster.get((shape, dtype), 1.0)
+        base = 1e-3 if layout == STANDARD else 1e-3 * ratio
+        return [base * 1.1, base, base * 0.95]  # median is `base`
+
+    return measure, calls
+
+
+def test_role_shapes_agree_with_the_converters_tensor_list():
+    cfg = tiny_text_config()
+    shapes = role_shapes(cfg)
+    seen: dict[str, set] = {}
+    for name, shape in expected_tensors(cfg).items():
+        role = projection_role(name[: -len(".weight")]) if name.endswith(".weight") else None
+        if role in CALIBRATED_ROLES:
+            seen.setdefault(role, set()).add(tuple(shape))
+    seen["lm_head"] = {tuple(expected_tensors(cfg)["embed_tokens.weight"])}
+    assert {r: set(s) for r, s in shapes.items()} == seen
+
+
+def test_default_shapes_cover_e2b_and_e4b_mlp_sizes():
+    shapes = merge_shapes(DEFAULT_CONFIGS.values())
+    assert shapes["mlp.gate_proj"] == [(8192, 2048), (16384, 2048)]
+    assert shapes["mlp.down_proj"] == [(2048, 8192), (2048, 16384)]
+    assert shapes["lm_head"] == [(262400, 2048)]
+    assert shapes["per_layer_model_projection"] == [(30 * 256, 2048), (35 * 256, 2048)]
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.5, PRETRANSPOSED), (2.0, STANDARD), (0.99, STANDARD)])
+def test_layout_follows_the_measured_times(ratio, expected, tmp_path):
+    shapes = {"mlp.gate_proj": [(128, 64)], "lm_head": [(320, 64)]}
+    measure, calls = fake_timer({((128, 64), "float32"): ratio})
+    profile = calibrate(shapes, ["float32", "bfloat16"], measure=measure, info=CPU)
+    assert profile["layouts"]["mlp.gate_proj"]["float32"] == expected
+    # Everything else measured equal: a tie keeps the layout that needs no conversion.
+    assert profile["layouts"]["mlp.gate_proj"]["bfloat16"] == STANDARD
+    assert profile["layouts"]["lm_head"] == {"float32": STANDARD, "bfloat16": STANDARD, "default": STANDARD}
+    assert len(calls) == 2 * 2 * 2  # roles x dtypes x layouts
+    row = profile["measurements"]["mlp.gate_proj"]["float32"][0]
+    assert row["standard_us"] == pytest.approx(1000.0)
+    assert row["pretransposed_us"] == pytest.approx(1000.0 * ratio)
+
+    path = tmp_path / "p.yaml"
+    path.write_text(profile_text(profile))
+    loaded = load_profile_file(path)
+    assert loaded.layout_for("mlp.gate_proj", "float32") == expected
+    assert loaded.layout_for("mlp.gate_proj", "float16") == STANDARD  # not measured
+    assert loaded.content["device"] == CPU
+    assert loaded.content["device_class"] == "cpu-x86_64"
+    assert loaded.content["mlx_version"]
+
+
+def test_a_role_with_several_shapes_is_decided_on_their_total():
+    shapes = {"mlp.up_proj": [(8, 4), (16, 4)]}
+    # Small shape 2x faster pretransposed, large one 3x slower: the total says standard.
+    measure, _ = fake_timer({((8, 4), "float32"): 0.5, ((16, 4), "float32"): 3.0})
+    assert calibrate(shapes, ["float32"], measure=measure, info=CPU)["layouts"]["mlp.up_proj"]["float32"] == STANDARD
+    measure, _ = fake_timer({((8, 4), "float32"): 0.5, ((16, 4), "float32"): 0.9})
+    assert calibrate(shapes, ["float32"], measure=measure, info=CPU)["layouts"]["mlp.up_proj"]["float32"] == PRETRANSPOSED
+
+
+def test_choose_margin():
+    assert choose(1.0, 0.96, 0.03) == PRETRANSPOSED
+    assert choose(1.0, 0.98, 0.03) == STANDARD
+    assert choose(1.0, 0.98, 0.0) == PRETRANSPOSED
+
+
+def test_real_timer_through_the_command_writes_a_profile_that_follows_its_measurements(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", "hf")
+    out = tmp_path / "calibrated.yaml"
+    r = subprocess.run(
+        [sys.executable, "-m", "runtime.calibrate", "--config", str(ckpt), "--dtype", "float32",
+         "--role", "mlp.gate_proj", "--role", "lm_head", "--repeats", "2", "--cache-mb", "1",
+         "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    profile = load_profile_file(out)
+    content = profile.content
+    assert set(content["layouts"]) == {"mlp.gate_proj", "lm_head"}
+    assert content["measurements"]["mlp.gate_proj"]["float32"][0]["shape"] == [128, 64]
+    assert content["measurements"]["lm_head"]["float32"][0]["shape"] == [320, 64]
+    margin = content["calibration"]["margin"]
+    for role, per_dtype in content["measurements"].items():
+        rows = per_dtype["float32"]
+        std = sum(r["standard_us"] for r in rows)
+        pre = sum(r["pretransposed_us"] for r in rows)
+        assert std > 0 and pre > 0
+        assert profile.layout_for(role, "float32") == choose(std, pre, margin)
+
+
+def test_command_refuses_a_config_that_is_not_gemma3n(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    r = subprocess.run([sys.executable, "-m", "runtime.calibrate", "--config", str(cfg), "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "llama" in r.stderr and str(cfg) in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_user_profile_dir_lookup(tmp_path, monkeypatch):
+    monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path / "profiles"))
+    assert user_profile_dir() == tmp_path / "profiles"
+    assert saved_profile_for_device(CPU) is None  # no directory yet
+
+    measure, _ = fake_timer({((320, 64), "float32"): 0.5})
+    profile = calibrate({"lm_head": [(320, 64)]}, ["float32"], measure=measure, info=CPU)
+    path = save_user_profile(profile_text(profile), CPU)
+    assert path == user_profile_path(CPU) and path.parent == tmp_path / "profiles"
+
+    found = saved_profile_for_device(dict(CPU, memory_size=123))
+    assert found is not None and found.layout_for("lm_head", "float32") == PRETRANSPOSED
+    # Exact device match only: another name or another architecture is not this device.
+    assert saved_profile_for_device({"architecture": "x86_64", "device_name": "Intel Xeon"}) is None
+    assert saved_profile_for_device({"architecture": "aarch64", "device_name": "AMD EPYC"}) is None
+    assert saved_profile_for_device({}) is None
+
+
+def test_user_profile_dir_defaults_under_xdg_config(tmp_path, monkeypatch):
+    monkeypatch.delenv(PROFILE_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert user_profile_dir() == tmp_path / "mlx-prepared" / "profiles"
+
+
+def test_a_malformed_saved_profile_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path))
+    bad = tmp_path / "broken.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "layouts": {"mlp.gate_proj": "sideways"}}))
+    with pytest.raises(ProfileError, match="broken.yaml"):
+        saved_profile_for_device(CPU)
+    with pytest.raises(ProfileError):
+        save_user_profile("name: y\nlayouts: {nope: standard}\n", CPU)
+
