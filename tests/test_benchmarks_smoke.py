@@ -1,0 +1,99 @@
+"""The benchmark generator at tiny size: the checkpoint it streams is one the converter and mlx-lm
+accept, with exactly the names and shapes of `convert.gemma3n.expected_tensors`.
+
+The full-size runs are benchmarks (benchmarks/, docs/BENCHMARKS.md), not tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from convert.gemma3n import expected_tensors, kv_shared_unused
+from manifests import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATOR = ROOT / "benchmarks" / "make_checkpoint.py"
+PREFIX = "model.language_model."
+
+
+def generate(out: Path, *args: str) -> None:
+    r = subprocess.run([sys.executable, str(GENERATOR), "--size", "tiny", "--quiet", *args, str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def load_all(ckpt: Path) -> dict[str, mx.array]:
+    tensors = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        tensors.update(mx.load(str(f)))
+    return tensors
+
+
+def test_names_shapes_dtype_and_values(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    generate(ckpt, "--no-kv-shared-extras")
+    text = json.loads((ckpt / "config.json").read_text())["text_config"]
+    tensors = load_all(ckpt)
+    want = {PREFIX + k: v for k, v in expected_tensors(text).items()}
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == want
+    assert {v.dtype for v in tensors.values()} == {mx.bfloat16}
+    for name, value in tensors.items():
+        assert mx.all(mx.isfinite(value)).item(), name
+    # Tame values (DESIGN.md pitfalls): unit norm scales, q/k norms head_dim^-1/4, projections
+    # with std 1/sqrt(fan_in).
+    hd = text["head_dim"]
+    assert np.allclose(np.array(tensors[PREFIX + "norm.weight"].astype(mx.float32)), 1.0)
+    q_norm = np.array(tensors[PREFIX + "layers.0.self_attn.q_norm.weight"].astype(mx.float32))
+    assert np.allclose(q_norm, hd ** -0.25, rtol=1e-2)
+    gate = np.array(tensors[PREFIX + "layers.0.mlp.gate_proj.weight"].astype(mx.float32))
+    assert abs(gate.std() * np.sqrt(text["hidden_size"]) - 1.0) < 0.1
+    assert len(np.unique(gate)) > 1000  # random, not a constant fill
+
+
+def test_sharded_with_towers_and_kv_extras_converts_for_m5(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "bundle"
+    generate(ckpt, "--towers", "--dtype", "float32", "--max-shard-size", "0.0005")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in ckpt.glob("*.safetensors"))
+    assert len(files) > 1 and set(index["weight_map"].values()) == set(files)
+    text = json.loads((ckpt / "config.json").read_text())["text_config"]
+    tensors = load_all(ckpt)
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
+    extras = {PREFIX + k for k in kv_shared_unused(text)}
+    towers = {k for k in tensors if not k.startswith(PREFIX)}
+    assert extras <= set(tensors) and towers
+
+    r = subprocess.run([sys.executable, "-m", "convert", "--target", "m5", "--quiet", str(ckpt), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    manifest = read_manifest(out)
+    dropped = {d["key"] for d in manifest["dropped"]}
+    assert towers | extras <= dropped
+    gate = manifest["projections"][PREFIX + "layers.0.mlp.gate_proj"]
+    assert gate["layout"] == "pretransposed" and gate["shape"] == gate["source_shape"][::-1]
+
+
+def test_mlx_lm_loads_the_checkpoint(tmp_path):
+    mlx_lm = pytest.importorskip("mlx_lm")
+    ckpt = tmp_path / "ckpt"
+    generate(ckpt, "--towers")
+    model, tokenizer = mlx_lm.load(str(ckpt))  # strict: every weight matched by name and shape
+    logits = model(mx.array([[2, 10, 11]]), cache=model.make_cache())
+    assert logits.shape == (1, 3, 320) and mx.all(mx.isfinite(logits)).item()
+    assert tokenizer.encode("w1 w2", add_special_tokens=False) == [5, 6]
+
+
+def test_refuses_to_overwrite(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    generate(ckpt)
+    r = subprocess.run([sys.executable, str(GENERATOR), "--size", "tiny", "--quiet", str(ckpt)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "already holds" in r.stderr and "Traceback" not in r.stderr
