@@ -1,0 +1,120 @@
+"""Helpers the benchmark scripts share: timing a child process, medians, tables, machine facts.
+
+Standard library only, so every script imports it on a bare benchmark machine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+
+@dataclass
+class ChildRun:
+    wall_s: float       # start to exit
+    synced_s: float     # start to exit plus `sync`: the bytes are on disk
+    max_rss_bytes: int  # the child's peak resident set (counts touched pages of mmapped files)
+    returncode: int
+    stderr: str
+
+
+def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None) -> ChildRun:
+    """Run `argv`, timing it; peak RSS from `os.wait4`, i.e. of that child alone."""
+    if sync:
+        os.sync()  # the previous run's dirty pages are not this run's cost
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # Drain stderr while waiting, without reaping the child: os.wait4 needs it unreaped.
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if sync:
+        os.sync()
+    synced = time.perf_counter() - t0
+    rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+    return ChildRun(wall, synced, rss, proc.returncode, err.decode(errors="replace"))
+
+
+def median(values) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def table(header: list[str], rows: list[list], aligns: str | None = None) -> str:
+    """A Markdown table (prints fine on a terminal, pastes into docs/BENCHMARKS.md)."""
+    cells = [[str(c) for c in header]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    aligns = aligns or "l" + "r" * (len(header) - 1)
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, aligns)) + " |"
+
+    sep = "| " + " | ".join("-" * (w - 1) + (":" if a == "r" else "-") for w, a in zip(widths, aligns)) + " |"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def _fmt(c) -> str:
+    if isinstance(c, float):
+        if c != c:
+            return "-"
+        return f"{c:.3g}" if abs(c) < 10 else f"{c:.1f}"
+    return str(c)
+
+
+def dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in Path(path).glob(pattern) if p.is_file())
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def machine_facts() -> dict:
+    """Machine, versions and date, for the header of every result."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        mem = 0
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "mlx": _version("mlx"),
+        "mlx_lm": _version("mlx-lm"),
+        "mlx_prepared": _version("mlx-prepared"),
+        "loadavg": os.getloadavg(),
+    }
+
+
+def print_facts(facts: dict, file=sys.stdout) -> None:
+    print(" ".join(f"{k}={v}" for k, v in facts.items()), file=file)
+
+
+def peak_rss_self() -> int:
+    """This process's own peak RSS in bytes (Linux reports KiB, macOS bytes)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
