@@ -29,18 +29,24 @@ class Standard(nn.Linear):
             self.bias = mx.zeros((output_dims,))
 
 
+def _quantized_placeholders(module: nn.Module, rows: int, cols: int, bits: int, group_size: int, mode: str):
+    """The parameters mx.quantize makes for a [rows, cols] matrix, as shapes only (every mode:
+    packed uint32 weight, one scale per group; per-group biases for `affine` alone)."""
+    if (cols * bits) % 32 or cols % group_size:
+        raise ManifestError(f"quantized {rows}x{cols} with bits={bits}, group_size={group_size} does not pack")
+    module.weight = mx.zeros((rows, cols * bits // 32), mx.uint32)
+    module.scales = mx.zeros((rows, cols // group_size))
+    if mode == "affine":
+        module.biases = mx.zeros((rows, cols // group_size))
+
+
 class QuantizedStandard(nn.QuantizedLinear):
     """MLX-quantized `[out, in]` weight with its scales (and biases), as the manifest records."""
 
     def __init__(self, input_dims: int, output_dims: int, bias: bool, bits: int, group_size: int, mode: str):
         nn.Module.__init__(self)
         self.group_size, self.bits, self.mode = group_size, bits, mode
-        # Lazy: only the shapes of the quantized parameters are wanted, the graph never runs.
-        self.weight, self.scales, *biases = mx.quantize(
-            mx.zeros((output_dims, input_dims)), group_size, bits, mode=mode
-        )
-        if biases:
-            self.biases = biases[0]
+        _quantized_placeholders(self, output_dims, input_dims, bits, group_size, mode)
         if bias:
             self.bias = mx.zeros((output_dims,))
         self.freeze()
@@ -92,14 +98,18 @@ def build_projection(path: str, record: dict | None, input_dims: int, output_dim
     if quantized:
         if layout != STANDARD:
             raise ManifestError(f"manifest.yaml: projections.{path}: a quantized projection must be standard")
-        return QuantizedStandard(input_dims, output_dims, has_bias, int(quantized["bits"]),
-                                 int(quantized["group_size"]), str(quantized["mode"]))
-    want = [output_dims, input_dims] if layout == STANDARD else [input_dims, output_dims]
+        module = QuantizedStandard(input_dims, output_dims, has_bias, int(quantized["bits"]),
+                                   int(quantized["group_size"]), str(quantized["mode"]))
+        want = list(module.weight.shape)
+    else:
+        want = [output_dims, input_dims] if layout == STANDARD else [input_dims, output_dims]
     if list(record["shape"]) != want:
         raise ManifestError(
             f"manifest.yaml: projections.{path}: {layout} shape {list(record['shape'])} disagrees with "
             f"the model config, which implies {want} for in={input_dims}, out={output_dims}"
         )
+    if quantized:
+        return module
     if layout == STANDARD:
         return Standard(input_dims, output_dims, has_bias)
     if layout == PRETRANSPOSED:
@@ -120,11 +130,7 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         nn.Module.__init__(self)
         self.group_size, self.bits, self.mode = group_size, bits, mode
         self.num_embeddings, self.dims = num_embeddings, dims
-        self.weight, self.scales, *biases = mx.quantize(
-            mx.zeros((num_embeddings, dims)), group_size, bits, mode=mode
-        )
-        if biases:
-            self.biases = biases[0]
+        _quantized_placeholders(self, num_embeddings, dims, bits, group_size, mode)
         self.freeze()
 
 
@@ -137,11 +143,13 @@ def build_embedding(path: str, record: dict | None, num_embeddings: int, dims: i
         )
     quantized = record.get("quantized")
     if quantized:
-        return QuantizedEmbedding(num_embeddings, dims, int(quantized["bits"]),
-                                  int(quantized["group_size"]), str(quantized["mode"]))
-    if list(record["shape"]) != [num_embeddings, dims]:
+        module = QuantizedEmbedding(num_embeddings, dims, int(quantized["bits"]),
+                                    int(quantized["group_size"]), str(quantized["mode"]))
+    else:
+        module = Embedding(num_embeddings, dims)
+    if list(record["shape"]) != list(module.weight.shape):
         raise ManifestError(
             f"manifest.yaml: embeddings.{path}: shape {list(record['shape'])} disagrees with the "
-            f"model config, which implies {[num_embeddings, dims]}"
+            f"model config, which implies {list(module.weight.shape)}"
         )
-    return Embedding(num_embeddings, dims)
+    return module

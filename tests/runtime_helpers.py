@@ -1,74 +1,69 @@
-"""Shared pieces of the runtime tests: the transformers reference and manifest-style records.
+"""Shared pieces of the runtime tests: bundles made by the real converter, and the reference.
 
-`layout_records` lays out a checkpoint's tensors the way a bundle for a target stores them
-(pretransposed roles as contiguous `[in, out]` under `.weight_t`) and writes the manifest's
-`projections` and `embeddings` for them. It lets the model be tested on its own, straight from
-`tests/checkpoints.py`; bundles made by the real converter are tested in test_loader.py.
+The reference is transformers' Gemma3nForCausalLM in float32 with eager attention, loaded
+from the *source* checkpoint's files (renamed to `model.*`, LM head tied), so it shares no code
+with the converter or the runtime.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 
 import mlx.core as mx
 
-from convert.gemma3n import EMBEDDINGS, projection_role
-from manifests import PREFIX, load_profile
-from manifests.format import EMBED_TOKENS, LM_HEAD, LM_HEAD_PRETRANSPOSED_KEY, PRETRANSPOSED
+from convert.gemma3n import expected_tensors
+from tests.checkpoints import PREFIXES, make_checkpoint
 
 
-def dtype_name(a: mx.array) -> str:
-    return str(a.dtype).rsplit(".", 1)[-1]
+def convert(source: Path, out: Path, target: str, *extra: str) -> Path:
+    """The real CLI, as a user runs it."""
+    cmd = [sys.executable, "-m", "convert", "--target", target, "--dtype", "float32", "--quiet",
+           *extra, str(source), str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
 
 
-def layout_records(tensors: dict[str, mx.array], target: str = "generic"):
-    """(stored tensors, projections, embeddings) for a `mlx-lm`-named checkpoint and a target."""
-    profile = load_profile(target)
-    stored: dict[str, mx.array] = {}
-    projections: dict[str, dict] = {}
-    embeddings: dict[str, dict] = {}
-    for key, value in tensors.items():
-        module = key[: -len(".weight")] if key.endswith(".weight") else None
-        relative = module[len(PREFIX):] if module else None
-        role = projection_role(relative) if module else None
-        if role is None:
-            stored[key] = value
-            if relative in EMBEDDINGS:
-                embeddings[module] = {"key": key, "shape": list(value.shape), "dtype": dtype_name(value),
-                                      "quantized": None}
-            continue
-        layout = profile.layout_for(role, dtype_name(value))
-        new_key = module + (".weight_t" if layout == PRETRANSPOSED else ".weight")
-        stored[new_key] = mx.array(np.ascontiguousarray(np.array(value).T)) if layout == PRETRANSPOSED else value
-        projections[module] = {
-            "role": role, "layout": layout, "key": new_key, "source_key": key,
-            "shape": list(stored[new_key].shape), "source_shape": list(value.shape),
-            "dtype": dtype_name(value), "bias": None, "quantized": None,
-        }
-    embed = tensors[EMBED_TOKENS + ".weight"]
-    head_layout = profile.layout_for("lm_head", dtype_name(embed))
-    if head_layout == PRETRANSPOSED:
-        stored[LM_HEAD_PRETRANSPOSED_KEY] = mx.array(np.ascontiguousarray(np.array(embed).T))
-        head_key, head_shape = LM_HEAD_PRETRANSPOSED_KEY, list(reversed(embed.shape))
-    else:
-        head_key, head_shape = EMBED_TOKENS + ".weight", list(embed.shape)
-    projections[LM_HEAD] = {
-        "role": "lm_head", "layout": head_layout, "key": head_key, "source_key": EMBED_TOKENS + ".weight",
-        "shape": head_shape, "source_shape": list(embed.shape), "dtype": dtype_name(embed),
-        "bias": None, "quantized": None,
-    }
-    return stored, projections, embeddings
+def load_quietly(path, **kwargs):
+    """runtime.load, without the target-mismatch warning every non-CPU bundle gives here."""
+    import runtime
+    from runtime.loader import TargetMismatchWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TargetMismatchWarning)
+        return runtime.load(path, **kwargs)
 
 
-def reference_model(text_config: dict, tensors: dict[str, mx.array]):
-    """transformers' Gemma3nForCausalLM in float32, eager attention, with the checkpoint's weights."""
+def source_tensors(source: Path, naming: str) -> dict[str, np.ndarray]:
+    """The decoder's tensors of a source checkpoint, decoder-relative names, float32 numpy."""
+    config = json.loads((source / "config.json").read_text())
+    text_config = config.get("text_config", config)
+    wanted = expected_tensors(text_config)
+    prefix = PREFIXES[naming]
+    out = {}
+    for f in sorted(source.glob("*.safetensors")):
+        for key, value in mx.load(str(f)).items():
+            name = key[len(prefix):] if key.startswith(prefix) else None
+            if name in wanted:
+                out[name] = np.array(value.astype(mx.float32))
+    assert out.keys() == wanted.keys()
+    return out
+
+
+def reference_model(text_config: dict, tensors: dict[str, np.ndarray]):
     import torch
     import transformers
 
     config = transformers.Gemma3nTextConfig(**text_config)
     config._attn_implementation = "eager"
     ref = transformers.Gemma3nForCausalLM(config).float().eval()
-    state = {"model." + k[len(PREFIX):]: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in tensors.items()}
+    state = {"model." + k: torch.from_numpy(v) for k, v in tensors.items()}
     missing, unexpected = ref.load_state_dict(state, strict=False)
     assert missing == ["lm_head.weight"] and not unexpected, (missing, unexpected)
     assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr(), "LM head must be tied"
@@ -88,3 +83,11 @@ def relative_error(ours, ref: np.ndarray) -> float:
     ours = np.array(ours, dtype=np.float32)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def make_sources(root: Path, seed: int = 0) -> dict[str, Path]:
+    """Tiny checkpoints: Hugging Face naming in one file, mlx-vlm naming in three shards."""
+    return {
+        "hf": make_checkpoint(root / "src-hf", "hf", seed=seed),
+        "mlx-vlm": make_checkpoint(root / "src-mlx-vlm", "mlx-vlm", shards=3, seed=seed),
+    }

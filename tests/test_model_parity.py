@@ -1,78 +1,102 @@
-"""runtime.model.Model against transformers' Gemma3nForCausalLM in float32.
+"""Bundles loaded by runtime.load against transformers' Gemma3nForCausalLM in float32.
 
-Metric everywhere: max |ours - ref| / max |ref| over the compared logits, bound 1e-4.
-The tiny config has a sliding window (8) shorter than the 20-token sequence, KV-shared layers
-(the last 4 of 10) and sparse MLPs (the first 5); the ids include one beyond the per-layer
-table (300 >= 256). Weights come straight from tests/checkpoints.py here, laid out as a
-`generic` and an `m5` bundle store them; bundles written by the converter are covered in
-test_loader.py.
+Build a checkpoint, convert it with the real CLI (`python -m convert --target T --dtype float32`),
+load it, compare with the reference. Bundles: `generic` and `m5` from Hugging Face naming, and
+`m5` from a sharded mlx-vlm checkpoint written back as several shards.
+
+Metric everywhere: max |ours - ref| / max |ref| over the compared logits, bound 1e-4. The tiny
+config has a sliding window (8) shorter than the 20-token sequence, KV-shared layers (the last 4
+of 10) and sparse MLPs (the first 5); the ids include one beyond the per-layer table (300 >= 256).
 """
+
+import json
 
 import numpy as np
 import pytest
 
 import mlx.core as mx
 
-from runtime.model import FULL, SLIDING, Model, TextConfig
+from runtime.model import FULL, SLIDING, TextConfig
 from runtime.projections import Pretransposed, Standard
-from tests.checkpoints import checkpoint_tensors, tiny_text_config
-from tests.runtime_helpers import layout_records, reference_logits, reference_model, relative_error
+from tests.checkpoints import tiny_text_config
+from tests.runtime_helpers import (
+    convert,
+    load_quietly,
+    make_sources,
+    reference_logits,
+    reference_model,
+    relative_error,
+    source_tensors,
+)
 
 pytest.importorskip("transformers")
 
 BOUND = 1e-4
 LENGTH, PREFILL = 20, 12
+BUNDLES = [("generic", "hf"), ("m5", "hf"), ("m5", "mlx-vlm")]
 
 
 @pytest.fixture(scope="module")
-def checkpoint():
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    sources = make_sources(root)
+    bundles = {}
+    for target, naming in BUNDLES:
+        extra = ("--max-shard-size", "600KB") if naming == "mlx-vlm" else ()
+        bundles[target, naming] = convert(sources[naming], root / f"{target}-{naming}", target, *extra)
+    return sources, bundles
+
+
+@pytest.fixture(scope="module")
+def ids():
     cfg = tiny_text_config()
-    return cfg, checkpoint_tensors(cfg, "mlx-lm", kv_shared_extras=False, seed=0)
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    cfg, tensors = checkpoint
     ids = np.random.default_rng(7).integers(0, cfg["vocab_size"], (2, LENGTH))
     ids[0, 3] = 300  # beyond vocab_size_per_layer_input: reads per-layer row 0
     ids[1, 15] = cfg["vocab_size"] - 1
-    return ids, reference_logits(reference_model(cfg, tensors), ids)
+    return ids
 
 
-def build(checkpoint, target):
-    cfg, tensors = checkpoint
-    stored, projections, embeddings = layout_records(tensors, target)
-    model = Model(cfg, projections, embeddings)
-    model.load_weights(list(stored.items()), strict=True)
-    return model
+@pytest.fixture(scope="module")
+def references(workdir, ids):
+    sources, _ = workdir
+    out = {}
+    for naming, src in sources.items():
+        text_config = json.loads((src / "config.json").read_text())["text_config"]
+        out[naming] = reference_logits(reference_model(text_config, source_tensors(src, naming)), ids)
+    return out
 
 
-@pytest.fixture(scope="module", params=["generic", "m5"])
-def model(request, checkpoint):
-    return build(checkpoint, request.param)
+@pytest.fixture(scope="module", params=BUNDLES, ids=lambda b: f"{b[0]}-from-{b[1]}")
+def case(request, workdir, references, ids):
+    _, bundles = workdir
+    model, _ = load_quietly(bundles[request.param])
+    return model, ids, references[request.param[1]]
 
 
-def test_layouts_come_from_the_records(checkpoint):
-    generic, m5 = build(checkpoint, "generic"), build(checkpoint, "m5")
+def test_bundles_are_what_they_claim(workdir):
+    _, bundles = workdir
+    generic, _ = load_quietly(bundles["generic", "hf"])
+    m5, _ = load_quietly(bundles["m5", "hf"])
     mlp = lambda m: m.model.language_model.layers[0].mlp  # noqa: E731
     assert isinstance(mlp(generic).gate_proj, Standard) and isinstance(mlp(m5).gate_proj, Pretransposed)
-    assert isinstance(mlp(m5).down_proj, Standard)
+    assert isinstance(mlp(m5).up_proj, Pretransposed) and isinstance(mlp(m5).down_proj, Standard)
     assert generic.tied_head and not m5.tied_head and isinstance(m5.lm_head, Pretransposed)
+    assert len(list(bundles["m5", "mlx-vlm"].glob("model-*.safetensors"))) > 1
 
 
-def test_forward_without_cache(model, reference):
-    ids, ref = reference
+def test_forward_without_cache(case):
+    model, ids, ref = case
     assert relative_error(model(mx.array(ids)), ref) < BOUND
 
 
-def test_prefill_with_cache(model, reference):
-    ids, ref = reference
+def test_prefill_with_cache(case):
+    model, ids, ref = case
     assert relative_error(model(mx.array(ids), cache=model.make_cache()), ref) < BOUND
 
 
-def test_every_step_of_cached_decoding(model, reference):
+def test_every_step_of_cached_decoding(case):
     """Prefill 12 tokens, then feed the fixed continuation one token at a time, past the window."""
-    ids, ref = reference
+    model, ids, ref = case
     cache = model.make_cache()
     assert relative_error(model(mx.array(ids[:, :PREFILL]), cache=cache), ref[:, :PREFILL]) < BOUND
     for t in range(PREFILL, LENGTH):
@@ -81,16 +105,16 @@ def test_every_step_of_cached_decoding(model, reference):
     assert cache[0].offset == LENGTH
 
 
-def test_decoding_from_the_first_token(model, reference):
-    ids, ref = reference
+def test_decoding_from_the_first_token(case):
+    model, ids, ref = case
     cache = model.make_cache()
     for t in range(LENGTH):
         assert relative_error(model(mx.array(ids[:, t : t + 1]), cache=cache), ref[:, t : t + 1]) < BOUND, t
 
 
 @pytest.mark.parametrize("chunks", [(5, 6, 1, 8), (9, 11), (1, 1, 18)])
-def test_chunked_prefill_across_the_window(model, reference, chunks):
-    ids, ref = reference
+def test_chunked_prefill_across_the_window(case, chunks):
+    model, ids, ref = case
     cache, start, outs = model.make_cache(), 0, []
     for n in chunks:
         outs.append(model(mx.array(ids[:, start : start + n]), cache=cache))
@@ -98,28 +122,25 @@ def test_chunked_prefill_across_the_window(model, reference, chunks):
     assert relative_error(mx.concatenate(outs, axis=1), ref) < BOUND
 
 
-def test_the_window_matters_here(checkpoint, reference):
-    """Control: the test sequence is long enough that ignoring the window breaks parity."""
-    ids, ref = reference
-    model = build(checkpoint, "generic")
+def test_the_window_matters_here(workdir, references, ids):
+    """Control: the sequence is long enough that ignoring the sliding window breaks parity."""
+    model, _ = load_quietly(workdir[1]["generic", "hf"])
     for layer in model.layers:
         layer.self_attn.window = None
-    assert relative_error(model(mx.array(ids)), ref) > 10 * BOUND
+    assert relative_error(model(mx.array(ids)), references["hf"]) > 10 * BOUND
 
 
-def test_kv_sharing_matters_here(checkpoint, reference):
-    """Control: shared layers that attended to their producer's K/V of the wrong type break parity."""
-    ids, ref = reference
-    model = build(checkpoint, "generic")
-    lm = model.model.language_model
-    wrong = {i: (p - 1 if p > 0 else p + 1) for i, p in lm._kv_producers.items()}
-    lm._kv_producers.update(wrong)
-    assert relative_error(model(mx.array(ids)), ref) > 10 * BOUND
+def test_kv_sharing_matters_here(workdir, references, ids):
+    """Control: shared layers reading another layer's K/V break parity."""
+    model, _ = load_quietly(workdir[1]["generic", "hf"])
+    producers = model.model.language_model._kv_producers
+    producers.update({i: p - 1 for i, p in producers.items()})
+    assert relative_error(model(mx.array(ids)), references["hf"]) > 10 * BOUND
 
 
-def test_shared_layers_reuse_their_producers_cache(model):
-    cache = model.make_cache()
-    cfg = model.config
+def test_shared_layers_reuse_their_producers_cache(case):
+    model = case[0]
+    cache, cfg = model.make_cache(), model.config
     first = cfg.first_kv_shared_layer
     for i in range(first, cfg.num_hidden_layers):
         producer = max(j for j in range(first) if cfg.layer_types[j] == cfg.layer_types[i])

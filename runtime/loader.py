@@ -1,0 +1,197 @@
+"""Load a prepared bundle: manifest first, then the shards' arrays straight into the modules.
+
+The promise: no transpose, copy, cast, concatenation or renaming of any weight at load. The
+converter did that work once; here `mx.load` maps each tensor lazily and `load_weights` puts
+that very array into the module the manifest named. tests/test_loader.py holds the check.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from manifests import INDEX_NAME, MANIFEST_NAME, ManifestError, read_manifest, target_for_device
+from runtime.model import Model
+
+
+class BundleError(ManifestError):
+    """A bundle that cannot be loaded as it is; the message is one line a user can act on."""
+
+
+class TargetMismatchWarning(UserWarning):
+    """The bundle was prepared for another device class than this one."""
+
+
+def convert_command(source: str, target: str) -> str:
+    """The command that prepares `source` for `target`, into a sibling directory."""
+    out = str(source).rstrip("/") + "-" + target
+    return f"python -m convert --target {target} {source} {out}"
+
+
+def device_target() -> str:
+    return target_for_device(mx.device_info())
+
+
+def read_bundle_manifest(path: Path) -> dict:
+    """The manifest, or one line saying what to run when `path` is not a prepared bundle."""
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle directory")
+    if not (path / MANIFEST_NAME).exists():
+        what = "a model checkpoint, not a prepared bundle" if (path / "config.json").exists() else "not a prepared bundle"
+        raise BundleError(
+            f"{path}: no {MANIFEST_NAME} ({what}); prepare it first: {convert_command(str(path), device_target())}"
+        )
+    return read_manifest(path)
+
+
+def check_target(manifest: dict, path: Path, strict: bool, device_info: dict | None = None) -> None:
+    info = mx.device_info() if device_info is None else device_info
+    here = target_for_device(info)
+    prepared_for = manifest["target"]["name"]
+    if prepared_for == here:
+        return
+    source = manifest["source"].get("path") or manifest["source"].get("repo_id") or "SOURCE"
+    message = (
+        f"{path}: prepared for target {prepared_for!r}, but this device ({info.get('architecture', '?')}) "
+        f"is {here!r}; for this device run: {convert_command(source, here)}"
+    )
+    if strict:
+        raise BundleError(message)
+    warnings.warn(message, TargetMismatchWarning, stacklevel=3)
+
+
+def shard_files(path: Path, manifest: dict) -> list[str]:
+    """The safetensors files of the bundle, as its index (or the single file) names them."""
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BundleError(f"{index}: unreadable index ({e})") from None
+        names = sorted(set(weight_map.values()))
+    else:
+        names = [n for n in manifest["files"] if n.endswith(".safetensors")]
+    for name in names:
+        if name not in manifest["files"]:
+            raise BundleError(f"{path / name}: shard not listed in {MANIFEST_NAME}")
+        if not (path / name).is_file():
+            raise BundleError(f"{path / name}: shard missing")
+    if not names:
+        raise BundleError(f"{path}: no safetensors shard in the bundle")
+    return names
+
+
+def read_shards(path: Path, names: list[str]) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """Every tensor of the bundle as a lazy `mx.load` array, and the shard each came from."""
+    arrays: dict[str, mx.array] = {}
+    origin: dict[str, str] = {}
+    for name in names:
+        try:
+            shard = mx.load(str(path / name))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise BundleError(f"{path / name}: unreadable safetensors ({e})") from None
+        for key, array in shard.items():
+            if key in arrays:
+                raise BundleError(f"{path / name}: tensor {key} also in {origin[key]}")
+            arrays[key] = array
+            origin[key] = name
+    return arrays, origin
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str, str]) -> None:
+    """Each manifest record must describe the tensor it names exactly; say both when not."""
+    entries = [("projections", p, r) for p, r in manifest["projections"].items()]
+    entries += [("embeddings", p, r) for p, r in manifest["embeddings"].items()]
+    for section, module, record in entries:
+        where = f"{MANIFEST_NAME}: {section}.{module}"
+        key = record["key"]
+        if key not in arrays:
+            raise BundleError(f"{where} names tensor {key}, which no shard holds")
+        stored = arrays[key]
+        said = (list(record["shape"]), record["dtype"])
+        found = (list(stored.shape), dtype_name(stored.dtype))
+        if said != found:
+            raise BundleError(
+                f"{where} says {key} is {said[1]} {said[0]}, but {origin[key]} holds {found[1]} {found[0]}"
+            )
+        extras = [record["bias"]] if record.get("bias") else []
+        if record.get("quantized"):
+            base = key[: -len(".weight")]
+            extras += [base + ".scales"] + ([base + ".biases"] if record["quantized"]["mode"] == "affine" else [])
+        for extra in extras:
+            if extra not in arrays:
+                raise BundleError(f"{where} needs tensor {extra}, which no shard holds")
+
+
+def put_weights(model: Model, arrays: dict[str, mx.array], path: Path) -> None:
+    """The arrays go into the modules as they are, by their own names; nothing else."""
+    wanted = {k for k, _ in tree_flatten(model.parameters())}
+    missing, extra = sorted(wanted - arrays.keys()), sorted(arrays.keys() - wanted)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) the model needs are missing (first: {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} tensor(s) the model has no place for (first: {extra[0]})")
+        raise BundleError(f"{path}: " + "; ".join(parts))
+    try:
+        model.load_weights(list(arrays.items()), strict=True)
+    except ValueError as e:
+        raise BundleError(f"{path}: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(path: Path):
+    try:
+        module = importlib.import_module("runtime.tokenizer")
+    except ModuleNotFoundError as e:
+        if e.name != "runtime.tokenizer":
+            raise
+        return None
+    return module.load_tokenizer(path)
+
+
+def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bool = False) -> Model:
+    path = Path(path)
+    manifest = read_bundle_manifest(path)
+    check_target(manifest, path, strict_target)
+    if verify:
+        from runtime.verify import verify_bundle
+
+        problems = verify_bundle(path, manifest)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise BundleError(problems[0] + more)
+    arrays, origin = read_shards(path, shard_files(path, manifest))
+    check_records(manifest, arrays, origin)
+    try:
+        model = Model(manifest["model"]["text_config"], manifest["projections"], manifest["embeddings"])
+    except ManifestError as e:
+        raise BundleError(f"{path / MANIFEST_NAME}: {str(e).removeprefix(MANIFEST_NAME + ': ')}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"{path / MANIFEST_NAME}: model.text_config: {e}") from None
+    put_weights(model, arrays, path)
+    object.__setattr__(model, "manifest", manifest)
+    object.__setattr__(model, "bundle_path", path)
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def load(path, strict_target: bool = False, verify: bool = False, lazy: bool = False):
+    """(model, tokenizer) from a prepared bundle; the tokenizer is None when the bundle has none.
+
+    `strict_target`: a bundle prepared for another device class is an error, not a warning.
+    `verify`: re-hash every file against the manifest first. `lazy`: leave the weights mapped
+    but unread until first use (by default they are read before `load` returns).
+    """
+    model = load_model(path, strict_target=strict_target, verify=verify, lazy=lazy)
+    return model, load_tokenizer(Path(path))
