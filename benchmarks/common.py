@@ -12,6 +12,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,24 +26,28 @@ class ChildRun:
     max_rss_bytes: int  # the child's peak resident set (counts touched pages of mmapped files)
     returncode: int
     stderr: str
+    stdout: str = ""
 
 
-def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None) -> ChildRun:
+def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None,
+              capture_stdout: bool = False) -> ChildRun:
     """Run `argv`, timing it; peak RSS from `os.wait4`, i.e. of that child alone."""
     if sync:
         os.sync()  # the previous run's dirty pages are not this run's cost
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    # Drain stderr while waiting, without reaping the child: os.wait4 needs it unreaped.
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if sync:
-        os.sync()
-    synced = time.perf_counter() - t0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out if capture_stdout else subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # not proc.wait(): wait4 reports the child's rusage
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if sync:
+            os.sync()
+        synced = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return ChildRun(wall, synced, rss, proc.returncode, err.decode(errors="replace"))
+    return ChildRun(wall, synced, rss, proc.returncode, stderr, stdout)
 
 
 def median(values) -> float:
