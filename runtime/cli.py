@@ -1,0 +1,232 @@
+"""`runtime`: generate, chat, bench and verify on a prepared bundle.
+
+Text goes to stdout, everything else (speeds, memory, warnings, errors) to stderr, so the
+output can be piped. Errors a user can fix are one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import click
+import mlx.core as mx
+import numpy as np
+
+from manifests import ManifestError
+from runtime.generate import (
+    CAPTURE_PATH_ENV,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PREFILL_STEP,
+    CaptureError,
+    ChatSession,
+    GenerationResponse,
+    stream_generate,
+)
+from runtime.sampling import SamplingParams
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _load(bundle: str, strict_target: bool = False, verify: bool = False):
+    from runtime.loader import load
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model, tokenizer = load(bundle, strict_target=strict_target, verify=verify)
+        except (ManifestError, ValueError, OSError) as e:
+            raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    return model, tokenizer
+
+
+def _need_tokenizer(tokenizer, bundle: str, what: str):
+    if tokenizer is None:
+        raise UserError(f"{bundle}: no tokenizer.json in the bundle; {what} needs one to encode text")
+
+
+def sampling_options(f):
+    """The options every generating command shares."""
+    options = [
+        click.option("--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True,
+                     help="most tokens to generate"),
+        click.option("--temp", type=click.FloatRange(0.0), default=0.0, show_default=True,
+                     help="sampling temperature; 0 is greedy"),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
+        click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0: off"),
+        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True),
+        click.option("--repetition-penalty", type=click.FloatRange(0.0, min_open=True), default=1.0,
+                     show_default=True),
+        click.option("--seed", type=int, default=None, help="seed for sampling (reproducible runs)"),
+        click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP,
+                     show_default=True, help="prompt tokens per prefill chunk"),
+        click.option("--strict-target", is_flag=True,
+                     help="refuse a bundle prepared for another device class instead of warning"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _params(temp, top_p, top_k, min_p, repetition_penalty, seed) -> SamplingParams:
+    return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed)
+
+
+def _stats_line(last: GenerationResponse) -> str:
+    return (f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
+            f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
+            f"peak memory: {last.peak_memory_gb:.3f} GB")
+
+
+def _stream_to_stdout(responses) -> GenerationResponse | None:
+    last = None
+    try:
+        for last in responses:
+            if last.text:
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+    except CaptureError as e:
+        raise UserError(str(e)) from None
+    return last
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Run Gemma3n text generation from a prepared bundle (see `python -m convert`)."""
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--prompt", required=True, help="the prompt text; '-' reads it from stdin")
+@click.option("--chat", is_flag=True, help="wrap the prompt in Gemma's chat turn format")
+@click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
+@sampling_options
+def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
+             prefill_step_size, strict_target):
+    """Stream a continuation of --prompt to stdout; speeds and peak memory go to stderr."""
+    params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    mx.reset_peak_memory()
+    model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
+    _need_tokenizer(tokenizer, bundle, "generate")
+    last = _stream_to_stdout(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=params,
+                                             chat=chat, prefill_step_size=prefill_step_size))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if last is None:
+        return
+    if last.finish_reason == "capture":
+        click.echo(f"captured decode step 2 to {os.environ.get(CAPTURE_PATH_ENV)}", err=True)
+    click.echo(_stats_line(last), err=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@sampling_options
+def chat(bundle, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, prefill_step_size,
+         strict_target):
+    """Chat on stdin, one message per line; the cache is kept across turns. End with EOF (Ctrl-D)."""
+    params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    model, tokenizer = _load(bundle, strict_target=strict_target)
+    _need_tokenizer(tokenizer, bundle, "chat")
+    session = ChatSession(model, tokenizer, max_tokens=max_tokens, sampling=params,
+                          prefill_step_size=prefill_step_size)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo(">> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        message = line.rstrip("\n")
+        if not message.strip():
+            continue
+        last = _stream_to_stdout(session.send(message))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if last is not None:
+            click.echo(_stats_line(last), err=True)
+
+
+def _median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--generation-tokens", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="steady-state runs after the first")
+@click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP, show_default=True)
+@click.option("--strict-target", is_flag=True)
+def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, strict_target):
+    """Load-to-ready time, prompt and decode tok/s and peak memory, first call vs steady state.
+
+    The prompt is random token ids (fixed seed) and no token stops generation, so every run
+    does the same work; the first call includes MLX's one-time kernel setup.
+    """
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    model, _ = _load(bundle, strict_target=strict_target)
+    load_s = time.perf_counter() - t0
+    load_peak = mx.get_peak_memory() / 1e9
+    text_config = getattr(model, "manifest", {}).get("model", {}).get("text_config", {})
+    high = int(text_config.get("vocab_size", 256))
+    prompt = np.random.default_rng(0).integers(3, high, size=prompt_tokens).tolist()
+
+    def run():
+        t = time.perf_counter()
+        last = None
+        for last in stream_generate(model, None, prompt, max_tokens=generation_tokens, eos_token_ids=[],
+                                    prefill_step_size=prefill_step_size):
+            pass
+        return last, time.perf_counter() - t
+
+    first, first_s = run()
+    steady = [run() for _ in range(runs)]
+    rows = [
+        ("load to ready (s)", f"{load_s:.3f}", ""),
+        (f"prompt tok/s ({prompt_tokens} tokens)", f"{first.prompt_tps:.1f}",
+         f"{_median([r.prompt_tps for r, _ in steady]):.1f}"),
+        (f"decode tok/s ({generation_tokens} tokens)", f"{first.generation_tps:.1f}",
+         f"{_median([r.generation_tps for r, _ in steady]):.1f}"),
+        ("generation wall time (s)", f"{first_s:.3f}", f"{_median([s for _, s in steady]):.3f}"),
+        ("peak memory (GB)", f"{load_peak:.3f} at load", f"{mx.get_peak_memory() / 1e9:.3f} overall"),
+    ]
+    header = ("", "first call", f"steady (median of {runs})")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+    click.echo(f"bundle: {bundle}  device: {mx.default_device()}")
+    for row in [header] + rows:
+        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+def verify(bundle):
+    """Check the bundle's files and tensors against its manifest (hashes, shapes, dtypes)."""
+    from runtime.verify import verify_command
+
+    sys.exit(verify_command(bundle))
+
+
+def _add_calibrate():
+    try:
+        from runtime.calibrate import calibrate_command
+    except ImportError:
+        return
+    main.add_command(calibrate_command, "calibrate")
+
+
+_add_calibrate()

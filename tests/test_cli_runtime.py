@@ -1,0 +1,147 @@
+"""The `runtime` CLI end to end: a tiny random checkpoint with a real tokenizer.json, converted by
+the real converter, driven through `python -m runtime` in a subprocess, compared with the Python
+API on the same bundle."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore::runtime.loader.TargetMismatchWarning")
+
+from runtime import load
+from runtime.generate import ChatSession, generate
+from runtime.sampling import SamplingParams
+from tests.checkpoints import make_checkpoint
+from tests.test_tokenizer import byte_level_tokenizer
+
+PROMPT = "Beautiful is better than"
+
+
+def run(*args, env=None, stdin=None):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("MTL_CAPTURE_ENABLED", "MLX_PREPARED_CAPTURE_DECODE")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env,
+                          input=stdin, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    src = make_checkpoint(root / "src")
+    byte_level_tokenizer().save(str(src / "tokenizer.json"))
+    out = root / "bundle"
+    r = run("convert", "--target", "generic", str(src), str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(bundle):
+    return load(bundle)
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_generate_streams_what_the_api_generates(bundle, loaded):
+    model, tokenizer = loaded
+    r = run("runtime", "generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    expected = generate(model, tokenizer, PROMPT, max_tokens=12)
+    assert r.stdout == expected + "\n"
+    stats = r.stderr.splitlines()[-1]
+    assert stats.startswith(f"prompt: {len(tokenizer.encode(PROMPT))} tokens") and "decode: " in stats and "tok/s" in stats
+    assert "peak memory" in stats
+
+
+def test_seeded_sampling_through_the_cli(bundle, loaded):
+    model, tokenizer = loaded
+    args = ("runtime", "generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "10", "--temp", "1.5",
+            "--top-k", "50", "--top-p", "0.95", "--seed", "11")
+    a, b = run(*args), run(*args)
+    assert a.returncode == 0, a.stderr
+    params = SamplingParams(temperature=1.5, top_k=50, top_p=0.95, seed=11)
+    assert a.stdout == b.stdout == generate(model, tokenizer, PROMPT, max_tokens=10, sampling=params) + "\n"
+    greedy = generate(model, tokenizer, PROMPT, max_tokens=10)
+    assert a.stdout != greedy + "\n"
+
+
+def test_chat_with_piped_input_keeps_the_cache(bundle, loaded):
+    model, tokenizer = loaded
+    r = run("runtime", "chat", str(bundle), "--max-tokens", "6", stdin="Simple is better\n\nthan complex\n")
+    assert r.returncode == 0, r.stderr
+    session = ChatSession(model, tokenizer, max_tokens=6)
+    replies = ["".join(x.text for x in session.send(m)) for m in ("Simple is better", "than complex")]
+    assert r.stdout == "".join(reply + "\n" for reply in replies)
+    assert sum("tok/s" in line for line in r.stderr.splitlines()) == 2
+
+
+def test_bench_reports_first_call_and_steady_state(bundle):
+    r = run("runtime", "bench", str(bundle), "--prompt-tokens", "16", "--generation-tokens", "8", "--runs", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    header = next(line for line in lines if "first call" in line)
+    assert "steady (median of 2)" in header
+    rows = {line.split("  ")[0]: line.split()[-1] for line in lines}
+    load_row = next(line for line in lines if line.startswith("load to ready (s)"))
+    assert float(load_row.split()[-1]) > 0
+    decode_row = next(line for line in lines if line.startswith("decode tok/s (8 tokens)"))
+    first, steady = (float(x) for x in decode_row.split()[-2:])
+    assert first > 0 and steady > 0
+    assert any(k.startswith("peak memory") for k in rows)
+
+
+def test_verify_clean_then_tampered(bundle, tmp_path):
+    r = run("runtime", "verify", str(bundle))
+    assert r.returncode == 0, r.stderr
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    r = run("runtime", "verify", str(copy))
+    assert r.returncode == 1
+    assert "model.safetensors" in r.stderr
+
+
+def test_not_a_bundle_is_one_line_with_the_convert_command(tmp_path):
+    src = make_checkpoint(tmp_path / "src")
+    r = run("runtime", "generate", str(src), "--prompt", "x")
+    assert_one_line_error(r, str(src), "python -m convert --target")
+
+
+def test_bundle_without_tokenizer(tmp_path):
+    src = make_checkpoint(tmp_path / "src")
+    out = tmp_path / "bundle"
+    assert run("convert", "--target", "generic", str(src), str(out)).returncode == 0
+    r = run("runtime", "generate", str(out), "--prompt", "x")
+    assert_one_line_error(r, "tokenizer.json")
+
+
+def test_strict_target_refuses_a_foreign_bundle(bundle):
+    from runtime.loader import device_target
+    if device_target() == "generic":
+        pytest.skip("this device's target is generic")
+    r = run("runtime", "generate", str(bundle), "--prompt", "x", "--strict-target")
+    assert_one_line_error(r, "generic")
+
+
+def test_capture_env_without_metal_is_a_clear_error(bundle, tmp_path):
+    import mlx.core as mx
+    if mx.metal.is_available():
+        pytest.skip("this machine has Metal")
+    env = {"MTL_CAPTURE_ENABLED": "1", "MLX_PREPARED_CAPTURE_DECODE": str(tmp_path / "d.gputrace")}
+    r = run("runtime", "generate", str(bundle), "--prompt", "x", "--max-tokens", "4", env=env)
+    assert_one_line_error(r, "Metal is not available")
+    r = run("runtime", "generate", str(bundle), "--prompt", "x", "--max-tokens", "4",
+            env={"MLX_PREPARED_CAPTURE_DECODE": str(tmp_path / "d.gputrace")})
+    assert r.returncode == 0, r.stderr
