@@ -70,8 +70,7 @@ def load_mlx_lm(source: str):
     if load_model is not None:
         model, _ = load_model(Path(source))  # lazy=False: parameters evaluated before return
         return model
-    from mlx_lm.models import gemma3n
-
+    gemma3n = mlx_lm_gemma3n()
     config = json.loads(Path(source, "config.json").read_text())
     weights = {}
     for f in shard_paths(source):
@@ -80,6 +79,28 @@ def load_mlx_lm(source: str):
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
     mx.eval(model.parameters())
     return model
+
+
+def mlx_lm_gemma3n():
+    """mlx-lm's `models/gemma3n.py`, without running `mlx_lm/__init__.py`: that imports
+    huggingface_hub and transformers, which a bare benchmark machine may lack."""
+    import importlib
+    import importlib.util
+    import types
+
+    try:
+        return importlib.import_module("mlx_lm.models.gemma3n")
+    except ImportError:
+        pass
+    for name in [m for m in sys.modules if m == "mlx_lm" or m.startswith("mlx_lm.")]:
+        del sys.modules[name]
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("mlx-lm is not installed")
+    package = types.ModuleType("mlx_lm")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["mlx_lm"] = package
+    return importlib.import_module("mlx_lm.models.gemma3n")
 
 
 def read_raw(path: str) -> int:
@@ -111,7 +132,11 @@ def worker_load(impl: str, path: str) -> dict:
     if impl == "ours":
         import runtime.loader  # noqa: F401
     elif impl == "mlx-lm":
-        import mlx_lm.models.gemma3n  # noqa: F401
+        mlx_lm_gemma3n()
+        try:
+            import mlx_lm.utils  # noqa: F401
+        except ImportError:
+            pass
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     if impl == "ours":
