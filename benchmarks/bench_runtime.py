@@ -7,11 +7,11 @@
 
 Every measurement runs in a fresh child process (one model in memory at a time, nothing
 carried over), and the implementations alternate within each round, their order rotating
-from round to round. mlx-lm loads the bundle's source checkpoint (`--source`, default the
-manifest's `source.path`): mlx-lm's loader requires the unused K/V tensors of KV-shared layers,
-which our converter drops, so it cannot load a bundle; the weights it uses are the same bytes.
-A bundle converted with `--dtype float32` needs a float32 source for mlx-lm
-(`make_checkpoint.py --dtype float32`).
+from round to round. mlx-lm loads the bundle's source checkpoint with its own loader (`--source`,
+default the manifest's `source.path`), or, given a `generic` bundle as `--source`, that
+bundle's arrays (mlx-lm's strict loader wants the unused K/V of KV-shared layers, which our
+converter drops: only those stay at mlx-lm's initial values). The latter is how a bundle
+converted with `--dtype float32` is compared without an 18 GB float32 source on disk.
 
 Both models run through the same greedy loop here (prefill the whole prompt in one call, then
 one token per step with `mx.async_eval` overlapping graph building with evaluation), so only the
@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from common import machine_facts, median, print_facts, run_child, table  # noqa: E402
 
 READ_BLOCK = 16 << 20
+PEER = "mlx-lm gemma3n, same weights"
 
 
 # --- in the child ------------------------------------------------------------------------------
@@ -63,6 +64,8 @@ def load_mlx_lm(source: str):
     same steps with mlx-lm's model file: every shard via mx.load, sanitize, strict load_weights."""
     import mlx.core as mx
 
+    if Path(source, "manifest.yaml").exists():
+        return load_mlx_lm_from_bundle(source)
     try:
         from mlx_lm.utils import load_model
     except ImportError:
@@ -77,6 +80,38 @@ def load_mlx_lm(source: str):
         weights.update(mx.load(f))
     model = gemma3n.Model(gemma3n.ModelArgs.from_dict(config))
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def load_mlx_lm_from_bundle(bundle: str):
+    """mlx-lm's gemma3n on a `generic` bundle's arrays (all `[out, in]`, same names as the hub).
+
+    The bundle lacks the K/V of KV-shared layers, which mlx-lm's strict loader wants but never
+    uses with a cache; those alone may stay at mlx-lm's initial values, and nothing else.
+    This saves a second copy of the weights on disk (a float32 E2B is 18 GB).
+    """
+    import mlx.core as mx
+    import yaml
+    from mlx.utils import tree_flatten
+
+    gemma3n = mlx_lm_gemma3n()
+    manifest = yaml.safe_load(Path(bundle, "manifest.yaml").read_text())
+    text = manifest["model"]["text_config"]
+    weights = {}
+    for f in shard_paths(bundle):
+        weights.update(mx.load(f))
+    model = gemma3n.Model(gemma3n.ModelArgs.from_dict({"model_type": "gemma3n", "text_config": text}))
+    weights = model.sanitize(weights)
+    wanted = {k for k, _ in tree_flatten(model.parameters())}
+    first_shared = int(text["num_hidden_layers"]) - int(text.get("num_kv_shared_layers", 0))
+    unused = {f"model.language_model.layers.{i}.self_attn.{n}.weight"
+              for i in range(first_shared, int(text["num_hidden_layers"])) for n in ("k_proj", "v_proj", "k_norm")}
+    missing, extra = wanted - weights.keys() - unused, weights.keys() - wanted
+    if missing or extra:
+        raise SystemExit(f"{bundle}: mlx-lm cannot run this bundle (a `generic` one is needed): "
+                         f"missing {sorted(missing)[:2]}, extra {sorted(extra)[:2]}")
+    model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     return model
 
@@ -278,7 +313,7 @@ def bench_decode(a) -> None:
     source = a.source or default_source(a.bundles[0])
     impls = [(bundle_label(b), "ours", b) for b in a.bundles]
     if source and not a.no_mlx_lm:
-        impls.append(("mlx-lm gemma3n (source)", "mlx-lm", source))
+        impls.append((PEER, "mlx-lm", source))
     print(f"prompt {a.prompt} tokens, decode {a.tokens} tokens, {a.reps} reps after {a.warmup} warm-up "
           f"per process, {a.rounds} rounds, order rotating", flush=True)
     results: dict[str, dict] = {label: {"prompt_tps": [], "decode_tps": [], "ids": None} for label, _, _ in impls}
@@ -295,7 +330,7 @@ def bench_decode(a) -> None:
             agg["mlx_peak_bytes"] = res["mlx_peak_bytes"]
             print(f"round {r + 1} {label:48s} prompt {median(res['prompt_tps']):8.2f} tok/s  "
                   f"decode {median(res['decode_tps']):7.2f} tok/s", flush=True)
-    peer = results.get("mlx-lm gemma3n (source)")
+    peer = results.get(PEER)
     peer_decode = median(peer["decode_tps"]) if peer else float("nan")
     peer_prompt = median(peer["prompt_tps"]) if peer else float("nan")
     rows = []
