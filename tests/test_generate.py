@@ -1,14 +1,20 @@
 """The decode loop: greedy equals a no-cache reference, stop ids, max tokens, seeds, the
 look-ahead pipelining, chat sessions that keep their cache, and the capture hook's gating.
 
-The model is mlx-lm's gemma3n on the tiny random checkpoint of tests/checkpoints.py: it has the
-interface the runtime's model has (`model(ids, cache=...)`, `model.make_cache()`), so these tests
-isolate generation from the model code. The reference never uses a cache across steps: it runs
+The model is the runtime's own, loaded from the tiny random checkpoint of tests/checkpoints.py
+converted by the real converter, and again mlx-lm's gemma3n on the same weights: generation only
+relies on the interface both share (`model(ids, cache=...)`, `model.make_cache()`). The reference never uses a cache across steps: it runs
 the whole sequence through a fresh cache each step (mlx-lm's gemma3n needs a cache to be right).
 """
 
+import subprocess
+import sys
+import warnings
+
 import mlx.core as mx
 import pytest
+
+from runtime import load
 
 from runtime.generate import (
     CaptureError,
@@ -21,15 +27,26 @@ from runtime.generate import (
 )
 from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import Tokenizer
-from tests.checkpoints import checkpoint_tensors, tiny_text_config
+from tests.checkpoints import checkpoint_tensors, make_checkpoint, tiny_text_config
 
 gemma3n = pytest.importorskip("mlx_lm.models.gemma3n")
 
 PROMPT = [2, 17, 33, 5, 61, 80, 99, 140, 7, 250, 31, 12]  # longer than the sliding window (8)
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["bundle", "mlx-lm"])
+def model(request, tmp_path_factory):
+    """The runtime's own model from a converted bundle, and mlx-lm's gemma3n on the same weights."""
+    if request.param == "bundle":
+        root = tmp_path_factory.mktemp("gen")
+        make_checkpoint(root / "src", "mlx-lm")
+        r = subprocess.run([sys.executable, "-m", "convert", "--target", "generic", str(root / "src"),
+                            str(root / "bundle")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m, _ = load(root / "bundle")
+        return m
     cfg = tiny_text_config(rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
     m = gemma3n.Model(gemma3n.ModelArgs(model_type="gemma3n", text_config=cfg))
     m.load_weights(list(checkpoint_tensors(cfg, "mlx-lm", towers=False).items()), strict=True)
