@@ -61,21 +61,24 @@ def cast(src: np.ndarray, src_dtype: str, dst_dtype: str, out: np.ndarray) -> np
         return out
     if src_dtype not in FLOATS or dst_dtype not in FLOATS:
         raise ValueError(f"cannot cast {src_dtype} to {dst_dtype}")
-    for i in range(0, src.size, _CHUNK):
-        s, o = src[i:i + _CHUNK], out[i:i + _CHUNK]
-        if src_dtype == "BF16":
-            f32 = np.empty(s.size, np.float32) if dst_dtype != "F32" else o
-            bf16_to_f32(s, f32)
-            if dst_dtype == "F16":
-                o[:] = f32.astype(np.float16)
-        elif src_dtype == "F16":
-            if dst_dtype == "F32":
-                o[:] = s
-            else:
-                f32_to_bf16(s.astype(np.float32), o)
-        else:  # F32
-            if dst_dtype == "F16":
-                o[:] = s
-            else:
-                f32_to_bf16(s, o)
+    with np.errstate(over="ignore"):  # out of float16's range becomes inf, as in torch and MLX
+        for i in range(0, src.size, _CHUNK):
+            _cast_chunk(src[i:i + _CHUNK], src_dtype, dst_dtype, out[i:i + _CHUNK])
     return out
+
+
+def _cast_chunk(s: np.ndarray, src_dtype: str, dst_dtype: str, o: np.ndarray) -> None:
+    if src_dtype == "BF16":
+        f32 = o if dst_dtype == "F32" else np.empty(s.size, np.float32)
+        bf16_to_f32(s, f32)
+        if dst_dtype == "F16":
+            o[:] = f32
+    elif src_dtype == "F16":
+        if dst_dtype == "F32":
+            o[:] = s
+        else:
+            f32_to_bf16(s.astype(np.float32), o)
+    elif dst_dtype == "F16":  # from F32
+        o[:] = s
+    else:
+        f32_to_bf16(s, o)

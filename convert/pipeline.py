@@ -40,6 +40,7 @@ from manifests import (
     target_for_device,
     write_manifest,
 )
+from manifests.profiles import saved_profile_for_device
 
 
 def _version(dist: str) -> str:
@@ -51,7 +52,11 @@ def _version(dist: str) -> str:
 
 def resolve_target(target: str | None = None, target_profile: str | os.PathLike | None = None,
                    device_info: dict | None = None) -> tuple[TargetProfile, dict | None]:
-    """(profile, device info it was detected on or None). `auto` asks MLX about this machine."""
+    """(profile, device info it was detected on or None).
+
+    `auto` asks MLX about this machine, then takes the profile saved by `runtime calibrate --save`
+    for exactly this device if there is one, else the built-in target `target_for_device` names.
+    """
     try:
         if target_profile is not None:
             if target not in (None, "auto"):
@@ -63,7 +68,9 @@ def resolve_target(target: str | None = None, target_profile: str | os.PathLike 
 
                 device_info = dict(mx.device_info())
             device = {k: v for k, v in device_info.items() if isinstance(v, (str, int, float, bool))}
-            return load_profile(target_for_device(device)), device
+            # A profile calibrated on this very device (`runtime calibrate --save`) beats the table.
+            saved = saved_profile_for_device(device)
+            return (saved or load_profile(target_for_device(device))), device
         return load_profile(target), None
     except ProfileError as e:
         raise ConvertError(str(e)) from None

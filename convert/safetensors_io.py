@@ -239,6 +239,20 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     return struct.pack("<Q", len(text)) + text
 
 
+# Writes at least this large hash in a helper thread while the data goes to the file.
+OVERLAP_MIN = 1 << 20
+_POOL = None
+
+
+def _hash_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    return _POOL
+
+
 class SafetensorsWriter:
     """Streams one safetensors file: the header first (the plan knows every size), then the data.
 
@@ -262,8 +276,15 @@ class SafetensorsWriter:
 
     def _emit(self, data, count: bool = True) -> None:
         view = memoryview(data).cast("B")
-        self._sha.update(view)
-        self._file.write(view)
+        if view.nbytes >= OVERLAP_MIN:
+            # hashlib and file writes both release the GIL: hash on a second core while this one
+            # writes, and wait before returning because the caller reuses the buffer.
+            hashed = _hash_pool().submit(self._sha.update, view)
+            self._file.write(view)
+            hashed.result()
+        else:
+            self._sha.update(view)
+            self._file.write(view)
         self._bytes += view.nbytes
         if count and self._on_write:
             self._on_write(view.nbytes)

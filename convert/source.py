@@ -176,6 +176,7 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
     elif is_repo_id(text):
         root, commit = resolve_hub(text, revision)
         kind, display, repo_id = "hub", f"{text}@{commit[:12]}", text
+        revision = revision or "main"  # what snapshot_download resolves when none is given
         # Hub snapshots hold symlinks into the repo's blob store two levels up; that is inside.
         containment = Path(os.path.realpath(root.parent.parent))
     else:
