@@ -163,3 +163,40 @@ def test_unsupported_rope_type_is_refused():
     cfg = tiny_text_config(rope_parameters={"full_attention": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 8}})
     with pytest.raises(ValueError, match="yarn"):
         TextConfig.from_dict(cfg)
+
+
+def test_mlx_quantized_bundle_matches_the_reference_on_dequantized_weights(tmp_path, ids):
+    """MLX-quantized weights pass through the converter; the runtime's quantized projections and
+    embeddings (with the recorded bits and group size) must compute what the dequantized
+    weights compute in transformers."""
+    from convert.gemma3n import EMBEDDINGS, projection_role
+    from manifests import PREFIX
+    from tests.checkpoints import checkpoint_tensors, full_config, write_tensors
+
+    cfg = tiny_text_config()
+    tensors = checkpoint_tensors(cfg, "mlx-lm", kv_shared_extras=False, seed=4)
+    stored, dequantized = {}, {}
+    for key, w in tensors.items():
+        module = key[len(PREFIX): -len(".weight")] if key.endswith(".weight") else None
+        if module and (projection_role(module) or module in EMBEDDINGS) and w.shape[-1] % 32 == 0:
+            q, scales, biases = mx.quantize(w, group_size=32, bits=4)
+            stored.update({key: q, key[:-len("weight")] + "scales": scales, key[:-len("weight")] + "biases": biases})
+            w = mx.dequantize(q, scales, biases, group_size=32, bits=4)
+        else:
+            stored[key] = w
+        dequantized[key[len(PREFIX):]] = np.array(w)
+    src = tmp_path / "quantized"
+    src.mkdir()
+    config = dict(full_config(cfg, "mlx-lm"), quantization={"group_size": 32, "bits": 4})
+    (src / "config.json").write_text(json.dumps(config))
+    write_tensors(src, stored)
+
+    model, _ = load_quietly(convert(src, tmp_path / "bundle", "m5"))
+    quantized = [p for p, r in model.manifest["projections"].items() if r["quantized"]]
+    assert "lm_head" in quantized and len(quantized) > 60
+    ref = reference_logits(reference_model(cfg, dequantized), ids)
+    assert relative_error(model(mx.array(ids)), ref) < BOUND
+    cache = model.make_cache()
+    model(mx.array(ids[:, :PREFILL]), cache=cache)
+    for t in range(PREFILL, LENGTH):
+        assert relative_error(model(mx.array(ids[:, t : t + 1]), cache=cache), ref[:, t : t + 1]) < BOUND, t
