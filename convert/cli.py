@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,9 @@ def command(source, out, target, target_profile, dtype, revision, max_shard_size
     """Convert the Gemma3n checkpoint SOURCE (a directory or a hub repo id like org/name) into a
     bundle at OUT whose projections have the layout TARGET decodes fastest."""
     started = time.perf_counter()
+    # SIGTERM unwinds like Ctrl-C, so the temporary directory is removed on the way out (SIGKILL
+    # cannot be caught: the next run removes what it leaves).
+    signal.signal(signal.SIGTERM, _terminated)
     p = plan(source, out, target=target, target_profile=target_profile, dtype=dtype, revision=revision,
              max_shard_size=max_shard_size, read_block=read_block_size or READ_BLOCK,
              band_bytes=band_size or BAND_BYTES)
@@ -61,6 +65,10 @@ def command(source, out, target, target_profile, dtype, revision, max_shard_size
                            item_show_func=lambda _: None) as bar:
         done = execute(p, out, force=force, on_write=bar.update)
     click.echo(run_report(p, done, time.perf_counter() - started))
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def main(args=None, prog_name: str | None = None):

@@ -239,7 +239,12 @@ def execute(p: Plan, out: str | os.PathLike, *, force: bool = False, on_write=No
             _check_replaceable(out, force)
             old = parent / f".{out.name}.old-{os.getpid()}"
             os.rename(out, old)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                if not os.path.lexists(out):
+                    os.rename(old, out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)

@@ -240,19 +240,34 @@ def quantization_of(config: dict, text_config: dict, display: str) -> dict | Non
     return None
 
 
-def _quant_params(q: dict | None, module_key: str, where: str) -> dict:
+def _quant_params(q: dict | None, module_key: str, weight: TensorInfo, scales: TensorInfo, in_dim: int,
+                  where: str) -> dict:
+    """{bits, group_size, mode} of one MLX-quantized module.
+
+    A per-module entry of the quantization block (keyed by the module's path in the checkpoint)
+    wins; otherwise the block's defaults, unless the shapes say otherwise (mixed-precision
+    recipes), in which case bits and group size are read off the shapes as mlx-lm does.
+    """
     if q is None:
         raise ConvertError(f"{where}: uint32 weight with .scales (MLX-quantized) but config.json has no "
                            "quantization block")
     params = q.get(module_key)
     if params is False:
         raise ConvertError(f"{where}: quantized, but config.json's quantization block says this module is not")
-    params = params if isinstance(params, dict) else q
+    explicit = isinstance(params, dict)
+    params = params if explicit else q
     try:
-        return {"bits": int(params["bits"]), "group_size": int(params["group_size"]),
-                "mode": str(params.get("mode", q.get("mode", "affine")))}
+        found = {"bits": int(params["bits"]), "group_size": int(params["group_size"]),
+                 "mode": str(params.get("mode", q.get("mode", "affine")))}
     except (KeyError, TypeError, ValueError):
         raise ConvertError(f"{where}: config.json's quantization block lacks bits/group_size") from None
+    if not explicit and len(weight.shape) == 2 and len(scales.shape) == 2 and scales.shape[1]:
+        bits, rest = divmod(weight.shape[1] * 32, in_dim)
+        group, rest2 = divmod(in_dim, scales.shape[1])
+        fits = weight.shape[1] * 32 == in_dim * found["bits"] and scales.shape[1] * found["group_size"] == in_dim
+        if not fits and not rest and not rest2 and bits in (2, 3, 4, 5, 6, 8) and group in (16, 32, 64, 128):
+            found.update(bits=bits, group_size=group)
+    return found
 
 
 def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", device: dict | None = None,
@@ -302,16 +317,17 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
         module, _, leaf = path.rpartition(".")
         if leaf == "scales":
             wpath = f"{module}.weight"
+            if wpath not in shapes or len(shapes[wpath]) != 2:
+                raise ConvertError(f"{where(key)}: unexpected tensor (not part of the Gemma3n text decoder)")
             if wpath not in decoder or source.tensors[decoder[wpath]][1].dtype != "U32":
                 raise ConvertError(f"{where(key)}: .scales without a uint32 {module}.weight beside it")
-            q = _quant_params(quant, key[: -len(".scales")], where(decoder[wpath]))
-            out_dim, in_dim = shapes[wpath][0], shapes[wpath][-1]
-            winfo = source.tensors[decoder[wpath]][1]
+            out_dim, in_dim = shapes[wpath]
+            winfo, sinfo = source.tensors[decoder[wpath]][1], source.tensors[key][1]
+            q = _quant_params(quant, key[: -len(".scales")], winfo, sinfo, in_dim, where(decoder[wpath]))
             want_w = (out_dim, in_dim * q["bits"] // 32)
             if in_dim * q["bits"] % 32 or in_dim % q["group_size"] or winfo.shape != want_w:
                 raise ConvertError(f"{where(decoder[wpath])}: shape {list(winfo.shape)} but config.json implies "
                                    f"{list(want_w)} ({q['bits']}-bit of {list(shapes[wpath])})")
-            sinfo = source.tensors[key][1]
             want_s = (out_dim, in_dim // q["group_size"])
             if sinfo.shape != want_s:
                 raise ConvertError(f"{where(key)}: shape {list(sinfo.shape)} but config.json implies {list(want_s)} "

@@ -300,9 +300,11 @@ def test_quantized_weights_pass_through_byte_for_byte(tmp_path):
     quantized = [k[: -len(".weight")] for k in tensors
                  if k.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
                                 "self_attn.q_proj.weight", "embed_tokens.weight"))]
-    override = p + "layers.0.mlp.down_proj"
+    override = p + "layers.0.mlp.down_proj"  # 8-bit, said so in the quantization block
+    inferred = p + "layers.1.mlp.down_proj"  # 8-bit, not said: read off the shapes as mlx-lm does
+    eight = (override, inferred)
     for module in quantized:
-        bits = 8 if module == override else 4
+        bits = 8 if module in eight else 4
         w, s, b = mx.quantize(tensors[module + ".weight"], group_size=32, bits=bits)
         tensors.update({module + ".weight": w, module + ".scales": s, module + ".biases": b})
     src = tmp_path / "src"
@@ -321,7 +323,7 @@ def test_quantized_weights_pass_through_byte_for_byte(tmp_path):
             assert raw(bundle[key]) == raw(tensors[module + "." + leaf]), key  # untouched by --dtype
     for module in quantized:
         name = PREFIX + module[len(p):]
-        want = {"bits": 8 if module == override else 4, "group_size": 32, "mode": "affine"}
+        want = {"bits": 8 if module in eight else 4, "group_size": 32, "mode": "affine"}
         if name.endswith("embed_tokens"):
             assert manifest["embeddings"][name]["quantized"] == want
             name = "lm_head"
@@ -332,6 +334,17 @@ def test_quantized_weights_pass_through_byte_for_byte(tmp_path):
     # unquantized tensors did get the dtype
     assert bundle[PREFIX + "layers.0.self_attn.o_proj.weight"].dtype == mx.float32
     assert manifest["projections"][PREFIX + "layers.0.self_attn.o_proj"]["quantized"] is None
+
+    # a packed weight that fits no bit width of its config is refused, naming it
+    bad = dict(tensors)
+    bad[p + "layers.2.mlp.up_proj.weight"] = bad[p + "layers.2.mlp.up_proj.weight"][:, :3]
+    write_tensors(src, bad, shards=1)
+    (src / "model.safetensors.index.json").unlink()
+    with pytest.raises(ConvertError) as e:
+        convert_checkpoint(src, tmp_path / "out2", target="m5")
+    assert (f"{src}/model.safetensors: tensor 'model.language_model.layers.2.mlp.up_proj.weight': shape [128, 3] "
+            "but config.json implies [128, 8]") in str(e.value)
+    _no_leftovers(tmp_path, "out2")
 
 
 # --- the hub (its network replaced by an offline cache laid out on disk) -------------------------
@@ -610,6 +623,25 @@ def test_sigkill_leaves_out_as_it_was(big_checkpoint, checkpoints, tmp_path):
     convert_checkpoint(checkpoints["hf", 1], out, target="m5", force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert read_manifest(out)["target"]["name"] == "m5"
+
+
+def test_sigterm_cleans_up_on_the_way_out(big_checkpoint, tmp_path):
+    import signal
+    import time
+
+    src, _ = big_checkpoint
+    proc = subprocess.Popen([sys.executable, "-m", "convert", "--target", "m5", "-q", str(src), str(tmp_path / "out")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    shard = tmp_path / f".out.tmp-{proc.pid}" / "model.safetensors"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if shard.exists() and shard.stat().st_size > 20_000_000:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_peak_memory_stays_bounded_below_the_tensor_size(big_checkpoint, tmp_path):
