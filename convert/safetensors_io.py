@@ -166,6 +166,28 @@ def parse_header(text: bytes, size: int, path: Path, display: str) -> Header:
     return Header(path, display, size, data_start, {t.name: t for t in infos}, dict(metadata))
 
 
+# Hashing runs on one helper thread (hashlib and file I/O release the GIL, so it overlaps the
+# reading, casting, transposing and writing on the main thread); updates of this size or more go
+# there. One thread keeps every hash's updates in order.
+OVERLAP_MIN = 1 << 20
+_POOL = None
+_PENDING: list = []  # source-hash updates still reading a buffer the caller will reuse
+
+
+def _hash_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    return _POOL
+
+
+def _wait_pending() -> None:
+    while _PENDING:
+        _PENDING.pop(0).result()
+
+
 class HashingReader:
     """Reads byte ranges of one source file with `pread` and hashes the whole file on the way.
 
@@ -189,6 +211,7 @@ class HashingReader:
             raise SafetensorsError(f"{header.display}: file changed size since its header was read")
 
     def _catch_up(self, offset: int) -> None:
+        _wait_pending()
         scratch = memoryview(self._scratch)
         while self._hashed < offset:
             n = min(len(scratch), offset - self._hashed)
@@ -197,17 +220,25 @@ class HashingReader:
             self._hashed += n
 
     def read_into(self, offset: int, view: memoryview) -> memoryview:
+        """Fill `view` from `offset`. The bytes may still be being hashed when this returns: the
+        caller may read them but not change them; the next read waits for the hash first."""
         if offset > self._hashed:
             self._catch_up(offset)
+        _wait_pending()  # `view` may be a buffer an earlier read is still hashing
         _pread_into(self._fd, view, offset, self.header.display)
         end = offset + len(view)
         if offset <= self._hashed < end:
-            self._sha.update(view[self._hashed - offset:])
+            part = view[self._hashed - offset:]
+            if part.nbytes >= OVERLAP_MIN:
+                _PENDING.append(_hash_pool().submit(self._sha.update, part))
+            else:
+                self._sha.update(part)
             self._hashed = end
         return view
 
     def finish(self) -> str:
         self._catch_up(self.header.size)
+        _wait_pending()
         return self._sha.hexdigest()
 
     def close(self) -> None:
@@ -237,20 +268,6 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     text = json.dumps(doc, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)
     return struct.pack("<Q", len(text)) + text
-
-
-# Writes at least this large hash in a helper thread while the data goes to the file.
-OVERLAP_MIN = 1 << 20
-_POOL = None
-
-
-def _hash_pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-    return _POOL
 
 
 class SafetensorsWriter:

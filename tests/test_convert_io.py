@@ -125,11 +125,12 @@ def test_writer_refuses_out_of_order_and_overlong_writes(tmp_path):
 def test_hashing_reader_hashes_the_whole_file_whatever_the_read_order(tmp_path):
     rng = np.random.default_rng(1)
     tensors = {f"t{i}": rng.standard_normal(1000 + i).astype(np.float32) for i in range(6)}
+    tensors["t6"] = rng.standard_normal(400_000).astype(np.float32)  # big enough to hash on the helper thread
     path = tmp_path / "x.safetensors"
     st_save_numpy(tensors, str(path))
     header = read_header(path)
     want = hashlib.sha256(path.read_bytes()).hexdigest()
-    for order in (["t0", "t1", "t2"], ["t5", "t0", "t3", "t3"], []):
+    for order in (["t0", "t1", "t2"], ["t5", "t0", "t3", "t3"], [], ["t6", "t1", "t6"], ["t0", "t6"]):
         with HashingReader(header, bytearray(100)) as reader:  # a tiny scratch: many gap reads
             for name in order:
                 t = header.tensors[name]
