@@ -3,7 +3,7 @@
     from convert import convert_checkpoint, plan
     convert_checkpoint("gemma-3n-E2B-it/", "bundle/", target="m5")
 
-Source reading (`source`, `safetensors_io`), planning (`plan`: pure, tensor -> role -> layout from
+Source reading (`source`, `safetensors_io`), planning (`planning`: pure, tensor -> role -> layout from
 a target profile), writing (`write`: streaming, sharded, hashed) and the atomic wrapper with the
 manifest (`pipeline`). The CLI (`convert.cli`, `python -m convert`) only calls these.
 """

@@ -11,7 +11,7 @@ import click
 
 from convert.errors import ConvertError
 from convert.pipeline import execute, plan, preflight, run_report
-from convert.plan import BAND_BYTES, DTYPE_OPTIONS, READ_BLOCK, human, parse_size
+from convert.planning import BAND_BYTES, DTYPE_OPTIONS, READ_BLOCK, human, parse_size
 from manifests import known_targets
 
 

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from convert.errors import ConvertError
-from convert.plan import (
+from convert.planning import (
     BAND_BYTES,
     DEFAULT_MAX_SHARD_SIZE,
     READ_BLOCK,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.dtypes import STORAGE, cast, view
-from convert.plan import (
+from convert.planning import (
     HASH_SCRATCH,
     Item,
     Plan,

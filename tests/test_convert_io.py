@@ -13,7 +13,7 @@ from safetensors.numpy import save_file as st_save_numpy
 
 from convert.dtypes import cast
 from convert.errors import ConvertError
-from convert.plan import parse_size
+from convert.planning import parse_size
 from convert.safetensors_io import (
     HEADER_LIMIT,
     HashingReader,
