@@ -230,3 +230,12 @@ def _add_calibrate():
 
 
 _add_calibrate()
+
+
+def _add_publish():
+    from runtime.hub import publish_command
+
+    main.add_command(publish_command, "publish")
+
+
+_add_publish()

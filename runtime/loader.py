@@ -186,12 +186,19 @@ def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bo
     return model
 
 
-def load(path, strict_target: bool = False, verify: bool = False, lazy: bool = False):
+def load(path, strict_target: bool = False, verify: bool = False, lazy: bool = False,
+         revision: str | None = None):
     """(model, tokenizer) from a prepared bundle; the tokenizer is None when the bundle has none.
 
+    `path` is a bundle folder or a hub id (`org/name`, `org/name:variant`): a hub bundle is
+    downloaded (only the chosen variant's files, at `revision`) and always verified.
     `strict_target`: a bundle prepared for another device class is an error, not a warning.
     `verify`: re-hash every file against the manifest first. `lazy`: leave the weights mapped
     but unread until first use (by default they are read before `load` returns).
     """
+    from runtime.hub import is_hub_id, resolve_bundle
+
+    if is_hub_id(path):
+        path, verify = resolve_bundle(str(path), revision=revision), True
     model = load_model(path, strict_target=strict_target, verify=verify, lazy=lazy)
     return model, load_tokenizer(Path(path))

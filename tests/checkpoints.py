@@ -156,3 +156,19 @@ def make_checkpoint(path, naming: str = "hf", *, shards: int = 1, text_config: d
         (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 106], "bos_token_id": 2}))
         (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}))
     return path
+
+
+def write_tokenizer(path, vocab_size: int = 300, text: str = "the quick brown fox jumps over the lazy dog " * 20) -> Path:
+    """A small byte-level BPE tokenizer.json (Gemma's special tokens first) for checkpoints that need text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    path = Path(path)
+    tok.save(str(path / "tokenizer.json"))
+    return path

@@ -1,0 +1,223 @@
+"""Ship bundles through the model hub, and run straight from a hub id.
+
+Repository layout (one repo per model, one folder per device class):
+
+    org/gemma-3n-E2B-it-mlx-prepared/
+        README.md            model card listing every variant
+        m5/manifest.yaml     a complete bundle per target
+        m5/model-00001-of-00002.safetensors ...
+        generic/manifest.yaml ...
+
+Folders rather than branches or repos: every variant of a model is found from every other (one
+card lists them all), and since the runtime reads a variant's manifest first and then asks only
+for the files that manifest lists, a multi-variant repo never downloads the variants it does not
+run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import click
+
+from manifests import MANIFEST_NAME, ManifestError, load_manifest, target_for_device
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
+
+
+class HubError(click.ClickException):
+    exit_code = 2
+
+
+def is_hub_id(ref: str | os.PathLike) -> bool:
+    """`org/name` or `org/name:variant` that is not an existing local path."""
+    ref = str(ref)
+    return bool(_HUB_ID.fullmatch(ref)) and not Path(ref).exists()
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    repo_id, _, variant = ref.partition(":")
+    return repo_id, variant or None
+
+
+def _pretransposed_roles(manifest: dict) -> list[str]:
+    return sorted({p["role"] for p in manifest["projections"].values() if p["layout"] == "pretransposed"})
+
+
+def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], base_model: str | None = None) -> str:
+    """The README.md of a bundle repo: hub metadata first, then what each variant is and how to run it."""
+    import yaml
+
+    source = manifest["source"]
+    base_model = base_model or source.get("repo_id")
+    quantized = any(p["quantized"] for p in manifest["projections"].values())
+    meta = {
+        "library_name": "mlx",
+        "pipeline_tag": "text-generation",
+        "tags": ["mlx", "mlx-prepared", "gemma3n"] + [f"target-{v}" for v in variants],
+    }
+    if base_model:
+        # The hub lists MLX/GGUF-style re-encodings of a base model under its quantizations;
+        # prepared bundles (same weights, another layout, maybe fewer bits) are that relation.
+        meta["base_model"] = base_model
+        meta["base_model_relation"] = "quantized"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
+    lines.append(f"# {repo_id.split('/')[-1]}")
+    lines.append("")
+    lines.append(
+        "Gemma3n text decoder prepared by mlx-prepared for Apple MLX: each folder "
+        "is a complete bundle whose weights already have the layout one device class decodes fastest, "
+        "so loading does no work beyond reading bytes."
+    )
+    lines += ["", "| variant | target | pretransposed roles | dtype | quantized |", "| --- | --- | --- | --- | --- |"]
+    for v in variants:
+        if v == variant:
+            roles = ", ".join(_pretransposed_roles(manifest)) or "none"
+            lines.append(f"| `{v}/` | {manifest['target']['name']} | {roles} | {manifest['dtype']} | {'yes' if quantized else 'no'} |")
+        else:
+            lines.append(f"| `{v}/` | {v} | see `{v}/manifest.yaml` | | |")
+    lines += ["", f"## This upload: `{variant}/`", ""]
+    profile = manifest["target"]["profile"]
+    lines.append(f"- Target class: **{manifest['target']['name']}** — {profile.get('description', '')}".rstrip(" —"))
+    lines.append(
+        "- Layout: `pretransposed` projections are stored contiguous `[in, out]` under `*.weight_t` "
+        "(MLX then runs `gemv_t`); `standard` ones keep the Hugging Face `[out, in]`."
+    )
+    if profile.get("evidence"):
+        lines.append(f"- Evidence for this layout: {profile['evidence']}")
+    if source.get("repo_id"):
+        lines.append(f"- Source: `{source['repo_id']}` at revision `{source.get('revision') or 'main'}` "
+                     f"(commit `{source.get('commit')}`)")
+    else:
+        lines.append(f"- Source: a local checkpoint ({source.get('naming')} naming); per-file sha256 in `manifest.yaml`")
+    versions = manifest["versions"]
+    lines.append(f"- Made with mlx-prepared {manifest['tool']['version']}, MLX {versions.get('mlx')}, "
+                 f"Python {versions.get('python')}")
+    lines += [
+        "",
+        "## Run",
+        "",
+        "```bash",
+        "pip install mlx-prepared",
+        f'runtime generate {repo_id} --prompt "Why is the sky blue?"          # picks the variant for this device',
+        f'runtime generate {repo_id}:{variant} --prompt "Why is the sky blue?"  # or name it',
+        "```",
+        "",
+        "Only the chosen variant's files are downloaded; each is checked against the manifest's sha256 "
+        "before the model is built.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _variants_in(files: list[str]) -> list[str]:
+    return sorted({f.split("/")[0] for f in files if f.count("/") == 1 and f.endswith("/" + MANIFEST_NAME)})
+
+
+def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | None = None,
+                   base_model: str | None = None, private: bool = False, revision: str | None = None,
+                   token: str | None = None, api=None):
+    """Verify a finished bundle, then upload it as `variant/` of `repo_id` in one commit with the card."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from runtime.verify import verify_bundle
+
+    bundle = Path(bundle)
+    problems = verify_bundle(bundle)
+    if problems:
+        raise HubError(f"{bundle}: refusing to publish, verify failed: {problems[0]}")
+    manifest = load_manifest(bundle / MANIFEST_NAME)
+    variant = variant or manifest["target"]["name"]
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    try:
+        existing = api.list_repo_files(repo_id, revision=revision)
+    except Exception:  # a repo created just now may have no revision yet
+        existing = []
+    variants = sorted(set(_variants_in(existing)) | {variant})
+    card = model_card(manifest, repo_id, variant, variants, base_model=base_model)
+    names = [MANIFEST_NAME] + sorted(manifest["files"])
+    ops = [CommitOperationAdd(path_in_repo=f"{variant}/{name}", path_or_fileobj=str(bundle / name)) for name in names]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    message = f"Add {variant} bundle ({manifest['target']['name']}, {manifest['dtype']}) made by mlx-prepared {manifest['tool']['version']}"
+    return api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision)
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str], cache_dir=None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir))
+    except LocalEntryNotFoundError:
+        raise HubError(
+            f"{repo_id}: bundle not in the local hub cache and the hub is unreachable or HF_HUB_OFFLINE is set; "
+            f"download it once online (`runtime generate {repo_id} ...` or `hf download {repo_id}`)"
+        ) from None
+    except Exception as e:  # RepositoryNotFoundError, RevisionNotFoundError, HTTP errors
+        raise HubError(f"{repo_id}: cannot download from the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def choose_variant(variants: dict[str, str], device_info: dict, wanted: str | None = None) -> str:
+    """variants: folder -> target name. Named > matches this device > generic > the only one."""
+    if wanted is not None:
+        if wanted not in variants:
+            raise HubError(f"no variant {wanted!r} in the repo; it has: {', '.join(sorted(variants)) or 'none'}")
+        return wanted
+    mine = target_for_device(device_info)
+    for folder, target in sorted(variants.items()):
+        if target == mine:
+            return folder
+    for folder, target in sorted(variants.items()):
+        if target == "generic":
+            return folder
+    if len(variants) == 1:
+        return next(iter(variants))
+    raise HubError(f"no variant for this device ({mine}) and no generic one; name one of: {', '.join(sorted(variants))}")
+
+
+def resolve_bundle(ref: str, *, revision: str | None = None, variant: str | None = None,
+                   cache_dir=None, device_info: dict | None = None) -> Path:
+    """Download (or find in the cache) only the files of the chosen variant; return its folder."""
+    import mlx.core as mx
+
+    repo_id, named = split_ref(ref)
+    variant = variant or named
+    root = _snapshot(repo_id, revision, [MANIFEST_NAME, f"*/{MANIFEST_NAME}"], cache_dir)
+    variants = {}
+    for path in sorted(root.glob(f"*/{MANIFEST_NAME}")) + ([root / MANIFEST_NAME] if (root / MANIFEST_NAME).exists() else []):
+        folder = "" if path.parent == root else path.parent.name
+        try:
+            variants[folder] = load_manifest(path)["target"]["name"]
+        except ManifestError as e:
+            raise HubError(f"{repo_id}: {e}") from None
+    if not variants:
+        raise HubError(f"{repo_id}: no mlx-prepared bundle (no manifest.yaml) at revision {revision or 'main'}")
+    folder = choose_variant(variants, device_info if device_info is not None else mx.device_info(), variant)
+    prefix = f"{folder}/" if folder else ""
+    manifest = load_manifest(root / prefix / MANIFEST_NAME)
+    patterns = [prefix + MANIFEST_NAME] + [prefix + name for name in manifest["files"]]
+    root = _snapshot(repo_id, revision, patterns, cache_dir)
+    return root / folder if folder else root
+
+
+@click.command("publish")
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.argument("repo_id")
+@click.option("--variant", help="Folder in the repo (default: the bundle's target name, e.g. m5).")
+@click.option("--base-model", help="Hub id of the original model, for the card (default: the bundle's hub source).")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", help="Branch to commit to (default: main).")
+def publish_command(bundle, repo_id, variant, base_model, private, revision):
+    """Verify BUNDLE, then upload it to REPO_ID as one variant folder with a model card.
+
+    One repo per model, one folder per device class: `runtime generate REPO_ID` later downloads
+    only the variant for the device it runs on.
+    """
+    if not (Path(bundle) / MANIFEST_NAME).is_file():
+        raise HubError(f"{bundle}: not a bundle (no {MANIFEST_NAME})")
+    info = publish_bundle(bundle, repo_id, variant=variant, base_model=base_model, private=private, revision=revision)
+    url = getattr(info, "commit_url", None) or repo_id
+    click.echo(f"published {bundle} to {url}")

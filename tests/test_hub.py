@@ -1,0 +1,228 @@
+"""Shipping bundles through the model hub.
+
+The hub's network is not reachable from this machine. Downloads are tested against what the hub
+client leaves on disk (its cache layout: refs/, snapshots/<commit>/) with HF_HUB_OFFLINE=1, so the
+real `snapshot_download` runs. Uploads mock only the network-facing HfApi methods and assert the
+files, commit message and model card that would be sent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from convert import convert_checkpoint
+from manifests import read_manifest
+from runtime.hub import HubError, choose_variant, is_hub_id, model_card, publish_bundle, resolve_bundle
+from tests.checkpoints import make_checkpoint, write_tokenizer
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+REPO = "acme/gemma-3n-tiny-prepared"
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub-bundles")
+    src = write_tokenizer(make_checkpoint(root / "src", "hf"))
+    return {
+        "m5": convert_checkpoint(src, root / "m5", target="m5", dtype="float32"),
+        "generic": convert_checkpoint(src, root / "generic", target="generic", dtype="float32"),
+    }
+
+
+def fake_hub_cache(cache, bundles: dict, repo=REPO, commit=COMMIT):
+    """Lay out what `hf download` leaves behind for a repo with one folder per variant."""
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / commit
+    for variant, bundle in bundles.items():
+        shutil.copytree(bundle, snap / variant)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snap
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch, bundles):
+    cache = tmp_path / "hub"
+    snap = fake_hub_cache(cache, bundles)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    return cache, snap
+
+
+def test_hub_id_or_path(tmp_path):
+    assert is_hub_id("google/gemma-3n-E2B-it")
+    assert is_hub_id("acme/model:m5")
+    assert not is_hub_id(str(tmp_path))
+    assert not is_hub_id("just-a-name")
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "name").mkdir()
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert not is_hub_id("org/name")  # an existing local folder wins
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.parametrize(
+    "arch, wanted, expect",
+    [
+        ("applegpu_g17s", None, "m5"),
+        ("applegpu_g14s", None, "generic"),
+        ("x86_64", None, "generic"),  # no cpu variant: generic
+        ("x86_64", "m5", "m5"),
+    ],
+)
+def test_choose_variant(arch, wanted, expect):
+    assert choose_variant({"m5": "m5", "generic": "generic"}, {"architecture": arch}, wanted) == expect
+
+
+def test_choose_variant_refuses_unknown():
+    with pytest.raises(HubError, match="no variant 'cuda'.*generic, m5"):
+        choose_variant({"m5": "m5", "generic": "generic"}, {"architecture": "x86_64"}, "cuda")
+    with pytest.raises(HubError, match="name one of"):
+        choose_variant({"m5": "m5", "cuda": "cuda"}, {"architecture": "x86_64"})
+
+
+def test_resolve_from_offline_cache_picks_device_variant(offline_cache):
+    cache, snap = offline_cache
+    path = resolve_bundle(REPO, device_info={"architecture": "applegpu_g17s"})
+    assert path == snap / "m5"
+    assert read_manifest(path)["target"]["name"] == "m5"
+    assert resolve_bundle(REPO + ":generic", device_info={"architecture": "applegpu_g17s"}) == snap / "generic"
+
+
+def test_resolve_asks_only_for_the_chosen_variant(offline_cache, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def spy(*args, **kwargs):  # the real download (offline, from the cache), patterns recorded
+        asked.append(kwargs.get("allow_patterns"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    resolve_bundle(REPO, device_info={"architecture": "applegpu_g17s"})
+    first, second = asked
+    assert all("manifest.yaml" in p for p in first)
+    assert second and all(p.startswith("m5/") for p in second)
+    manifest = read_manifest(offline_cache[1] / "m5")
+    assert sorted(second) == sorted(["m5/manifest.yaml"] + [f"m5/{f}" for f in manifest["files"]])
+
+
+def test_offline_and_not_cached_says_so(offline_cache):
+    with pytest.raises(HubError, match="not in the local hub cache"):
+        resolve_bundle("acme/absent-model")
+
+
+def test_runtime_loads_a_hub_id_offline(offline_cache, bundles):
+    from runtime import load
+
+    model, _ = load(REPO + ":generic")
+    assert model.bundle_path == offline_cache[1] / "generic"
+
+
+def test_cli_generates_from_hub_id_offline(offline_cache):
+    cache, _ = offline_cache
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "runtime", "generate", REPO + ":m5", "--prompt", "the quick", "--max-tokens", "3"],
+                       capture_output=True, text=True, env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "runtime", "generate", "acme/absent-model", "--prompt", "x"],
+                       capture_output=True, text=True, env={**os.environ, **env})
+    assert r.returncode == 2
+    assert "acme/absent-model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tampered_cached_bundle_is_refused(offline_cache):
+    from runtime import load
+
+    _, snap = offline_cache
+    manifest = read_manifest(snap / "m5")
+    shard = snap / "m5" / sorted(n for n in manifest["files"] if n.endswith(".safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="sha256|hash"):
+        load(REPO + ":m5")
+
+
+class FakeApi:
+    """Stands in for the hub's network API only; records what would be sent."""
+
+    def __init__(self, existing=()):
+        self.existing = list(existing)
+        self.created, self.commits = [], []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.created.append((repo_id, kwargs))
+
+    def list_repo_files(self, repo_id, revision=None):
+        return self.existing
+
+    def create_commit(self, repo_id, operations, commit_message, revision=None):
+        self.commits.append({"repo_id": repo_id, "ops": operations, "message": commit_message})
+        return "commit-info"
+
+
+def _card_meta(card: str) -> dict:
+    _, front, _ = card.split("---", 2)
+    return yaml.safe_load(front)
+
+
+def test_publish_uploads_verified_bundle_with_card(bundles):
+    api = FakeApi(existing=["README.md", "generic/manifest.yaml", "generic/model.safetensors"])
+    publish_bundle(bundles["m5"], REPO, base_model="google/gemma-3n-E2B-it", api=api)
+    assert api.created == [(REPO, {"private": False, "exist_ok": True})]
+    (commit,) = api.commits
+    manifest = read_manifest(bundles["m5"])
+    paths = sorted(op.path_in_repo for op in commit["ops"])
+    assert paths == sorted(["README.md", "m5/manifest.yaml"] + [f"m5/{f}" for f in manifest["files"]])
+    assert "m5" in commit["message"] and manifest["tool"]["version"] in commit["message"]
+    card = next(op for op in commit["ops"] if op.path_in_repo == "README.md").path_or_fileobj.decode()
+    meta = _card_meta(card)
+    assert meta["base_model"] == "google/gemma-3n-E2B-it"
+    assert meta["base_model_relation"] == "quantized"
+    assert "target-generic" in meta["tags"] and "target-m5" in meta["tags"]
+    assert "`generic/`" in card and "`m5/`" in card  # variants find each other
+    assert "lm_head, mlp.gate_proj, mlp.up_proj" in card  # what the layout means here
+    assert manifest["versions"]["mlx"] in card
+    assert f"runtime generate {REPO}:m5" in card
+
+
+def test_publish_refuses_a_bundle_that_fails_verify(bundles, tmp_path):
+    broken = shutil.copytree(bundles["generic"], tmp_path / "broken")
+    (broken / "config.json").write_text("{}")
+    api = FakeApi()
+    with pytest.raises(HubError, match="verify failed.*config.json"):
+        publish_bundle(broken, REPO, api=api)
+    assert api.commits == [] and api.created == []
+
+
+def test_card_for_hub_source_names_revision(bundles):
+    manifest = read_manifest(bundles["generic"])
+    manifest["source"] = {"kind": "hub", "repo_id": "google/gemma-3n-E4B-it", "revision": "v1",
+                          "commit": COMMIT, "naming": "hf", "files": {}}
+    card = model_card(manifest, REPO, "generic", ["generic"])
+    assert _card_meta(card)["base_model"] == "google/gemma-3n-E4B-it"
+    assert COMMIT in card and "`v1`" in card
+
+
+def test_publish_cli_refuses_non_bundle(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "runtime", "publish", str(tmp_path), REPO], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "not a bundle" in r.stderr and "Traceback" not in r.stderr
