@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import shutil
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -81,12 +82,22 @@ def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = Non
          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, device_info: dict | None = None,
          read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES) -> Plan:
     """Open SOURCE and plan its conversion; reads headers and configs only, writes nothing."""
-    src = source if isinstance(source, Source) else open_source(source, revision)
-    if out is not None:
-        check_destination(src, Path(out))
-    profile, device = resolve_target(target, target_profile, device_info)
-    return make_plan(src, profile, dtype=dtype, device=device, max_shard_size=parse_size(max_shard_size),
-                     read_block=read_block, band_bytes=band_bytes)
+    with os_errors(source):
+        src = source if isinstance(source, Source) else open_source(source, revision)
+        if out is not None:
+            check_destination(src, Path(out))
+        profile, device = resolve_target(target, target_profile, device_info)
+        return make_plan(src, profile, dtype=dtype, device=device, max_shard_size=parse_size(max_shard_size),
+                         read_block=read_block, band_bytes=band_bytes)
+
+
+@contextmanager
+def os_errors(where):
+    """An OSError (permissions, a full disk, a file vanishing) becomes one line naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise ConvertError(f"{e.filename or where}: {e.strerror or e}") from None
 
 
 def _within(inner: str, outer: str) -> bool:
@@ -209,25 +220,27 @@ def _free_space(path: Path) -> int:
 
 def preflight(p: Plan, out: str | os.PathLike, *, force: bool = False) -> Path:
     """Every check that can refuse before a byte is written (also run by `execute`)."""
-    out = Path(out).absolute()
-    check_destination(p.source, out)
-    clean_stale(out)
-    _check_replaceable(out, force)
-    free = _free_space(out.parent)
-    if free < p.disk_needed:
-        raise ConvertError(f"{out.parent}: not enough free disk space for the bundle (needs "
-                           f"{human(p.disk_needed)}, {human(free)} free)")
-    return out
+    with os_errors(out):
+        out = Path(out).absolute()
+        check_destination(p.source, out)
+        clean_stale(out)
+        _check_replaceable(out, force)
+        free = _free_space(out.parent)
+        if free < p.disk_needed:
+            raise ConvertError(f"{out.parent}: not enough free disk space for the bundle (needs "
+                               f"{human(p.disk_needed)}, {human(free)} free)")
+        return out
 
 
 def execute(p: Plan, out: str | os.PathLike, *, force: bool = False, on_write=None) -> Path:
     """Write the planned bundle to OUT atomically; return OUT."""
-    out = preflight(p, out, force=force)
-    parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with os_errors(out):
+        out = preflight(p, out, force=force)
+        parent = out.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     try:
         files, source_files = write_bundle(p, tmp, on_write=on_write)
         try:

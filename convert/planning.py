@@ -297,9 +297,8 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
             path = key[len(prefix):]
             module, _, leaf = path.rpartition(".")
             if path in unused or (leaf in ("scales", "biases") and f"{module}.weight" in unused):
-                layer = path.split(".")[1]
-                dropped.append({"key": key, "reason": f"KV-shared layer {layer} reuses an earlier layer's "
-                                "K/V; the model never reads it"})
+                dropped.append({"key": key, "reason": "K/V of a KV-shared layer, which reuses an earlier "
+                                "layer's cache: never read"})
                 continue
             decoder[path] = key
         elif "lm_head" in key.split(".")[:-1]:
