@@ -60,6 +60,10 @@ def command(source, out, target, target_profile, dtype, revision, max_shard_size
     if quiet:
         execute(p, out, force=force)
         return
+    if not sys.stderr.isatty():  # a log file gets the summary line, not a frozen bar
+        done = execute(p, out, force=force)
+        click.echo(run_report(p, done, time.perf_counter() - started))
+        return
     with click.progressbar(length=p.tensor_bytes_out, label=f"converting to {p.profile.name}", file=sys.stderr,
                            show_eta=True, show_percent=True,
                            item_show_func=lambda _: None) as bar:
