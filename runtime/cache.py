@@ -42,6 +42,7 @@ class KVCache:
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
+        """The keys and values so far (views of the buffers), e.g. for `mx.eval`."""
         if self.keys is None:
             return ()
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
@@ -112,7 +113,8 @@ class RotatingKVCache:
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
-        return () if self.keys is None else self._ordered()
+        """The buffers as stored (rotation order): what `mx.eval` needs to materialize the cache."""
+        return () if self.keys is None else (self.keys, self.values)
 
     @property
     def nbytes(self) -> int:

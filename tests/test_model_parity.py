@@ -200,3 +200,29 @@ def test_mlx_quantized_bundle_matches_the_reference_on_dequantized_weights(tmp_p
     model(mx.array(ids[:, :PREFILL]), cache=cache)
     for t in range(PREFILL, LENGTH):
         assert relative_error(model(mx.array(ids[:, t : t + 1]), cache=cache), ref[:, t : t + 1]) < BOUND, t
+
+
+def test_long_decoding_past_the_cache_growth_step(workdir):
+    """300 positions: the full-attention cache grows past its first 256-slot buffer while the
+    sliding caches rotate dozens of times; chunked prefill, then one token at a time.
+
+    The cached path must equal our own uncached forward (1e-4; it is ~2e-5 here: only the
+    order of summation differs, and a window off by one position would be ~1e-1).
+    Against transformers the bound is looser at this length (1e-3): float32 RoPE angles near
+    position 300 carry ~3e-5 rad of rounding, which mx.fast.rope and torch round differently,
+    and this random network amplifies it (with torch's RoPE formula the gap halves)."""
+    from runtime.cache import KVCache
+
+    sources, bundles = workdir
+    text_config = json.loads((sources["hf"] / "config.json").read_text())["text_config"]
+    long_ids = np.random.default_rng(11).integers(0, text_config["vocab_size"], (1, 300))
+    ref = reference_logits(reference_model(text_config, source_tensors(sources["hf"], "hf")), long_ids)
+    model, _ = load_quietly(bundles["generic", "hf"])
+    uncached = np.array(model(mx.array(long_ids)))
+    cache = model.make_cache()
+    outs = [model(mx.array(long_ids[:, :100]), cache=cache), model(mx.array(long_ids[:, 100:250]), cache=cache)]
+    for t in range(250, 300):
+        outs.append(model(mx.array(long_ids[:, t : t + 1]), cache=cache))
+    assert relative_error(mx.concatenate(outs, axis=1), uncached) < BOUND
+    assert relative_error(uncached, ref) < 1e-3
+    assert max(c.keys.shape[2] for c in cache if isinstance(c, KVCache)) > KVCache.step
