@@ -62,6 +62,15 @@ def test_generate_streams_what_the_api_generates(bundle, loaded):
     assert "peak memory" in stats
 
 
+def test_generate_chat_format_with_prompt_from_stdin(bundle, loaded):
+    model, tokenizer = loaded
+    r = run("runtime", "generate", str(bundle), "--prompt", "-", "--chat", "--max-tokens", "8", stdin=PROMPT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == generate(model, tokenizer, PROMPT, max_tokens=8, chat=True) + "\n"
+    chat_prompt = tokenizer.encode("<start_of_turn>user\n" + PROMPT + "<end_of_turn>\n<start_of_turn>model\n")
+    assert r.stderr.splitlines()[-1].startswith(f"prompt: {len(chat_prompt)} tokens")
+
+
 def test_seeded_sampling_through_the_cli(bundle, loaded):
     model, tokenizer = loaded
     args = ("runtime", "generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "10", "--temp", "1.5",
