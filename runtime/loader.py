@@ -49,7 +49,8 @@ def read_bundle_manifest(path: Path) -> dict:
     return read_manifest(path)
 
 
-def check_target(manifest: dict, path: Path, strict: bool, device_info: dict | None = None) -> None:
+def check_target(manifest: dict, path: Path, strict: bool, device_info: dict | None = None,
+                 stacklevel: int = 2) -> None:
     info = mx.device_info() if device_info is None else device_info
     here = target_for_device(info)
     prepared_for = manifest["target"]["name"]
@@ -62,7 +63,7 @@ def check_target(manifest: dict, path: Path, strict: bool, device_info: dict | N
     )
     if strict:
         raise BundleError(message)
-    warnings.warn(message, TargetMismatchWarning, stacklevel=3)
+    warnings.warn(message, TargetMismatchWarning, stacklevel=stacklevel + 1)
 
 
 def shard_files(path: Path, manifest: dict) -> list[str]:
@@ -159,10 +160,12 @@ def load_tokenizer(path: Path):
     return module.load_tokenizer(path)
 
 
-def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bool = False) -> Model:
+def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bool = False,
+               _stacklevel: int = 2) -> Model:
+    """The model alone; see `load`."""
     path = Path(path)
     manifest = read_bundle_manifest(path)
-    check_target(manifest, path, strict_target)
+    check_target(manifest, path, strict_target, stacklevel=_stacklevel + 1)
     if verify:
         from runtime.verify import verify_bundle
 
@@ -200,5 +203,5 @@ def load(path, strict_target: bool = False, verify: bool = False, lazy: bool = F
 
     if is_hub_id(path):
         path, verify = resolve_bundle(str(path), revision=revision), True
-    model = load_model(path, strict_target=strict_target, verify=verify, lazy=lazy)
+    model = load_model(path, strict_target=strict_target, verify=verify, lazy=lazy, _stacklevel=3)
     return model, load_tokenizer(Path(path))

@@ -247,6 +247,7 @@ def test_target_mismatch_warns_with_the_command_for_this_device(bundles, monkeyp
         runtime.load(bundles["m5"])
     message = str(record[0].message)
     assert "'m5'" in message and f"python -m convert --target generic {bundles['src']}" in message
+    assert record[0].filename == __file__  # the warning points at the caller's line
 
 
 def test_strict_target_makes_the_mismatch_an_error(bundles, monkeypatch):
