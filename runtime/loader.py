@@ -63,7 +63,7 @@ def check_target(manifest: dict, path: Path, strict: bool, device_info: dict | N
     )
     if strict:
         raise BundleError(message)
-    warnings.warn(message, TargetMismatchWarning, stacklevel=stacklevel + 1)
+    warnings.warn(message, TargetMismatchWarning, stacklevel=stacklevel)
 
 
 def shard_files(path: Path, manifest: dict) -> list[str]:
