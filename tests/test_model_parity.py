@@ -226,3 +226,16 @@ def test_long_decoding_past_the_cache_growth_step(workdir):
     assert relative_error(mx.concatenate(outs, axis=1), uncached) < BOUND
     assert relative_error(uncached, ref) < 1e-3
     assert max(c.keys.shape[2] for c in cache if isinstance(c, KVCache)) > KVCache.step
+
+
+def test_a_bfloat16_bundle_stays_bfloat16(tmp_path, ids):
+    """No silent float32 promotion on the main path (it would double the decode traffic); only
+    the AltUp router and coefficients run in float32, and they are cast back."""
+    from tests.checkpoints import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "src", "hf", dtype=mx.bfloat16)
+    model, _ = load_quietly(convert(src, tmp_path / "bundle", "m5", "--dtype", "bfloat16"))
+    cache = model.make_cache()
+    assert model(mx.array(ids), cache=cache).dtype == mx.bfloat16
+    assert {a.dtype for c in cache for a in c.state} == {mx.bfloat16}
+    assert model(mx.array(ids[:, :1]), cache=cache).dtype == mx.bfloat16
