@@ -28,6 +28,7 @@ from convert.planning import (
     parse_size,
     peak_rss,
 )
+from convert.quantize import quant_spec
 from convert.source import Source, open_source
 from convert.write import write_bundle
 from manifests import (
@@ -80,15 +81,21 @@ def resolve_target(target: str | None = None, target_profile: str | os.PathLike 
 def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = None, *, target: str | None = "auto",
          target_profile: str | os.PathLike | None = None, dtype: str = "keep", revision: str | None = None,
          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, device_info: dict | None = None,
-         read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES) -> Plan:
-    """Open SOURCE and plan its conversion; reads headers and configs only, writes nothing."""
+         read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES, quantize: int | None = None,
+         group_size: int | None = None, quant_mode: str | None = None) -> Plan:
+    """Open SOURCE and plan its conversion; reads headers and configs only, writes nothing.
+
+    `quantize` (4 or 8 bits, with `group_size` and `quant_mode`): quantize the float projections
+    and embeddings with mx.quantize on the way (convert/quantize.py).
+    """
+    spec = quant_spec(quantize, group_size, quant_mode)
     with os_errors(source):
         src = source if isinstance(source, Source) else open_source(source, revision)
         if out is not None:
             check_destination(src, Path(out))
         profile, device = resolve_target(target, target_profile, device_info)
         return make_plan(src, profile, dtype=dtype, device=device, max_shard_size=parse_size(max_shard_size),
-                         read_block=read_block, band_bytes=band_bytes)
+                         read_block=read_block, band_bytes=band_bytes, quantize=spec)
 
 
 @contextmanager
@@ -275,7 +282,8 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
                        target_profile: str | os.PathLike | None = None, dtype: str = "keep",
                        revision: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                        force: bool = False, device_info: dict | None = None, on_write=None,
-                       read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES) -> Path:
+                       read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES, quantize: int | None = None,
+                       group_size: int | None = None, quant_mode: str | None = None) -> Path:
     """Convert SOURCE (directory or hub repo id) into a prepared bundle at OUT; return OUT.
 
     Every refusal is a `ConvertError` (a `click.ClickException`, exit code 2) with one line naming
@@ -283,7 +291,7 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
     """
     p = plan(source, out, target=target, target_profile=target_profile, dtype=dtype, revision=revision,
              max_shard_size=max_shard_size, device_info=device_info, read_block=read_block,
-             band_bytes=band_bytes)
+             band_bytes=band_bytes, quantize=quantize, group_size=group_size, quant_mode=quant_mode)
     return execute(p, out, force=force, on_write=on_write)
 
 

@@ -5,8 +5,9 @@ out) and reads no tensor data, so `--dry-run` prints exactly what a conversion w
 the writer executes the plan without making decisions of its own.
 
 Each bundle tensor is made from one source tensor by a `transform`: `copy` (bytes as they are),
-`cast` (to another float dtype) or `transpose` (cast if asked, then written [in, out]). A later
-`quantize` transform slots in beside them.
+`cast` (to another float dtype) or `transpose` (cast if asked, then written [in, out]). With
+`--quantize`, `quantize` makes three bundle tensors (packed weight, scales, biases) of one source
+tensor (convert/quantize.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from dataclasses import dataclass, field
 
 from convert.dtypes import CODE_FOR_OPTION, FLOATS
 from convert.errors import ConvertError
-from convert.gemma3n import expected_tensors, kv_shared_unused, projection_role
+from convert.gemma3n import EMBEDDINGS, expected_tensors, kv_shared_unused, projection_role
+from convert.quantize import QuantSpec, not_quantized_because, spill_bytes
+from convert.quantize import working_set as quant_working_set
 from convert.safetensors_io import DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
@@ -85,7 +88,10 @@ class Item:
     source: TensorInfo
     dtype: str  # safetensors dtype code written
     shape: tuple[int, ...]  # shape written
-    transform: str  # "copy" | "cast" | "transpose"
+    transform: str  # "copy" | "cast" | "transpose" | "quantize"
+    quant: QuantSpec | None = None  # quantize: the spec
+    part: str = ""  # quantize: "weight", "scales" or "biases" of `source`
+    quant_dtype: str = ""  # quantize: the float dtype `source` is cast to before quantizing
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +124,8 @@ class Plan:
     band_bytes: int = BAND_BYTES
     baseline_rss: int = 0
     roles: Counter = field(default_factory=Counter)
+    quantize: QuantSpec | None = None
+    unquantized: Counter = field(default_factory=Counter)  # --quantize: reason -> tensors left float
 
     @property
     def items(self) -> list[Item]:
@@ -140,7 +148,7 @@ class Plan:
     def disk_needed(self) -> int:
         # The manifest is small but not tiny (every projection and file is listed): allow 1 MB + 1 kB
         # per tensor for it and for file system rounding.
-        return self.bytes_out + 1_000_000 + 1000 * len(self.items)
+        return self.bytes_out + 1_000_000 + 1000 * len(self.items) + spill_bytes(self.items)
 
     @property
     def predicted_peak(self) -> int:
@@ -163,7 +171,12 @@ class Plan:
         lines.append(f"{'role':28s} {STANDARD:>9s} {PRETRANSPOSED:>14s}")
         for role in sorted({r for r, _ in self.roles}):
             lines.append(f"{role:28s} {self.roles[role, STANDARD]:9d} {self.roles[role, PRETRANSPOSED]:14d}")
-        transforms = Counter(i.transform for i in self.items)
+        if self.quantize:
+            done = sum(1 for i in self.items if i.part == "weight")
+            lines.append(f"quantize {self.quantize.describe()}: {done} tensors")
+            for reason, n in sorted(self.unquantized.items()):
+                lines.append(f"  float   {n:5d}  {reason}")
+        transforms = Counter(i.transform for i in self.items if i.part in ("", "weight"))
         lines += [
             "writes   " + ", ".join(f"{n} {t}" for t, n in sorted(transforms.items())),
             f"bytes in   {human(src.bytes_in)}",
@@ -198,6 +211,8 @@ def block_bytes(item: Item, read_block: int) -> int:
 def working_set(item: Item, read_block: int, band_bytes: int) -> int:
     """Bytes of buffers the writer allocates for `item` (the plan's memory prediction)."""
     src, out_size = item.source, ITEMSIZE[item.dtype]
+    if item.transform == "quantize":
+        return quant_working_set(item, read_block)
     if item.transform == "transpose":
         rows, cols = src.shape
         read = rows_per_block(item, read_block) * cols * src.itemsize
@@ -272,7 +287,8 @@ def _quant_params(q: dict | None, module_key: str, weight: TensorInfo, scales: T
 
 def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", device: dict | None = None,
               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, read_block: int = READ_BLOCK,
-              band_bytes: int = BAND_BYTES, baseline_rss: int | None = None) -> Plan:
+              band_bytes: int = BAND_BYTES, baseline_rss: int | None = None,
+              quantize: QuantSpec | None = None) -> Plan:
     if dtype not in DTYPE_OPTIONS:
         raise ConvertError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_OPTIONS)}")
     tc, cfg = source.text_config, source.config
@@ -340,6 +356,11 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
                                        f"{list(source.tensors[decoder[bpath]][1].shape)} but config.json implies "
                                        f"{list(want_s)}")
             quantized[module] = q
+    if quantize is not None and (quantized or quant is not None):
+        first = next((decoder[m + ".weight"] for m in quantized), None)
+        what = f"{where(first)}: already MLX-quantized" if first else f"{config_where}: has a quantization block"
+        raise ConvertError(f"{what}; --quantize needs a float checkpoint (without --quantize, quantized weights "
+                           "pass through as they are)")
 
     # 3. Every other decoder tensor must be expected, of a float dtype and of the expected shape.
     for path, key in decoder.items():
@@ -371,8 +392,28 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
     def out_dtype(info: TensorInfo) -> str:
         return info.dtype if dtype == "keep" else CODE_FOR_OPTION[dtype]
 
+    # --quantize: the decoder modules whose weight is quantized here, and why the others are not.
+    requantized: set[str] = set()
+    unquantized: Counter = Counter()
+    for path in decoder if quantize is not None else ():
+        module, _, leaf = path.rpartition(".")
+        if leaf == "weight" and (projection_role(module) or module in EMBEDDINGS):
+            reason = not_quantized_because(module, shapes[path], quantize)
+            if reason is None:
+                requantized.add(module)
+            else:
+                unquantized[reason] += 1
+
     def add_projection(name: str, role: str, info: TensorInfo, src_key: str, file: str, module: str | None):
         q = quantized.get(module) if module is not None else None
+        if module in requantized:
+            key = PREFIX + (module if role != "lm_head" else "embed_tokens") + ".weight"
+            projections[name] = {"role": role, "layout": STANDARD, "key": key, "source_key": src_key,
+                                 "shape": list(quantize.shape_of("weight", info.shape)),
+                                 "source_shape": list(info.shape), "dtype": "uint32", "bias": None,
+                                 "quantized": quantize.record}
+            roles[role, STANDARD] += 1
+            return
         written = info.dtype if q else out_dtype(info)
         layout = STANDARD if q else profile.layout_for(role, DTYPE_NAMES[written])
         if layout == PRETRANSPOSED:
@@ -391,7 +432,12 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
         file, info = source.tensors[key]
         module, _, leaf = path.rpartition(".")
         q = quantized.get(module)
-        if q:
+        if module in requantized and leaf == "weight":
+            written = out_dtype(info)
+            for part in ("weight", "scales", "biases") if quantize.mode == "affine" else ("weight", "scales"):
+                items.append(Item(f"{PREFIX}{module}.{part}", file, info, "U32" if part == "weight" else written,
+                                  quantize.shape_of(part, info.shape), "quantize", quantize, part, written))
+        elif q:
             items.append(Item(PREFIX + path, file, info, info.dtype, info.shape, "copy"))
         else:
             written = out_dtype(info)
@@ -407,7 +453,10 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
             add_projection(PREFIX + module, role, info, key, file, module)
         elif module in ("embed_tokens", "embed_tokens_per_layer"):
             written = info.dtype if q else out_dtype(info)
-            embeddings[PREFIX + module] = {"key": PREFIX + path, "source_key": key, "shape": list(info.shape),
+            shape = info.shape
+            if module in requantized:
+                written, shape, q = "U32", quantize.shape_of("weight", info.shape), quantize.record
+            embeddings[PREFIX + module] = {"key": PREFIX + path, "source_key": key, "shape": list(shape),
                                            "dtype": DTYPE_NAMES[written], "quantized": q}
             if module == "embed_tokens":
                 add_projection(LM_HEAD, "lm_head", info, key, file, module)
@@ -434,7 +483,8 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
     return Plan(source=source, profile=profile, device=device, dtype=dtype, shards=shards,
                 projections=projections, embeddings=embeddings, dropped=dropped, tied=tied,
                 read_block=read_block, band_bytes=band_bytes,
-                baseline_rss=current_rss() if baseline_rss is None else baseline_rss, roles=roles)
+                baseline_rss=current_rss() if baseline_rss is None else baseline_rss, roles=roles,
+                quantize=quantize, unquantized=unquantized)
 
 
 SHARD_METADATA = {"format": "mlx", "producer": "mlx-prepared"}

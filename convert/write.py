@@ -27,6 +27,7 @@ from convert.planning import (
     index_text,
     rows_per_block,
 )
+from convert.quantize import Spills, write_quantized
 from convert.safetensors_io import HashingReader, SafetensorsWriter
 from convert.transpose import transpose_into
 from manifests.format import INDEX_NAME
@@ -127,6 +128,7 @@ def write_bundle(plan: Plan, directory: Path, on_write=None) -> tuple[dict, dict
     bufs = _Buffers()
     scratch = bytearray(HASH_SCRATCH)
     readers = {name: HashingReader(header, scratch) for name, header in source.headers.items()}
+    spills = Spills(directory)  # scales and biases of --quantize, until their place in a shard
     try:
         for shard in plan.shards:
             writer = SafetensorsWriter(directory / shard.name, [(i.key, i.dtype, i.shape) for i in shard.items],
@@ -136,6 +138,8 @@ def write_bundle(plan: Plan, directory: Path, on_write=None) -> tuple[dict, dict
                     writer.begin(item.key)
                     if item.transform == "transpose":
                         _write_transposed(item, readers[item.file], writer, bufs, plan.read_block, plan.band_bytes)
+                    elif item.transform == "quantize":
+                        write_quantized(item, readers[item.file], writer, bufs, plan.read_block, spills)
                     else:
                         _write_stream(item, readers[item.file], writer, bufs, plan.read_block)
                 sha, nbytes = writer.close()
@@ -149,6 +153,7 @@ def write_bundle(plan: Plan, directory: Path, on_write=None) -> tuple[dict, dict
         for name, reader in readers.items():
             source_hashes[name] = reader.finish()
     finally:
+        spills.close()
         for reader in readers.values():
             reader.close()
     if len(plan.shards) > 1:
