@@ -6,10 +6,8 @@ Reading byte ranges with `pread` into one reused buffer keeps the converter's fo
 honest, and parsing the header ourselves lets every defect be reported as one line naming the
 file and the tensor.
 
-The format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor name to
-`{dtype, shape, data_offsets: [begin, end]}` (offsets relative to the end of the header) plus an
-optional `__metadata__` of strings, then the data. The data must be covered exactly: no overlap,
-no holes, nothing after the last tensor.
+The header rules (what a valid header is, and how each defect is worded) are
+`manifests.safetensors_header`'s, shared with the runtime's loader and `verify`.
 """
 
 from __future__ import annotations
@@ -23,25 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convert.errors import ConvertError
+from manifests.safetensors_header import HEADER_LIMIT  # noqa: F401  (re-exported: the limit readers share)
+from manifests.safetensors_header import DTYPE_NAMES, ITEMSIZE, HeaderError, header_length
+from manifests.safetensors_header import parse_header as parse_header_text
 
-# The safetensors library refuses headers above 100 MB; a real model's header is well under 1 MB.
-# Checked before anything is allocated, so a corrupt length cannot make us allocate gigabytes.
-HEADER_LIMIT = 100 * 1024 * 1024
-
-ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
-
-# Safetensors dtype -> the name the manifest (and MLX) uses.
-DTYPE_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2",
-    "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
-    "I32": "int32", "U32": "uint32", "F32": "float32",
-    "I64": "int64", "U64": "uint64", "F64": "float64",
-}
 DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
@@ -97,17 +80,13 @@ def read_header(path: str | os.PathLike, display: str | None = None) -> Header:
         raise SafetensorsError(f"{display}: cannot open ({e.strerror})") from None
     try:
         size = os.fstat(fd).st_size
-        if size < 8:
-            raise SafetensorsError(f"{display}: {size} bytes, too short to hold a safetensors header")
         raw = bytearray(8)
-        _pread_into(fd, memoryview(raw), 0, display)
-        (n,) = struct.unpack("<Q", raw)
-        if n > HEADER_LIMIT:
-            raise SafetensorsError(f"{display}: header length {n} exceeds the {HEADER_LIMIT}-byte limit "
-                                   "(corrupt file or not safetensors)")
-        if 8 + n > size:
-            raise SafetensorsError(f"{display}: header length {n} runs past the end of the {size}-byte file "
-                                   "(truncated or not safetensors)")
+        if size >= 8:
+            _pread_into(fd, memoryview(raw), 0, display)
+        try:
+            n = header_length(bytes(raw), size)  # refused before anything of that length is allocated
+        except HeaderError as e:
+            raise SafetensorsError(f"{display}: {e}") from None
         text = bytearray(n)
         _pread_into(fd, memoryview(text), 8, display)
     finally:
@@ -116,54 +95,14 @@ def read_header(path: str | os.PathLike, display: str | None = None) -> Header:
 
 
 def parse_header(text: bytes, size: int, path: Path, display: str) -> Header:
-    data_start = 8 + len(text)
+    """Validate a header (the rules are manifests.safetensors_header's) and locate every tensor."""
     try:
-        doc = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{display}: header is not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise SafetensorsError(f"{display}: header is not a JSON object")
-    metadata = doc.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise SafetensorsError(f"{display}: __metadata__ must map strings to strings")
-
-    infos = []
-    for name, entry in doc.items():
-        where = f"{display}: tensor {name!r}"
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise SafetensorsError(f"{where}: entry must have exactly dtype, shape and data_offsets")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in ITEMSIZE:
-            raise SafetensorsError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(ITEMSIZE)})")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
-            raise SafetensorsError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise SafetensorsError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
-        need = math.prod(shape) * ITEMSIZE[dtype]
-        if offsets[1] - offsets[0] != need:
-            raise SafetensorsError(f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes but "
-                                   f"{dtype} x {shape} needs {need}")
-        infos.append(TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], need))
-
-    infos.sort(key=lambda t: (t.offset, t.nbytes))
-    cursor, previous = data_start, None
-    for t in infos:
-        if t.offset + t.nbytes > size:
-            raise SafetensorsError(f"{display}: tensor {t.name!r}: data ends at byte {t.offset + t.nbytes}, past "
-                                   f"the end of the {size}-byte file (truncated?)")
-        if t.offset < cursor:
-            raise SafetensorsError(f"{display}: tensor {t.name!r}: data overlaps tensor {previous!r}")
-        if t.offset > cursor:
-            raise SafetensorsError(f"{display}: tensor {t.name!r}: {t.offset - cursor} unindexed bytes before "
-                                   "its data (a hole in the data buffer)")
-        cursor, previous = t.offset + t.nbytes, t.name
-    if cursor != size:
-        after = f"after tensor {previous!r}" if previous else "after the header"
-        raise SafetensorsError(f"{display}: {size - cursor} unindexed bytes {after} at the end of the file")
-    return Header(path, display, size, data_start, {t.name: t for t in infos}, dict(metadata))
+        entries, metadata = parse_header_text(text, size)
+    except HeaderError as e:
+        raise SafetensorsError(f"{display}: {e}") from None
+    data_start = 8 + len(text)
+    infos = {e.name: TensorInfo(e.name, e.dtype, e.shape, data_start + e.begin, e.nbytes) for e in entries}
+    return Header(path, display, size, data_start, infos, metadata)
 
 
 # Hashing runs on one helper thread (hashlib and file I/O release the GIL, so it overlaps the

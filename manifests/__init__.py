@@ -9,12 +9,21 @@ from manifests.format import (
     FORMAT_VERSION,
     INDEX_NAME,
     LAYOUTS,
+    MANIFEST_DIGEST_NAME,
     MANIFEST_NAME,
     PREFIX,
     PRETRANSPOSED_SUFFIX,
     ManifestError,
 )
-from manifests.manifest import dump_manifest, load_manifest, read_manifest, validate_manifest, write_manifest
+from manifests.manifest import (
+    dump_manifest,
+    load_manifest,
+    manifest_digest_line,
+    read_manifest,
+    recorded_manifest_digest,
+    validate_manifest,
+    write_manifest,
+)
 from manifests.profiles import (
     ProfileError,
     TargetProfile,
@@ -29,6 +38,7 @@ __all__ = [
     "FORMAT_VERSION",
     "INDEX_NAME",
     "LAYOUTS",
+    "MANIFEST_DIGEST_NAME",
     "MANIFEST_NAME",
     "PREFIX",
     "PRETRANSPOSED_SUFFIX",
@@ -40,8 +50,10 @@ __all__ = [
     "load_manifest",
     "load_profile",
     "load_profile_file",
+    "manifest_digest_line",
     "profile_sha256",
     "read_manifest",
+    "recorded_manifest_digest",
     "target_for_device",
     "validate_manifest",
     "write_manifest",

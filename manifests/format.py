@@ -3,6 +3,13 @@
 FORMAT_VERSION = 1
 
 MANIFEST_NAME = "manifest.yaml"
+# The manifest's own sha256, written beside it after it, in the form `sha256sum` prints and checks
+# (`<hex>  manifest.yaml`), so that `verify` can tell an edited manifest. Additive: it needs no new
+# format_version, and a bundle without it is still a valid version-1 bundle, whose manifest
+# `verify` then reports as unchecked.
+MANIFEST_DIGEST_NAME = "manifest.sha256"
+# Far above any real manifest (an E4B one is a few hundred kB); refused before it is read.
+MANIFEST_LIMIT = 16 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 
 # Every bundle uses the Hugging Face naming of the text decoder, whatever the source used.

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from manifests.format import FORMAT_VERSION, MANIFEST_NAME, ManifestError
+from manifests.format import FORMAT_VERSION, MANIFEST_DIGEST_NAME, MANIFEST_LIMIT, MANIFEST_NAME, ManifestError
 from manifests.schema import SchemaError, validate
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -36,8 +38,8 @@ def validate_manifest(manifest: object, where: str = MANIFEST_NAME) -> dict:
         )
     try:
         validate(manifest, manifest_schema())
-    except SchemaError as e:
-        raise ManifestError(f"{where}: {e}") from None
+    except SchemaError as e:  # folded: a key or value may hold a newline, the message stays one line
+        raise ManifestError(f"{where}: {' '.join(str(e).split())}") from None
     return manifest
 
 
@@ -46,16 +48,46 @@ def dump_manifest(manifest: dict) -> str:
     return yaml.dump(manifest, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=100)
 
 
+def manifest_digest_line(data: bytes) -> str:
+    """The content of manifest.sha256 for a manifest of these bytes (as `sha256sum` writes it)."""
+    return f"{hashlib.sha256(data).hexdigest()}  {MANIFEST_NAME}\n"
+
+
 def write_manifest(manifest: dict, directory: str | os.PathLike) -> Path:
+    """Write manifest.yaml, then its own digest beside it (format.MANIFEST_DIGEST_NAME)."""
     path = Path(directory) / MANIFEST_NAME
-    path.write_text(dump_manifest(manifest))
+    data = dump_manifest(manifest).encode()
+    path.write_bytes(data)
+    (Path(directory) / MANIFEST_DIGEST_NAME).write_text(manifest_digest_line(data))
     return path
+
+
+_DIGEST_LINE = re.compile(rf"([0-9a-f]{{64}})  {re.escape(MANIFEST_NAME)}\n?")
+
+
+def recorded_manifest_digest(bundle: str | os.PathLike) -> str | None:
+    """The sha256 recorded in the bundle's manifest.sha256, or None when the bundle has none."""
+    path = Path(bundle) / MANIFEST_DIGEST_NAME
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(256)  # the line is 81 bytes: never read a large file whole
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ManifestError(f"{path}: unreadable ({e.strerror or e})") from None
+    m = _DIGEST_LINE.fullmatch(raw.decode("ascii", errors="replace"))
+    if not m:
+        raise ManifestError(f"{path}: not a '<sha256>  {MANIFEST_NAME}' line")
+    return m.group(1)
 
 
 def load_manifest(path: str | os.PathLike) -> dict:
     """Parse and validate one manifest file; every failure is a one-line ManifestError."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MANIFEST_LIMIT:
+            raise ManifestError(f"{path}: {size} bytes, more than the {MANIFEST_LIMIT}-byte limit of a manifest")
         text = path.read_text()
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest") from None
@@ -63,10 +95,13 @@ def load_manifest(path: str | os.PathLike) -> dict:
         raise ManifestError(f"{path}: unreadable ({e})") from None
     try:
         data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, RecursionError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ManifestError(f"{path}: not valid YAML ({first})") from None
-    return validate_manifest(data, str(path))
+    try:
+        return validate_manifest(data, str(path))
+    except RecursionError:
+        raise ManifestError(f"{path}: nested too deeply to be a manifest") from None
 
 
 def read_manifest(bundle: str | os.PathLike) -> dict:

@@ -8,7 +8,6 @@ that very array into the module the manifest named. tests/test_loader.py holds t
 from __future__ import annotations
 
 import importlib
-import json
 import warnings
 from pathlib import Path
 
@@ -16,7 +15,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from manifests import INDEX_NAME, MANIFEST_NAME, ManifestError, read_manifest, target_for_device
+from manifests.safetensors_header import HeaderError, read_header_file
 from runtime.model import Model
+from runtime.verify import outside_bundle, read_index
 
 
 class BundleError(ManifestError):
@@ -71,20 +72,37 @@ def shard_files(path: Path, manifest: dict) -> list[str]:
     index = path / INDEX_NAME
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise BundleError(f"{index}: unreadable index ({e})") from None
-        names = sorted(set(weight_map.values()))
+            names = sorted(set(read_index(path).values()))
+        except OSError as e:
+            raise BundleError(f"{index}: unreadable index ({e.strerror or e})") from None
+        except ValueError as e:
+            raise BundleError(str(e)) from None
     else:
         names = [n for n in manifest["files"] if n.endswith(".safetensors")]
     for name in names:
+        escape = outside_bundle(path, name, INDEX_NAME if index.exists() else MANIFEST_NAME)
+        if escape:
+            raise BundleError(escape)
         if name not in manifest["files"]:
             raise BundleError(f"{path / name}: shard not listed in {MANIFEST_NAME}")
         if not (path / name).is_file():
             raise BundleError(f"{path / name}: shard missing")
+        check_shard(path, name)
     if not names:
         raise BundleError(f"{path}: no safetensors shard in the bundle")
     return names
+
+
+def check_shard(path: Path, name: str) -> None:
+    """The shard's header only (no weight is read). mx.load maps a shard lazily and accepts a
+    header whose tensors overlap, leave holes or are followed by stray bytes; refuse those here,
+    by file and tensor, with the converter's own rules (manifests.safetensors_header)."""
+    try:
+        read_header_file(path / name)
+    except HeaderError as e:
+        raise BundleError(f"{path / name}: malformed safetensors header ({e})") from None
+    except OSError as e:
+        raise BundleError(f"{path / name}: unreadable ({e.strerror or e})") from None
 
 
 def read_shards(path: Path, names: list[str]) -> tuple[dict[str, mx.array], dict[str, str]]:

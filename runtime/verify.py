@@ -4,28 +4,23 @@ Re-hashes every file the manifest lists (size and sha256), flags files it does n
 checks every projection and embedding against the safetensors headers: the key is where the
 index says, the stored dtype and shape are the recorded ones, and the shape fits the layout
 (`standard` keeps the source shape, `pretransposed` stores it reversed). Only headers are read
-for that; the weights themselves are only hashed.
+for that; the weights themselves are only hashed. The manifest itself is checked against the
+digest recorded beside it (manifest.sha256), and no file the manifest or the index names may lead
+outside the bundle (absolute, `..`, or a symlink to elsewhere).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
+import os
 import sys
 from pathlib import Path
 
-from manifests import INDEX_NAME, MANIFEST_NAME, ManifestError
-from manifests.format import PRETRANSPOSED, STANDARD
+from manifests import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, recorded_manifest_digest
+from manifests.format import MANIFEST_LIMIT, PRETRANSPOSED, STANDARD
+from manifests.safetensors_header import DTYPE_NAMES, HeaderError, read_header_file  # noqa: F401  (HeaderError: what read_header raises)
 
-# Safetensors dtype codes -> the names the manifest uses (MLX's names).
-DTYPE_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2",
-    "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
-    "I32": "int32", "U32": "uint32", "F32": "float32",
-    "I64": "int64", "U64": "uint64", "F64": "float64",
-}
-_MAX_HEADER = 100 << 20
 _CHUNK = 8 << 20
 
 
@@ -38,31 +33,73 @@ def sha256_of(path: Path) -> str:
 
 
 def read_header(path: Path) -> dict[str, dict]:
-    """key -> {dtype, shape, data_offsets} of one safetensors file; ValueError if malformed."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        first = f.read(8)
-        if len(first) < 8:
-            raise ValueError("shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", first)
-        if n > min(size - 8, _MAX_HEADER):
-            raise ValueError(f"header length {n} does not fit in the file")
-        header = json.loads(f.read(n))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a mapping")
-    header.pop("__metadata__", None)
-    for key, info in header.items():
-        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
-            raise ValueError(f"tensor {key}: malformed header entry")
-        if 8 + n + info["data_offsets"][1] > size:
-            raise ValueError(f"tensor {key}: data runs past the end of the file (truncated?)")
-    return header
+    """key -> {dtype, shape, data_offsets} of one safetensors file, checked as strictly as the
+    converter checks a source (manifests.safetensors_header): HeaderError (a ValueError) naming
+    the tensor if malformed, OSError if unreadable."""
+    entries, _, _ = read_header_file(path)
+    return {e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.begin + e.nbytes]}
+            for e in entries}
+
+
+def containment(bundle: Path) -> str:
+    """The directory every file of `bundle` must resolve inside: the bundle itself, or, for a
+    bundle in the hub cache (`models--org--name/snapshots/<commit>/...`, whose files are symlinks
+    into the repo's `blobs/`), that repo's cache folder."""
+    for parent in [bundle, *bundle.parents]:
+        if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
+            return os.path.realpath(parent.parent)
+    return os.path.realpath(bundle)
+
+
+def outside_bundle(bundle: Path, name: object, where: str) -> str | None:
+    """A one-line problem if the file `name` (as `where` lists it) leads outside the bundle: an
+    absolute path, a `..`, or a symlink to elsewhere; None if it stays inside."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        return f"{bundle}: {where} lists file {name!r}, which is outside the bundle"
+    path = bundle / name
+    if os.path.lexists(path):
+        real, root = os.path.realpath(path), containment(bundle)
+        if not real.startswith(root.rstrip(os.sep) + os.sep):
+            return f"{path}: a symlink to {real}, outside the bundle ({where} lists it)"
+    return None
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The weight map of the bundle's index file; ValueError (one line) if it is not one."""
+    try:
+        with open(path / INDEX_NAME, "rb") as f:
+            raw = f.read(MANIFEST_LIMIT + 1)
+        if len(raw) > MANIFEST_LIMIT:
+            raise ValueError(f"more than {MANIFEST_LIMIT} bytes")
+        weight_map = json.loads(raw)["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ValueError(f"{path / INDEX_NAME}: unreadable index ({(str(e).splitlines() or [type(e).__name__])[0][:80]})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path / INDEX_NAME}: weight_map does not map tensor names to file names")
+    return weight_map
+
+
+def check_manifest_digest(path: Path) -> tuple[list[str], bool]:
+    """(problems, whether a digest was recorded) for the manifest file itself."""
+    try:
+        want = recorded_manifest_digest(path)
+    except ManifestError as e:
+        return [str(e)], True
+    if want is None:
+        return [], False
+    if sha256_of(path / MANIFEST_NAME) != want:
+        return [f"{path / MANIFEST_NAME}: sha256 differs from {MANIFEST_DIGEST_NAME} (edited after conversion)"], True
+    return [], True
 
 
 def check_files(path: Path, manifest: dict) -> list[str]:
     problems = []
     listed = manifest["files"]
     for name, want in listed.items():
+        escape = outside_bundle(path, name, MANIFEST_NAME)
+        if escape:
+            problems.append(escape)
+            continue
         f = path / name
         if not f.is_file():
             problems.append(f"{f}: missing (listed in {MANIFEST_NAME})")
@@ -74,46 +111,60 @@ def check_files(path: Path, manifest: dict) -> list[str]:
             problems.append(f"{f}: sha256 differs from {MANIFEST_NAME}")
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         name = f.relative_to(path).as_posix()
-        if name != MANIFEST_NAME and name not in listed:
+        if name not in (MANIFEST_NAME, MANIFEST_DIGEST_NAME) and name not in listed:
             problems.append(f"{f}: not listed in {MANIFEST_NAME}")
     return problems
 
 
-def stored_tensors(path: Path, manifest: dict) -> tuple[dict[str, tuple[str, dict]], dict | None, list[str]]:
-    """key -> (shard name, header entry) over every shard; the index's weight map; problems."""
+def stored_tensors(path: Path, manifest: dict) -> tuple[dict[str, tuple[str, dict]], dict | None, list[str], set]:
+    """key -> (shard name, header entry) over every shard; the index's weight map; problems; the
+    shards whose header could not be read (their tensors are not reported again one by one)."""
     problems: list[str] = []
     index = None
     if (path / INDEX_NAME).is_file():
         try:
-            index = json.loads((path / INDEX_NAME).read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            problems.append(f"{path / INDEX_NAME}: unreadable index ({e})")
+            index = read_index(path)
+        except ValueError as e:
+            problems.append(str(e))
     shards = sorted(set(index.values())) if index else [n for n in manifest["files"] if n.endswith(".safetensors")]
     tensors: dict[str, tuple[str, dict]] = {}
+    unreadable = set()
     for name in shards:
+        escape = outside_bundle(path, name, INDEX_NAME if index else MANIFEST_NAME)
+        if escape:
+            if index:  # the manifest's own list was reported by check_files
+                problems.append(escape)
+            unreadable.add(name)
+            continue
         f = path / name
         if not f.is_file():
-            if name in manifest["files"]:
-                continue  # already reported as a missing file
-            problems.append(f"{f}: named in {INDEX_NAME} but missing")
+            if name not in manifest["files"]:
+                problems.append(f"{f}: named in {INDEX_NAME} but missing")
+            unreadable.add(name)  # a missing listed file was reported by check_files
             continue
         try:
             header = read_header(f)
         except (OSError, ValueError) as e:
             problems.append(f"{f}: malformed safetensors header ({e})")
+            unreadable.add(name)
             continue
         for key, info in header.items():
-            if index is not None and index.get(key) != name:
+            if key in tensors:
+                problems.append(f"{f}: tensor {key} is also in {tensors[key][0]}")
+            elif index is not None and index.get(key) != name:
                 problems.append(f"{f}: tensor {key} is not where {INDEX_NAME} says ({index.get(key)})")
-            tensors[key] = (name, info)
+            tensors.setdefault(key, (name, info))
     if index is not None:
         for key, name in index.items():
-            if key not in tensors and (path / name).is_file():
+            if key not in tensors and name not in unreadable:
                 problems.append(f"{path / name}: tensor {key} named in {INDEX_NAME} is not in the shard")
-    return tensors, index, problems
+    return tensors, index, problems, unreadable
 
 
-def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]]) -> list[str]:
+def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]], index: dict | None = None,
+                  unreadable: set = frozenset()) -> list[str]:
+    """Each manifest record against the stored header; a record whose shard could not be read
+    (already reported) is skipped rather than reported again."""
     problems = []
     entries = [("projections", m, r) for m, r in manifest["projections"].items()]
     entries += [("embeddings", m, r) for m, r in manifest["embeddings"].items()]
@@ -121,6 +172,8 @@ def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]]) -> list[
         where = f"{MANIFEST_NAME}: {section}.{module}"
         key = record["key"]
         if key not in tensors:
+            if unreadable and (index.get(key) in unreadable if index else True):
+                continue
             problems.append(f"{where}: tensor {key} is in no shard")
             continue
         shard, info = tensors[key]
@@ -152,9 +205,9 @@ def verify_bundle(path, manifest: dict | None = None) -> list[str]:
         from runtime.loader import read_bundle_manifest
 
         manifest = read_bundle_manifest(path)
-    problems = check_files(path, manifest)
-    tensors, _, header_problems = stored_tensors(path, manifest)
-    return problems + header_problems + check_tensors(manifest, tensors)
+    problems = check_manifest_digest(path)[0] + check_files(path, manifest)
+    tensors, index, header_problems, unreadable = stored_tensors(path, manifest)
+    return problems + header_problems + check_tensors(manifest, tensors, index, unreadable)
 
 
 def verify_command(path) -> int:
@@ -172,5 +225,7 @@ def verify_command(path) -> int:
     if problems:
         return 1
     tensors = len(manifest["projections"]) + len(manifest["embeddings"])
-    print(f"ok: {path}: {len(manifest['files'])} files and {tensors} tensor records match {MANIFEST_NAME}")
+    signed = (f"{MANIFEST_NAME} matches {MANIFEST_DIGEST_NAME}" if check_manifest_digest(Path(path))[1]
+              else f"no {MANIFEST_DIGEST_NAME}: {MANIFEST_NAME} itself is unchecked")
+    print(f"ok: {path}: {len(manifest['files'])} files and {tensors} tensor records match {MANIFEST_NAME}; {signed}")
     return 0
