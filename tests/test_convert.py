@@ -134,7 +134,7 @@ def check_bundle(src: Path, out: Path, naming: str, target: str, *, text_config=
         assert list(bundle[e["key"]].shape) == e["shape"]
 
     # files: every bundle file but the manifest, with its real hash and size
-    on_disk = {p.name for p in out.iterdir()} - {"manifest.yaml"}
+    on_disk = {p.name for p in out.iterdir()} - {"manifest.yaml", "manifest.sha256"}  # the manifest and its own digest
     assert set(manifest["files"]) == on_disk
     for name, f in manifest["files"].items():
         assert f == {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size}, name

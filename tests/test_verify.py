@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from manifests import manifest_digest_line
 from runtime.verify import verify_bundle, verify_command
 from tests.checkpoints import make_checkpoint
 from tests.runtime_helpers import convert
@@ -35,9 +36,13 @@ def shards(bundle: Path) -> list[Path]:
 
 
 def edit_manifest(bundle: Path, edit) -> None:
+    """Edit the manifest and re-record its digest, so that only the edited records disagree
+    (an edit without the new digest is caught on its own: tests/test_hardening.py)."""
     manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
     edit(manifest)
-    (bundle / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    text = yaml.safe_dump(manifest, sort_keys=False)
+    (bundle / "manifest.yaml").write_text(text)
+    (bundle / "manifest.sha256").write_text(manifest_digest_line(text.encode()))
 
 
 @pytest.mark.parametrize("name", ["m5", "generic"])
