@@ -45,12 +45,14 @@ def _size(ctx, param, value):
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_size,
               help="Largest shard, e.g. 500MB, 2GB.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is a bundle (only once the new one is complete).")
+@click.option("--check-finite", is_flag=True,
+              help="Refuse a tensor holding NaN or infinite values, naming it (checked while streaming).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--read-block-size", default=None, callback=_size, hidden=True)
 @click.option("--band-size", default=None, callback=_size, hidden=True)
 def command(source, out, target, target_profile, dtype, quantize, group_size, quant_mode, revision, max_shard_size,
-            force, dry_run, quiet, read_block_size, band_size):
+            force, check_finite, dry_run, quiet, read_block_size, band_size):
     """Convert the Gemma3n checkpoint SOURCE (a directory or a hub repo id like org/name) into a
     bundle at OUT whose projections have the layout TARGET decodes fastest."""
     started = time.perf_counter()
@@ -66,16 +68,16 @@ def command(source, out, target, target_profile, dtype, quantize, group_size, qu
         return
     preflight(p, out, force=force)
     if quiet:
-        execute(p, out, force=force)
+        execute(p, out, force=force, check_finite=check_finite)
         return
     if not sys.stderr.isatty():  # a log file gets the summary line, not a frozen bar
-        done = execute(p, out, force=force)
+        done = execute(p, out, force=force, check_finite=check_finite)
         click.echo(run_report(p, done, time.perf_counter() - started))
         return
     with click.progressbar(length=p.tensor_bytes_out, label=f"converting to {p.profile.name}", file=sys.stderr,
                            show_eta=True, show_percent=True,
                            item_show_func=lambda _: None) as bar:
-        done = execute(p, out, force=force, on_write=bar.update)
+        done = execute(p, out, force=force, on_write=bar.update, check_finite=check_finite)
     click.echo(run_report(p, done, time.perf_counter() - started))
 
 

@@ -82,3 +82,26 @@ def _cast_chunk(s: np.ndarray, src_dtype: str, dst_dtype: str, o: np.ndarray) ->
         o[:] = s
     else:
         f32_to_bf16(s, o)
+
+
+def count_nonfinite(raw, dtype: str) -> tuple[int, int]:
+    """(NaN count, infinity count) of raw bytes holding `dtype` elements; (0, 0) for non-floats.
+
+    Runs over sub-chunks so its temporaries stay small (`--check-finite` must stay streaming).
+    """
+    if dtype not in ("BF16", "F16", "F32", "F64"):
+        return 0, 0
+    values = np.frombuffer(memoryview(raw).cast("B"), dtype=np.float64 if dtype == "F64" else STORAGE[dtype])
+    nan = inf = 0
+    for i in range(0, values.size, _CHUNK):
+        part = values[i:i + _CHUNK]
+        if dtype == "BF16":  # exponent all ones: infinity if the mantissa is zero, else NaN
+            special = part[(part & 0x7F80) == 0x7F80]
+            if special.size:
+                mantissa = special & 0x7F
+                inf += int(np.count_nonzero(mantissa == 0))
+                nan += int(np.count_nonzero(mantissa))
+        elif not np.isfinite(part).all():
+            nan += int(np.count_nonzero(np.isnan(part)))
+            inf += int(np.count_nonzero(np.isinf(part)))
+    return nan, inf

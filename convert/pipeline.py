@@ -5,10 +5,19 @@ when complete (with `force`, the old OUT is first renamed to `.OUT.old-<pid>` an
 A run killed at any point leaves OUT as it was plus a temporary directory named after its dead
 pid, which the next run for the same OUT removes (or, for an `.old-` directory whose OUT is
 missing because the kill fell between the two renames, puts back).
+
+Exclusion: a run holds `.OUT.lock` beside OUT (flock) from its checks to its final rename, so a
+second conversion to the same OUT is refused at once rather than racing the first to the rename.
+The kernel drops the lock of a killed run; the next run takes the file over and removes it.
+
+A full disk (ENOSPC, a quota, a file-size limit) is one line naming the file and the tensor being
+written, and leaves OUT as it was, like every other failure.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import platform
 import re
@@ -29,6 +38,7 @@ from convert.planning import (
     peak_rss,
 )
 from convert.quantize import quant_spec
+from convert.safetensors_io import ITEMSIZE, NonFiniteError
 from convert.source import Source, open_source
 from convert.write import write_bundle
 from manifests import (
@@ -98,13 +108,75 @@ def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = Non
                          read_block=read_block, band_bytes=band_bytes, quantize=spec)
 
 
+# A destination out of room: a full disk, a quota, or a file-size limit (RLIMIT_FSIZE).
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def os_message(e: OSError, where, tmp: Path | None = None, out: Path | None = None) -> str:
+    """One line for an OSError: the file (named inside OUT, not the temporary directory) and why."""
+    name = str(e.filename or where)
+    if tmp is not None and out is not None and name.startswith(str(tmp)):
+        name = str(out) + name[len(str(tmp)):]
+    reason = e.strerror or str(e)
+    if e.errno in _NO_ROOM:
+        reason = f"out of disk space or over the file-size limit ({reason})"
+    if out is not None:
+        reason += f"; {out} was left as it was"
+    return f"{name}: {reason}"
+
+
 @contextmanager
 def os_errors(where):
     """An OSError (permissions, a full disk, a file vanishing) becomes one line naming the file."""
     try:
         yield
     except OSError as e:
-        raise ConvertError(f"{e.filename or where}: {e.strerror or e}") from None
+        raise ConvertError(os_message(e, where)) from None
+
+
+@contextmanager
+def destination_lock(out: Path):
+    """Hold `.OUT.lock` beside OUT for the rest of a run; refuse at once if another run holds it."""
+    lock = out.parent / f".{out.name}.lock"
+    with os_errors(lock):
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 20, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f" (pid {holder})" if holder.isdigit() else ""
+                raise ConvertError(f"{out}: another conversion{who} is writing this OUT; wait for it to "
+                                   "finish or choose another OUT") from None
+            try:
+                same = os.path.samestat(os.stat(lock), os.fstat(fd))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed the file between our open and our lock
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)  # while still holding it, so no other run can hold this same file
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def nonfinite_message(p: Plan, e: NonFiniteError, out: Path) -> str:
+    """The source file and tensor of a bundle tensor that `check_finite` refused."""
+    item = next((i for i in p.items if i.key == e.tensor), None)
+    if item is None:
+        return f"{e.message}; {out} was left as it was"
+    narrowed = ITEMSIZE[item.dtype] < ITEMSIZE[item.source.dtype]  # a narrowing cast can overflow to infinity
+    cast = f" after narrowing {item.source.dtype} to {item.dtype}" if narrowed else ""
+    return (f"{p.source.display}/{item.file}: tensor {item.source.name!r}: {e.nan} NaN and {e.inf} infinite "
+            f"values{cast} (--check-finite); {out} was left as it was")
 
 
 def _within(inner: str, outer: str) -> bool:
@@ -230,6 +302,13 @@ def preflight(p: Plan, out: str | os.PathLike, *, force: bool = False) -> Path:
     with os_errors(out):
         out = Path(out).absolute()
         check_destination(p.source, out)
+        if out.parent.exists() and not out.parent.is_dir():
+            raise ConvertError(f"{out}: cannot be created, {out.parent} is not a directory")
+        existing = out.parent
+        while not existing.exists():
+            existing = existing.parent
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConvertError(f"{out}: cannot be created, {existing} is not writable")
         clean_stale(out)
         _check_replaceable(out, force)
         free = _free_space(out.parent)
@@ -239,17 +318,31 @@ def preflight(p: Plan, out: str | os.PathLike, *, force: bool = False) -> Path:
         return out
 
 
-def execute(p: Plan, out: str | os.PathLike, *, force: bool = False, on_write=None) -> Path:
-    """Write the planned bundle to OUT atomically; return OUT."""
+def execute(p: Plan, out: str | os.PathLike, *, force: bool = False, on_write=None,
+            check_finite: bool = False) -> Path:
+    """Write the planned bundle to OUT atomically; return OUT.
+
+    `check_finite`: refuse a tensor holding NaN or infinite values (counted as it is written).
+    """
     with os_errors(out):
         out = preflight(p, out, force=force)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with destination_lock(out):
+        return _execute_locked(p, out, force, on_write, check_finite)
+
+
+def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: bool) -> Path:
+    with os_errors(out):
+        preflight(p, out, force=force)  # again: another run may have finished OUT before we locked
         parent = out.parent
-        parent.mkdir(parents=True, exist_ok=True)
         tmp = parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     try:
-        files, source_files = write_bundle(p, tmp, on_write=on_write)
+        try:
+            files, source_files = write_bundle(p, tmp, on_write=on_write, check_finite=check_finite)
+        except NonFiniteError as e:
+            raise ConvertError(nonfinite_message(p, e, out)) from None
         try:
             write_manifest(build_manifest(p, files, source_files), tmp)
         except ManifestError as e:  # a bug of ours, not bad input; still one line
@@ -271,7 +364,7 @@ def execute(p: Plan, out: str | os.PathLike, *, force: bool = False, on_write=No
         _fsync_dir(parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ConvertError(f"{e.filename or out}: {e.strerror or e}") from None
+        raise ConvertError(os_message(e, out, tmp, out)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -283,7 +376,8 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
                        revision: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                        force: bool = False, device_info: dict | None = None, on_write=None,
                        read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES, quantize: int | None = None,
-                       group_size: int | None = None, quant_mode: str | None = None) -> Path:
+                       group_size: int | None = None, quant_mode: str | None = None,
+                       check_finite: bool = False) -> Path:
     """Convert SOURCE (directory or hub repo id) into a prepared bundle at OUT; return OUT.
 
     Every refusal is a `ConvertError` (a `click.ClickException`, exit code 2) with one line naming
@@ -292,7 +386,7 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
     p = plan(source, out, target=target, target_profile=target_profile, dtype=dtype, revision=revision,
              max_shard_size=max_shard_size, device_info=device_info, read_block=read_block,
              band_bytes=band_bytes, quantize=quantize, group_size=group_size, quant_mode=quant_mode)
-    return execute(p, out, force=force, on_write=on_write)
+    return execute(p, out, force=force, on_write=on_write, check_finite=check_finite)
 
 
 def run_report(p: Plan, out: Path, seconds: float) -> str:

@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from convert.dtypes import count_nonfinite
 from convert.errors import ConvertError
 from manifests.safetensors_header import HEADER_LIMIT  # noqa: F401  (re-exported: the limit readers share)
 from manifests.safetensors_header import DTYPE_NAMES, ITEMSIZE, HeaderError, header_length
@@ -30,6 +31,14 @@ DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
 
 class SafetensorsError(ConvertError):
     """A malformed or truncated safetensors file; the message names the file and the tensor."""
+
+
+class NonFiniteError(SafetensorsError):
+    """`check_finite`: a tensor being written holds NaN or infinite values (counts attached)."""
+
+    def __init__(self, path: Path, tensor: str, nan: int, inf: int):
+        super().__init__(f"{path}: tensor {tensor!r}: {nan} NaN and {inf} infinite values")
+        self.tensor, self.nan, self.inf = tensor, nan, inf
 
 
 @dataclass(frozen=True)
@@ -219,9 +228,14 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None, on_write=None, header: bytes | None = None):
+                 metadata: dict[str, str] | None = None, on_write=None, header: bytes | None = None,
+                 check_finite: bool = False):
         self.path = Path(path)
         self._entries = [(n, math.prod(s) * ITEMSIZE[d]) for n, d, s in entries]
+        self._dtypes = [d for _, d, _ in entries]
+        # Counted block by block as the bytes go out: checking costs no extra read or memory.
+        self._check_finite = check_finite
+        self._nonfinite = [0, 0]
         self._next = 0
         self._left = 0
         self._sha = hashlib.sha256()
@@ -230,17 +244,27 @@ class SafetensorsWriter:
         self._file = open(self.path, "xb")
         self._emit(header if header is not None else build_header(entries, metadata), count=False)
 
+    def _failed(self, e: OSError, doing: str) -> OSError:
+        """The OS error of a write, naming this file and the tensor being written (a full disk)."""
+        what = f"tensor {self._entries[self._next - 1][0]!r}" if self._next else "the header"
+        return OSError(e.errno, f"{e.strerror or e} while {doing} {what}", str(self.path))
+
     def _emit(self, data, count: bool = True) -> None:
         view = memoryview(data).cast("B")
-        if view.nbytes >= OVERLAP_MIN:
-            # hashlib and file writes both release the GIL: hash on a second core while this one
-            # writes, and wait before returning because the caller reuses the buffer.
-            hashed = _hash_pool().submit(self._sha.update, view)
-            self._file.write(view)
-            hashed.result()
-        else:
-            self._sha.update(view)
-            self._file.write(view)
+        try:
+            if view.nbytes >= OVERLAP_MIN:
+                # hashlib and file writes both release the GIL: hash on a second core while this one
+                # writes, and wait before returning because the caller reuses the buffer.
+                hashed = _hash_pool().submit(self._sha.update, view)
+                try:
+                    self._file.write(view)
+                finally:
+                    hashed.result()
+            else:
+                self._sha.update(view)
+                self._file.write(view)
+        except OSError as e:
+            raise self._failed(e, "writing") from None
         self._bytes += view.nbytes
         if count and self._on_write:
             self._on_write(view.nbytes)
@@ -254,24 +278,37 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path.name}: {name} written out of order (expected {expected})")
         self._left = self._entries[self._next][1]
         self._next += 1
+        self._nonfinite = [0, 0]
 
     def write(self, data) -> None:
         n = memoryview(data).nbytes
         if n > self._left:
             raise RuntimeError(f"{self.path.name}: {n} bytes written where {self._left} remain in "
                                f"{self._entries[self._next - 1][0]}")
+        if self._check_finite:
+            nan, inf = count_nonfinite(data, self._dtypes[self._next - 1])
+            self._nonfinite[0] += nan
+            self._nonfinite[1] += inf
         self._left -= n
         self._emit(data)
+        if self._check_finite and not self._left and any(self._nonfinite):
+            raise NonFiniteError(self.path, self._entries[self._next - 1][0], *self._nonfinite)
 
     def close(self) -> tuple[str, int]:
         """Finish the file (flushed and fsynced); return its sha256 and size."""
         if self._left or self._next != len(self._entries):
             self._file.close()
             raise RuntimeError(f"{self.path.name}: closed before every tensor was written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as e:
+            raise self._failed(e, "finishing") from None
         return self._sha.hexdigest(), self._bytes
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the unwritten buffer of a full disk fails again; the file is discarded
+            pass

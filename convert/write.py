@@ -117,7 +117,7 @@ def _write_small(path: Path, data: bytes) -> tuple[str, int]:
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
-def write_bundle(plan: Plan, directory: Path, on_write=None) -> tuple[dict, dict]:
+def write_bundle(plan: Plan, directory: Path, on_write=None, check_finite: bool = False) -> tuple[dict, dict]:
     """Write every shard, the index and the copied files into `directory` (which must exist).
 
     Returns (bundle files {name: {sha256, bytes}}, source files {name: sha256}).
@@ -132,7 +132,7 @@ def write_bundle(plan: Plan, directory: Path, on_write=None) -> tuple[dict, dict
     try:
         for shard in plan.shards:
             writer = SafetensorsWriter(directory / shard.name, [(i.key, i.dtype, i.shape) for i in shard.items],
-                                       header=shard.header, on_write=on_write)
+                                       header=shard.header, on_write=on_write, check_finite=check_finite)
             try:
                 for item in shard.items:
                     writer.begin(item.key)
