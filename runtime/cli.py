@@ -50,6 +50,22 @@ def _load(bundle: str, strict_target: bool = False, verify: bool = False):
     return model, tokenizer
 
 
+def _verified(bundle: str) -> None:
+    """The `--verify` of a command whose load is timed: the bundle is checked before the clock."""
+    from runtime.hub import is_hub_id
+    from runtime.verify import verify_bundle
+
+    if is_hub_id(bundle):
+        return  # a bundle from the hub is always verified as it is loaded
+    try:
+        problems = verify_bundle(bundle)
+    except ManifestError as e:
+        raise UserError(str(e)) from None
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
+
+
 def _need_tokenizer(tokenizer, bundle: str, what: str):
     if tokenizer is None:
         raise UserError(f"{bundle}: no tokenizer.json in the bundle; {what} needs one to encode text")
@@ -134,12 +150,13 @@ def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p
 
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @sampling_options
-def chat(bundle, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, prefill_step_size,
+def chat(bundle, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, prefill_step_size,
          strict_target):
     """Chat on stdin, one message per line; the cache is kept across turns. End with EOF (Ctrl-D)."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
-    model, tokenizer = _load(bundle, strict_target=strict_target)
+    model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "chat")
     session = ChatSession(model, tokenizer, max_tokens=max_tokens, sampling=params,
                           prefill_step_size=prefill_step_size)
@@ -171,12 +188,16 @@ def _median(values):
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="steady-state runs after the first")
 @click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP, show_default=True)
 @click.option("--strict-target", is_flag=True)
-def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, strict_target):
+@click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading "
+              "(not counted in the load time)")
+def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, strict_target, verify):
     """Load-to-ready time, prompt and decode tok/s and peak memory, first call vs steady state.
 
     The prompt is random token ids (fixed seed) and no token stops generation, so every run
     does the same work; the first call includes MLX's one-time kernel setup.
     """
+    if verify:
+        _verified(bundle)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     model, _ = _load(bundle, strict_target=strict_target)
