@@ -19,6 +19,8 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
+from runtime.fast import CompiledDecoder
+from runtime.model import Model
 from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import END_OF_TURN, Tokenizer, chat_turn
 
@@ -106,9 +108,12 @@ def prefill(model, tokens: mx.array, cache, step_size: int = DEFAULT_PREFILL_STE
 
 def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sampler: Sampler | None = None,
                   max_tokens: int = DEFAULT_MAX_TOKENS, prefill_step_size: int = DEFAULT_PREFILL_STEP,
-                  capture: DecodeCapture | None = None) -> Iterator[tuple[int, bool]]:
+                  capture: DecodeCapture | None = None, compiled: bool | None = None) -> Iterator[tuple[int, bool]]:
     """Yield (token id, fed to the cache) for up to `max_tokens` new tokens. No stop logic here:
-    the caller stops iterating. The last token of a `max_tokens` run is not fed to the cache."""
+    the caller stops iterating. The last token of a `max_tokens` run is not fed to the cache.
+
+    `compiled` (default: on for this runtime's model) decodes through one compiled step over
+    fixed-shape caches (runtime/fast.py); the eager caches are brought up to date at the end."""
     if max_tokens < 1:
         return
     cache = model.make_cache() if cache is None else cache
@@ -116,14 +121,31 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
     prompt = mx.array(prompt, dtype=mx.int32) if not isinstance(prompt, mx.array) else prompt.astype(mx.int32)
     use_history = sampler.params.repetition_penalty != 1.0
     history = prompt.reshape(1, -1) if use_history else None
+    if compiled is None:
+        compiled = isinstance(model, Model)
+    decoder = None
 
     def decode(token: mx.array):
-        nonlocal history
+        nonlocal history, decoder
         if use_history:
             history = mx.concatenate([history, token.reshape(1, 1).astype(mx.int32)], axis=1)
-        logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
+        if compiled:
+            if decoder is None:
+                decoder = CompiledDecoder(model, cache, capacity=cache[0].offset + max_tokens + 1)
+            logits = decoder(token)
+        else:
+            logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
         return sampler(logits, history)
 
+    try:
+        yield from _decode_loop(model, prompt, cache, sampler, history, decode, max_tokens, prefill_step_size, capture)
+    finally:
+        if decoder is not None:
+            decoder.to_eager()
+
+
+def _decode_loop(model, prompt, cache, sampler, history, decode, max_tokens, prefill_step_size, capture):
+    """Prefill, then decode with the next step's graph built while the current token computes."""
     y = sampler(prefill(model, prompt, cache, prefill_step_size), history)
     mx.async_eval(y)
     for n in range(max_tokens):

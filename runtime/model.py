@@ -212,7 +212,10 @@ class Attention(nn.Module):
             k_start = 0
             if cache is not None:
                 keys, values, k_start = cache.update_and_fetch(keys, values)
-            mask = None if k_start is None else attention_mask(offset, n, k_start, keys.shape[2], self.window)
+            if hasattr(cache, "attention_mask"):  # fixed-shape cache of compiled decode (runtime/fast.py)
+                mask = cache.attention_mask()
+            else:
+                mask = None if k_start is None else attention_mask(offset, n, k_start, keys.shape[2], self.window)
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
         out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
         return out, (keys, values, mask)

@@ -239,3 +239,24 @@ def test_a_bfloat16_bundle_stays_bfloat16(tmp_path, ids):
     assert model(mx.array(ids), cache=cache).dtype == mx.bfloat16
     assert {a.dtype for c in cache for a in c.state} == {mx.bfloat16}
     assert model(mx.array(ids[:, :1]), cache=cache).dtype == mx.bfloat16
+
+
+@pytest.mark.parametrize("capacity", [4, 64], ids=["buffers-grow", "room-to-spare"])
+def test_every_step_of_compiled_decoding(case, capacity):
+    """The compiled decode step (fixed-shape caches, runtime/fast.py) against the reference at
+    every position past the window; then the eager caches it hands back carry on correctly."""
+    from runtime.fast import CompiledDecoder
+
+    model, ids, ref = case
+    cache = model.make_cache()
+    model(mx.array(ids[:, :PREFILL]), cache=cache)
+    decoder = CompiledDecoder(model, cache, capacity=capacity)
+    handover = LENGTH - 3
+    for t in range(PREFILL, handover):
+        step = decoder(mx.array(ids[:, t]))
+        assert relative_error(step[:, None, :], ref[:, t : t + 1]) < BOUND, f"compiled step at position {t}"
+    cache = decoder.to_eager()
+    assert cache[0].offset == handover
+    for t in range(handover, LENGTH):
+        step = model(mx.array(ids[:, t : t + 1]), cache=cache)
+        assert relative_error(step, ref[:, t : t + 1]) < BOUND, f"eager step after hand-over at position {t}"
