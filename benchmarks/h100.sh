@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One measurement on the lent H100 (MLX's CUDA build; see shared/device/README.md). Run there as
+#   bash .mlxcuda/a/stage.sh                                   # first call
+#   source .mlxcuda/b/activate.sh && bash benchmarks/h100.sh e2b decode   # second call, right after
+# Steps: decode (runtime eager and compiled vs mlx-lm, same weights), calibrate (GEMV layouts).
+# The random full-size checkpoint and its bundle are made there, in /tmp (nothing that big travels).
+set -euo pipefail
+size=${1:-e2b}
+shift || true
+steps=${*:-decode}
+data=/tmp/bench-data
+out=${OUT:-/tmp}
+mkdir -p "$data"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if [ ! -d "$data/$size" ]; then
+  rm -rf "$data"/*  # one model at a time: the disk holds about 64 GB
+  python3 benchmarks/make_checkpoint.py --size "$size" --quiet "$data/$size"
+fi
+[ -d "$data/$size-cuda" ] || python3 -m convert --target cuda --quiet "$data/$size" "$data/$size-cuda"
+for step in $steps; do
+  case $step in
+    decode)
+      python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-cuda" --compiled \
+        --rounds "${ROUNDS:-3}" --prompt 64 --tokens "${TOKENS:-64}" --json "$out/decode-$size.json" ;;
+    calibrate)
+      python3 -m runtime calibrate --config "$data/$size/config.json" --dtype bfloat16 --dtype float32 \
+        --out "$out/cuda-$size.yaml" ;;
+  esac
+done
