@@ -148,12 +148,17 @@ def stored_tensors(path: Path, manifest: dict) -> tuple[dict[str, tuple[str, dic
             problems.append(f"{f}: malformed safetensors header ({e})")
             unreadable.add(name)
             continue
+        misplaced = []
         for key, info in header.items():
             if key in tensors:
                 problems.append(f"{f}: tensor {key} is also in {tensors[key][0]}")
             elif index is not None and index.get(key) != name:
-                problems.append(f"{f}: tensor {key} is not where {INDEX_NAME} says ({index.get(key)})")
+                misplaced.append(key)
             tensors.setdefault(key, (name, info))
+        if misplaced:  # one line per shard: a swapped or renamed shard misplaces all of its tensors
+            more = f" (and {len(misplaced) - 1} more of its tensors)" if len(misplaced) > 1 else ""
+            problems.append(f"{f}: tensor {misplaced[0]} is not where {INDEX_NAME} says "
+                            f"({index.get(misplaced[0])}){more}")
     if index is not None:
         for key, name in index.items():
             if key not in tensors and name not in unreadable:
