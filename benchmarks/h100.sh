@@ -22,6 +22,15 @@ for step in $steps; do
     decode)
       python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-cuda" --compiled \
         --rounds "${ROUNDS:-3}" --prompt 64 --tokens "${TOKENS:-64}" --json "$out/decode-$size.json" ;;
+    sweep)
+      # MLX's CUDA backend records up to MLX_MAX_OPS_PER_BUFFER ops per CUDA graph and keeps
+      # MLX_CUDA_GRAPH_CACHE_SIZE graphs: a decode step of ~1000 ops may not fit the defaults.
+      for ops in 20 100 250; do for cache in 100 2000; do
+        echo "== MLX_MAX_OPS_PER_BUFFER=$ops MLX_CUDA_GRAPH_CACHE_SIZE=$cache"
+        MLX_MAX_OPS_PER_BUFFER=$ops MLX_CUDA_GRAPH_CACHE_SIZE=$cache python3 benchmarks/bench_runtime.py decode \
+          "$data/$size-cuda" --source "$data/$size-cuda" --compiled --rounds 1 --reps 2 --prompt 64 \
+          --tokens "${TOKENS:-64}" --json "$out/sweep-$size-$ops-$cache.json" | tail -4
+      done; done ;;
     calibrate)
       python3 -m runtime calibrate --config "$data/$size/config.json" --dtype bfloat16 --dtype float32 \
         --out "$out/cuda-$size.yaml" ;;
