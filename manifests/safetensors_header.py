@@ -81,6 +81,14 @@ def _no_duplicates(pairs: list) -> dict:
     return seen
 
 
+def _unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _byte_count(shape: list[int], itemsize: int, cap: int) -> int | None:
     """dtype size x shape, or None once it exceeds `cap` (never multiplies out a huge claim)."""
     if 0 in shape:
@@ -108,6 +116,10 @@ def parse_header(text: bytes, size: int) -> tuple[list[Entry], dict[str, str]]:
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise HeaderError("__metadata__ must map strings to strings")
+    for text_ in [*doc, *metadata, *metadata.values()]:
+        # JSON lets "\ud800" stand alone; Python decodes it, the safetensors library (and UTF-8) do not
+        if not _unicode(text_):
+            raise HeaderError(f"{shown(text_)} is not valid Unicode (a lone surrogate escape)")
 
     entries = []
     for name, entry in doc.items():
