@@ -14,7 +14,8 @@ format of `manifests/targets/*.yaml`, plus the measurements it rests on. `conver
 
 How a time is taken: several copies of the weight (at least `cache_bytes` together, so that no
 GEMV is served from a cache the previous one warmed), many GEMVs in one evaluated graph (so the
-per-call overhead is not what is measured), a warm-up pass, then the median of `repeats` samples.
+per-call overhead is not what is measured), a warm-up pass, then the median of `repeats` samples,
+the two layouts alternating sample by sample (noise from elsewhere hits both).
 A role switches to pretransposed only when that is faster by more than `margin` over all of the
 role's shapes together; a tie keeps the layout that needs no conversion.
 """
@@ -65,7 +66,7 @@ DEFAULT_CONFIGS = {
 }
 
 Shape = tuple[int, int]
-Measure = Callable[[Shape, str, str], list[float]]
+Measure = Callable[[Shape, str], dict[str, list[float]]]
 
 
 class CalibrationError(ValueError):
@@ -159,36 +160,53 @@ def read_text_config(path: str | Path) -> tuple[dict, str, list[str]]:
     return text, str(path), []
 
 
-def measure_gemv(shape: Shape, dtype: str, layout: str, settings: Settings = Settings()) -> list[float]:
-    """Seconds per batch-1 GEMV with a weight of `[out, in]` shape `shape`, one value per sample."""
+def _weights(shape: Shape, dtype: str, layout: str, settings: Settings) -> list:
+    """Distinct copies of one weight, at least `cache_bytes` together (one copy when a single
+    weight is already that large)."""
     out_f, in_f = shape
     dt = getattr(mx, dtype)
     nbytes = out_f * in_f * dt.size
-    copies = min(settings.max_copies, max(2, math.ceil(settings.cache_bytes / nbytes)))
-    count = min(4 * settings.max_copies, max(copies, math.ceil(settings.graph_bytes / nbytes)))
+    copies = min(settings.max_copies, max(1, math.ceil(settings.cache_bytes / nbytes)))
     stored = (in_f, out_f) if layout == PRETRANSPOSED else (out_f, in_f)
     weights = []
     for _ in range(copies):
         w = (mx.random.normal(stored) * in_f ** -0.5).astype(dt)
         mx.eval(w)  # one at a time: never a float32 temporary of all copies at once
         weights.append(w)
+    return weights
+
+
+def measure_gemv(shape: Shape, dtype: str, settings: Settings = Settings()) -> dict[str, list[float]]:
+    """Seconds per batch-1 GEMV with a weight of `[out, in]` shape `shape`, per layout, one value
+    per sample. The layouts alternate sample by sample, so a burst of noise from elsewhere on the
+    machine lands on both rather than deciding between them."""
+    out_f, in_f = shape
+    dt = getattr(mx, dtype)
+    nbytes = out_f * in_f * dt.size
+    weights = {layout: _weights(shape, dtype, layout, settings) for layout in (STANDARD, PRETRANSPOSED)}
+    copies = len(weights[STANDARD])
+    count = min(4 * settings.max_copies, max(copies, math.ceil(settings.graph_bytes / nbytes)))
     xs = [mx.random.normal((1, in_f)).astype(dt) for _ in range(4)]
     mx.eval(xs)
 
-    def graph():
+    def graph(layout):
+        ws = weights[layout]
         if layout == PRETRANSPOSED:
-            return [xs[i % 4] @ weights[i % copies] for i in range(count)]
-        return [xs[i % 4] @ weights[i % copies].T for i in range(count)]
+            return [xs[i % 4] @ ws[i % copies] for i in range(count)]
+        return [xs[i % 4] @ ws[i % copies].T for i in range(count)]
 
-    samples = []
+    samples: dict[str, list[float]] = {STANDARD: [], PRETRANSPOSED: []}
     for r in range(settings.warmup + settings.repeats):
-        ys = graph()
-        t0 = time.perf_counter()
-        mx.eval(ys)
-        elapsed = time.perf_counter() - t0
-        if r >= settings.warmup:
-            samples.append(elapsed / count)
-    del weights, xs, ys
+        order = (STANDARD, PRETRANSPOSED) if r % 2 == 0 else (PRETRANSPOSED, STANDARD)
+        for layout in order:
+            ys = graph(layout)
+            t0 = time.perf_counter()
+            mx.eval(ys)
+            elapsed = time.perf_counter() - t0
+            if r >= settings.warmup:
+                samples[layout].append(elapsed / count)
+            del ys
+    del weights, xs
     mx.clear_cache()
     return samples
 
@@ -215,8 +233,8 @@ def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DT
               progress: Callable[[str], None] | None = None) -> dict:
     """Measure every (role, shape, dtype, layout) and return a target profile as a dict.
 
-    `measure(shape, dtype, layout) -> [seconds per GEMV, ...]` defaults to `measure_gemv` on the
-    current MLX device; tests inject their own timer.
+    `measure(shape, dtype) -> {layout: [seconds per GEMV, ...]}` defaults to `measure_gemv` on
+    the current MLX device; tests inject their own timer.
     """
     dtypes = list(dict.fromkeys(dtypes))
     for dtype in dtypes:
@@ -226,8 +244,8 @@ def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DT
     if unknown:
         raise CalibrationError(f"cannot calibrate roles {', '.join(unknown)}")
     if measure is None:
-        def measure(shape, dtype, layout):
-            return measure_gemv(shape, dtype, layout, settings)
+        def measure(shape, dtype):
+            return measure_gemv(shape, dtype, settings)
     info = device_info() if info is None else dict(info)
 
     layouts: dict[str, dict] = {}
@@ -237,10 +255,9 @@ def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DT
         for dtype in dtypes:
             rows, totals = [], {STANDARD: 0.0, PRETRANSPOSED: 0.0}
             for shape in role_shape_list:
-                medians = {}
-                for layout in (STANDARD, PRETRANSPOSED):
-                    samples = measure(tuple(shape), dtype, layout)
-                    medians[layout] = statistics.median(samples)
+                samples = measure(tuple(shape), dtype)
+                medians = {layout: statistics.median(samples[layout]) for layout in (STANDARD, PRETRANSPOSED)}
+                for layout in medians:
                     totals[layout] += medians[layout]
                 gb = shape[0] * shape[1] * getattr(mx, dtype).size / 1e9
                 rows.append({
@@ -268,7 +285,7 @@ def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DT
         "description": f"Calibrated by `runtime calibrate` on {device_name} ({arch})",
         "evidence": (
             f"Measured on this device on {now[:10]} with MLX {mx.__version__}: batch-1 GEMV, "
-            f"median of {settings.repeats} samples after {settings.warmup} warm-up, each sample "
+            f"median of {settings.repeats} samples after {settings.warmup} warm-up, layouts alternating, each sample "
             f"many GEMVs in one graph over weight copies of at least {settings.cache_bytes >> 20} MiB; "
             f"pretransposed where it was more than {settings.margin:.0%} faster over the role's shapes "
             f"({source}). Dtypes not measured stay standard."
