@@ -180,3 +180,27 @@ def test_a_malformed_saved_profile_is_named(tmp_path, monkeypatch):
     with pytest.raises(ProfileError):
         save_user_profile("name: y\nlayouts: {nope: standard}\n", CPU)
 
+
+
+@pytest.mark.parametrize("dtype, expected", [("float32", PRETRANSPOSED), ("bfloat16", STANDARD)])
+def test_a_calibrated_profile_converts_a_bundle_whose_layouts_follow_it(tmp_path, dtype, expected):
+    # Measured: gate_proj 2x faster pretransposed in float32 only; lm_head slower pretransposed.
+    cfg = tiny_text_config()
+    shapes = {role: s for role, s in role_shapes(cfg).items() if role in ("mlp.gate_proj", "lm_head")}
+    timings = {(s, "float32"): 0.5 for s in shapes["mlp.gate_proj"]}
+    timings.update({(s, d): 2.0 for s in shapes["lm_head"] for d in ("float32", "bfloat16")})
+    measure, _ = fake_timer(timings)
+    profile_path = tmp_path / "calibrated.yaml"
+    profile_path.write_text(profile_text(calibrate(shapes, ["float32", "bfloat16"], measure=measure, info=CPU)))
+
+    ckpt, out = make_checkpoint(tmp_path / "ckpt", "hf"), tmp_path / "bundle"
+    r = subprocess.run([sys.executable, "-m", "convert", "--target-profile", str(profile_path), "--dtype", dtype,
+                        "--quiet", str(ckpt), str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    manifest = yaml.safe_load((out / "manifest.yaml").read_text())
+    layouts = {p: rec["layout"] for p, rec in manifest["projections"].items()}
+    gates = [layout for p, layout in layouts.items() if p.endswith("mlp.gate_proj")]
+    assert gates and set(gates) == {expected}
+    assert layouts["lm_head"] == STANDARD
+    assert {layout for p, layout in layouts.items() if p.endswith("mlp.up_proj")} == {STANDARD}
+    assert manifest["target"]["name"] == "calibrated-x86-64-amd-epyc"
