@@ -61,6 +61,33 @@ def _ring_from_eager(cache: RotatingKVCache) -> tuple[mx.array, mx.array]:
     return _pad(keys, cache.window), _pad(values, cache.window)
 
 
+def compiled_step(model):
+    """The model's compiled decode step, made once per model: `mx.compile` keeps its traces per
+    input shape on the function object, so every generation after the first replays them."""
+    step = getattr(model, "_compiled_decode_step", None)
+    if step is not None:
+        return step
+    c = model.config
+    producers = c.kv_producers()
+    owners = [i for i in range(c.num_hidden_layers) if i not in producers]
+
+    def traced(token: mx.array, position: mx.array, *buffers):
+        caches: list = [None] * c.num_hidden_layers
+        for j, i in enumerate(owners):
+            caches[i] = StaticKVCache(buffers[2 * j], buffers[2 * j + 1], position)
+        for i, producer in producers.items():
+            caches[i] = caches[producer]
+        logits = model(token, cache=caches)[:, -1, :]
+        out = [logits]
+        for i in owners:
+            out += [caches[i].keys, caches[i].values]
+        return tuple(out)
+
+    step = mx.compile(traced)
+    object.__setattr__(model, "_compiled_decode_step", step)  # not a parameter: outside the module tree
+    return step
+
+
 class CompiledDecoder:
     """`decoder(tokens [batch]) -> logits [batch, vocab]`: one new token per row, compiled, after an eager prefill."""
 
@@ -83,23 +110,7 @@ class CompiledDecoder:
             else:
                 keys, values = _ring_from_eager(cache[i])
             self.buffers += [keys, values]
-        self._step = mx.compile(self._traced)
-
-    def _caches(self, position: mx.array, buffers) -> list:
-        caches: list = [None] * (len(self.owners) + len(self.producers))
-        for j, i in enumerate(self.owners):
-            caches[i] = StaticKVCache(buffers[2 * j], buffers[2 * j + 1], position)
-        for i, producer in self.producers.items():
-            caches[i] = caches[producer]
-        return caches
-
-    def _traced(self, token: mx.array, position: mx.array, *buffers):
-        caches = self._caches(position, buffers)
-        logits = self.model(token, cache=caches)[:, -1, :]
-        out = [logits]
-        for i in self.owners:
-            out += [caches[i].keys, caches[i].values]
-        return tuple(out)
+        self._step = compiled_step(model)
 
     def _grow(self) -> None:
         """Double the full-attention buffers; the next call traces the new shapes once."""
