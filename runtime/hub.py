@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from manifests import MANIFEST_NAME, ManifestError, load_manifest, target_for_device
+from manifests.format import MANIFEST_DIGEST_NAME
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
 
@@ -138,7 +139,8 @@ def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | No
         existing = []
     variants = sorted(set(_variants_in(existing)) | {variant})
     card = model_card(manifest, repo_id, variant, variants, base_model=base_model)
-    names = [MANIFEST_NAME] + sorted(manifest["files"])
+    digest = [MANIFEST_DIGEST_NAME] if (bundle / MANIFEST_DIGEST_NAME).is_file() else []
+    names = [MANIFEST_NAME] + digest + sorted(manifest["files"])
     ops = [CommitOperationAdd(path_in_repo=f"{variant}/{name}", path_or_fileobj=str(bundle / name)) for name in names]
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     message = f"Add {variant} bundle ({manifest['target']['name']}, {manifest['dtype']}) made by mlx-prepared {manifest['tool']['version']}"
@@ -198,7 +200,7 @@ def resolve_bundle(ref: str, *, revision: str | None = None, variant: str | None
     folder = choose_variant(variants, device_info if device_info is not None else mx.device_info(), variant)
     prefix = f"{folder}/" if folder else ""
     manifest = load_manifest(root / prefix / MANIFEST_NAME)
-    patterns = [prefix + MANIFEST_NAME] + [prefix + name for name in manifest["files"]]
+    patterns = [prefix + MANIFEST_NAME, prefix + MANIFEST_DIGEST_NAME] + [prefix + name for name in manifest["files"]]
     root = _snapshot(repo_id, revision, patterns, cache_dir)
     return root / folder if folder else root
 

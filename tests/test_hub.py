@@ -119,7 +119,8 @@ def test_resolve_asks_only_for_the_chosen_variant(offline_cache, monkeypatch):
     assert all("manifest.yaml" in p for p in first)
     assert second and all(p.startswith("m5/") for p in second)
     manifest = read_manifest(offline_cache[1] / "m5")
-    assert sorted(second) == sorted(["m5/manifest.yaml"] + [f"m5/{f}" for f in manifest["files"]])
+    assert sorted(second) == sorted(["m5/manifest.yaml", "m5/manifest.sha256"] + [f"m5/{f}" for f in manifest["files"]])
+    assert (offline_cache[1] / "m5" / "manifest.sha256").is_file()
 
 
 def test_offline_and_not_cached_says_so(offline_cache):
@@ -191,7 +192,7 @@ def test_publish_uploads_verified_bundle_with_card(bundles):
     (commit,) = api.commits
     manifest = read_manifest(bundles["m5"])
     paths = sorted(op.path_in_repo for op in commit["ops"])
-    assert paths == sorted(["README.md", "m5/manifest.yaml"] + [f"m5/{f}" for f in manifest["files"]])
+    assert paths == sorted(["README.md", "m5/manifest.yaml", "m5/manifest.sha256"] + [f"m5/{f}" for f in manifest["files"]])
     assert "m5" in commit["message"] and manifest["tool"]["version"] in commit["message"]
     card = next(op for op in commit["ops"] if op.path_in_repo == "README.md").path_or_fileobj.decode()
     meta = _card_meta(card)
@@ -226,3 +227,14 @@ def test_publish_cli_refuses_non_bundle(tmp_path):
     r = subprocess.run([sys.executable, "-m", "runtime", "publish", str(tmp_path), REPO], capture_output=True, text=True)
     assert r.returncode == 2
     assert "not a bundle" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_edited_manifest_in_cache_is_refused(offline_cache):
+    """The manifest's own digest travels with the bundle, so a hub bundle's manifest is checked too."""
+    from runtime import load
+
+    _, snap = offline_cache
+    manifest = snap / "generic" / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("dtype: float32", "dtype: float32 ", 1))
+    with pytest.raises(Exception, match="manifest.yaml"):
+        load(REPO + ":generic")
