@@ -106,3 +106,10 @@ def load_manifest(path: str | os.PathLike) -> dict:
 
 def read_manifest(bundle: str | os.PathLike) -> dict:
     return load_manifest(Path(bundle) / MANIFEST_NAME)
+
+
+def tensor_records(manifest: dict) -> list[tuple[str, str, dict]]:
+    """(where, module, record) for every projection and embedding record: what load and verify
+    both check against the stored tensors. `where` names the record for one-line messages."""
+    return [(f"{MANIFEST_NAME}: {section}.{module}", module, record)
+            for section in ("projections", "embeddings") for module, record in manifest[section].items()]

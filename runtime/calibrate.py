@@ -39,19 +39,12 @@ import yaml
 
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
 from manifests.format import DTYPES, PRETRANSPOSED, STANDARD
-from manifests.profiles import profile_sha256, save_user_profile, target_for_device
+from manifests.profiles import ROLES, profile_sha256, save_user_profile, target_for_device
 
 # Projections whose weight goes through a plain matmul. The AltUp coefficient and router tensors
 # (4x4, 16x4, 4x2048) are left out: too small for the layout to matter, and their math runs in
 # float32 whatever the bundle's dtype.
-CALIBRATED_ROLES = (
-    "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-    "laurel.linear_left", "laurel.linear_right",
-    "per_layer_input_gate", "per_layer_projection", "per_layer_model_projection",
-    "altup_projections", "altup_unembed_projections",
-    "lm_head",
-)
+CALIBRATED_ROLES = tuple(role for role in ROLES if not role.startswith("altup."))
 DEFAULT_DTYPES = ("bfloat16", "float32")
 
 # The shape-bearing fields of google/gemma-3n-E2B-it and -E4B-it's text configs.

@@ -15,6 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from manifests import INDEX_NAME, MANIFEST_NAME, ManifestError, read_manifest, target_for_device
+from manifests.manifest import tensor_records
 from manifests.safetensors_header import HeaderError, read_header_file
 from runtime.model import Model
 from runtime.verify import outside_bundle, read_index
@@ -128,10 +129,7 @@ def dtype_name(dtype: mx.Dtype) -> str:
 
 def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str, str]) -> None:
     """Each manifest record must describe the tensor it names exactly; say both when not."""
-    entries = [("projections", p, r) for p, r in manifest["projections"].items()]
-    entries += [("embeddings", p, r) for p, r in manifest["embeddings"].items()]
-    for section, module, record in entries:
-        where = f"{MANIFEST_NAME}: {section}.{module}"
+    for where, _, record in tensor_records(manifest):
         key = record["key"]
         if key not in arrays:
             raise BundleError(f"{where} names tensor {key}, which no shard holds")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from manifests import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, recorded_manifest_digest
 from manifests.format import MANIFEST_LIMIT, PRETRANSPOSED, STANDARD
+from manifests.manifest import tensor_records
 from manifests.safetensors_header import DTYPE_NAMES, HeaderError, read_header_file  # noqa: F401  (HeaderError: what read_header raises)
 
 _CHUNK = 8 << 20
@@ -171,10 +172,7 @@ def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]], index: d
     """Each manifest record against the stored header; a record whose shard could not be read
     (already reported) is skipped rather than reported again."""
     problems = []
-    entries = [("projections", m, r) for m, r in manifest["projections"].items()]
-    entries += [("embeddings", m, r) for m, r in manifest["embeddings"].items()]
-    for section, module, record in entries:
-        where = f"{MANIFEST_NAME}: {section}.{module}"
+    for where, _, record in tensor_records(manifest):
         key = record["key"]
         if key not in tensors:
             if unreadable and (index.get(key) in unreadable if index else True):
@@ -187,7 +185,7 @@ def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]], index: d
             problems.append(f"{where}: {shard} holds {key} as {dtype} {shape}, "
                             f"the manifest says {record['dtype']} {list(record['shape'])}")
             continue
-        if section == "projections":
+        if "layout" in record:  # a projection (embedding records have no layout)
             source = list(record["source_shape"])
             layout = record["layout"]
             want = source[::-1] if layout == PRETRANSPOSED else source
