@@ -51,12 +51,19 @@ def read_bundle_manifest(path: Path) -> dict:
     return read_manifest(path)
 
 
+def made_for_this_device(profile: dict, info: dict, here: str) -> bool:
+    """A profile `runtime calibrate` measured on this very device, or on its device class."""
+    device = profile.get("device") or {}
+    same_device = bool(device) and all(device.get(k) == info.get(k) for k in ("device_name", "architecture"))
+    return same_device or profile.get("device_class") == here
+
+
 def check_target(manifest: dict, path: Path, strict: bool, device_info: dict | None = None,
                  stacklevel: int = 2) -> None:
     info = mx.device_info() if device_info is None else device_info
     here = target_for_device(info)
     prepared_for = manifest["target"]["name"]
-    if prepared_for == here:
+    if prepared_for == here or made_for_this_device(manifest["target"].get("profile") or {}, info, here):
         return
     source = manifest["source"].get("path") or manifest["source"].get("repo_id") or "SOURCE"
     message = (

@@ -264,6 +264,25 @@ def test_the_right_target_loads_silently(bundles, monkeypatch, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, TargetMismatchWarning)]
 
 
+def test_a_calibrated_bundle_loads_silently_on_its_own_device(copy_of, monkeypatch):
+    """A bundle converted with a profile `runtime calibrate` measured on this device is this
+    device's, whatever the profile's name; on another device it still warns."""
+    from runtime.loader import made_for_this_device
+
+    bundle = copy_of("generic")
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    profile = {"name": "calibrated-x", "device": dict(M5_DEVICE), "device_class": "m5", "layouts": {}}
+    assert made_for_this_device(profile, M5_DEVICE, "m5")
+    assert made_for_this_device(dict(profile, device={"device_name": "other", "architecture": "?"}), M5_DEVICE, "m5")
+    assert not made_for_this_device(dict(profile, device_class="cuda"), M1_DEVICE, "generic")
+    manifest["target"].update(name="calibrated-x", profile=profile)
+    monkeypatch.setattr(loader.mx, "device_info", lambda: M5_DEVICE)
+    loader.check_target(manifest, bundle, strict=True)  # no error
+    monkeypatch.setattr(loader.mx, "device_info", lambda: M1_DEVICE)
+    with pytest.raises(BundleError, match="calibrated-x"):
+        loader.check_target(manifest, bundle, strict=True)
+
+
 # -- a manifest that disagrees with the stored tensors ------------------------------------------
 
 GATE = "model.language_model.layers.0.mlp.gate_proj"
