@@ -91,3 +91,13 @@ def make_sources(root: Path, seed: int = 0) -> dict[str, Path]:
         "hf": make_checkpoint(root / "src-hf", "hf", seed=seed),
         "mlx-vlm": make_checkpoint(root / "src-mlx-vlm", "mlx-vlm", shards=3, seed=seed),
     }
+
+
+def source_and_bundles(root: Path, seed: int) -> dict[str, Path]:
+    """A tiny Hugging Face checkpoint and its m5 (several shards) and generic bundles."""
+    src = make_checkpoint(root / "src", "hf", seed=seed)
+    return {
+        "src": src,
+        "m5": convert(src, root / "m5", "m5", "--max-shard-size", "700KB"),
+        "generic": convert(src, root / "generic", "generic"),
+    }

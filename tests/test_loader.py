@@ -29,8 +29,7 @@ import runtime.loader as loader
 from manifests import FORMAT_VERSION, target_for_device
 from runtime.loader import BundleError, TargetMismatchWarning
 from runtime.projections import Pretransposed, Standard
-from tests.checkpoints import make_checkpoint
-from tests.runtime_helpers import convert, load_quietly
+from tests.runtime_helpers import load_quietly, source_and_bundles
 
 M5_DEVICE = {"architecture": "applegpu_g17s", "device_name": "recorded M5 Max"}
 M1_DEVICE = {"architecture": "applegpu_g13s", "device_name": "recorded M1"}
@@ -38,13 +37,7 @@ M1_DEVICE = {"architecture": "applegpu_g13s", "device_name": "recorded M1"}
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    src = make_checkpoint(root / "src", "hf", seed=1)
-    return {
-        "src": src,
-        "m5": convert(src, root / "m5", "m5", "--max-shard-size", "700KB"),
-        "generic": convert(src, root / "generic", "generic"),
-    }
+    return source_and_bundles(tmp_path_factory.mktemp("loader"), seed=1)
 
 
 @pytest.fixture

@@ -9,21 +9,14 @@ import yaml
 
 from manifests import manifest_digest_line
 from runtime.verify import verify_bundle, verify_command
-from tests.checkpoints import make_checkpoint
-from tests.runtime_helpers import convert
+from tests.runtime_helpers import source_and_bundles
 
 GATE = "model.language_model.layers.1.mlp.gate_proj"
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify")
-    src = make_checkpoint(root / "src", "hf", seed=2)
-    return {
-        "src": src,
-        "m5": convert(src, root / "m5", "m5", "--max-shard-size", "700KB"),
-        "generic": convert(src, root / "generic", "generic"),
-    }
+    return source_and_bundles(tmp_path_factory.mktemp("verify"), seed=2)
 
 
 @pytest.fixture
