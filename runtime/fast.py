@@ -61,6 +61,12 @@ def _ring_from_eager(cache: RotatingKVCache) -> tuple[mx.array, mx.array]:
     return _pad(keys, cache.window), _pad(values, cache.window)
 
 
+def cache_owners(config) -> list[int]:
+    """Layers that keep a KV cache of their own (not KV-shared), in order: one buffer pair each."""
+    producers = config.kv_producers()
+    return [i for i in range(config.num_hidden_layers) if i not in producers]
+
+
 def compiled_step(model):
     """The model's compiled decode step, made once per model: `mx.compile` keeps its traces per
     input shape on the function object, so every generation after the first replays them."""
@@ -69,7 +75,7 @@ def compiled_step(model):
         return step
     c = model.config
     producers = c.kv_producers()
-    owners = [i for i in range(c.num_hidden_layers) if i not in producers]
+    owners = cache_owners(c)
 
     def traced(token: mx.array, position: mx.array, *buffers):
         caches: list = [None] * c.num_hidden_layers
@@ -94,8 +100,7 @@ class CompiledDecoder:
     def __init__(self, model, cache: list, capacity: int = DEFAULT_CAPACITY):
         c = model.config
         self.model = model
-        self.producers = c.kv_producers()
-        self.owners = [i for i in range(c.num_hidden_layers) if i not in self.producers]
+        self.owners = cache_owners(c)
         self.sliding = {i: c.layer_types[i] == "sliding_attention" for i in self.owners}
         self.eager = cache
         self.position = cache[0].offset
