@@ -19,6 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from runtime.cache import KVCache, RotatingKVCache
+from runtime.model import gelu_tanh, rms_norm, softcap
 
 DEFAULT_CAPACITY = 1024
 
@@ -67,29 +68,179 @@ def cache_owners(config) -> list[int]:
     return [i for i in range(config.num_hidden_layers) if i not in producers]
 
 
+def _rows(x: mx.array, splits) -> list[mx.array]:
+    """Column blocks of a [rows, n] projection output at the given cumulative split points."""
+    edges = [0, *splits, x.shape[-1]]
+    return [x[:, a:b] for a, b in zip(edges, edges[1:])]
+
+
+class DecodeStep:
+    """One token per row through the decoder: `step(tokens [b, 1], position, *buffers)`.
+
+    The same arithmetic as `Model.__call__` (runtime/model.py) for a single position, written
+    for the fewest graph nodes, because at batch 1 on a big GPU every node costs host time and
+    the weights alone would take a fraction of it:
+
+    - activations stay 2-D `[b, hidden]`: a matmul on 3-D input adds a flatten and an unflatten;
+    - AltUp planes stay one `[b, n, hidden]` array; predict mixes them with one batched matmul,
+      correct and the per-layer-input update are one fused element-wise kernel each;
+    - the router's `1 / hidden` scale moves after its matmul, into the `tanh` kernel (exact for
+      a power-of-two width), and router outputs are cast to the activation dtype as transformers
+      does, so no cast needs a kernel of its own;
+    - attention over the fixed-size buffers is written out (scores, masked softmax, values):
+      MLX's fused attention takes no array mask on CUDA and would expand into more nodes;
+    - a fused bundle (`qkv_proj`, `gate_up_proj` in the manifest) is one GEMV per group.
+    """
+
+    def __init__(self, model):
+        c = model.config
+        self.model, self.config = model, c
+        self.lm = model.model.language_model
+        self.owners = cache_owners(c)
+        self.producers = c.kv_producers()
+        n = c.altup_num_inputs
+        # Planes 1.. receive the per-layer input (transformers: `corrected[1:] += ...`).
+        self.plane_mask = mx.array([0.0] + [1.0] * (n - 1)).reshape(1, n, 1)
+
+    def __call__(self, token: mx.array, position: mx.array, *buffers):
+        c, lm = self.config, self.lm
+        b = token.shape[0]
+        ids = token.reshape(b)
+        embeds = lm.embed_tokens(ids)
+        dtype = embeds.dtype
+        embeds = embeds * mx.array(c.hidden_size**0.5, dtype)
+        per_layer = self._per_layer_inputs(ids, embeds)
+        planes = self._planes(embeds)
+        plane_mask = self.plane_mask.astype(dtype)
+
+        keys, values = {}, {}
+        for j, i in enumerate(self.owners):
+            keys[i], values[i] = buffers[2 * j], buffers[2 * j + 1]
+        masks = {}
+        for i in self.owners:
+            size = keys[i].shape[2]
+            if size not in masks:
+                masks[size] = mx.arange(size) <= position
+        for i, layer in enumerate(lm.layers):
+            owner = self.producers.get(i, i)
+            planes, kv = self._layer(layer, planes, per_layer[:, i, :], position, plane_mask,
+                                     None if owner != i else (keys[i], values[i]),
+                                     (keys[owner], values[owner]), masks)
+            if owner == i:
+                keys[i], values[i] = kv
+        logits = self._head(planes)
+        out = [logits]
+        for i in self.owners:
+            out += [keys[i], values[i]]
+        return tuple(out)
+
+    def _per_layer_inputs(self, ids, embeds):
+        c, lm = self.config, self.lm
+        dtype = embeds.dtype
+        in_table = (ids >= 0) & (ids < c.vocab_size_per_layer_input)
+        table = lm.embed_tokens_per_layer(mx.where(in_table, ids, 0))
+        shape = (ids.shape[0], c.num_hidden_layers, c.hidden_size_per_layer_input)
+        table = (table * mx.array(c.hidden_size_per_layer_input**0.5, table.dtype)).reshape(shape)
+        projected = lm.per_layer_model_projection(embeds) * mx.array(c.hidden_size**-0.5, dtype)
+        projected = rms_norm(projected.reshape(shape), lm.per_layer_projection_norm.weight, c.rms_norm_eps)
+        return (projected + table) * mx.array(2.0**-0.5, dtype)
+
+    def _planes(self, embeds):
+        lm = self.lm
+        target = mx.sqrt(mx.mean(embeds * embeds, axis=-1, keepdims=True))
+        return mx.stack([embeds] + [_rescale(proj(embeds), target) for proj in lm.altup_projections], axis=1)
+
+    def _router(self, altup, x):
+        """tanh(router(norm(x)) / hidden) in float32, returned in x's dtype (as transformers)."""
+        routed = altup.modality_router(rms_norm(x, altup.router_norm.weight, self.config.rms_norm_eps))
+        return mx.tanh(routed.astype(mx.float32) * (1.0 / self.config.hidden_size)).astype(x.dtype)
+
+    def _layer(self, layer, planes, per_layer, position, plane_mask, own_kv, kv, masks):
+        c = self.config
+        eps = c.rms_norm_eps
+        altup, attn, mlp = layer.altup, layer.self_attn, layer.mlp
+        b, n, h = planes.shape
+        a = c.altup_active_idx
+
+        # AltUp predict: predictions[j] = planes[j] + sum_i coefs[j, i] * planes[i]
+        coefs = altup.prediction_coefs(self._router(altup, planes[:, a])).reshape(b, n, n)
+        predictions = planes + coefs @ planes
+        active = predictions[:, a]
+
+        normed = rms_norm(active, layer.input_layernorm.weight, eps)
+        laurel = layer.laurel.linear_left(normed)
+        nq, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        if own_kv is not None:
+            if "qkv_proj" in attn:
+                q, k, v = _rows(attn.qkv_proj(normed), attn.qkv_splits)
+            else:
+                q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
+            k = attn.rope(rms_norm(k.reshape(b, nkv, 1, d), attn.k_norm.weight, eps), position)
+            v = rms_norm(v.reshape(b, nkv, 1, d), None, eps)
+            slot = (position % own_kv[0].shape[2]).reshape(1)
+            kv = (mx.slice_update(own_kv[0], k, slot, axes=(2,)), mx.slice_update(own_kv[1], v, slot, axes=(2,)))
+        else:
+            q = attn.q_proj(normed)
+        q = attn.rope(rms_norm(q.reshape(b, nq, 1, d), attn.q_norm.weight, eps), position)
+        keys, values = kv
+        scores = q.reshape(b, nkv, nq // nkv, d) @ keys.swapaxes(-1, -2)  # attention scale is 1
+        scores = mx.where(masks[keys.shape[2]], scores, -mx.inf)
+        out = (mx.softmax(scores, axis=-1, precise=True) @ values).reshape(b, nq * d)
+        attn_out = rms_norm(attn.o_proj(out), layer.post_attention_layernorm.weight, eps)
+        laurel = normed + rms_norm(layer.laurel.linear_right(laurel), layer.laurel.post_laurel_norm.weight, eps)
+        attn_laurel = ((active + attn_out) + laurel) * (2.0**-0.5)
+
+        x = rms_norm(attn_laurel, layer.pre_feedforward_layernorm.weight, eps)
+        if "gate_up_proj" in mlp:
+            gate, up = _rows(mlp.gate_up_proj(x), [mlp.gate_up_split])
+        else:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        if mlp.std_multiplier is not None:
+            mean = mx.mean(gate, axis=-1, keepdims=True)
+            dev = gate - mean
+            std = mx.sqrt(mx.mean(dev * dev, axis=-1, keepdims=True))
+            gate = mx.maximum(gate - (mean + std * mlp.std_multiplier), 0)
+        ffw = rms_norm(mlp.down_proj(gelu_tanh(gate) * up), layer.post_feedforward_layernorm.weight, eps)
+        activated = attn_laurel + ffw
+
+        # AltUp correct, then the per-layer input into planes 1..
+        coefs = altup.correction_coefs(self._router(altup, activated)) + 1.0
+        corrected = predictions + (activated - active)[:, None, :] * coefs[:, :, None]
+        first = corrected[:, a]
+        if layer.correct_scale:
+            first = first * altup.correct_output_scale
+        first = gelu_tanh(layer.per_layer_input_gate(first)) * per_layer
+        first = rms_norm(layer.per_layer_projection(first), layer.post_per_layer_input_norm.weight, eps)
+        return corrected + first[:, None, :] * plane_mask, kv
+
+    def _head(self, planes):
+        c, lm, model = self.config, self.lm, self.model
+        n = planes.shape[1]
+        top = planes[:, 0]
+        target = mx.sqrt(mx.mean(top * top, axis=-1, keepdims=True))
+        total = top
+        for i, proj in enumerate(lm.altup_unembed_projections):
+            total = total + _rescale(proj(planes[:, i + 1]), target)
+        h = rms_norm(total / n, lm.norm.weight, c.rms_norm_eps)
+        logits = lm.embed_tokens.as_linear(h) if model.tied_head else model.lm_head(h)
+        cap = c.final_logit_softcapping
+        return softcap(logits, cap) if cap else logits
+
+
+def _rescale(x: mx.array, target_rms: mx.array) -> mx.array:
+    rms = mx.sqrt(mx.maximum(mx.mean(x * x, axis=-1, keepdims=True), 1e-5))
+    return x * target_rms / rms
+
+
 def compiled_step(model):
-    """The model's compiled decode step, made once per model: `mx.compile` keeps its traces per
-    input shape on the function object, so every generation after the first replays them."""
+    """The model's compiled decode step (`DecodeStep`), made once per model: `mx.compile` keeps
+    its traces per input shape on the function object, so every generation after the first
+    replays them."""
     step = getattr(model, "_compiled_decode_step", None)
     if step is not None:
         return step
-    c = model.config
-    producers = c.kv_producers()
-    owners = cache_owners(c)
-
-    def traced(token: mx.array, position: mx.array, *buffers):
-        caches: list = [None] * c.num_hidden_layers
-        for j, i in enumerate(owners):
-            caches[i] = StaticKVCache(buffers[2 * j], buffers[2 * j + 1], position)
-        for i, producer in producers.items():
-            caches[i] = caches[producer]
-        logits = model(token, cache=caches)[:, -1, :]
-        out = [logits]
-        for i in owners:
-            out += [caches[i].keys, caches[i].values]
-        return tuple(out)
-
-    step = mx.compile(traced)
+    decode = DecodeStep(model)
+    step = mx.compile(lambda token, position, *buffers: decode(token, position, *buffers))
     object.__setattr__(model, "_compiled_decode_step", step)  # not a parameter: outside the module tree
     return step
 
