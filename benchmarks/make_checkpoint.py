@@ -52,9 +52,11 @@ _SIZES = {
 
 
 def text_config(size: str) -> dict:
-    """The Gemma3n text config of `size` (e2b, e4b, or tiny for tests)."""
+    """The Gemma3n text config of `size` (e2b, e4b, their -narrow variants, or tiny for tests)."""
     if size == "tiny":
         return _tiny_text_config()
+    if size.endswith("-narrow"):
+        return _narrow_text_config(size.removesuffix("-narrow"))
     s = _SIZES[size]
     layers = s["layers"]
     return {
@@ -127,6 +129,25 @@ def _tiny_text_config() -> dict:
         "sliding_window": 8,
         "vocab_size": 320,
         "vocab_size_per_layer_input": 256,
+    })
+    return cfg
+
+
+def _narrow_text_config(size: str) -> dict:
+    # Every layer, KV sharing, sparsity and AltUp plane of the real size, at widths where the
+    # weights (~20 MB) cost nothing to read: what is left of a decode step is its launch cost,
+    # the number of kernels and graph nodes per token (benchmarks/bench_graph.py).
+    cfg = text_config(size)
+    layers = cfg["num_hidden_layers"]
+    cfg.update({
+        "head_dim": 64,
+        "hidden_size": 256,
+        "hidden_size_per_layer_input": 32,
+        "intermediate_size": [512] * layers,
+        "laurel_rank": 16,
+        "query_pre_attn_scalar": 64,
+        "vocab_size": 2048,
+        "vocab_size_per_layer_input": 2048,
     })
     return cfg
 
@@ -323,7 +344,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="directory to write (created)")
-    p.add_argument("--size", choices=["e2b", "e4b", "tiny"], default="e2b")
+    p.add_argument("--size", choices=["e2b", "e4b", "e2b-narrow", "e4b-narrow", "tiny"], default="e2b")
     p.add_argument("--dtype", choices=list(SAFETENSORS_DTYPES), default="bfloat16")
     p.add_argument("--towers", action="store_true", help="add stand-in vision/audio tower tensors")
     p.add_argument("--no-kv-shared-extras", dest="kv_shared_extras", action="store_false",
