@@ -354,8 +354,8 @@ def _common_prefix(a: list, b: list) -> int:
 
 def bench_decode(a) -> None:
     source = a.source or default_source(a.bundles[0])
-    impls = [(bundle_label(b), "ours", b) for b in a.bundles]
-    if a.compiled:
+    impls = [] if a.no_eager else [(bundle_label(b), "ours", b) for b in a.bundles]
+    if a.compiled or a.no_eager:
         impls += [(bundle_label(b) + " compiled", "ours-compiled", b) for b in a.bundles]
     if source and not a.no_mlx_lm:
         impls.append((PEER, "mlx-lm", source))
@@ -413,6 +413,7 @@ def main(argv=None) -> int:
     pd.add_argument("--seed", type=int, default=0)
     pd.add_argument("--no-mlx-lm", action="store_true")
     pd.add_argument("--compiled", action="store_true", help="also run each bundle with the compiled decode step")
+    pd.add_argument("--no-eager", action="store_true", help="only the compiled decode step of each bundle")
     pd.add_argument("--json", default=None)
     pw = sub.add_parser("worker", help=argparse.SUPPRESS)
     pw.add_argument("what", choices=["load", "decode"])

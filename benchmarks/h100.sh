@@ -2,7 +2,9 @@
 # One measurement on the lent H100 (MLX's CUDA build; see shared/device/README.md). Run there as
 #   bash .mlxcuda/a/stage.sh                                   # first call
 #   source .mlxcuda/b/activate.sh && bash benchmarks/h100.sh e2b decode   # second call, right after
-# Steps: decode (runtime eager and compiled vs mlx-lm, same weights), calibrate (GEMV layouts).
+# Steps: decode (runtime eager and compiled vs mlx-lm, same weights), calibrate (GEMV layouts),
+# graph (nodes per decode step, bench_graph.py). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
+# (every layer at tiny widths: launch cost alone, made in seconds).
 # The random full-size checkpoint and its bundle are made there, in /tmp (nothing that big travels).
 set -euo pipefail
 size=${1:-e2b}
@@ -13,7 +15,7 @@ out=${OUT:-/tmp}
 mkdir -p "$data"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 if [ ! -d "$data/$size" ]; then
-  rm -rf "$data"/*  # one model at a time: the disk holds about 64 GB
+  case $size in *-narrow) ;; *) rm -rf "$data"/e?b "$data"/e?b-* ;; esac  # one full model at a time: the disk holds about 64 GB
   python3 benchmarks/make_checkpoint.py --size "$size" --quiet "$data/$size"
 fi
 [ -d "$data/$size-cuda" ] || python3 -m convert --target cuda --quiet "$data/$size" "$data/$size-cuda"
@@ -31,6 +33,17 @@ for step in $steps; do
           "$data/$size-cuda" --source "$data/$size-cuda" --compiled --rounds 1 --reps 2 --prompt 64 \
           --tokens "${TOKENS:-64}" --json "$out/sweep-$size-$ops-$cache.json" | tail -4
       done; done ;;
+    variants)
+      # The same weights in three layouts (benchmarks/profiles/), compiled decode only, vs mlx-lm.
+      for v in small-pretransposed all-pretransposed; do
+        [ -d "$data/$size-$v" ] || python3 -m convert --target-profile "benchmarks/profiles/cuda-$v.yaml" --quiet \
+          "$data/$size" "$data/$size-$v"
+      done
+      python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" "$data/$size-small-pretransposed" \
+        "$data/$size-all-pretransposed" --source "$data/$size-cuda" --no-eager --rounds "${ROUNDS:-2}" --reps 3 \
+        --prompt 64 --tokens "${TOKENS:-64}" --json "$out/variants-$size.json" ;;
+    graph)
+      python3 benchmarks/bench_graph.py "$data/$size-cuda" ;;
     calibrate)
       python3 -m runtime calibrate --config "$data/$size/config.json" --dtype bfloat16 --dtype float32 \
         --out "$out/cuda-$size.yaml" ;;
