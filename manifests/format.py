@@ -29,6 +29,17 @@ LAYOUTS = (STANDARD, PRETRANSPOSED)
 
 DTYPES = ("bfloat16", "float16", "float32")
 
+# Fused projections (a target profile's `fuse` list): one module per group whose weight is its
+# members' rows concatenated in this order, so one GEMV on the shared input does the work of two
+# or three. Paths are relative to a decoder layer (`model.language_model.layers.N.`). The fused
+# record lists its members (`fused: [{path, out}, ...]`); the members have no records of their own.
+FUSED_GROUPS = {
+    "qkv": ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    "gate_up": ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+}
+# The `role` a fused record carries (the members' roles are attn.q_proj ... in profiles).
+FUSED_ROLES = {"qkv": "attn.qkv_proj", "gate_up": "mlp.gate_up_proj"}
+
 
 class ManifestError(ValueError):
     """A manifest that is missing, malformed, of an unsupported version, or inconsistent."""

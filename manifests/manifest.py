@@ -11,7 +11,15 @@ from pathlib import Path
 
 import yaml
 
-from manifests.format import FORMAT_VERSION, MANIFEST_DIGEST_NAME, MANIFEST_LIMIT, MANIFEST_NAME, ManifestError
+from manifests.format import (
+    FORMAT_VERSION,
+    FUSED_GROUPS,
+    MANIFEST_DIGEST_NAME,
+    MANIFEST_LIMIT,
+    MANIFEST_NAME,
+    PRETRANSPOSED,
+    ManifestError,
+)
 from manifests.schema import SchemaError, validate
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -40,7 +48,52 @@ def validate_manifest(manifest: object, where: str = MANIFEST_NAME) -> dict:
         validate(manifest, manifest_schema())
     except SchemaError as e:  # folded: a key or value may hold a newline, the message stays one line
         raise ManifestError(f"{where}: {' '.join(str(e).split())}") from None
+    check_fused(manifest["projections"], where)
     return manifest
+
+
+def fused_group(path: str) -> tuple[str, str, tuple[str, ...]] | None:
+    """(group name, layer prefix, member paths in order) of a fused module path, or None."""
+    for name, (module, members) in FUSED_GROUPS.items():
+        if path.endswith("." + module):
+            base = path[: -len(module)]
+            return name, base, tuple(base + m for m in members)
+    return None
+
+
+def check_fused(projections: dict, where: str = MANIFEST_NAME) -> None:
+    """Every fused record: a known group, exactly its members in order, none of them also
+    recorded on its own (each projection is covered once), and member rows adding up to the
+    fused weight's output dimension."""
+    for path, record in projections.items():
+        members = record.get("fused")
+        if members is None:
+            continue
+        at = f"{where}: projections.{path}"
+        group = fused_group(path)
+        if group is None:
+            known = ", ".join(m for m, _ in FUSED_GROUPS.values())
+            raise ManifestError(f"{at}: fused, but not a module that fuses (known: {known})")
+        name, _, want = group
+        got = [m["path"] for m in members]
+        for m in want:
+            if m not in got:
+                raise ManifestError(f"{at}: fused record lacks member {m} (a {name} group is "
+                                    f"{', '.join(w.rsplit('.', 1)[-1] for w in want)}, in that order)")
+        if got != list(want):
+            raise ManifestError(f"{at}: fused members {got} are not exactly {list(want)} in that order")
+        for m in got:
+            if m in projections:
+                raise ManifestError(f"{where}: projections.{m}: covered twice, by its own record and as a "
+                                    f"member of {path}")
+        shape = list(record["shape"])
+        if len(shape) != 2:
+            raise ManifestError(f"{at}: fused weight shape {shape} is not a matrix")
+        rows = shape[1] if record["layout"] == PRETRANSPOSED else shape[0]
+        total = sum(m["out"] for m in members)
+        if total != rows:
+            raise ManifestError(f"{at}: member outs {[m['out'] for m in members]} sum to {total}, but the "
+                                f"{record['layout']} shape {shape} has {rows} output rows")
 
 
 def dump_manifest(manifest: dict) -> str:

@@ -8,6 +8,10 @@ A profile is data (`manifests/targets/NAME.yaml`):
     layouts:                 # roles not listed are `standard`
       mlp.gate_proj: pretransposed
       lm_head: {float32: pretransposed, default: standard}   # per-dtype rule
+    fuse: [qkv, gate_up]     # optional: projection groups stored fused (manifests.format.FUSED_GROUPS)
+
+A fused group takes the layout its first member's rule gives (attn.q_proj for qkv, mlp.gate_proj
+for gate_up); where its members' rules disagree for the dtype written, the group stays unfused.
 
 `target_for_device` maps an `mx.device_info()` dictionary to a built-in target name. It is a
 pure function so tests feed it recorded dictionaries instead of needing the hardware.
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from manifests.format import DTYPES, LAYOUTS, STANDARD
+from manifests.format import DTYPES, FUSED_GROUPS, LAYOUTS, STANDARD
 
 ROLES = (
     "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
@@ -58,6 +62,11 @@ class TargetProfile:
             return rule
         return rule.get(dtype, rule.get("default", STANDARD))
 
+    @property
+    def fuse(self) -> tuple[str, ...]:
+        """The projection groups this profile stores fused (names of FUSED_GROUPS)."""
+        return tuple(self.content.get("fuse") or ())
+
 
 def _targets_dir():
     return resources.files("manifests").joinpath("targets")
@@ -90,6 +99,15 @@ def _check(content: object, where: str) -> dict:
                 raise ProfileError(f"{where}: {role}: unknown dtype {dtype!r}")
             if layout not in LAYOUTS:
                 raise ProfileError(f"{where}: {role}: unknown layout {layout!r} (use {' or '.join(LAYOUTS)})")
+    fuse = content.get("fuse")
+    if fuse is not None:
+        if not isinstance(fuse, list):
+            raise ProfileError(f"{where}: `fuse` must be a list of group names ({', '.join(FUSED_GROUPS)})")
+        for group in fuse:
+            if not isinstance(group, str) or group not in FUSED_GROUPS:
+                raise ProfileError(f"{where}: fuse: unknown group {group!r} (known: {', '.join(FUSED_GROUPS)})")
+        if len(set(fuse)) != len(fuse):
+            raise ProfileError(f"{where}: fuse: a group is listed twice")
     return content
 
 
