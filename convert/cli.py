@@ -41,6 +41,9 @@ def _size(ctx, param, value):
               help="Elements sharing one scale and bias with --quantize  [default: 64]")
 @click.option("--quant-mode", type=click.Choice(["affine"]), default=None,
               help="Quantization mode with --quantize  [default: affine]")
+@click.option("--fuse/--no-fuse", default=None,
+              help="Store q/k/v and gate/up as one projection each (--fuse) or apart (--no-fuse), "
+                   "whatever the target profile's `fuse` says  [default: as the profile says]")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_size,
               help="Largest shard, e.g. 500MB, 2GB.")
@@ -51,8 +54,8 @@ def _size(ctx, param, value):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--read-block-size", default=None, callback=_size, hidden=True)
 @click.option("--band-size", default=None, callback=_size, hidden=True)
-def command(source, out, target, target_profile, dtype, quantize, group_size, quant_mode, revision, max_shard_size,
-            force, check_finite, dry_run, quiet, read_block_size, band_size):
+def command(source, out, target, target_profile, dtype, quantize, group_size, quant_mode, fuse, revision,
+            max_shard_size, force, check_finite, dry_run, quiet, read_block_size, band_size):
     """Convert the Gemma3n checkpoint SOURCE (a directory or a hub repo id like org/name) into a
     bundle at OUT whose projections have the layout TARGET decodes fastest."""
     started = time.perf_counter()
@@ -62,7 +65,7 @@ def command(source, out, target, target_profile, dtype, quantize, group_size, qu
     p = plan(source, out, target=target, target_profile=target_profile, dtype=dtype, revision=revision,
              max_shard_size=max_shard_size, read_block=read_block_size or READ_BLOCK,
              band_bytes=band_size or BAND_BYTES, quantize=quantize and int(quantize),
-             group_size=group_size and int(group_size), quant_mode=quant_mode)
+             group_size=group_size and int(group_size), quant_mode=quant_mode, fuse=fuse)
     if dry_run:
         click.echo(p.summary())
         return

@@ -92,11 +92,12 @@ def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = Non
          target_profile: str | os.PathLike | None = None, dtype: str = "keep", revision: str | None = None,
          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, device_info: dict | None = None,
          read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES, quantize: int | None = None,
-         group_size: int | None = None, quant_mode: str | None = None) -> Plan:
+         group_size: int | None = None, quant_mode: str | None = None, fuse: bool | None = None) -> Plan:
     """Open SOURCE and plan its conversion; reads headers and configs only, writes nothing.
 
     `quantize` (4 or 8 bits, with `group_size` and `quant_mode`): quantize the float projections
-    and embeddings with mx.quantize on the way (convert/quantize.py).
+    and embeddings with mx.quantize on the way (convert/quantize.py). `fuse`: None stores fused
+    the groups the profile's `fuse` lists, True every group, False none (convert/fusion.py).
     """
     spec = quant_spec(quantize, group_size, quant_mode)
     with os_errors(source):
@@ -105,7 +106,7 @@ def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = Non
             check_destination(src, Path(out))
         profile, device = resolve_target(target, target_profile, device_info)
         return make_plan(src, profile, dtype=dtype, device=device, max_shard_size=parse_size(max_shard_size),
-                         read_block=read_block, band_bytes=band_bytes, quantize=spec)
+                         read_block=read_block, band_bytes=band_bytes, quantize=spec, fuse=fuse)
 
 
 # A destination out of room: a full disk, a quota, or a file-size limit (RLIMIT_FSIZE).
@@ -377,7 +378,7 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
                        force: bool = False, device_info: dict | None = None, on_write=None,
                        read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES, quantize: int | None = None,
                        group_size: int | None = None, quant_mode: str | None = None,
-                       check_finite: bool = False) -> Path:
+                       check_finite: bool = False, fuse: bool | None = None) -> Path:
     """Convert SOURCE (directory or hub repo id) into a prepared bundle at OUT; return OUT.
 
     Every refusal is a `ConvertError` (a `click.ClickException`, exit code 2) with one line naming
@@ -385,7 +386,8 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
     """
     p = plan(source, out, target=target, target_profile=target_profile, dtype=dtype, revision=revision,
              max_shard_size=max_shard_size, device_info=device_info, read_block=read_block,
-             band_bytes=band_bytes, quantize=quantize, group_size=group_size, quant_mode=quant_mode)
+             band_bytes=band_bytes, quantize=quantize, group_size=group_size, quant_mode=quant_mode,
+             fuse=fuse)
     return execute(p, out, force=force, on_write=on_write, check_finite=check_finite)
 
 

@@ -7,7 +7,8 @@ the writer executes the plan without making decisions of its own.
 Each bundle tensor is made from one source tensor by a `transform`: `copy` (bytes as they are),
 `cast` (to another float dtype) or `transpose` (cast if asked, then written [in, out]). With
 `--quantize`, `quantize` makes three bundle tensors (packed weight, scales, biases) of one source
-tensor (convert/quantize.py).
+tensor (convert/quantize.py). A fused projection (the profile's `fuse`, convert/fusion.py) is
+made of several source tensors stacked along their rows (`Item.members`), by the same transforms.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 from convert.dtypes import CODE_FOR_OPTION, FLOATS
 from convert.errors import ConvertError
+from convert.fusion import fuse as fuse_groups
 from convert.gemma3n import EMBEDDINGS, expected_tensors, kv_shared_unused, projection_role
 from convert.quantize import QuantSpec, not_quantized_because, spill_bytes
 from convert.quantize import working_set as quant_working_set
@@ -28,6 +30,7 @@ from convert.safetensors_io import DTYPE_NAMES, ITEMSIZE, TensorInfo, build_head
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
 from manifests.format import (
+    FUSED_GROUPS,
     INDEX_NAME,
     LM_HEAD,
     LM_HEAD_PRETRANSPOSED_KEY,
@@ -92,10 +95,18 @@ class Item:
     quant: QuantSpec | None = None  # quantize: the spec
     part: str = ""  # quantize: "weight", "scales" or "biases" of `source`
     quant_dtype: str = ""  # quantize: the float dtype `source` is cast to before quantizing
+    # A fused item: (file, tensor) of each member, in row order; `source` then describes their
+    # stack (the rows added up) for sizes only, and the writer reads the members.
+    members: tuple[tuple[str, TensorInfo], ...] = ()
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+    @property
+    def parts(self) -> tuple[tuple[str, TensorInfo], ...]:
+        """(source file, source tensor) of what is read, in order: the members, or the one source."""
+        return self.members or ((self.file, self.source),)
 
 
 @dataclass
@@ -126,6 +137,9 @@ class Plan:
     roles: Counter = field(default_factory=Counter)
     quantize: QuantSpec | None = None
     unquantized: Counter = field(default_factory=Counter)  # --quantize: reason -> tensors left float
+    fuse: tuple[str, ...] = ()  # the groups asked for (profile's `fuse`, or --fuse/--no-fuse)
+    fused: Counter = field(default_factory=Counter)  # group -> layers fused
+    unfused: Counter = field(default_factory=Counter)  # "group: reason" -> layers left unfused
 
     @property
     def items(self) -> list[Item]:
@@ -176,6 +190,10 @@ class Plan:
             lines.append(f"quantize {self.quantize.describe()}: {done} tensors")
             for reason, n in sorted(self.unquantized.items()):
                 lines.append(f"  float   {n:5d}  {reason}")
+        if self.fuse:
+            lines.append("fuse     " + ", ".join(f"{g} {self.fused[g]} layers" for g in self.fuse))
+            for reason, n in sorted(self.unfused.items()):
+                lines.append(f"  unfused {n:5d}  {reason}")
         transforms = Counter(i.transform for i in self.items if i.part in ("", "weight"))
         lines += [
             "writes   " + ", ".join(f"{n} {t}" for t, n in sorted(transforms.items())),
@@ -288,7 +306,8 @@ def _quant_params(q: dict | None, module_key: str, weight: TensorInfo, scales: T
 def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", device: dict | None = None,
               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, read_block: int = READ_BLOCK,
               band_bytes: int = BAND_BYTES, baseline_rss: int | None = None,
-              quantize: QuantSpec | None = None) -> Plan:
+              quantize: QuantSpec | None = None, fuse: bool | None = None) -> Plan:
+    """`fuse`: None fuses the groups the profile's `fuse` lists; True every group; False none."""
     if dtype not in DTYPE_OPTIONS:
         raise ConvertError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_OPTIONS)}")
     tc, cfg = source.text_config, source.config
@@ -461,7 +480,13 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
             if module == "embed_tokens":
                 add_projection(LM_HEAD, "lm_head", info, key, file, module)
 
-    # 5. Shards: greedy in reading order, each at most `max_shard_size` of data (a bigger tensor
+    # 5. Fused groups: the members' items and records become one each (convert/fusion.py).
+    fuse_names = profile.fuse if fuse is None else (tuple(FUSED_GROUPS) if fuse else ())
+    fused, unfused = Counter(), Counter()
+    if fuse_names:
+        items, projections, fused, unfused = fuse_groups(items, projections, roles, fuse_names, tc)
+
+    # 6. Shards: greedy in reading order, each at most `max_shard_size` of data (a bigger tensor
     # gets a shard of its own); inside a shard, larger item sizes first so every tensor stays
     # aligned to its element size (the writer packs tensors without padding).
     groups: list[list[Item]] = [[]]
@@ -484,7 +509,7 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
                 projections=projections, embeddings=embeddings, dropped=dropped, tied=tied,
                 read_block=read_block, band_bytes=band_bytes,
                 baseline_rss=current_rss() if baseline_rss is None else baseline_rss, roles=roles,
-                quantize=quantize, unquantized=unquantized)
+                quantize=quantize, unquantized=unquantized, fuse=fuse_names, fused=fused, unfused=unfused)
 
 
 SHARD_METADATA = {"format": "mlx", "producer": "mlx-prepared"}

@@ -175,38 +175,42 @@ def quantize_rows(block: np.ndarray, src_dtype: str, out_dtype: str, spec: Quant
     return parts
 
 
-def write_quantized(item, reader, writer, bufs, read_block: int, spills: Spills) -> None:
+def write_quantized(item, readers, writer, bufs, read_block: int, spills: Spills) -> None:
     """Write one quantize item: the packed weight (quantizing, and spilling scales and biases),
-    or the scales or biases (copied from their spill)."""
+    or the scales or biases (copied from their spill). `readers`: source file -> HashingReader.
+
+    A fused item (convert/fusion.py) quantizes its members one after another into the same
+    packed tensor and spills: groups run along a row, so that equals quantizing their stack."""
     if item.part == "weight":
-        _write_weight(item, reader, writer, bufs, read_block, spills)
+        _write_weight(item, readers, writer, bufs, read_block, spills)
     else:
         _write_spilled(item, writer, bufs, read_block, spills)
 
 
-def _write_weight(item, reader, writer, bufs, read_block: int, spills: Spills) -> None:
+def _write_weight(item, readers, writer, bufs, read_block: int, spills: Spills) -> None:
     import mlx.core as mx
 
-    src, spec, out_dtype = item.source, item.quant, item.quant_dtype
-    rows, cols = src.shape
-    per_row = cols * src.itemsize
-    step = rows_per_block(cols, src.itemsize, read_block)
+    spec, out_dtype = item.quant, item.quant_dtype
+    cols = item.source.shape[1]
+    step = rows_per_block(cols, item.source.itemsize, read_block)
     module = item.key[: -len(".weight")]
     names = ["scales", "biases"] if spec.mode == "affine" else ["scales"]
     files = [spills.create(f"{module}.{name}") for name in names]
     try:
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            raw = reader.read_into(src.offset + r0 * per_row, bufs.get("read", (r1 - r0) * per_row))
-            block = view(raw, src.dtype).reshape(r1 - r0, cols)
-            cast_buf = None
-            if out_dtype != src.dtype:
-                cast_buf = bufs.get("cast", (r1 - r0) * cols * ITEMSIZE[out_dtype])
-            packed, *rest = quantize_rows(block, src.dtype, out_dtype, spec, cast_buf)
-            writer.write(memoryview(packed))
-            for f, part in zip(files, rest):
-                f.write(memoryview(part))
-            del packed, rest
+        for file, src in item.parts:
+            reader, rows, per_row = readers[file], src.shape[0], cols * src.itemsize
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                raw = reader.read_into(src.offset + r0 * per_row, bufs.get("read", (r1 - r0) * per_row))
+                block = view(raw, src.dtype).reshape(r1 - r0, cols)
+                cast_buf = None
+                if out_dtype != src.dtype:
+                    cast_buf = bufs.get("cast", (r1 - r0) * cols * ITEMSIZE[out_dtype])
+                packed, *rest = quantize_rows(block, src.dtype, out_dtype, spec, cast_buf)
+                writer.write(memoryview(packed))
+                for f, part in zip(files, rest):
+                    f.write(memoryview(part))
+                del packed, rest
     finally:
         for f in files:
             f.close()

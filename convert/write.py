@@ -7,6 +7,9 @@ tile-transposed into the band buffer, which is then cast (if asked) and written.
 therefore written strictly in order (so it can be hashed on the way) and never held whole; the
 price is one pass over the source rows per band, which for a band budget of 512 MB means 3 passes
 over a full-size bfloat16 embedding table (1.07 GB), served from the page cache after the first.
+
+A fused item (convert/fusion.py) is its members read one after another: a copy or cast writes
+them back to back (rows concatenated); a transpose fills each band's columns member by member.
 """
 
 from __future__ import annotations
@@ -52,24 +55,25 @@ class _Buffers:
         self._named.clear()
 
 
-def _write_stream(item: Item, reader: HashingReader, writer: SafetensorsWriter, bufs: _Buffers,
+def _write_stream(item: Item, readers: dict[str, HashingReader], writer: SafetensorsWriter, bufs: _Buffers,
                   read_block: int) -> None:
-    src = item.source
     step = block_bytes(item, read_block)
-    for offset in range(0, src.nbytes, step):
-        n = min(step, src.nbytes - offset)
-        raw = reader.read_into(src.offset + offset, bufs.get("read", n))
-        if item.transform == "copy":
-            writer.write(raw)
-        else:
-            count = n // src.itemsize
-            out = np.frombuffer(bufs.get("cast", count * STORAGE[item.dtype].itemsize), STORAGE[item.dtype])
-            writer.write(cast(view(raw, src.dtype), src.dtype, item.dtype, out))
+    for file, src in item.parts:
+        reader = readers[file]
+        for offset in range(0, src.nbytes, step):
+            n = min(step, src.nbytes - offset)
+            raw = reader.read_into(src.offset + offset, bufs.get("read", n))
+            if item.transform == "copy":
+                writer.write(raw)
+            else:
+                count = n // src.itemsize
+                out = np.frombuffer(bufs.get("cast", count * STORAGE[item.dtype].itemsize), STORAGE[item.dtype])
+                writer.write(cast(view(raw, src.dtype), src.dtype, item.dtype, out))
 
 
-def _write_transposed(item: Item, reader: HashingReader, writer: SafetensorsWriter, bufs: _Buffers,
+def _write_transposed(item: Item, readers: dict[str, HashingReader], writer: SafetensorsWriter, bufs: _Buffers,
                       read_block: int, band_bytes: int) -> None:
-    src = item.source
+    src = item.source  # for a fused item, the members' stack: rows is the fused output dimension
     rows, cols = src.shape
     per_row = cols * src.itemsize
     block_rows = rows_per_block(item, read_block)
@@ -79,11 +83,15 @@ def _write_transposed(item: Item, reader: HashingReader, writer: SafetensorsWrit
     for c0 in range(0, cols, height):
         c1 = min(cols, c0 + height)
         band = band_all[: c1 - c0]
-        for r0 in range(0, rows, block_rows):
-            r1 = min(rows, r0 + block_rows)
-            raw = reader.read_into(src.offset + r0 * per_row, bufs.get("read", (r1 - r0) * per_row))
-            block = view(raw, src.dtype).reshape(r1 - r0, cols)
-            transpose_into(block[:, c0:c1], band[:, r0:r1])
+        first_row = 0  # where the current member's rows start among the band's columns
+        for file, part in item.parts:
+            reader, part_rows = readers[file], part.shape[0]
+            for r0 in range(0, part_rows, block_rows):
+                r1 = min(part_rows, r0 + block_rows)
+                raw = reader.read_into(part.offset + r0 * per_row, bufs.get("read", (r1 - r0) * per_row))
+                block = view(raw, src.dtype).reshape(r1 - r0, cols)
+                transpose_into(block[:, c0:c1], band[:, first_row + r0:first_row + r1])
+            first_row += part_rows
         flat = band.reshape(-1)
         if item.dtype == src.dtype:
             writer.write(flat)
@@ -137,11 +145,11 @@ def write_bundle(plan: Plan, directory: Path, on_write=None, check_finite: bool 
                 for item in shard.items:
                     writer.begin(item.key)
                     if item.transform == "transpose":
-                        _write_transposed(item, readers[item.file], writer, bufs, plan.read_block, plan.band_bytes)
+                        _write_transposed(item, readers, writer, bufs, plan.read_block, plan.band_bytes)
                     elif item.transform == "quantize":
-                        write_quantized(item, readers[item.file], writer, bufs, plan.read_block, spills)
+                        write_quantized(item, readers, writer, bufs, plan.read_block, spills)
                     else:
-                        _write_stream(item, readers[item.file], writer, bufs, plan.read_block)
+                        _write_stream(item, readers, writer, bufs, plan.read_block)
                 sha, nbytes = writer.close()
             except BaseException:
                 writer.abort()
