@@ -18,9 +18,9 @@ from statistics import NormalDist
 import mlx.core as mx
 import mlx.nn as nn
 
-from manifests.format import EMBED_TOKENS, LM_HEAD, PREFIX, PRETRANSPOSED
+from manifests.format import EMBED_TOKENS, LM_HEAD, PREFIX, PRETRANSPOSED, ManifestError
 from runtime.cache import KVCache, RotatingKVCache
-from runtime.projections import build_embedding, build_projection
+from runtime.projections import build_embedding, build_fused, build_projection
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 DEFAULT_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}
@@ -159,6 +159,16 @@ class Projections:
     def linear(self, path: str, input_dims: int, output_dims: int) -> nn.Module:
         return build_projection(path, self.records.get(path), input_dims, output_dims)
 
+    def fused(self, path: str, input_dims: int, members: list[tuple[str, int]]) -> nn.Module | None:
+        """The fused projection recorded at `path` over `members` ((path, out) in row order), or
+        None when the manifest stores the members apart."""
+        record = self.records.get(path)
+        if record is None:
+            return None
+        if not record.get("fused"):
+            raise ManifestError(f"manifest.yaml: projections.{path}: a fused module's record needs its `fused` members")
+        return build_fused(path, record, input_dims, members)
+
     def embedding(self, path: str, num: int, dims: int) -> nn.Module:
         return build_embedding(path, self.embeddings.get(path), num, dims)
 
@@ -186,10 +196,22 @@ class Attention(nn.Module):
         self.theta = c.rope_thetas[kind]
         self.is_kv_shared = layer >= c.first_kv_shared_layer
         h, q_dims, kv_dims = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        self.q_proj = p.linear(f"{path}.q_proj", h, q_dims)
+        # A fused bundle stores q/k/v as one `qkv_proj` (rows q, k, v); its output is split at
+        # `qkv_splits` (cumulative), here and in runtime/fast.py. KV-shared layers have no k/v.
+        qkv = p.fused(f"{path}.qkv_proj", h, [(f"{path}.q_proj", q_dims), (f"{path}.k_proj", kv_dims),
+                                               (f"{path}.v_proj", kv_dims)])
+        if qkv is not None:
+            if self.is_kv_shared:
+                raise ManifestError(f"manifest.yaml: projections.{path}.qkv_proj: layer {layer} is KV-shared "
+                                    "(it has no k/v of its own), so it needs a lone q_proj")
+            self.qkv_proj = qkv
+            object.__setattr__(self, "qkv_splits", [q_dims, q_dims + kv_dims])  # not a parameter
+        else:
+            self.q_proj = p.linear(f"{path}.q_proj", h, q_dims)
+            if not self.is_kv_shared:
+                self.k_proj = p.linear(f"{path}.k_proj", h, kv_dims)
+                self.v_proj = p.linear(f"{path}.v_proj", h, kv_dims)
         if not self.is_kv_shared:
-            self.k_proj = p.linear(f"{path}.k_proj", h, kv_dims)
-            self.v_proj = p.linear(f"{path}.v_proj", h, kv_dims)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.o_proj = p.linear(f"{path}.o_proj", q_dims, h)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -200,14 +222,20 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, offset: int, cache, shared_kv: tuple | None):
         """`shared_kv`: (keys, values, mask) of this layer's producer, for a KV-shared layer."""
         b, n, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(b, n, self.n_heads, self.head_dim))
+        if "qkv_proj" in self:
+            q, k, v = mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
+        else:
+            q = self.q_proj(x)
+            if not self.is_kv_shared:
+                k, v = self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.reshape(b, n, self.n_heads, self.head_dim))
         q = self.rope(q.transpose(0, 2, 1, 3), offset)
         if self.is_kv_shared:
             keys, values, mask = shared_kv
         else:
-            k = self.k_norm(self.k_proj(x).reshape(b, n, self.n_kv_heads, self.head_dim))
+            k = self.k_norm(k.reshape(b, n, self.n_kv_heads, self.head_dim))
             keys = self.rope(k.transpose(0, 2, 1, 3), offset)
-            v = rms_norm(self.v_proj(x).reshape(b, n, self.n_kv_heads, self.head_dim), None, self.eps)
+            v = rms_norm(v.reshape(b, n, self.n_kv_heads, self.head_dim), None, self.eps)
             values = v.transpose(0, 2, 1, 3)
             k_start = 0
             if cache is not None:
@@ -225,8 +253,15 @@ class MLP(nn.Module):
     def __init__(self, c: TextConfig, p: Projections, path: str, layer: int):
         super().__init__()
         h, inter = c.hidden_size, c.intermediate_size[layer]
-        self.gate_proj = p.linear(f"{path}.gate_proj", h, inter)
-        self.up_proj = p.linear(f"{path}.up_proj", h, inter)
+        # A fused bundle stores gate/up as one `gate_up_proj` (rows gate, then up), split at
+        # `gate_up_split` (this layer's intermediate size).
+        gate_up = p.fused(f"{path}.gate_up_proj", h, [(f"{path}.gate_proj", inter), (f"{path}.up_proj", inter)])
+        if gate_up is not None:
+            self.gate_up_proj = gate_up
+            self.gate_up_split = inter
+        else:
+            self.gate_proj = p.linear(f"{path}.gate_proj", h, inter)
+            self.up_proj = p.linear(f"{path}.up_proj", h, inter)
         self.down_proj = p.linear(f"{path}.down_proj", inter, h)
         sparsity = c.activation_sparsity_pattern[layer]
         # Gaussian top-k: keep what lies above the `sparsity` quantile of a normal fitted to the
@@ -234,12 +269,15 @@ class MLP(nn.Module):
         self.std_multiplier = NormalDist().inv_cdf(sparsity) if sparsity > 0 else None
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate = self.gate_proj(x)
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), [self.gate_up_split], axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         if self.std_multiplier is not None:
             mean = mx.mean(gate, axis=-1, keepdims=True)
             std = mx.std(gate, axis=-1, keepdims=True)
             gate = mx.maximum(gate - (mean + std * self.std_multiplier), 0)
-        return self.down_proj(gelu_tanh(gate) * self.up_proj(x))
+        return self.down_proj(gelu_tanh(gate) * up)
 
 
 class AltUp(nn.Module):

@@ -7,6 +7,10 @@ A manifest record (`projections[<module path>]`) says how the converter stored o
 - `pretransposed`: contiguous `[in, out]` under `<module>.weight_t`. `x @ Wt`, a plain matmul
   that MLX runs as `gemv_t`, which is faster for some shapes on some devices.
 
+A fused record (`fused: [{path, out}, ...]`, manifests/format.py FUSED_GROUPS) is one of these
+over its members' rows concatenated; `build_fused` checks the members against the config, and the
+model splits the output (runtime/model.py). Nothing is concatenated at load: convert did that.
+
 Modules here hold lazy placeholders (`mx.zeros`, never evaluated) so that building a model
 costs nothing; `load_weights` then puts the shard arrays in their place unchanged.
 """
@@ -115,6 +119,18 @@ def build_projection(path: str, record: dict | None, input_dims: int, output_dim
     if layout == PRETRANSPOSED:
         return Pretransposed(input_dims, output_dims, has_bias)
     raise ManifestError(f"manifest.yaml: projections.{path}: unknown layout {layout!r}")
+
+
+def build_fused(path: str, record: dict, input_dims: int, members: list[tuple[str, int]]) -> nn.Module:
+    """The module for a fused record whose members the config says are `members` ((path, out)
+    in row order): one projection over their summed output, built like any other."""
+    recorded = [(m["path"], int(m["out"])) for m in record.get("fused") or []]
+    if recorded != list(members):
+        raise ManifestError(
+            f"manifest.yaml: projections.{path}: fused members {[f'{p} ({o})' for p, o in recorded]} disagree "
+            f"with the model config, which implies {[f'{p} ({o})' for p, o in members]}"
+        )
+    return build_projection(path, record, input_dims, sum(out for _, out in members))
 
 
 class Embedding(nn.Embedding):
