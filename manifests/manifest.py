@@ -94,6 +94,10 @@ def check_fused(projections: dict, where: str = MANIFEST_NAME) -> None:
         if total != rows:
             raise ManifestError(f"{at}: member outs {[m['out'] for m in members]} sum to {total}, but the "
                                 f"{record['layout']} shape {shape} has {rows} output rows")
+        for m in members:
+            if "source_shape" in m and (len(m["source_shape"]) != 2 or m["source_shape"][0] != m["out"]):
+                raise ManifestError(f"{at}: member {m['path']} has out {m['out']} but source shape "
+                                    f"{m['source_shape']}")
 
 
 def dump_manifest(manifest: dict) -> str:

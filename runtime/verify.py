@@ -3,7 +3,9 @@
 Re-hashes every file the manifest lists (size and sha256), flags files it does not list, and
 checks every projection and embedding against the safetensors headers: the key is where the
 index says, the stored dtype and shape are the recorded ones, and the shape fits the layout
-(`standard` keeps the source shape, `pretransposed` stores it reversed). Only headers are read
+(`standard` keeps the source shape, `pretransposed` stores it reversed, `--quantize` packs its
+rows). A fused record (q/k/v, gate/up) is checked like any other against its members' stacked
+source shape; that its members add up was checked when the manifest was read. Only headers are read
 for that; the weights themselves are only hashed. The manifest itself is checked against the
 digest recorded beside it (manifest.sha256), and no file the manifest or the index names may lead
 outside the bundle (absolute, `..`, or a symlink to elsewhere).
@@ -189,6 +191,9 @@ def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]], index: d
             source = list(record["source_shape"])
             layout = record["layout"]
             want = source[::-1] if layout == PRETRANSPOSED else source
+            quantized = record.get("quantized")
+            if quantized and shape != source and len(source) == 2:  # --quantize packed a float source
+                want = [source[0], source[1] * int(quantized["bits"]) // 32]
             if layout not in (STANDARD, PRETRANSPOSED):
                 problems.append(f"{where}: unknown layout {layout!r}")
             elif shape != want:
