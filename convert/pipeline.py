@@ -176,7 +176,10 @@ def nonfinite_message(p: Plan, e: NonFiniteError, out: Path) -> str:
         return f"{e.message}; {out} was left as it was"
     narrowed = ITEMSIZE[item.dtype] < ITEMSIZE[item.source.dtype]  # a narrowing cast can overflow to infinity
     cast = f" after narrowing {item.source.dtype} to {item.dtype}" if narrowed else ""
-    return (f"{p.source.display}/{item.file}: tensor {item.source.name!r}: {e.nan} NaN and {e.inf} infinite "
+    what = f"tensor {item.source.name!r}"
+    if item.members:  # fused: the values may be in any member
+        what = "one of tensors " + ", ".join(repr(src.name) for _, src in item.members) + f" (fused into {e.tensor})"
+    return (f"{p.source.display}/{item.file}: {what}: {e.nan} NaN and {e.inf} infinite "
             f"values{cast} (--check-finite); {out} was left as it was")
 
 

@@ -435,3 +435,22 @@ def test_fused_bundles_verify_and_a_flipped_byte_is_caught(bundles, tmp_path, na
     else:
         raise AssertionError(f"{key} in no shard")
     assert verify_bundle(bundle) == [f"{shard}: sha256 differs from manifest.yaml"]
+
+
+def test_check_finite_names_the_members_of_a_fused_tensor(tmp_path):
+    tensors = checkpoint_tensors(CFG, "hf")
+    k = f"{L}1.self_attn.k_proj.weight"
+    bad = np.array(tensors[k])
+    bad[3, 4] = np.nan
+    tensors[k] = mx.array(bad)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(full_config(CFG, "hf")))
+    write_tensors(src, tensors)
+    done = subprocess.run([sys.executable, "-m", "convert", "--target", "cuda", "--check-finite", "-q", str(src),
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    assert done.stderr.splitlines() == [
+        f"Error: {src}/model.safetensors: one of tensors '{L}1.self_attn.q_proj.weight', '{k}', "
+        f"'{L}1.self_attn.v_proj.weight' (fused into {L}1.self_attn.qkv_proj.weight): 1 NaN and 0 infinite "
+        f"values (--check-finite); {tmp_path / 'out'} was left as it was"]
