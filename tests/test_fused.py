@@ -454,3 +454,17 @@ def test_check_finite_names_the_members_of_a_fused_tensor(tmp_path):
         f"Error: {src}/model.safetensors: one of tensors '{L}1.self_attn.q_proj.weight', '{k}', "
         f"'{L}1.self_attn.v_proj.weight' (fused into {L}1.self_attn.qkv_proj.weight): 1 NaN and 0 infinite "
         f"values (--check-finite); {tmp_path / 'out'} was left as it was"]
+
+
+def test_small_blocks_and_bands_write_the_same_fused_bytes(source, bundles, tmp_path):
+    """Read blocks and transpose bands far smaller than one member: blocks and bands then cross
+    member boundaries in every way, and the bytes must not change."""
+    small = ("--read-block-size", "2KB", "--band-size", "3KB")
+    for name, target, extra in (("pretransposed", "cpu-x86_64", ()),
+                                ("q4", "cuda", ("--quantize", "4", "--group-size", "32"))):
+        again = stored(convert(source, tmp_path / name, target, *small, *extra))
+        want = stored(bundles[name])
+        fused = [k for k in want if "qkv_proj" in k or "gate_up_proj" in k]
+        assert len(fused) >= LAYERS + FIRST_SHARED
+        for key in fused:
+            assert raw(again[key]) == raw(want[key]), (name, key)
