@@ -94,12 +94,13 @@ def worker_decode(impl: str, path: str, prompt_len: int, tokens: int, reps: int,
     import mlx.core as mx
     import numpy as np
 
-    loaders = {"ours": load_ours, "mlx-lm": load_mlx_lm_quantized, "mlx-lm-own": load_mlx_lm_own}
+    loaders = {"ours": load_ours, "ours-compiled": load_ours, "mlx-lm": load_mlx_lm_quantized,
+               "mlx-lm-own": load_mlx_lm_own}
     model = loaders[impl](path)
     prompt = mx.array(np.random.default_rng(seed).integers(3, id_limit(path), prompt_len), dtype=mx.int32)
     prefill_tps, decode_tps, ids = [], [], None
     for r in range(warmup + reps):
-        prefill, decode, ids = greedy(model, prompt, tokens)
+        prefill, decode, ids = greedy(model, prompt, tokens, compiled=impl == "ours-compiled")
         if r >= warmup:
             prefill_tps.append(prompt_len / prefill)
             decode_tps.append((len(ids) - 1) / decode)
@@ -183,7 +184,10 @@ def bench_convert(a) -> None:
 
 
 def bench_decode(a) -> None:
-    impls = [("ours (" + Path(a.bundle).name + ")", "ours", a.bundle), (PEER_SAME, "mlx-lm", a.bundle)]
+    ours = "ours-compiled" if a.compiled else "ours"
+    suffix = ", compiled" if a.compiled else ""
+    impls = [(f"ours ({Path(b).name}{suffix})", ours, b) for b in (a.ours or [a.bundle])]
+    impls.append((PEER_SAME, "mlx-lm", a.bundle))
     if a.mlx_lm_dir:
         impls.append((PEER_OWN, "mlx-lm-own", a.mlx_lm_dir))
     print(f"prompt {a.prompt} tokens, decode {a.tokens} tokens, {a.reps} reps after {a.warmup} warm-up per "
@@ -233,6 +237,10 @@ def main(argv=None) -> int:
     pd = sub.add_parser("decode", help="decode tok/s: ours vs mlx-lm on the same quantized arrays")
     pd.add_argument("bundle")
     pd.add_argument("--mlx-lm-dir", default=None, help="also run mlx-lm on its own mlx_lm.convert -q output")
+    pd.add_argument("--ours", action="append", default=None,
+                    help="run our runtime on this bundle instead (repeatable; e.g. a --target cuda one made from "
+                         "the same source with the same --quantize, which mlx-lm cannot load when fused)")
+    pd.add_argument("--compiled", action="store_true", help="our runtime with its compiled decode step")
     pd.add_argument("--prompt", type=int, default=16)
     pd.add_argument("--tokens", type=int, default=8)
     pd.add_argument("--reps", type=int, default=1)

@@ -2,8 +2,9 @@
 # One measurement on the lent H100 (MLX's CUDA build; see shared/device/README.md). Run there as
 #   bash .mlxcuda/a/stage.sh                                   # first call
 #   source .mlxcuda/b/activate.sh && bash benchmarks/h100.sh e2b decode   # second call, right after
-# Steps: decode (runtime eager and compiled vs mlx-lm, same weights), calibrate (GEMV layouts),
-# graph (nodes per decode step, bench_graph.py). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
+# Steps: decode (runtime eager and compiled vs mlx-lm, same weights), fast (compiled only vs
+# mlx-lm), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), calibrate (GEMV
+# layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
 # (every layer at tiny widths: launch cost alone, made in seconds).
 # The random full-size checkpoint and its bundle are made there, in /tmp (nothing that big travels).
 set -euo pipefail
@@ -19,18 +20,29 @@ if [ ! -d "$data/$size" ]; then
   python3 benchmarks/make_checkpoint.py --size "$size" --quiet "$data/$size"
 fi
 [ -d "$data/$size-cuda" ] || python3 -m convert --target cuda --quiet "$data/$size" "$data/$size-cuda"
+# mlx-lm runs the generic bundle's arrays (the cuda profile fuses q/k/v and gate/up, which mlx-lm cannot load)
+[ -d "$data/$size-generic" ] || python3 -m convert --target generic --quiet "$data/$size" "$data/$size-generic"
 for step in $steps; do
   case $step in
     decode)
-      python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-cuda" --compiled \
+      python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --compiled \
         --rounds "${ROUNDS:-3}" --prompt 64 --tokens "${TOKENS:-64}" --json "$out/decode-$size.json" ;;
+    fast)
+      python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --no-eager \
+        --rounds "${ROUNDS:-2}" --reps 3 --prompt 64 --tokens "${TOKENS:-64}" --json "$out/fast-$size.json" ;;
+    q4)
+      for t in generic cuda; do
+        [ -d "$data/$size-$t-q4" ] || python3 -m convert --target $t --quantize 4 --quiet "$data/$size" "$data/$size-$t-q4"
+      done
+      python3 benchmarks/bench_quantized.py decode "$data/$size-generic-q4" --ours "$data/$size-cuda-q4" --compiled \
+        --rounds "${ROUNDS:-2}" --reps 3 --prompt 64 --tokens "${TOKENS:-64}" --json "$out/q4-$size.json" ;;
     sweep)
       # MLX's CUDA backend records up to MLX_MAX_OPS_PER_BUFFER ops per CUDA graph and keeps
       # MLX_CUDA_GRAPH_CACHE_SIZE graphs: a decode step of ~1000 ops may not fit the defaults.
       for ops in 20 100 250; do for cache in 100 2000; do
         echo "== MLX_MAX_OPS_PER_BUFFER=$ops MLX_CUDA_GRAPH_CACHE_SIZE=$cache"
         MLX_MAX_OPS_PER_BUFFER=$ops MLX_CUDA_GRAPH_CACHE_SIZE=$cache python3 benchmarks/bench_runtime.py decode \
-          "$data/$size-cuda" --source "$data/$size-cuda" --compiled --rounds 1 --reps 2 --prompt 64 \
+          "$data/$size-cuda" --source "$data/$size-generic" --compiled --rounds 1 --reps 2 --prompt 64 \
           --tokens "${TOKENS:-64}" --json "$out/sweep-$size-$ops-$cache.json" | tail -4
       done; done ;;
     variants)
@@ -39,11 +51,12 @@ for step in $steps; do
         [ -d "$data/$size-$v" ] || python3 -m convert --target-profile "benchmarks/profiles/cuda-$v.yaml" --quiet \
           "$data/$size" "$data/$size-$v"
       done
-      python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" "$data/$size-small-pretransposed" \
-        "$data/$size-all-pretransposed" --source "$data/$size-cuda" --no-eager --rounds "${ROUNDS:-2}" --reps 3 \
+      python3 benchmarks/bench_runtime.py decode "$data/$size-generic" "$data/$size-cuda" "$data/$size-small-pretransposed" \
+        "$data/$size-all-pretransposed" --source "$data/$size-generic" --no-eager --rounds "${ROUNDS:-2}" --reps 3 \
         --prompt 64 --tokens "${TOKENS:-64}" --json "$out/variants-$size.json" ;;
     graph)
-      python3 benchmarks/bench_graph.py "$data/$size-cuda" ;;
+      python3 benchmarks/bench_graph.py "$data/$size-generic" --top 20
+      python3 benchmarks/bench_graph.py "$data/$size-cuda" --no-mlx-lm --top 20 ;;
     calibrate)
       python3 -m runtime calibrate --config "$data/$size/config.json" --dtype bfloat16 --dtype float32 \
         --out "$out/cuda-$size.yaml" ;;
