@@ -111,6 +111,26 @@ class RotatingKVCache:
         self.values = mx.concatenate([v, mx.zeros(pad, v.dtype)], axis=2)
         self._size, self._next = total, total
 
+    def to_ring(self) -> tuple[mx.array, mx.array]:
+        """Keys and values `[batch, kv_heads, window, head_dim]` with position p in slot p % window
+        (zeros in slots not written yet): the layout of the compiled decode step's ring buffer."""
+        keys, values = self._ordered()  # oldest first: positions offset - n .. offset - 1
+        n = keys.shape[2]
+        shift = (self.offset - n) % self.window
+        if n == self.window and shift:
+            keys, values = mx.roll(keys, shift, axis=2), mx.roll(values, shift, axis=2)
+        if n < self.window:
+            pad = (*keys.shape[:2], self.window - n, keys.shape[3])
+            keys = mx.concatenate([keys, mx.zeros(pad, keys.dtype)], axis=2)
+            values = mx.concatenate([values, mx.zeros(pad, values.dtype)], axis=2)
+        return keys, values
+
+    def from_ring(self, keys: mx.array, values: mx.array, offset: int) -> None:
+        """Take over a ring in `to_ring`'s layout after `offset` positions (the inverse of to_ring)."""
+        self.keys, self.values, self.offset = keys, values, offset
+        self._size = min(offset, self.window)
+        self._next = offset % self.window if offset >= self.window else offset
+
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
         """The buffers as stored (rotation order): what `mx.eval` needs to materialize the cache."""

@@ -1,17 +1,21 @@
 """Compiled single-token decode: one `mx.compile`d step over fixed-shape KV buffers.
 
-Decode is memory-bound in principle, but at batch 1 the eager path spends most of a token
-building a graph of a few thousand small ops in Python and launching them one by one. A
-compiled step is traced once and replayed: no per-token Python graph building, and MLX fuses
-the element-wise chains (norms, AltUp mixing, gates, soft-cap) into fewer kernels.
+At batch 1 on a big GPU a decode step is launch-bound: MLX spends host time on every node of
+the graph it evaluates, and the weights' bytes take a fraction of that. On an H100 an E2B-shaped
+model with tiny widths decoded barely faster than the full-size one (docs/BENCHMARKS.md). So
+decode is a separate forward pass, `DecodeStep`, written for the fewest nodes (see its
+docstring), traced once by `mx.compile` and replayed: no per-token Python graph building, and
+MLX fuses the element-wise chains into single kernels. `benchmarks/bench_graph.py` counts the
+nodes; the float32 parity tests check every compiled step against transformers.
 
-Compilation needs shapes that do not change from token to token, so decode uses
-`StaticKVCache`s: a full-attention layer writes position p to slot p of a buffer with room
-for `capacity` positions; a sliding layer writes it to slot p % window of a ring. Attention
-reads the whole buffer with a mask of the slots written so far; the order of keys in a ring
-does not matter to attention because RoPE was applied before they were stored. Prefill stays
-eager (its shapes vary anyway); `CompiledDecoder` takes over the eager caches after it and
-hands them back (`to_eager`) so a chat can prefill its next turn.
+Compilation needs shapes that do not change from token to token: a full-attention layer writes
+position p to slot p of a buffer with room for `capacity` positions (doubled, and traced once
+more, when full); a sliding layer writes it to slot p % window of a ring
+(`RotatingKVCache.to_ring`). Attention reads the whole buffer with a mask of the slots written
+so far; the order of keys in a ring does not matter to attention because RoPE was applied
+before they were stored. Prefill stays eager (its shapes vary anyway); `CompiledDecoder` takes
+over the eager caches after it and hands them back (`to_eager`) so a chat can prefill its next
+turn.
 """
 
 from __future__ import annotations
@@ -24,42 +28,11 @@ from runtime.model import gelu_tanh, rms_norm, softcap
 DEFAULT_CAPACITY = 1024
 
 
-class StaticKVCache:
-    """Keys/values of one layer in a fixed buffer `[batch, kv_heads, size, head_dim]`."""
-
-    def __init__(self, keys: mx.array, values: mx.array, position: mx.array):
-        self.keys, self.values, self.offset = keys, values, position
-
-    @property
-    def size(self) -> int:
-        return self.keys.shape[2]
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        slot = (self.offset % self.size).reshape(1)
-        self.keys = mx.slice_update(self.keys, keys, slot, axes=(2,))
-        self.values = mx.slice_update(self.values, values, slot, axes=(2,))
-        return self.keys, self.values, 0
-
-    def attention_mask(self) -> mx.array:
-        # Slots written so far: all of them once a ring has wrapped.
-        return (mx.arange(self.size) <= self.offset).reshape(1, 1, 1, -1)
-
-
 def _pad(x: mx.array, size: int) -> mx.array:
     n = x.shape[2]
     if n == size:
         return x
     return mx.concatenate([x, mx.zeros((*x.shape[:2], size - n, x.shape[3]), x.dtype)], axis=2)
-
-
-def _ring_from_eager(cache: RotatingKVCache) -> tuple[mx.array, mx.array]:
-    """The eager ring in slot order p % window (what StaticKVCache writes)."""
-    keys, values = cache._ordered()  # oldest first: positions offset - n .. offset - 1
-    n, first = keys.shape[2], cache.offset - keys.shape[2]
-    shift = first % cache.window
-    if n == cache.window and shift:
-        keys, values = mx.roll(keys, shift, axis=2), mx.roll(values, shift, axis=2)
-    return _pad(keys, cache.window), _pad(values, cache.window)
 
 
 def cache_owners(config) -> list[int]:
@@ -264,7 +237,7 @@ class CompiledDecoder:
                     raise ValueError("CompiledDecoder needs a prefilled cache")
                 keys, values = (_pad(a, self.capacity) for a in state)
             else:
-                keys, values = _ring_from_eager(cache[i])
+                keys, values = cache[i].to_ring()
             self.buffers += [keys, values]
         self._step = compiled_step(model)
 
@@ -298,7 +271,5 @@ class CompiledDecoder:
                 cache.keys, cache.values, cache.offset = keys[..., :n, :], values[..., :n, :], n
             else:
                 assert isinstance(cache, RotatingKVCache)
-                cache.keys, cache.values, cache.offset = keys, values, n
-                cache._size = min(n, cache.window)
-                cache._next = n % cache.window if n >= cache.window else n
+                cache.from_ring(keys, values, n)
         return self.eager

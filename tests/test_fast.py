@@ -45,3 +45,37 @@ def test_cache_handed_back_after_compiled_turn(model):
 
     assert two_turns(True) == two_turns(False)
     assert two_turns(True)[1] == len(PROMPT) + 11  # the last token of a max_tokens run is not fed
+
+
+@pytest.mark.parametrize("written", [3, 8, 13, 21])
+def test_ring_layout_round_trip(written):
+    """to_ring puts position p in slot p % window; from_ring hands that back to the eager cache,
+    which then continues exactly like one that never left."""
+    import mlx.core as mx
+
+    from runtime.cache import RotatingKVCache
+
+    window = 8
+    keys = mx.arange(32, dtype=mx.float32).reshape(1, 1, 32, 1) + 1  # position p carries p + 1
+
+    def filled(n):
+        cache = RotatingKVCache(window)
+        cache.update_and_fetch(keys[:, :, :2], keys[:, :, :2])  # a prefill, then single tokens
+        for p in range(2, n):
+            cache.update_and_fetch(keys[:, :, p : p + 1], keys[:, :, p : p + 1])
+        return cache
+
+    ring, _ = filled(written).to_ring()
+    slots = ring.reshape(-1).tolist()
+    for p in range(max(0, written - window), written):
+        assert slots[p % window] == p + 1
+    assert slots.count(0) == max(0, window - written)
+
+    back = RotatingKVCache(window)
+    back.from_ring(*filled(written).to_ring(), written)
+    same = filled(written)
+    for p in range(written, written + 10):
+        got = back.update_and_fetch(keys[:, :, p : p + 1], keys[:, :, p : p + 1])
+        want = same.update_and_fetch(keys[:, :, p : p + 1], keys[:, :, p : p + 1])
+        assert got[2] == want[2]
+        assert sorted(got[0].reshape(-1).tolist()) == sorted(want[0].reshape(-1).tolist())
