@@ -39,7 +39,7 @@ import yaml
 
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
 from manifests.format import DTYPES, PRETRANSPOSED, STANDARD
-from manifests.profiles import ROLES, profile_sha256, save_user_profile, target_for_device
+from manifests.profiles import ROLES, load_profile, profile_sha256, save_user_profile, target_for_device
 
 # Projections whose weight goes through a plain matmul. The AltUp coefficient and router tensors
 # (4x4, 16x4, 4x2048) are left out: too small for the layout to matter, and their math runs in
@@ -273,7 +273,13 @@ def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DT
     device_name = str(info.get("device_name", "unknown"))
     arch = str(info.get("architecture", "unknown"))
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    return {
+    device_class = target_for_device(info)
+    # GEMV timing cannot see what fusing saves (fewer launches per decode step), so the fused
+    # groups are the device class's, decided by whole-step decode benchmarks.
+    fuse = list(load_profile(device_class).fuse)
+    fused_note = (f" Fused groups ({', '.join(fuse)}) come from the built-in {device_class} profile, "
+                  "decided by decode benchmarks, not by this calibration.") if fuse else ""
+    profile = {
         "name": f"calibrated-{_slug(arch)}-{_slug(device_name)}",
         "description": f"Calibrated by `runtime calibrate` on {device_name} ({arch})",
         "evidence": (
@@ -281,10 +287,10 @@ def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DT
             f"median of {settings.repeats} samples after {settings.warmup} warm-up, layouts alternating, each sample "
             f"many GEMVs in one graph over weight copies of at least {settings.cache_bytes >> 20} MiB; "
             f"pretransposed where it was more than {settings.margin:.0%} faster over the role's shapes "
-            f"({source}). Dtypes not measured stay standard."
+            f"({source}). Dtypes not measured stay standard.{fused_note}"
         ),
         "device": info,
-        "device_class": target_for_device(info),
+        "device_class": device_class,
         "mlx_version": mx.__version__,
         "calibration": {
             "date": now, "shapes_from": source, "dtypes": dtypes, "repeats": settings.repeats,
@@ -294,6 +300,9 @@ def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DT
         "layouts": layouts,
         "measurements": measurements,
     }
+    if fuse:
+        profile["fuse"] = fuse
+    return profile
 
 
 def profile_text(profile: dict) -> str:
