@@ -47,6 +47,11 @@ def _pretransposed_roles(manifest: dict) -> list[str]:
     return sorted({p["role"] for p in manifest["projections"].values() if p["layout"] == "pretransposed"})
 
 
+def _fused_modules(manifest: dict) -> list[str]:
+    """Fused modules by their last path part (qkv_proj, gate_up_proj), each once."""
+    return sorted({path.rsplit(".", 1)[-1] for path, p in manifest["projections"].items() if p.get("fused")})
+
+
 def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], base_model: str | None = None) -> str:
     """The README.md of a bundle repo: hub metadata first, then what each variant is and how to run it."""
     import yaml
@@ -72,19 +77,24 @@ def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], 
         "is a complete bundle whose weights already have the layout one device class decodes fastest, "
         "so loading does no work beyond reading bytes."
     )
-    lines += ["", "| variant | target | pretransposed roles | dtype | quantized |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| variant | target | pretransposed roles | fused | dtype | quantized |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for v in variants:
         if v == variant:
             roles = ", ".join(_pretransposed_roles(manifest)) or "none"
-            lines.append(f"| `{v}/` | {manifest['target']['name']} | {roles} | {manifest['dtype']} | {'yes' if quantized else 'no'} |")
+            fused = ", ".join(_fused_modules(manifest)) or "none"
+            lines.append(f"| `{v}/` | {manifest['target']['name']} | {roles} | {fused} | {manifest['dtype']} | "
+                         f"{'yes' if quantized else 'no'} |")
         else:
-            lines.append(f"| `{v}/` | {v} | see `{v}/manifest.yaml` | | |")
+            lines.append(f"| `{v}/` | {v} | see `{v}/manifest.yaml` | | | |")
     lines += ["", f"## This upload: `{variant}/`", ""]
     profile = manifest["target"]["profile"]
     lines.append(f"- Target class: **{manifest['target']['name']}** — {profile.get('description', '')}".rstrip(" —"))
     lines.append(
         "- Layout: `pretransposed` projections are stored contiguous `[in, out]` under `*.weight_t` "
-        "(MLX then runs `gemv_t`); `standard` ones keep the Hugging Face `[out, in]`."
+        "(MLX then runs `gemv_t`); `standard` ones keep the Hugging Face `[out, in]`. A fused module "
+        "(`qkv_proj`, `gate_up_proj`) stores the projections that read the same input as one matrix, "
+        "their outputs side by side (`fused` in `manifest.yaml` lists them): one GEMV instead of two or three."
     )
     if profile.get("evidence"):
         lines.append(f"- Evidence for this layout: {profile['evidence']}")

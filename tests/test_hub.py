@@ -238,3 +238,15 @@ def test_edited_manifest_in_cache_is_refused(offline_cache):
     manifest.write_text(manifest.read_text() + "# an edit that leaves the content valid\n")
     with pytest.raises(Exception, match="manifest.yaml.*(sha256|digest)"):
         load(REPO + ":generic")
+
+
+def test_card_names_fused_modules(tmp_path):
+    """A bundle converted for a fusing target says so in its card; a generic one says none."""
+    from tests.runtime_helpers import convert
+
+    src = make_checkpoint(tmp_path / "src", "hf")
+    fused = read_manifest(convert(src, tmp_path / "cuda", "cuda"))
+    plain = read_manifest(convert(src, tmp_path / "generic", "generic"))
+    row = lambda card: next(line for line in card.splitlines() if line.startswith("| `v/`"))  # noqa: E731
+    assert "| gate_up_proj, qkv_proj |" in row(model_card(fused, REPO, "v", ["v"]))
+    assert "| none | float32 |" in row(model_card(plain, REPO, "v", ["v"]))
