@@ -291,7 +291,8 @@ def bundle_label(bundle: str) -> str:
     m = yaml.safe_load(Path(bundle, "manifest.yaml").read_text())
     dtypes = sorted({p["dtype"] for p in m["projections"].values()})
     pre = sum(p["layout"] == "pretransposed" for p in m["projections"].values())
-    return f"ours {m['target']['name']} ({'/'.join(dtypes)}, {pre} pretransposed)"
+    fused = sum(bool(p.get("fused")) for p in m["projections"].values())
+    return f"ours {m['target']['name']} ({'/'.join(dtypes)}, {pre} pretransposed{f', {fused} fused' if fused else ''})"
 
 
 def default_source(bundle: str) -> str | None:
