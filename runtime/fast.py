@@ -61,7 +61,11 @@ class DecodeStep:
       a power-of-two width), and router outputs are cast to the activation dtype as transformers
       does, so no cast needs a kernel of its own;
     - attention over the fixed-size buffers is written out (scores, masked softmax, values):
-      MLX's fused attention takes no array mask on CUDA and would expand into more nodes;
+      MLX's fused attention takes no array mask on CUDA and would expand into more nodes; the
+      mask is additive and joins the scores' matmul (`addmm`), as the residual joins AltUp's
+      mixing matmul;
+    - AltUp correct is one fused kernel: its operands are materialized arrays or views of them
+      (a reshape between element-wise ops would split the kernel);
     - a fused bundle (`qkv_proj`, `gate_up_proj` in the manifest) is one GEMV per group.
     """
 
@@ -93,7 +97,8 @@ class DecodeStep:
         for i in self.owners:
             size = keys[i].shape[2]
             if size not in masks:
-                masks[size] = mx.arange(size) <= position
+                # Additive: 0 for slots written so far, -inf for the rest (folded into the scores' matmul).
+                masks[size] = mx.where(mx.arange(size) <= position, 0.0, -mx.inf).astype(keys[i].dtype)
         for i, layer in enumerate(lm.layers):
             owner = self.producers.get(i, i)
             planes, kv = self._layer(layer, planes, per_layer[:, i, :], position, plane_mask,
@@ -137,7 +142,7 @@ class DecodeStep:
 
         # AltUp predict: predictions[j] = planes[j] + sum_i coefs[j, i] * planes[i]
         coefs = altup.prediction_coefs(self._router(altup, planes[:, a])).reshape(b, n, n)
-        predictions = planes + coefs @ planes
+        predictions = mx.addmm(planes, coefs, planes)  # planes + coefs @ planes, one kernel
         active = predictions[:, a]
 
         normed = rms_norm(active, layer.input_layernorm.weight, eps)
@@ -156,8 +161,8 @@ class DecodeStep:
             q = attn.q_proj(normed)
         q = attn.rope(rms_norm(q.reshape(b, nq, 1, d), attn.q_norm.weight, eps), position)
         keys, values = kv
-        scores = q.reshape(b, nkv, nq // nkv, d) @ keys.swapaxes(-1, -2)  # attention scale is 1
-        scores = mx.where(masks[keys.shape[2]], scores, -mx.inf)
+        # Attention scale is 1; mask + q @ k^T in one kernel.
+        scores = mx.addmm(masks[keys.shape[2]], q.reshape(b, nkv, nq // nkv, d), keys.swapaxes(-1, -2))
         out = (mx.softmax(scores, axis=-1, precise=True) @ values).reshape(b, nq * d)
         attn_out = rms_norm(attn.o_proj(out), layer.post_attention_layernorm.weight, eps)
         laurel = normed + rms_norm(layer.laurel.linear_right(laurel), layer.laurel.post_laurel_norm.weight, eps)
@@ -177,8 +182,11 @@ class DecodeStep:
         activated = attn_laurel + ffw
 
         # AltUp correct, then the per-layer input into planes 1..
-        coefs = altup.correction_coefs(self._router(altup, activated)) + 1.0
-        corrected = predictions + (activated - active)[:, None, :] * coefs[:, :, None]
+        # One fused kernel: every operand is a materialized array or a view of one (a view between
+        # element-wise ops would split the kernel), so `activated` is recomputed in 3-D here.
+        coefs = altup.correction_coefs(self._router(altup, activated)).reshape(b, n, 1)
+        activated3 = attn_laurel.reshape(b, 1, h) + ffw.reshape(b, 1, h)
+        corrected = predictions + (activated3 - predictions[:, a : a + 1]) * (coefs + 1.0)
         first = corrected[:, a]
         if layer.correct_scale:
             first = first * altup.correct_output_scale
