@@ -14,6 +14,8 @@ steps=${*:-decode}
 data=/tmp/bench-data
 out=${OUT:-/tmp}
 mkdir -p "$data"
+# Fail before minutes of checkpoint writing when the machine was handed back and came up bare.
+python3 -c "import mlx.core" 2>/dev/null || { echo "MLX is not importable here: stage it first (bash .mlxcuda/a/stage.sh, then source .mlxcuda/b/activate.sh in the next call)" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 if [ ! -d "$data/$size" ]; then
   case $size in *-narrow) ;; *) rm -rf "$data"/e?b "$data"/e?b-* ;; esac  # one full model at a time: the disk holds about 64 GB
