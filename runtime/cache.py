@@ -13,6 +13,14 @@ from __future__ import annotations
 import mlx.core as mx
 
 
+def pad_positions(x: mx.array, size: int) -> mx.array:
+    """`x` `[batch, kv_heads, n, head_dim]` followed by zeros up to `size` positions."""
+    n = x.shape[2]
+    if n == size:
+        return x
+    return mx.concatenate([x, mx.zeros((*x.shape[:2], size - n, x.shape[3]), x.dtype)], axis=2)
+
+
 class KVCache:
     """Every key and value since position 0, in a buffer grown `step` positions at a time."""
 
@@ -106,9 +114,7 @@ class RotatingKVCache:
             self.keys, self.values = k[..., total - self.window :, :], v[..., total - self.window :, :]
             self._size, self._next = self.window, 0
             return
-        pad = (*k.shape[:2], self.window - total, k.shape[3])
-        self.keys = mx.concatenate([k, mx.zeros(pad, k.dtype)], axis=2)
-        self.values = mx.concatenate([v, mx.zeros(pad, v.dtype)], axis=2)
+        self.keys, self.values = pad_positions(k, self.window), pad_positions(v, self.window)
         self._size, self._next = total, total
 
     def to_ring(self) -> tuple[mx.array, mx.array]:
@@ -119,11 +125,7 @@ class RotatingKVCache:
         shift = (self.offset - n) % self.window
         if n == self.window and shift:
             keys, values = mx.roll(keys, shift, axis=2), mx.roll(values, shift, axis=2)
-        if n < self.window:
-            pad = (*keys.shape[:2], self.window - n, keys.shape[3])
-            keys = mx.concatenate([keys, mx.zeros(pad, keys.dtype)], axis=2)
-            values = mx.concatenate([values, mx.zeros(pad, values.dtype)], axis=2)
-        return keys, values
+        return pad_positions(keys, self.window), pad_positions(values, self.window)
 
     def from_ring(self, keys: mx.array, values: mx.array, offset: int) -> None:
         """Take over a ring in `to_ring`'s layout after `offset` positions (the inverse of to_ring)."""

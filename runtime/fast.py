@@ -22,17 +22,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from runtime.cache import KVCache, RotatingKVCache
-from runtime.model import gelu_tanh, rms_norm, softcap
+from runtime.cache import KVCache, RotatingKVCache, pad_positions
+from runtime.model import gelu_tanh, rescale_to, rms_norm, softcap
 
 DEFAULT_CAPACITY = 1024
-
-
-def _pad(x: mx.array, size: int) -> mx.array:
-    n = x.shape[2]
-    if n == size:
-        return x
-    return mx.concatenate([x, mx.zeros((*x.shape[:2], size - n, x.shape[3]), x.dtype)], axis=2)
 
 
 def cache_owners(config) -> list[int]:
@@ -86,8 +79,9 @@ class DecodeStep:
         embeds = lm.embed_tokens(ids)
         dtype = embeds.dtype
         embeds = embeds * mx.array(c.hidden_size**0.5, dtype)
-        per_layer = self._per_layer_inputs(ids, embeds)
-        planes = self._planes(embeds)
+        # The model's own per-layer inputs and AltUp planes, for ids [b]: [b, layers, width], [b, n, hidden].
+        per_layer = lm.per_layer_inputs(ids, embeds)
+        planes = lm.altup_planes(embeds, axis=1)
         plane_mask = self.plane_mask.astype(dtype)
 
         keys, values = {}, {}
@@ -111,22 +105,6 @@ class DecodeStep:
         for i in self.owners:
             out += [keys[i], values[i]]
         return tuple(out)
-
-    def _per_layer_inputs(self, ids, embeds):
-        c, lm = self.config, self.lm
-        dtype = embeds.dtype
-        in_table = (ids >= 0) & (ids < c.vocab_size_per_layer_input)
-        table = lm.embed_tokens_per_layer(mx.where(in_table, ids, 0))
-        shape = (ids.shape[0], c.num_hidden_layers, c.hidden_size_per_layer_input)
-        table = (table * mx.array(c.hidden_size_per_layer_input**0.5, table.dtype)).reshape(shape)
-        projected = lm.per_layer_model_projection(embeds) * mx.array(c.hidden_size**-0.5, dtype)
-        projected = rms_norm(projected.reshape(shape), lm.per_layer_projection_norm.weight, c.rms_norm_eps)
-        return (projected + table) * mx.array(2.0**-0.5, dtype)
-
-    def _planes(self, embeds):
-        lm = self.lm
-        target = mx.sqrt(mx.mean(embeds * embeds, axis=-1, keepdims=True))
-        return mx.stack([embeds] + [_rescale(proj(embeds), target) for proj in lm.altup_projections], axis=1)
 
     def _router(self, altup, x):
         """tanh(router(norm(x)) / hidden) in float32, returned in x's dtype (as transformers)."""
@@ -201,16 +179,11 @@ class DecodeStep:
         target = mx.sqrt(mx.mean(top * top, axis=-1, keepdims=True))
         total = top
         for i, proj in enumerate(lm.altup_unembed_projections):
-            total = total + _rescale(proj(planes[:, i + 1]), target)
+            total = total + rescale_to(proj(planes[:, i + 1]), target)
         h = rms_norm(total / n, lm.norm.weight, c.rms_norm_eps)
         logits = lm.embed_tokens.as_linear(h) if model.tied_head else model.lm_head(h)
         cap = c.final_logit_softcapping
         return softcap(logits, cap) if cap else logits
-
-
-def _rescale(x: mx.array, target_rms: mx.array) -> mx.array:
-    rms = mx.sqrt(mx.maximum(mx.mean(x * x, axis=-1, keepdims=True), 1e-5))
-    return x * target_rms / rms
 
 
 def compiled_step(model):
@@ -243,7 +216,7 @@ class CompiledDecoder:
                 state = cache[i].state
                 if not state:
                     raise ValueError("CompiledDecoder needs a prefilled cache")
-                keys, values = (_pad(a, self.capacity) for a in state)
+                keys, values = (pad_positions(a, self.capacity) for a in state)
             else:
                 keys, values = cache[i].to_ring()
             self.buffers += [keys, values]
@@ -254,8 +227,8 @@ class CompiledDecoder:
         self.capacity *= 2
         for j, i in enumerate(self.owners):
             if not self.sliding[i]:
-                self.buffers[2 * j] = _pad(self.buffers[2 * j], self.capacity)
-                self.buffers[2 * j + 1] = _pad(self.buffers[2 * j + 1], self.capacity)
+                self.buffers[2 * j] = pad_positions(self.buffers[2 * j], self.capacity)
+                self.buffers[2 * j + 1] = pad_positions(self.buffers[2 * j + 1], self.capacity)
 
     def __call__(self, token: mx.array) -> mx.array:
         if self.position >= self.capacity:

@@ -389,14 +389,18 @@ class LanguageModel(nn.Module):
         projected = self.per_layer_projection_norm(projected.reshape(shape))
         return (projected + table) * mx.array(2.0**-0.5, embeds.dtype)
 
+    def altup_planes(self, embeds: mx.array, axis: int = 0) -> mx.array:
+        """The embeddings and their AltUp projections (rescaled to the embeddings' RMS), stacked on `axis`."""
+        target = mx.sqrt(mx.mean(embeds * embeds, axis=-1, keepdims=True))
+        return mx.stack([embeds] + [rescale_to(proj(embeds), target) for proj in self.altup_projections], axis=axis)
+
     def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
         c = self.config
         embeds = self.embed_tokens(ids)
         embeds = embeds * mx.array(c.hidden_size**0.5, embeds.dtype)
         per_layer = self.per_layer_inputs(ids, embeds)
 
-        target = mx.sqrt(mx.mean(embeds * embeds, axis=-1, keepdims=True))
-        planes = mx.stack([embeds] + [rescale_to(proj(embeds), target) for proj in self.altup_projections])
+        planes = self.altup_planes(embeds)
 
         offset = cache[0].offset if cache is not None else 0
         kv_of_layer: dict[int, tuple] = {}
