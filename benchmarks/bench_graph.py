@@ -57,32 +57,56 @@ def prefilled(model, prompt_len: int):
     return cache
 
 
-def step_graphs(bundle: str, prompt_len: int, mlx_lm: bool, eager: bool = True) -> dict[str, Counter]:
+def compiled_step_nodes(model, prompt_len: int) -> Counter:
+    """The nodes of one compiled decode step after a `prompt_len`-token prefill (and one step that
+    traces it, so the KV buffers going in are the step's own evaluated outputs)."""
     import mlx.core as mx
 
     from runtime.fast import CompiledDecoder
+
+    token = mx.array([[5]], dtype=mx.int32)
+    decoder = CompiledDecoder(model, prefilled(model, prompt_len))
+    mx.eval(decoder(token[0]))
+    return graph_nodes(*decoder._step(token, mx.array(decoder.position, mx.int32), *decoder.buffers))
+
+
+def step_graphs(bundle: str, prompt_len: int, mlx_lm: bool, eager: bool = True) -> dict[str, Counter]:
+    import mlx.core as mx
 
     token = mx.array([[5]], dtype=mx.int32)
     model = load_ours(bundle)
     out = {}
     if eager:
         out["ours eager"] = graph_nodes(model(token, cache=prefilled(model, prompt_len)))
-    decoder = CompiledDecoder(model, prefilled(model, prompt_len))
-    mx.eval(decoder(token[0]))  # traces and compiles
-    step = decoder._step(token, mx.array(decoder.position, mx.int32), *decoder.buffers)
-    out["ours compiled"] = graph_nodes(*step)
+    out["ours compiled"] = compiled_step_nodes(model, prompt_len)
     if mlx_lm:
         peer = load_mlx_lm_from_bundle(bundle)
         out["mlx-lm eager"] = graph_nodes(peer(token, cache=prefilled(peer, prompt_len)))
     return out
 
 
-def stand_in_fast_ops() -> None:
-    """One node where a GPU runs one kernel: rms_norm and rope become a scan (counting only)."""
+def _scan_norm(x, weight, eps):
     import mlx.core as mx
 
-    mx.fast.rms_norm = lambda x, weight, eps: mx.cummax(x, axis=-1)
-    mx.fast.rope = lambda x, dims, **kwargs: mx.cummax(x, axis=-1)
+    return mx.cummax(x, axis=-1)
+
+
+def _scan_rope(x, dims, **kwargs):
+    import mlx.core as mx
+
+    return mx.cummax(x, axis=-1)
+
+
+# One node where a GPU runs one kernel: mx.fast.rms_norm and mx.fast.rope as a scan of the same
+# shape (counting only: the values are wrong). Tests patch these in with monkeypatch.
+FAST_STAND_INS = {"rms_norm": _scan_norm, "rope": _scan_rope}
+
+
+def stand_in_fast_ops() -> None:
+    import mlx.core as mx
+
+    for name, fn in FAST_STAND_INS.items():
+        setattr(mx.fast, name, fn)
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ from tests.checkpoints import make_checkpoint
 from tests.runtime_helpers import convert, load_quietly
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_graph import VIEWS, graph_nodes  # noqa: E402
+from bench_graph import FAST_STAND_INS, VIEWS, compiled_step_nodes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +31,10 @@ def bundles(tmp_path_factory):
 
 
 def step_kernels(bundle, monkeypatch) -> tuple[int, dict]:
-    from runtime.fast import CompiledDecoder
-
-    monkeypatch.setattr(mx.fast, "rms_norm", lambda x, weight, eps: mx.cummax(x, axis=-1))
-    monkeypatch.setattr(mx.fast, "rope", lambda x, dims, **kwargs: mx.cummax(x, axis=-1))
+    for name, stand_in in FAST_STAND_INS.items():
+        monkeypatch.setattr(mx.fast, name, stand_in)
     model, _ = load_quietly(bundle)  # a fresh model: its compiled step is traced with the stand-ins
-    cache = model.make_cache()
-    mx.eval(model(mx.arange(3, 9)[None], cache=cache))
-    decoder = CompiledDecoder(model, cache, capacity=32)
-    mx.eval(decoder.buffers)  # count the step alone, not the padding of the handed-over caches
-    token = mx.array([[5]], dtype=mx.int32)
-    counts = graph_nodes(*decoder._step(token, mx.array(decoder.position, mx.int32), *decoder.buffers))
+    counts = compiled_step_nodes(model, prompt_len=6)
     return sum(n for k, n in counts.items() if k not in VIEWS), counts
 
 
