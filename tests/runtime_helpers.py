@@ -40,6 +40,19 @@ def load_quietly(path, **kwargs):
         return runtime.load(path, **kwargs)
 
 
+def load_tensors(directory: Path) -> dict[str, mx.array]:
+    """Every tensor of every `*.safetensors` file in `directory` (a checkpoint or a bundle), by key."""
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(mx.load(str(f)))
+    return out
+
+
+def raw(a: mx.array) -> bytes:
+    """An array's bytes as stored (for byte-for-byte comparisons)."""
+    return bytes(memoryview(a))
+
+
 def source_tensors(source: Path, naming: str) -> dict[str, np.ndarray]:
     """The decoder's tensors of a source checkpoint, decoder-relative names, float32 numpy."""
     config = json.loads((source / "config.json").read_text())

@@ -17,6 +17,7 @@ import pytest
 
 from convert.gemma3n import expected_tensors, kv_shared_unused
 from manifests import read_manifest
+from tests.runtime_helpers import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATOR = ROOT / "benchmarks" / "make_checkpoint.py"
@@ -29,18 +30,11 @@ def generate(out: Path, *args: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def load_all(ckpt: Path) -> dict[str, mx.array]:
-    tensors = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        tensors.update(mx.load(str(f)))
-    return tensors
-
-
 def test_names_shapes_dtype_and_values(tmp_path):
     ckpt = tmp_path / "ckpt"
     generate(ckpt, "--no-kv-shared-extras")
     text = json.loads((ckpt / "config.json").read_text())["text_config"]
-    tensors = load_all(ckpt)
+    tensors = load_tensors(ckpt)
     want = {PREFIX + k: v for k, v in expected_tensors(text).items()}
     assert {k: tuple(v.shape) for k, v in tensors.items()} == want
     assert {v.dtype for v in tensors.values()} == {mx.bfloat16}
@@ -64,7 +58,7 @@ def test_sharded_with_towers_and_kv_extras_converts_for_m5(tmp_path):
     files = sorted(p.name for p in ckpt.glob("*.safetensors"))
     assert len(files) > 1 and set(index["weight_map"].values()) == set(files)
     text = json.loads((ckpt / "config.json").read_text())["text_config"]
-    tensors = load_all(ckpt)
+    tensors = load_tensors(ckpt)
     assert set(index["weight_map"]) == set(tensors)
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
     extras = {PREFIX + k for k in kv_shared_unused(text)}

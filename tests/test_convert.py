@@ -31,6 +31,7 @@ from tests.checkpoints import (
     tiny_text_config,
     write_tensors,
 )
+from tests.runtime_helpers import raw
 
 REPO = Path(__file__).resolve().parents[1]
 NAMINGS = ("hf", "mlx-lm", "mlx-vlm", "hf-text")
@@ -63,10 +64,6 @@ def load_dir(directory: Path) -> dict[str, mx.array]:
         assert not set(part) & set(out)
         out.update(part)
     return out
-
-
-def raw(a: mx.array) -> bytes:
-    return bytes(memoryview(a))
 
 
 def as_bits(a: mx.array) -> np.ndarray:

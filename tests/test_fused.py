@@ -29,6 +29,8 @@ from tests.checkpoints import checkpoint_tensors, full_config, make_checkpoint, 
 from tests.runtime_helpers import (
     convert,
     load_quietly,
+    load_tensors,
+    raw,
     reference_logits,
     reference_model,
     relative_error,
@@ -82,17 +84,6 @@ def reference(source, ids):
     return reference_logits(reference_model(CFG, source_tensors(source, "hf")), ids)
 
 
-def stored(bundle: Path) -> dict[str, mx.array]:
-    out = {}
-    for f in sorted(bundle.glob("*.safetensors")):
-        out.update(mx.load(str(f)))
-    return out
-
-
-def raw(a: mx.array) -> bytes:
-    return bytes(memoryview(a))
-
-
 def edit_manifest(bundle: Path, edit) -> None:
     """Edit the manifest and re-record its digest, so only the edit itself can be objected to."""
     manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
@@ -139,7 +130,7 @@ def test_the_manifest_records_fused_groups(bundles, name, layout):
 @pytest.mark.parametrize("name", ["standard", "pretransposed"])
 def test_fused_tensors_are_the_members_concatenated(source, bundles, name):
     src = source_tensors(source, "hf")  # float32 source, so the bundle keeps its bytes
-    bundle = stored(bundles[name])
+    bundle = load_tensors(bundles[name])
     groups = [("mlp.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"], range(LAYERS)),
               ("self_attn.qkv_proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                range(FIRST_SHARED))]
@@ -243,7 +234,7 @@ def test_quantizing_the_concatenation_is_concatenating_the_quantized_rows(bits, 
 
 
 def test_quantized_fused_rows_are_the_unfused_rows(bundles):
-    fused, apart = stored(bundles["q4"]), stored(bundles["q4-unfused"])
+    fused, apart = load_tensors(bundles["q4"]), load_tensors(bundles["q4-unfused"])
     manifest = read_manifest(bundles["q4"])["projections"]
     for i in range(LAYERS):
         groups = [("mlp.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"])]
@@ -298,7 +289,7 @@ def test_an_mlx_quantized_source_is_fused_byte_for_byte(tmp_path, ids):
     src, tensors = mlx_quantized_source(tmp_path / "src")
     fused_dir = convert(src, tmp_path / "fused", "cuda")
     apart_dir = convert(src, tmp_path / "apart", "cuda", "--no-fuse")
-    projections, bundle = read_manifest(fused_dir)["projections"], stored(fused_dir)
+    projections, bundle = read_manifest(fused_dir)["projections"], load_tensors(fused_dir)
     for leaf in ("weight", "scales", "biases"):
         want = b"".join(raw(tensors[f"{L}0.self_attn.{m}.{leaf}"]) for m in ("q_proj", "k_proj", "v_proj"))
         assert raw(bundle[f"{L}0.self_attn.qkv_proj.{leaf}"]) == want, leaf
@@ -462,8 +453,8 @@ def test_small_blocks_and_bands_write_the_same_fused_bytes(source, bundles, tmp_
     small = ("--read-block-size", "2KB", "--band-size", "3KB")
     for name, target, extra in (("pretransposed", "cpu-x86_64", ()),
                                 ("q4", "cuda", ("--quantize", "4", "--group-size", "32"))):
-        again = stored(convert(source, tmp_path / name, target, *small, *extra))
-        want = stored(bundles[name])
+        again = load_tensors(convert(source, tmp_path / name, target, *small, *extra))
+        want = load_tensors(bundles[name])
         fused = [k for k in want if "qkv_proj" in k or "gate_up_proj" in k]
         assert len(fused) >= LAYERS + FIRST_SHARED
         for key in fused:

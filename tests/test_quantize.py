@@ -24,7 +24,16 @@ from convert.cli import command
 from manifests import PREFIX, read_manifest
 from runtime.projections import Embedding, Pretransposed, QuantizedEmbedding, QuantizedStandard, Standard
 from tests.checkpoints import checkpoint_tensors, full_config, make_checkpoint, tiny_text_config, write_tensors
-from tests.runtime_helpers import convert, load_quietly, reference_logits, reference_model, relative_error, source_tensors
+from tests.runtime_helpers import (
+    convert,
+    load_quietly,
+    load_tensors,
+    raw,
+    reference_logits,
+    reference_model,
+    relative_error,
+    source_tensors,
+)
 
 pytest.importorskip("transformers")
 
@@ -52,17 +61,6 @@ def should_quantize(name: str, shape: tuple[int, ...], group: int) -> bool:
 def dequantized(w: np.ndarray, bits: int, group: int, dtype=mx.float32) -> np.ndarray:
     parts = mx.quantize(mx.array(w).astype(dtype), group_size=group, bits=bits)
     return np.array(mx.dequantize(*parts, group_size=group, bits=bits).astype(mx.float32))
-
-
-def load_dir(directory: Path) -> dict[str, mx.array]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(mx.load(str(f)))
-    return out
-
-
-def raw(a: mx.array) -> bytes:
-    return bytes(memoryview(a))
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +125,7 @@ def test_quantized_tensors_are_mx_quantize_of_the_whole_tensor(tmp_path, dtype_o
                         "--group-size", "32", "--dtype", dtype_option, "--read-block-size", "1KB",
                         "--max-shard-size", "60KB", str(src), str(out)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    bundle, source = load_dir(out), load_dir(src)
+    bundle, source = load_tensors(out), load_tensors(src)
     assert len(list(out.glob("*.safetensors"))) > 5
     manifest = read_manifest(out)
     checked = 0
@@ -158,7 +156,7 @@ def test_the_manifest_records_what_was_quantized_and_what_was_not(source, bundle
     floats = source_tensors(source, "hf")
     for (target, bits, group), out in bundles.items():
         manifest = read_manifest(out)
-        bundle = load_dir(out)
+        bundle = load_tensors(out)
         record = {"bits": bits, "group_size": group, "mode": "affine"}
         for path, p in manifest["projections"].items():
             name = "embed_tokens.weight" if path == "lm_head" else path[len(PREFIX):] + ".weight"
@@ -314,7 +312,7 @@ def test_an_mlx_community_checkpoint_passes_through_byte_for_byte(tmp_path):
     src, quantized, tensors = mlx_community_checkpoint(tmp_path / "src", mx.bfloat16)
     assert VLM + "layers.0.altup.modality_router" in quantized and "embed_vision.embedding_projection" in quantized
     out = convert(src, tmp_path / "out", "m5")  # --dtype float32: quantized tensors keep theirs
-    manifest, bundle = read_manifest(out), load_dir(out)
+    manifest, bundle = read_manifest(out), load_tensors(out)
     kept = 0
     for module, params in quantized.items():
         if not module.startswith(VLM) or module.endswith(("6.self_attn.k_proj", "7.self_attn.k_proj",
@@ -428,7 +426,7 @@ def test_quantizing_streams_with_bounded_memory(tmp_path):
     assert peak < embed * 0.6, peak
     predicted = plan(src, target="m5", read_block=4 << 20, quantize=8).predicted_peak
     assert peak < predicted + 32_000_000, (peak, predicted)
-    bundle = load_dir(tmp_path / "out")
+    bundle = load_tensors(tmp_path / "out")
     table = mx.load(str(src / "model.safetensors"))["model.language_model.embed_tokens.weight"]
     w, s, b = mx.quantize(table, group_size=64, bits=8)
     key = PREFIX + "embed_tokens"
