@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench_runtime import load_mlx_lm_from_bundle, load_ours  # noqa: E402
 from common import table  # noqa: E402
 
-VIEWS = {"Transpose", "Reshape", "Slice", "Squeeze", "ExpandDims", "Broadcast", "AsStrided",
+VIEWS = {"Transpose", "Reshape", "Slice", "Split", "Squeeze", "ExpandDims", "Broadcast", "AsStrided",
          "Flatten", "Unflatten", "StopGradient", "Depends"}
 
 

@@ -24,6 +24,7 @@ import mlx.core as mx
 
 from runtime.cache import KVCache, RotatingKVCache, pad_positions
 from runtime.model import gelu_tanh, rescale_to, rms_norm, softcap
+from runtime.projections import Embedding, Standard
 
 DEFAULT_CAPACITY = 1024
 
@@ -34,31 +35,46 @@ def cache_owners(config) -> list[int]:
     return [i for i in range(config.num_hidden_layers) if i not in producers]
 
 
-def _rows(x: mx.array, splits) -> list[mx.array]:
-    """Column blocks of a [rows, n] projection output at the given cumulative split points."""
-    edges = [0, *splits, x.shape[-1]]
-    return [x[:, a:b] for a, b in zip(edges, edges[1:])]
+def transposed_views(lm, owners, head) -> dict[int, mx.array]:
+    """`id(module) -> W.T` for every float `[out, in]` weight the step multiplies by, evaluated
+    here. A transpose is a view (strides over the same buffer: no copy, no bytes moved); taken
+    inside the compiled step it would be one more graph node per projection and per token.
+    Weights the step never reads (KV-shared layers' k/v) are left alone, so that nothing extra
+    is read from disk; a tied head's view is of the embedding table."""
+    views = {}
+    for i, layer in enumerate(lm.layers):
+        skip = set() if i in owners else {id(layer.self_attn[n]) for n in ("k_proj", "v_proj") if n in layer.self_attn}
+        for _, module in layer.named_modules():
+            if type(module) is Standard and id(module) not in skip:
+                views[id(module)] = module.weight.T
+    for module in [*lm.altup_unembed_projections, head]:
+        if type(module) in (Standard, Embedding):
+            views[id(module)] = module.weight.T
+    mx.eval(list(views.values()))
+    return views
 
 
 class DecodeStep:
-    """One token per row through the decoder: `step(tokens [b, 1], position, *buffers)`.
+    """One token through the decoder: `step(token [1, 1], position, *buffers)`.
 
-    The same arithmetic as `Model.__call__` (runtime/model.py) for a single position, written
-    for the fewest graph nodes, because at batch 1 on a big GPU every node costs host time and
-    the weights alone would take a fraction of it:
+    The same arithmetic as `Model.__call__` (runtime/model.py) for a single position of a single
+    sequence, written for the fewest graph nodes, because at batch 1 on a big GPU every node
+    costs host time (a kernel more, a view less, but neither is free) and the weights alone
+    would take a fraction of it:
 
-    - activations stay 2-D `[b, hidden]`: a matmul on 3-D input adds a flatten and an unflatten;
-    - AltUp planes stay one `[b, n, hidden]` array; predict mixes them with one batched matmul,
-      correct and the per-layer-input update are one fused element-wise kernel each;
+    - activations are 2-D `[1, hidden]` and the AltUp planes one `[n, hidden]` array, so a plane
+      is one row slice and a `[1, hidden]` update broadcasts over all planes without a reshape;
+      a matmul on 3-D input would add a flatten and an unflatten;
+    - weights are multiplied through transposed views taken once (`transposed_views`), and the
+      fused q/k/v and gate/up outputs and the per-layer inputs are cut by one `split` each;
+    - AltUp predict mixes the planes with one matmul that adds the residual (`addmm`); correct
+      and the per-layer-input update are one fused element-wise kernel each;
     - the router's `1 / hidden` scale moves after its matmul, into the `tanh` kernel (exact for
       a power-of-two width), and router outputs are cast to the activation dtype as transformers
       does, so no cast needs a kernel of its own;
     - attention over the fixed-size buffers is written out (scores, masked softmax, values):
       MLX's fused attention takes no array mask on CUDA and would expand into more nodes; the
-      mask is additive and joins the scores' matmul (`addmm`), as the residual joins AltUp's
-      mixing matmul;
-    - AltUp correct is one fused kernel: its operands are materialized arrays or views of them
-      (a reshape between element-wise ops would split the kernel);
+      mask is additive and joins the scores' matmul (`addmm`);
     - a fused bundle (`qkv_proj`, `gate_up_proj` in the manifest) is one GEMV per group.
     """
 
@@ -70,18 +86,30 @@ class DecodeStep:
         self.producers = c.kv_producers()
         n = c.altup_num_inputs
         # Planes 1.. receive the per-layer input (transformers: `corrected[1:] += ...`).
-        self.plane_mask = mx.array([0.0] + [1.0] * (n - 1)).reshape(1, n, 1)
+        self.plane_mask = mx.array([0.0] + [1.0] * (n - 1)).reshape(n, 1)
+        self.head = self.lm.embed_tokens if model.tied_head else model.lm_head
+        self.weights_t = transposed_views(self.lm, set(self.owners), self.head)
+
+    def linear(self, module, x: mx.array) -> mx.array:
+        """`module(x)`, through the weight's transposed view where there is one."""
+        w_t = self.weights_t.get(id(module))
+        if w_t is None:
+            return module.as_linear(x) if module is self.head and self.model.tied_head else module(x)
+        y = x @ w_t
+        return y + module.bias if "bias" in module else y
 
     def __call__(self, token: mx.array, position: mx.array, *buffers):
         c, lm = self.config, self.lm
-        b = token.shape[0]
-        ids = token.reshape(b)
+        if token.shape != (1, 1):
+            raise ValueError(f"the compiled decode step takes one token of one sequence ([1, 1]), not {list(token.shape)}")
+        ids = token.reshape(1)
         embeds = lm.embed_tokens(ids)
         dtype = embeds.dtype
         embeds = embeds * mx.array(c.hidden_size**0.5, dtype)
-        # The model's own per-layer inputs and AltUp planes, for ids [b]: [b, layers, width], [b, n, hidden].
-        per_layer = lm.per_layer_inputs(ids, embeds)
-        planes = lm.altup_planes(embeds, axis=1)
+        # The model's own per-layer inputs and AltUp planes: layers x [1, width], [n, hidden].
+        layers = c.num_hidden_layers
+        per_layer = mx.split(lm.per_layer_inputs(ids, embeds).reshape(1, -1), layers, axis=1)
+        planes = lm.altup_planes(embeds, axis=0).reshape(c.altup_num_inputs, -1)
         plane_mask = self.plane_mask.astype(dtype)
 
         keys, values = {}, {}
@@ -95,7 +123,7 @@ class DecodeStep:
                 masks[size] = mx.where(mx.arange(size) <= position, 0.0, -mx.inf).astype(keys[i].dtype)
         for i, layer in enumerate(lm.layers):
             owner = self.producers.get(i, i)
-            planes, kv = self._layer(layer, planes, per_layer[:, i, :], position, plane_mask,
+            planes, kv = self._layer(layer, planes, per_layer[i], position, plane_mask,
                                      None if owner != i else (keys[i], values[i]),
                                      (keys[owner], values[owner]), masks)
             if owner == i:
@@ -108,80 +136,78 @@ class DecodeStep:
 
     def _router(self, altup, x):
         """tanh(router(norm(x)) / hidden) in float32, returned in x's dtype (as transformers)."""
-        routed = altup.modality_router(rms_norm(x, altup.router_norm.weight, self.config.rms_norm_eps))
+        routed = self.linear(altup.modality_router, rms_norm(x, altup.router_norm.weight, self.config.rms_norm_eps))
         return mx.tanh(routed.astype(mx.float32) * (1.0 / self.config.hidden_size)).astype(x.dtype)
 
     def _layer(self, layer, planes, per_layer, position, plane_mask, own_kv, kv, masks):
-        c = self.config
+        c, linear = self.config, self.linear
         eps = c.rms_norm_eps
         altup, attn, mlp = layer.altup, layer.self_attn, layer.mlp
-        b, n, h = planes.shape
+        n = planes.shape[0]
         a = c.altup_active_idx
 
         # AltUp predict: predictions[j] = planes[j] + sum_i coefs[j, i] * planes[i]
-        coefs = altup.prediction_coefs(self._router(altup, planes[:, a])).reshape(b, n, n)
+        coefs = linear(altup.prediction_coefs, self._router(altup, planes[a : a + 1])).reshape(n, n)
         predictions = mx.addmm(planes, coefs, planes)  # planes + coefs @ planes, one kernel
-        active = predictions[:, a]
+        active = predictions[a : a + 1]
 
         normed = rms_norm(active, layer.input_layernorm.weight, eps)
-        laurel = layer.laurel.linear_left(normed)
+        laurel = linear(layer.laurel.linear_left, normed)
         nq, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
         if own_kv is not None:
             if "qkv_proj" in attn:
-                q, k, v = _rows(attn.qkv_proj(normed), attn.qkv_splits)
+                q, k, v = mx.split(linear(attn.qkv_proj, normed), attn.qkv_splits, axis=1)
             else:
-                q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
-            k = attn.rope(rms_norm(k.reshape(b, nkv, 1, d), attn.k_norm.weight, eps), position)
-            v = rms_norm(v.reshape(b, nkv, 1, d), None, eps)
+                q, k, v = linear(attn.q_proj, normed), linear(attn.k_proj, normed), linear(attn.v_proj, normed)
+            k = attn.rope(rms_norm(k.reshape(1, nkv, 1, d), attn.k_norm.weight, eps), position)
+            v = rms_norm(v.reshape(1, nkv, 1, d), None, eps)
             slot = (position % own_kv[0].shape[2]).reshape(1)
             kv = (mx.slice_update(own_kv[0], k, slot, axes=(2,)), mx.slice_update(own_kv[1], v, slot, axes=(2,)))
         else:
-            q = attn.q_proj(normed)
-        q = attn.rope(rms_norm(q.reshape(b, nq, 1, d), attn.q_norm.weight, eps), position)
+            q = linear(attn.q_proj, normed)
+        q = attn.rope(rms_norm(q.reshape(1, nq, 1, d), attn.q_norm.weight, eps), position)
         keys, values = kv
         # Attention scale is 1; mask + q @ k^T in one kernel.
-        scores = mx.addmm(masks[keys.shape[2]], q.reshape(b, nkv, nq // nkv, d), keys.swapaxes(-1, -2))
-        out = (mx.softmax(scores, axis=-1, precise=True) @ values).reshape(b, nq * d)
-        attn_out = rms_norm(attn.o_proj(out), layer.post_attention_layernorm.weight, eps)
-        laurel = normed + rms_norm(layer.laurel.linear_right(laurel), layer.laurel.post_laurel_norm.weight, eps)
+        scores = mx.addmm(masks[keys.shape[2]], q.reshape(1, nkv, nq // nkv, d), keys.swapaxes(-1, -2))
+        out = (mx.softmax(scores, axis=-1, precise=True) @ values).reshape(1, nq * d)
+        attn_out = rms_norm(linear(attn.o_proj, out), layer.post_attention_layernorm.weight, eps)
+        laurel = normed + rms_norm(linear(layer.laurel.linear_right, laurel), layer.laurel.post_laurel_norm.weight, eps)
         attn_laurel = ((active + attn_out) + laurel) * (2.0**-0.5)
 
         x = rms_norm(attn_laurel, layer.pre_feedforward_layernorm.weight, eps)
         if "gate_up_proj" in mlp:
-            gate, up = _rows(mlp.gate_up_proj(x), [mlp.gate_up_split])
+            gate, up = mx.split(linear(mlp.gate_up_proj, x), [mlp.gate_up_split], axis=1)
         else:
-            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            gate, up = linear(mlp.gate_proj, x), linear(mlp.up_proj, x)
         if mlp.std_multiplier is not None:
             mean = mx.mean(gate, axis=-1, keepdims=True)
             dev = gate - mean
             std = mx.sqrt(mx.mean(dev * dev, axis=-1, keepdims=True))
             gate = mx.maximum(gate - (mean + std * mlp.std_multiplier), 0)
-        ffw = rms_norm(mlp.down_proj(gelu_tanh(gate) * up), layer.post_feedforward_layernorm.weight, eps)
+        ffw = rms_norm(linear(mlp.down_proj, gelu_tanh(gate) * up), layer.post_feedforward_layernorm.weight, eps)
         activated = attn_laurel + ffw
 
-        # AltUp correct, then the per-layer input into planes 1..
-        # One fused kernel: every operand is a materialized array or a view of one (a view between
-        # element-wise ops would split the kernel), so `activated` is recomputed in 3-D here.
-        coefs = altup.correction_coefs(self._router(altup, activated)).reshape(b, n, 1)
-        activated3 = attn_laurel.reshape(b, 1, h) + ffw.reshape(b, 1, h)
-        corrected = predictions + (activated3 - predictions[:, a : a + 1]) * (coefs + 1.0)
-        first = corrected[:, a]
+        # AltUp correct, then the per-layer input into planes 1.., one fused kernel each: a
+        # [1, hidden] row broadcasts over the [n, hidden] planes.
+        coefs = linear(altup.correction_coefs, self._router(altup, activated)).reshape(n, 1)
+        corrected = predictions + (activated - active) * (coefs + 1.0)
+        first = corrected[a : a + 1]
         if layer.correct_scale:
             first = first * altup.correct_output_scale
-        first = gelu_tanh(layer.per_layer_input_gate(first)) * per_layer
-        first = rms_norm(layer.per_layer_projection(first), layer.post_per_layer_input_norm.weight, eps)
-        return corrected + first[:, None, :] * plane_mask, kv
+        first = gelu_tanh(linear(layer.per_layer_input_gate, first)) * per_layer
+        first = rms_norm(linear(layer.per_layer_projection, first), layer.post_per_layer_input_norm.weight, eps)
+        return corrected + first * plane_mask, kv
 
     def _head(self, planes):
-        c, lm, model = self.config, self.lm, self.model
-        n = planes.shape[1]
-        top = planes[:, 0]
+        c, lm = self.config, self.lm
+        n = planes.shape[0]
+        top = planes[0:1]
         target = mx.sqrt(mx.mean(top * top, axis=-1, keepdims=True))
         total = top
         for i, proj in enumerate(lm.altup_unembed_projections):
-            total = total + rescale_to(proj(planes[:, i + 1]), target)
+            total = total + rescale_to(self.linear(proj, planes[i + 1 : i + 2]), target)
         h = rms_norm(total / n, lm.norm.weight, c.rms_norm_eps)
-        logits = lm.embed_tokens.as_linear(h) if model.tied_head else model.lm_head(h)
+        logits = self.linear(self.head, h)
         cap = c.final_logit_softcapping
         return softcap(logits, cap) if cap else logits
 
@@ -209,6 +235,9 @@ class CompiledDecoder:
         self.sliding = {i: c.layer_types[i] == "sliding_attention" for i in self.owners}
         self.eager = cache
         self.position = cache[0].offset
+        batch = cache[0].state[0].shape[0] if cache[0].state else 1
+        if batch != 1:
+            raise ValueError(f"the compiled decoder runs one sequence, not a batch of {batch}: decode batches eagerly")
         self.capacity = max(capacity, self.position + 1)
         self.buffers = []
         for i in self.owners:

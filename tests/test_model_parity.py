@@ -244,19 +244,32 @@ def test_a_bfloat16_bundle_stays_bfloat16(tmp_path, ids):
 @pytest.mark.parametrize("capacity", [4, 64], ids=["buffers-grow", "room-to-spare"])
 def test_every_step_of_compiled_decoding(case, capacity):
     """The compiled decode step (fixed-shape caches, runtime/fast.py) against the reference at
-    every position past the window; then the eager caches it hands back carry on correctly."""
+    every position past the window; then the eager caches it hands back carry on correctly.
+    The step decodes one sequence (as generation does), so each row is its own run."""
     from runtime.fast import CompiledDecoder
 
     model, ids, ref = case
+    handover = LENGTH - 3
+    for row in range(ids.shape[0]):
+        seq, want = ids[row : row + 1], ref[row : row + 1]
+        cache = model.make_cache()
+        model(mx.array(seq[:, :PREFILL]), cache=cache)
+        decoder = CompiledDecoder(model, cache, capacity=capacity)
+        for t in range(PREFILL, handover):
+            step = decoder(mx.array(seq[:, t]))
+            assert relative_error(step[:, None, :], want[:, t : t + 1]) < BOUND, f"row {row}: compiled step at {t}"
+        cache = decoder.to_eager()
+        assert cache[0].offset == handover
+        for t in range(handover, LENGTH):
+            step = model(mx.array(seq[:, t : t + 1]), cache=cache)
+            assert relative_error(step, want[:, t : t + 1]) < BOUND, f"row {row}: eager step after hand-over at {t}"
+
+
+def test_the_compiled_decoder_refuses_a_batch(case):
+    from runtime.fast import CompiledDecoder
+
+    model, ids, _ = case
     cache = model.make_cache()
     model(mx.array(ids[:, :PREFILL]), cache=cache)
-    decoder = CompiledDecoder(model, cache, capacity=capacity)
-    handover = LENGTH - 3
-    for t in range(PREFILL, handover):
-        step = decoder(mx.array(ids[:, t]))
-        assert relative_error(step[:, None, :], ref[:, t : t + 1]) < BOUND, f"compiled step at position {t}"
-    cache = decoder.to_eager()
-    assert cache[0].offset == handover
-    for t in range(handover, LENGTH):
-        step = model(mx.array(ids[:, t : t + 1]), cache=cache)
-        assert relative_error(step, ref[:, t : t + 1]) < BOUND, f"eager step after hand-over at position {t}"
+    with pytest.raises(ValueError, match="one sequence"):
+        CompiledDecoder(model, cache)
