@@ -21,10 +21,13 @@ if [ ! -d "$data/$size" ]; then
   case $size in *-narrow) ;; *) rm -rf "$data"/e?b "$data"/e?b-* ;; esac  # one full model at a time: the disk holds about 64 GB
   python3 benchmarks/make_checkpoint.py --size "$size" --quiet "$data/$size"
 fi
-[ -d "$data/$size-cuda" ] || python3 -m convert --target cuda --quiet "$data/$size" "$data/$size-cuda"
-# mlx-lm runs the generic bundle's arrays (the cuda profile fuses q/k/v and gate/up, which mlx-lm cannot load)
-[ -d "$data/$size-generic" ] || python3 -m convert --target generic --quiet "$data/$size" "$data/$size-generic"
+bundles() {  # the bf16 bundles (the q4 and calibrate steps need neither)
+  [ -d "$data/$size-cuda" ] || python3 -m convert --target cuda --quiet "$data/$size" "$data/$size-cuda"
+  # mlx-lm runs the generic bundle's arrays (the cuda profile fuses q/k/v and gate/up, which mlx-lm cannot load)
+  [ -d "$data/$size-generic" ] || python3 -m convert --target generic --quiet "$data/$size" "$data/$size-generic"
+}
 for step in $steps; do
+  case $step in q4|calibrate) ;; *) bundles ;; esac
   case $step in
     decode)
       python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --compiled \
