@@ -89,6 +89,21 @@ class DecodeStep:
         self.plane_mask = mx.array([0.0] + [1.0] * (n - 1)).reshape(n, 1)
         self.head = self.lm.embed_tokens if model.tied_head else model.lm_head
         self.weights_t = transposed_views(self.lm, set(self.owners), self.head)
+        self.head_scales = self._head_scales()
+
+    def _head_scales(self) -> dict[int, mx.array]:
+        """Per layer with its own KV: the q/k/v norms' scales one row per head, `[1, heads, 1, d]`
+        (q's scale on every q head, k's on every k head, 1 on v, which has none), evaluated here:
+        the three norms become one unscaled norm and one multiply over all heads. A few KB."""
+        scales = {}
+        for i in self.owners:
+            attn = self.lm.layers[i].self_attn
+            nq, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+            rows = [mx.broadcast_to(attn.q_norm.weight, (nq, d)), mx.broadcast_to(attn.k_norm.weight, (nkv, d)),
+                    mx.ones((nkv, d), attn.k_norm.weight.dtype)]
+            scales[i] = mx.concatenate(rows).reshape(1, nq + 2 * nkv, 1, d)
+        mx.eval(list(scales.values()))
+        return scales
 
     def linear(self, module, x: mx.array) -> mx.array:
         """`module(x)`, through the weight's transposed view where there is one."""
@@ -123,7 +138,7 @@ class DecodeStep:
                 masks[size] = mx.where(mx.arange(size) <= position, 0.0, -mx.inf).astype(keys[i].dtype)
         for i, layer in enumerate(lm.layers):
             owner = self.producers.get(i, i)
-            planes, kv = self._layer(layer, planes, per_layer[i], position, plane_mask,
+            planes, kv = self._layer(layer, planes, per_layer[i], position, plane_mask, self.head_scales.get(i),
                                      None if owner != i else (keys[i], values[i]),
                                      (keys[owner], values[owner]), masks)
             if owner == i:
@@ -139,7 +154,7 @@ class DecodeStep:
         routed = self.linear(altup.modality_router, rms_norm(x, altup.router_norm.weight, self.config.rms_norm_eps))
         return mx.tanh(routed.astype(mx.float32) * (1.0 / self.config.hidden_size)).astype(x.dtype)
 
-    def _layer(self, layer, planes, per_layer, position, plane_mask, own_kv, kv, masks):
+    def _layer(self, layer, planes, per_layer, position, plane_mask, head_scales, own_kv, kv, masks):
         c, linear = self.config, self.linear
         eps = c.rms_norm_eps
         altup, attn, mlp = layer.altup, layer.self_attn, layer.mlp
@@ -156,16 +171,19 @@ class DecodeStep:
         nq, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
         if own_kv is not None:
             if "qkv_proj" in attn:
-                q, k, v = mx.split(linear(attn.qkv_proj, normed), attn.qkv_splits, axis=1)
+                qkv = linear(attn.qkv_proj, normed)
             else:
-                q, k, v = linear(attn.q_proj, normed), linear(attn.k_proj, normed), linear(attn.v_proj, normed)
-            k = attn.rope(rms_norm(k.reshape(1, nkv, 1, d), attn.k_norm.weight, eps), position)
-            v = rms_norm(v.reshape(1, nkv, 1, d), None, eps)
+                qkv = mx.concatenate([linear(attn.q_proj, normed), linear(attn.k_proj, normed),
+                                      linear(attn.v_proj, normed)], axis=1)
+            # q, k and v heads normed at once, scaled per head (v by 1), then q and k rotated at
+            # once (same position): 3 kernels where the norms and RoPEs one by one are 5.
+            heads = rms_norm(qkv.reshape(1, nq + 2 * nkv, 1, d), None, eps) * head_scales
+            qk = attn.rope(heads[:, : nq + nkv], position)
+            q, k, v = qk[:, :nq], qk[:, nq:], heads[:, nq + nkv :]
             slot = (position % own_kv[0].shape[2]).reshape(1)
             kv = (mx.slice_update(own_kv[0], k, slot, axes=(2,)), mx.slice_update(own_kv[1], v, slot, axes=(2,)))
         else:
-            q = linear(attn.q_proj, normed)
-        q = attn.rope(rms_norm(q.reshape(1, nq, 1, d), attn.q_norm.weight, eps), position)
+            q = attn.rope(rms_norm(linear(attn.q_proj, normed).reshape(1, nq, 1, d), attn.q_norm.weight, eps), position)
         keys, values = kv
         # Attention scale is 1; mask + q @ k^T in one kernel.
         scores = mx.addmm(masks[keys.shape[2]], q.reshape(1, nkv, nq // nkv, d), keys.swapaxes(-1, -2))
