@@ -58,9 +58,9 @@ class DecodeStep:
     """One token through the decoder: `step(token [1, 1], position, *buffers)`.
 
     The same arithmetic as `Model.__call__` (runtime/model.py) for a single position of a single
-    sequence, written for the fewest graph nodes, because at batch 1 on a big GPU every node
-    costs host time (a kernel more, a view less, but neither is free) and the weights alone
-    would take a fraction of it:
+    sequence, written for the fewest kernels (and views), because at batch 1 on a big GPU each
+    kernel costs a few microseconds of launch and host time (a view far less; docs/BENCHMARKS.md)
+    and the weights' bytes alone would take a fraction of the step:
 
     - activations are 2-D `[1, hidden]` and the AltUp planes one `[n, hidden]` array, so a plane
       is one row slice and a `[1, hidden]` update broadcasts over all planes without a reshape;
@@ -75,6 +75,8 @@ class DecodeStep:
     - attention over the fixed-size buffers is written out (scores, masked softmax, values):
       MLX's fused attention takes no array mask on CUDA and would expand into more nodes; the
       mask is additive and joins the scores' matmul (`addmm`);
+    - a layer's q, k and v heads are normed by one unscaled norm and one per-head scale, and q
+      and k rotated by one RoPE (`_head_scales`);
     - a fused bundle (`qkv_proj`, `gate_up_proj` in the manifest) is one GEMV per group.
     """
 
