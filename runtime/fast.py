@@ -35,17 +35,16 @@ def cache_owners(config) -> list[int]:
     return [i for i in range(config.num_hidden_layers) if i not in producers]
 
 
-def transposed_views(lm, owners, head) -> dict[int, mx.array]:
+def transposed_views(lm, head) -> dict[int, mx.array]:
     """`id(module) -> W.T` for every float `[out, in]` weight the step multiplies by, evaluated
     here. A transpose is a view (strides over the same buffer: no copy, no bytes moved); taken
     inside the compiled step it would be one more graph node per projection and per token.
-    Weights the step never reads (KV-shared layers' k/v) are left alone, so that nothing extra
-    is read from disk; a tied head's view is of the embedding table."""
+    Every projection a layer holds is one the step uses (KV-shared layers build no k/v), so no
+    weight is read that decoding would not read; a tied head's view is of the embedding table."""
     views = {}
-    for i, layer in enumerate(lm.layers):
-        skip = set() if i in owners else {id(layer.self_attn[n]) for n in ("k_proj", "v_proj") if n in layer.self_attn}
+    for layer in lm.layers:
         for _, module in layer.named_modules():
-            if type(module) is Standard and id(module) not in skip:
+            if type(module) is Standard:
                 views[id(module)] = module.weight.T
     for module in [*lm.altup_unembed_projections, head]:
         if type(module) in (Standard, Embedding):
@@ -90,7 +89,7 @@ class DecodeStep:
         # Planes 1.. receive the per-layer input (transformers: `corrected[1:] += ...`).
         self.plane_mask = mx.array([0.0] + [1.0] * (n - 1)).reshape(n, 1)
         self.head = self.lm.embed_tokens if model.tied_head else model.lm_head
-        self.weights_t = transposed_views(self.lm, set(self.owners), self.head)
+        self.weights_t = transposed_views(self.lm, self.head)
         self.head_scales = self._head_scales()
 
     def _head_scales(self) -> dict[int, mx.array]:

@@ -197,7 +197,8 @@ class Attention(nn.Module):
         self.is_kv_shared = layer >= c.first_kv_shared_layer
         h, q_dims, kv_dims = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         # A fused bundle stores q/k/v as one `qkv_proj` (rows q, k, v); its output is split at
-        # `qkv_splits` (cumulative), here and in runtime/fast.py. KV-shared layers have no k/v.
+        # `qkv_splits` (cumulative) here (runtime/fast.py reshapes it into heads instead). KV-shared
+        # layers have no k/v.
         qkv = p.fused(f"{path}.qkv_proj", h, [(f"{path}.q_proj", q_dims), (f"{path}.k_proj", kv_dims),
                                                (f"{path}.v_proj", kv_dims)])
         if qkv is not None:
