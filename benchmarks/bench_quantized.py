@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from bench_runtime import greedy, id_limit, load_ours, mlx_lm_gemma3n, shard_paths  # noqa: E402
-from common import dir_bytes, machine_facts, median, print_facts, run_child, table  # noqa: E402
+from common import dir_bytes, graph_env, machine_facts, median, print_facts, run_child, table  # noqa: E402
 
 PEER_SAME = "mlx-lm gemma3n, same arrays"
 PEER_OWN = "mlx-lm, its own convert -q"
@@ -105,7 +105,7 @@ def worker_decode(impl: str, path: str, prompt_len: int, tokens: int, reps: int,
             prefill_tps.append(prompt_len / prefill)
             decode_tps.append((len(ids) - 1) / decode)
     return {"prompt_tps": prefill_tps, "decode_tps": decode_tps, "ids": ids,
-            "mlx_peak_bytes": mx.get_peak_memory(), "device": str(mx.default_device())}
+            "mlx_peak_bytes": mx.get_peak_memory(), "device": str(mx.default_device()), "graph_env": graph_env()}
 
 
 # --- in the parent -----------------------------------------------------------------------------
@@ -202,6 +202,7 @@ def bench_decode(a) -> None:
             agg["prompt_tps"] += res["prompt_tps"]
             agg["decode_tps"] += res["decode_tps"]
             agg["ids"], agg["device"], agg["mlx_peak_bytes"] = res["ids"], res["device"], res["mlx_peak_bytes"]
+            agg["graph_env"] = res.get("graph_env")  # MLX's CUDA graph settings it ran with (None: default)
             agg["max_rss_bytes"] = max(agg["max_rss_bytes"], run.max_rss_bytes)
             print(f"round {r + 1} {label:40s} prompt {median(res['prompt_tps']):8.2f} tok/s  "
                   f"decode {median(res['decode_tps']):7.3f} tok/s", flush=True)

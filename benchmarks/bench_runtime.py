@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from common import machine_facts, median, print_facts, run_child, table  # noqa: E402
+from common import graph_env, machine_facts, median, print_facts, run_child, table  # noqa: E402
 
 READ_BLOCK = 16 << 20
 PEER = "mlx-lm gemma3n, same weights"
@@ -270,7 +270,7 @@ def worker_decode(impl: str, path: str, prompt_len: int, tokens: int, reps: int,
             prefill_tps.append(prompt_len / prefill)
             decode_tps.append((len(ids) - 1) / decode)
     return {"prompt_tps": prefill_tps, "decode_tps": decode_tps, "ids": ids,
-            "mlx_peak_bytes": mx.get_peak_memory(), "device": str(mx.default_device()),
+            "mlx_peak_bytes": mx.get_peak_memory(), "device": str(mx.default_device()), "graph_env": graph_env(),
             "device_info": {k: str(v) for k, v in mx.device_info().items()}}
 
 
@@ -371,7 +371,7 @@ def bench_decode(a) -> None:
             agg = results[label]
             agg["prompt_tps"] += res["prompt_tps"]
             agg["decode_tps"] += res["decode_tps"]
-            agg["ids"], agg["device"] = res["ids"], res["device"]
+            agg["ids"], agg["device"], agg["graph_env"] = res["ids"], res["device"], res.get("graph_env")
             agg["max_rss_bytes"] = max(agg.get("max_rss_bytes", 0), run.max_rss_bytes)
             agg["mlx_peak_bytes"] = res["mlx_peak_bytes"]
             print(f"round {r + 1} {label:48s} prompt {median(res['prompt_tps']):8.2f} tok/s  "

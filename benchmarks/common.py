@@ -50,6 +50,15 @@ def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None,
     return ChildRun(wall, synced, rss, proc.returncode, stderr, stdout)
 
 
+# MLX's CUDA graph settings (runtime/backend.py): a worker reports what it ran with.
+CUDA_GRAPH_VARS = ("MLX_MAX_OPS_PER_BUFFER", "MLX_CUDA_GRAPH_CACHE_SIZE")
+
+
+def graph_env() -> dict:
+    """The CUDA graph settings in this process's environment now (None: MLX's default)."""
+    return {k: os.environ.get(k) for k in CUDA_GRAPH_VARS}
+
+
 def median(values) -> float:
     values = list(values)
     return statistics.median(values) if values else float("nan")
