@@ -3,7 +3,8 @@
 #   bash .mlxcuda/a/stage.sh                                   # first call
 #   source .mlxcuda/b/activate.sh && bash benchmarks/h100.sh e2b decode   # second call, right after
 # Steps: decode (runtime eager and compiled vs mlx-lm, same weights), fast (compiled only vs
-# mlx-lm), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), calibrate (GEMV
+# mlx-lm), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), graphs / graphs-q4
+# (MLX's CUDA graph settings tried on either side vs its defaults, bench_graphs.py), calibrate (GEMV
 # layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
 # (every layer at tiny widths: launch cost alone, made in seconds).
 # The random full-size checkpoint and its bundle are made there, in /tmp (nothing that big travels).
@@ -27,7 +28,7 @@ bundles() {  # the bf16 bundles (the q4 and calibrate steps need neither)
   [ -d "$data/$size-generic" ] || python3 -m convert --target generic --quiet "$data/$size" "$data/$size-generic"
 }
 for step in $steps; do
-  case $step in q4|calibrate) ;; *) bundles ;; esac
+  case $step in q4|graphs-q4|calibrate) ;; *) bundles ;; esac
   case $step in
     decode)
       python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --compiled \
@@ -41,6 +42,18 @@ for step in $steps; do
       done
       python3 benchmarks/bench_quantized.py decode "$data/$size-generic-q4" --ours "$data/$size-cuda-q4" --compiled \
         --rounds "${ROUNDS:-2}" --reps 3 --prompt 64 --tokens "${TOKENS:-64}" --json "$out/q4-$size.json" ;;
+    graphs|graphs-q4)
+      # MLX's CUDA graph settings (bench_graphs.py --try, default ours:2000/2000 and 2000/2000) vs its defaults.
+      if [ "$step" = graphs-q4 ]; then
+        for t in generic cuda; do
+          [ -d "$data/$size-$t-q4" ] || python3 -m convert --target $t --quantize 4 --quiet "$data/$size" "$data/$size-$t-q4"
+        done
+        python3 benchmarks/bench_graphs.py "$data/$size-cuda-q4" "$data/$size-generic-q4" --quantized \
+          --rounds "${ROUNDS:-3}" --tokens "${TOKENS:-64}" --json "$out/graphs-q4-$size.json"
+      else
+        python3 benchmarks/bench_graphs.py "$data/$size-cuda" "$data/$size-generic" \
+          --rounds "${ROUNDS:-3}" --tokens "${TOKENS:-64}" --json "$out/graphs-$size.json"
+      fi ;;
     sweep)
       # MLX's CUDA backend records up to MLX_MAX_OPS_PER_BUFFER ops per CUDA graph and keeps
       # MLX_CUDA_GRAPH_CACHE_SIZE graphs: a decode step of ~1000 ops may not fit the defaults.
