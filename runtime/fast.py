@@ -76,7 +76,9 @@ class DecodeStep:
       mask is additive and joins the scores' matmul (`addmm`);
     - a layer's q, k and v heads are normed by one unscaled norm and one per-head scale, and q
       and k rotated by one RoPE (`_head_scales`);
-    - a fused bundle (`qkv_proj`, `gate_up_proj` in the manifest) is one GEMV per group.
+    - a fused bundle (`qkv_proj`, `gate_up_proj` in the manifest) is one GEMV per group;
+    - the activation-sparse layers' standard deviation is one dot product of the deviations with
+      themselves (5 kernels for the Gaussian top-k where two means are 6).
     """
 
     def __init__(self, model):
@@ -199,10 +201,15 @@ class DecodeStep:
         else:
             gate, up = linear(mlp.gate_proj, x), linear(mlp.up_proj, x)
         if mlp.std_multiplier is not None:
-            mean = mx.mean(gate, axis=-1, keepdims=True)
-            dev = gate - mean
-            std = mx.sqrt(mx.mean(dev * dev, axis=-1, keepdims=True))
-            gate = mx.maximum(gate - (mean + std * mlp.std_multiplier), 0)
+            # Gaussian top-k: keep what lies `std_multiplier` standard deviations above the mean.
+            # The same two-pass statistics as the model in 5 kernels where two means are 6: a sum,
+            # the deviations, their dot product with themselves (a GEMV, not a second reduction
+            # over squared deviations), the standard deviation, then the rest fused with the
+            # activation (MLX's limit on a fused chain's depth keeps the std out of that kernel).
+            inv_n = 1.0 / gate.shape[-1]
+            dev = gate - mx.sum(gate, axis=-1, keepdims=True) * inv_n
+            std = mx.sqrt((dev @ dev.T) * inv_n)
+            gate = mx.maximum(dev - std * mlp.std_multiplier, 0)
         ffw = rms_norm(linear(mlp.down_proj, gelu_tanh(gate) * up), layer.post_feedforward_layernorm.weight, eps)
         activated = attn_laurel + ffw
 
