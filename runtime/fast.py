@@ -67,7 +67,8 @@ class DecodeStep:
     - weights are multiplied through transposed views taken once (`transposed_views`), and the
       fused q/k/v and gate/up outputs and the per-layer inputs are cut by one `split` each;
     - AltUp predict mixes the planes with one matmul that adds the residual (`addmm`); correct
-      and the per-layer-input update are one fused element-wise kernel each;
+      and the per-layer-input update are one fused element-wise kernel, the active plane's
+      correction (with its scale) another: the corrected planes are never materialized;
     - the router's `1 / hidden` scale moves after its matmul, into the `tanh` kernel (exact for
       a power-of-two width), and router outputs are cast to the activation dtype as transformers
       does, so no cast needs a kernel of its own;
@@ -216,13 +217,17 @@ class DecodeStep:
         # AltUp correct, then the per-layer input into planes 1.., one fused kernel each: a
         # [1, hidden] row broadcasts over the [n, hidden] planes.
         coefs = linear(altup.correction_coefs, self._router(altup, activated)).reshape(n, 1)
-        corrected = predictions + (activated - active) * (coefs + 1.0)
-        first = corrected[a : a + 1]
+        # The active plane corrected is computed on its own (one kernel with its scale) and again
+        # inside the final kernel with all planes, so the corrected planes are never materialized:
+        # one kernel fewer than correcting all planes, then slicing and scaling the active one.
+        # The innovation is written as `-(active - activated)` the second time: the same numbers,
+        # but not an expression `mx.compile` would merge with the first and materialize.
+        first = active + (activated - active) * (coefs[a : a + 1] + 1.0)
         if layer.correct_scale:
             first = first * altup.correct_output_scale
         first = gelu_tanh(linear(layer.per_layer_input_gate, first)) * per_layer
         first = rms_norm(linear(layer.per_layer_projection, first), layer.post_per_layer_input_norm.weight, eps)
-        return corrected + first * plane_mask, kv
+        return predictions - (active - activated) * (coefs + 1.0) + first * plane_mask, kv
 
     def _head(self, planes):
         c, lm = self.config, self.lm
