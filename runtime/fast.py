@@ -21,6 +21,7 @@ turn.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from runtime.cache import KVCache, RotatingKVCache, pad_positions
 from runtime.model import gelu_tanh, rescale_to, rms_norm, softcap
@@ -75,8 +76,9 @@ class DecodeStep:
     - attention over the fixed-size buffers is written out (scores, masked softmax, values):
       MLX's fused attention takes no array mask on CUDA and would expand into more nodes; the
       mask is additive and joins the scores' matmul (`addmm`);
-    - a layer's q, k and v heads are normed by one unscaled norm and one per-head scale, and q
-      and k rotated by one RoPE (`_head_scales`);
+    - a layer's q, k and v heads are normed by one unscaled norm, then scaled per head and q and
+      k rotated by RoPE in one fused element-wise kernel (`_rope_tables`, `_scale_and_rotate`):
+      2 kernels where the norms and RoPEs one by one are 5;
     - a fused bundle (`qkv_proj`, `gate_up_proj` in the manifest) is one GEMV per group;
     - the activation-sparse layers' standard deviation is one dot product of the deviations with
       themselves (5 kernels for the Gaussian top-k where two means are 6).
@@ -93,21 +95,51 @@ class DecodeStep:
         self.plane_mask = mx.array([0.0] + [1.0] * (n - 1)).reshape(n, 1)
         self.head = self.lm.embed_tokens if model.tied_head else model.lm_head
         self.weights_t = transposed_views(self.lm, self.head)
-        self.head_scales = self._head_scales()
+        self.rope_tables = self._rope_tables()
 
-    def _head_scales(self) -> dict[int, mx.array]:
-        """Per layer with its own KV: the q/k/v norms' scales one row per head, `[1, heads, 1, d]`
-        (q's scale on every q head, k's on every k head, 1 on v, which has none), evaluated here:
-        the three norms become one unscaled norm and one multiply over all heads. A few KB."""
-        scales = {}
-        for i in self.owners:
-            attn = self.lm.layers[i].self_attn
+    def _rope_tables(self) -> list[tuple[mx.array, mx.array, mx.array]]:
+        """Per layer, what `_scale_and_rotate` needs for the heads it projects (q, k and v where
+        the layer keeps its own KV, else q), each `[1, heads, 1, 2, d / 2]` (a head's two halves,
+        which non-traditional RoPE rotates against each other), evaluated here (a few KB):
+
+        - `freq`: RoPE's inverse frequencies (`base ** (-2j / d)`, from float64) on q and k heads
+          and 0 on v heads, so the same kernel leaves v unrotated;
+        - `scale`: the q/k norm's scale on each q/k head, 1 on v (whose norm has none);
+        - `swapped`: the scale with its halves swapped and the first half negated, for the
+          rotated-half term `(-x2, x1)`."""
+        tables = []
+        for i, layer in enumerate(self.lm.layers):
+            attn = layer.self_attn
             nq, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
-            rows = [mx.broadcast_to(attn.q_norm.weight, (nq, d)), mx.broadcast_to(attn.k_norm.weight, (nkv, d)),
-                    mx.ones((nkv, d), attn.k_norm.weight.dtype)]
-            scales[i] = mx.concatenate(rows).reshape(1, nq + 2 * nkv, 1, d)
-        mx.eval(list(scales.values()))
-        return scales
+            own = i not in self.producers
+            heads = nq + 2 * nkv if own else nq
+            inv = 1.0 / (attn.theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+            rotated = np.array([1.0] * (nq + nkv if own else nq) + [0.0] * (nkv if own else 0))
+            freq = mx.array((rotated[:, None, None] * inv[None, None, :]).astype(np.float32))
+            freq = mx.broadcast_to(freq.reshape(1, heads, 1, 1, d // 2), (1, heads, 1, 2, d // 2))
+            dtype = attn.q_norm.weight.dtype
+            rows = [mx.broadcast_to(attn.q_norm.weight, (nq, d))]
+            if own:
+                rows += [mx.broadcast_to(attn.k_norm.weight, (nkv, d)), mx.ones((nkv, d), dtype)]
+            scale = mx.concatenate(rows).reshape(1, heads, 1, 2, d // 2)
+            sign = mx.array([-1.0, 1.0], dtype).reshape(1, 1, 1, 2, 1)
+            tables.append((mx.contiguous(freq), scale, mx.contiguous(scale[:, :, :, ::-1, :] * sign)))
+        mx.eval(tables)
+        return tables
+
+    @staticmethod
+    def _scale_and_rotate(x: mx.array, position: mx.array, table) -> mx.array:
+        """`x` `[1, heads, 1, d]`, normed without scale: each head scaled and rotated by RoPE at
+        `position` (v heads, whose frequencies are 0, only scaled), in one fused kernel. The
+        rotated half `(-x2, x1)` is a view of `x` with its halves in reverse order (a negative
+        stride, no copy) times the swapped, negated scale; angles and products are float32 and
+        the result is rounded once, to `x`'s dtype (mx.fast.rope rounds the same way)."""
+        freq, scale, swapped = table
+        heads, d = x.shape[1], x.shape[3]
+        halves = x.reshape(1, heads, 1, 2, d // 2)
+        angle = position.astype(mx.float32) * freq
+        out = halves * scale * mx.cos(angle) + halves[:, :, :, ::-1, :] * swapped * mx.sin(angle)
+        return out.astype(x.dtype).reshape(1, heads, 1, d)
 
     def linear(self, module, x: mx.array) -> mx.array:
         """`module(x)`, through the weight's transposed view where there is one."""
@@ -142,7 +174,7 @@ class DecodeStep:
                 masks[size] = mx.where(mx.arange(size) <= position, 0.0, -mx.inf).astype(keys[i].dtype)
         for i, layer in enumerate(lm.layers):
             owner = self.producers.get(i, i)
-            planes, kv = self._layer(layer, planes, per_layer[i], position, plane_mask, self.head_scales.get(i),
+            planes, kv = self._layer(layer, planes, per_layer[i], position, plane_mask, self.rope_tables[i],
                                      None if owner != i else (keys[i], values[i]),
                                      (keys[owner], values[owner]), masks)
             if owner == i:
@@ -158,7 +190,7 @@ class DecodeStep:
         routed = self.linear(altup.modality_router, rms_norm(x, altup.router_norm.weight, self.config.rms_norm_eps))
         return mx.tanh(routed.astype(mx.float32) * (1.0 / self.config.hidden_size)).astype(x.dtype)
 
-    def _layer(self, layer, planes, per_layer, position, plane_mask, head_scales, own_kv, kv, masks):
+    def _layer(self, layer, planes, per_layer, position, plane_mask, rope_table, own_kv, kv, masks):
         c, linear = self.config, self.linear
         eps = c.rms_norm_eps
         altup, attn, mlp = layer.altup, layer.self_attn, layer.mlp
@@ -179,15 +211,16 @@ class DecodeStep:
             else:
                 qkv = mx.concatenate([linear(attn.q_proj, normed), linear(attn.k_proj, normed),
                                       linear(attn.v_proj, normed)], axis=1)
-            # q, k and v heads normed at once, scaled per head (v by 1), then q and k rotated at
-            # once (same position): 3 kernels where the norms and RoPEs one by one are 5.
-            heads = rms_norm(qkv.reshape(1, nq + 2 * nkv, 1, d), None, eps) * head_scales
-            qk = attn.rope(heads[:, : nq + nkv], position)
-            q, k, v = qk[:, :nq], qk[:, nq:], heads[:, nq + nkv :]
+            # q, k and v heads normed at once, then scaled per head (v by 1) and q and k rotated
+            # (v by angle 0) in one kernel: 2 kernels where the norms and RoPEs one by one are 5.
+            heads = rms_norm(qkv.reshape(1, nq + 2 * nkv, 1, d), None, eps)
+            heads = self._scale_and_rotate(heads, position, rope_table)
+            q, k, v = heads[:, :nq], heads[:, nq : nq + nkv], heads[:, nq + nkv :]
             slot = (position % own_kv[0].shape[2]).reshape(1)
             kv = (mx.slice_update(own_kv[0], k, slot, axes=(2,)), mx.slice_update(own_kv[1], v, slot, axes=(2,)))
         else:
-            q = attn.rope(rms_norm(linear(attn.q_proj, normed).reshape(1, nq, 1, d), attn.q_norm.weight, eps), position)
+            q = self._scale_and_rotate(rms_norm(linear(attn.q_proj, normed).reshape(1, nq, 1, d), None, eps), position,
+                                       rope_table)
         keys, values = kv
         # Attention scale is 1; mask + q @ k^T in one kernel.
         scores = mx.addmm(masks[keys.shape[2]], q.reshape(1, nkv, nq // nkv, d), keys.swapaxes(-1, -2))
