@@ -11,7 +11,8 @@ nodes; the float32 parity tests check every compiled step against transformers.
 Compilation needs shapes that do not change from token to token: a full-attention layer writes
 position p to slot p of a buffer with room for `capacity` positions (doubled, and traced once
 more, when full); a sliding layer writes it to slot p % window of a ring
-(`RotatingKVCache.to_ring`). Attention reads the whole buffer with a mask of the slots written
+(`RotatingKVCache.to_ring`). A layer's keys and values share one buffer, `[1, 2 * kv_heads,
+slots, head_dim]` (keys' heads, then values'), so one update writes both. Attention reads the whole buffer with a mask of the slots written
 so far; the order of keys in a ring does not matter to attention because RoPE was applied
 before they were stored. Prefill stays eager (its shapes vary anyway); `CompiledDecoder` takes
 over the eager caches after it and hands them back (`to_eager`) so a chat can prefill its next
@@ -150,6 +151,7 @@ class DecodeStep:
         return y + module.bias if "bias" in module else y
 
     def __call__(self, token: mx.array, position: mx.array, *buffers):
+        """`buffers`: one `[1, 2 * kv_heads, slots, head_dim]` key/value buffer per cache owner."""
         c, lm = self.config, self.lm
         if token.shape != (1, 1):
             raise ValueError(f"the compiled decode step takes one token of one sequence ([1, 1]), not {list(token.shape)}")
@@ -163,27 +165,18 @@ class DecodeStep:
         planes = lm.altup_planes(embeds, axis=0).reshape(c.altup_num_inputs, -1)
         plane_mask = self.plane_mask.astype(dtype)
 
-        keys, values = {}, {}
-        for j, i in enumerate(self.owners):
-            keys[i], values[i] = buffers[2 * j], buffers[2 * j + 1]
+        kv = dict(zip(self.owners, buffers))
         masks = {}
         for i in self.owners:
-            size = keys[i].shape[2]
+            size = kv[i].shape[2]
             if size not in masks:
                 # Additive: 0 for slots written so far, -inf for the rest (folded into the scores' matmul).
-                masks[size] = mx.where(mx.arange(size) <= position, 0.0, -mx.inf).astype(keys[i].dtype)
+                masks[size] = mx.where(mx.arange(size) <= position, 0.0, -mx.inf).astype(kv[i].dtype)
         for i, layer in enumerate(lm.layers):
             owner = self.producers.get(i, i)
-            planes, kv = self._layer(layer, planes, per_layer[i], position, plane_mask, self.rope_tables[i],
-                                     None if owner != i else (keys[i], values[i]),
-                                     (keys[owner], values[owner]), masks)
-            if owner == i:
-                keys[i], values[i] = kv
-        logits = self._head(planes)
-        out = [logits]
-        for i in self.owners:
-            out += [keys[i], values[i]]
-        return tuple(out)
+            planes, kv[owner] = self._layer(layer, planes, per_layer[i], position, plane_mask, self.rope_tables[i],
+                                            owner == i, kv[owner], masks)
+        return (self._head(planes), *(kv[i] for i in self.owners))
 
     def _router(self, altup, x):
         """tanh(router(norm(x)) / hidden) in float32, returned in x's dtype (as transformers)."""
@@ -191,6 +184,8 @@ class DecodeStep:
         return mx.tanh(routed.astype(mx.float32) * (1.0 / self.config.hidden_size)).astype(x.dtype)
 
     def _layer(self, layer, planes, per_layer, position, plane_mask, rope_table, own_kv, kv, masks):
+        """One decoder layer; `kv` is the layer's key/value buffer (its own where `own_kv`, which
+        this token's k and v are written to, else its producer's), returned as updated."""
         c, linear = self.config, self.linear
         eps = c.rms_norm_eps
         altup, attn, mlp = layer.altup, layer.self_attn, layer.mlp
@@ -205,7 +200,7 @@ class DecodeStep:
         normed = rms_norm(active, layer.input_layernorm.weight, eps)
         laurel = linear(layer.laurel.linear_left, normed)
         nq, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        if own_kv is not None:
+        if own_kv:
             if "qkv_proj" in attn:
                 qkv = linear(attn.qkv_proj, normed)
             else:
@@ -215,13 +210,14 @@ class DecodeStep:
             # (v by angle 0) in one kernel: 2 kernels where the norms and RoPEs one by one are 5.
             heads = rms_norm(qkv.reshape(1, nq + 2 * nkv, 1, d), None, eps)
             heads = self._scale_and_rotate(heads, position, rope_table)
-            q, k, v = heads[:, :nq], heads[:, nq : nq + nkv], heads[:, nq + nkv :]
-            slot = (position % own_kv[0].shape[2]).reshape(1)
-            kv = (mx.slice_update(own_kv[0], k, slot, axes=(2,)), mx.slice_update(own_kv[1], v, slot, axes=(2,)))
+            # k's and v's heads follow q's: one update writes both into the shared buffer.
+            q = heads[:, :nq]
+            slot = (position % kv.shape[2]).reshape(1)
+            kv = mx.slice_update(kv, heads[:, nq:], slot, axes=(2,))
         else:
             q = self._scale_and_rotate(rms_norm(linear(attn.q_proj, normed).reshape(1, nq, 1, d), None, eps), position,
                                        rope_table)
-        keys, values = kv
+        keys, values = kv[:, :nkv], kv[:, nkv:]
         # Attention scale is 1; mask + q @ k^T in one kernel.
         scores = mx.addmm(masks[keys.shape[2]], q.reshape(1, nkv, nq // nkv, d), keys.swapaxes(-1, -2))
         out = (mx.softmax(scores, axis=-1, precise=True) @ values).reshape(1, nq * d)
@@ -303,7 +299,7 @@ class CompiledDecoder:
         if batch != 1:
             raise ValueError(f"the compiled decoder runs one sequence, not a batch of {batch}: decode batches eagerly")
         self.capacity = max(capacity, self.position + 1)
-        self.buffers = []
+        self.buffers = []  # per owner: keys' heads then values', [1, 2 * kv_heads, slots, head_dim]
         for i in self.owners:
             if not self.sliding[i]:
                 state = cache[i].state
@@ -312,7 +308,7 @@ class CompiledDecoder:
                 keys, values = (pad_positions(a, self.capacity) for a in state)
             else:
                 keys, values = cache[i].to_ring()
-            self.buffers += [keys, values]
+            self.buffers.append(mx.concatenate([keys, values], axis=1))
         self._step = compiled_step(model)
 
     def _grow(self) -> None:
@@ -320,8 +316,7 @@ class CompiledDecoder:
         self.capacity *= 2
         for j, i in enumerate(self.owners):
             if not self.sliding[i]:
-                self.buffers[2 * j] = pad_positions(self.buffers[2 * j], self.capacity)
-                self.buffers[2 * j + 1] = pad_positions(self.buffers[2 * j + 1], self.capacity)
+                self.buffers[j] = pad_positions(self.buffers[j], self.capacity)
 
     def __call__(self, token: mx.array) -> mx.array:
         if self.position >= self.capacity:
@@ -339,7 +334,8 @@ class CompiledDecoder:
         """The eager caches holding everything decoded so far (for the next eager prefill)."""
         n = self.position
         for j, i in enumerate(self.owners):
-            keys, values = self.buffers[2 * j], self.buffers[2 * j + 1]
+            kv = self.buffers[j]
+            keys, values = kv[:, : kv.shape[1] // 2], kv[:, kv.shape[1] // 2 :]
             cache = self.eager[i]
             if isinstance(cache, KVCache):
                 cache.keys, cache.values, cache.offset = keys[..., :n, :], values[..., :n, :], n

@@ -41,18 +41,18 @@ def step_kernels(bundle, monkeypatch) -> tuple[int, dict]:
 def test_decode_step_stays_within_its_kernel_budget(bundles, monkeypatch):
     layers = load_quietly(bundles["generic"])[0].config.num_hidden_layers
     kernels, counts = step_kernels(bundles["generic"], monkeypatch)
-    # 447 when written (10 layers, 6 with a KV cache of their own: ~45 kernels a layer). Undoing
-    # one of the fusions in DecodeStep (1 kernel a layer, the one q/k/v norm and the scale-and-
-    # RoPE kernel of each of the 6 layers with a KV cache, or the sparse layers' dot-product
-    # variance) breaks the budget; MLX upgrades may move it.
-    budget = 450
+    # 441 when written (10 layers, 6 with a KV cache of their own: ~44 kernels a layer). Undoing
+    # one of the fusions in DecodeStep (1 kernel a layer; the one q/k/v norm, the scale-and-RoPE
+    # kernel or the one K/V update of each of the 6 layers with a KV cache; the sparse layers'
+    # dot-product variance) breaks the budget; MLX upgrades may move it.
+    budget = 445
     assert kernels <= budget, f"{kernels} kernels per step (budget {budget}): {counts.most_common(12)}"
-    # Views cost host time too (a node each, no kernel, far less than a kernel): 164 when written
+    # Views cost host time too (a node each, no kernel, far less than a kernel): 170 when written
     # (the RoPE kernel reads each head's halves through views), down from 340 before the weights'
     # transposes were taken once outside the step and the planes kept 2-D. A transpose per
     # projection per token (~12 a layer) breaks this at once.
     views = sum(n for k, n in counts.items() if k in VIEWS)
-    assert views <= 170, f"{views} views per step (budget 170): {[(k, n) for k, n in counts.items() if k in VIEWS]}"
+    assert views <= 175, f"{views} views per step (budget 175): {[(k, n) for k, n in counts.items() if k in VIEWS]}"
     # No 3-D matmul inputs (each would add a Flatten/Unflatten pair) and no attention fallback.
     assert counts.get("Flatten", 0) + counts.get("Unflatten", 0) <= 4
     assert counts.get("ScaledDotProductAttention", 0) == 0 and counts["Softmax"] == layers
