@@ -12,9 +12,9 @@ Compilation needs shapes that do not change from token to token: a full-attentio
 position p to slot p of a buffer with room for `capacity` positions (doubled, and traced once
 more, when full); a sliding layer writes it to slot p % window of a ring
 (`RotatingKVCache.to_ring`). A layer's keys and values share one buffer, `[1, 2 * kv_heads,
-slots, head_dim]` (keys' heads, then values'), so one update writes both. Attention reads the whole buffer with a mask of the slots written
-so far; the order of keys in a ring does not matter to attention because RoPE was applied
-before they were stored. Prefill stays eager (its shapes vary anyway); `CompiledDecoder` takes
+slots, head_dim]` (keys' heads, then values'), so one update writes both. Attention reads the
+whole buffer with a mask of the slots written so far; the order of keys in a ring does not
+matter to attention because RoPE was applied before they were stored. Prefill stays eager (its shapes vary anyway); `CompiledDecoder` takes
 over the eager caches after it and hands them back (`to_eager`) so a chat can prefill its next
 turn.
 """
@@ -243,8 +243,8 @@ class DecodeStep:
         ffw = rms_norm(linear(mlp.down_proj, gelu_tanh(gate) * up), layer.post_feedforward_layernorm.weight, eps)
         activated = attn_laurel + ffw
 
-        # AltUp correct, then the per-layer input into planes 1.., one fused kernel each: a
-        # [1, hidden] row broadcasts over the [n, hidden] planes.
+        # AltUp correct, then the per-layer input into planes 1.. (a [1, hidden] row broadcasts
+        # over the [n, hidden] planes).
         coefs = linear(altup.correction_coefs, self._router(altup, activated)).reshape(n, 1)
         # The active plane corrected is computed on its own (one kernel with its scale) and again
         # inside the final kernel with all planes, so the corrected planes are never materialized:
