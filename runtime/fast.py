@@ -14,9 +14,9 @@ more, when full); a sliding layer writes it to slot p % window of a ring
 (`RotatingKVCache.to_ring`). A layer's keys and values share one buffer, `[1, 2 * kv_heads,
 slots, head_dim]` (keys' heads, then values'), so one update writes both. Attention reads the
 whole buffer with a mask of the slots written so far; the order of keys in a ring does not
-matter to attention because RoPE was applied before they were stored. Prefill stays eager (its shapes vary anyway); `CompiledDecoder` takes
-over the eager caches after it and hands them back (`to_eager`) so a chat can prefill its next
-turn.
+matter to attention because RoPE was applied before they were stored. Prefill stays eager (its
+shapes vary anyway); `CompiledDecoder` takes over the eager caches after it and hands them back
+(`to_eager`) so a chat can prefill its next turn.
 """
 
 from __future__ import annotations
