@@ -32,7 +32,7 @@ DEFAULT_CAPACITY = 1024
 
 
 def cache_owners(config) -> list[int]:
-    """Layers that keep a KV cache of their own (not KV-shared), in order: one buffer pair each."""
+    """Layers that keep a KV cache of their own (not KV-shared), in order: one K/V buffer each."""
     producers = config.kv_producers()
     return [i for i in range(config.num_hidden_layers) if i not in producers]
 
