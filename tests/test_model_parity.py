@@ -273,3 +273,27 @@ def test_the_compiled_decoder_refuses_a_batch(case):
     model(mx.array(ids[:, :PREFILL]), cache=cache)
     with pytest.raises(ValueError, match="one sequence"):
         CompiledDecoder(model, cache)
+
+
+@pytest.mark.parametrize("target", ["generic", "cuda"])
+def test_grouped_query_attention_with_two_kv_heads(tmp_path, ids, target):
+    """The tiny config has one KV head; Gemma3n has two (8 query heads share 2 E2B/E4B). With 4
+    query heads on 2 KV heads, a mix-up of which queries read which keys, or of k and v heads in
+    the compiled step's shared K/V buffer and its per-head RoPE table, shows here: eager forward
+    and every compiled decode step against transformers (`cuda` stores q/k/v fused)."""
+    from runtime.fast import CompiledDecoder
+    from tests.checkpoints import make_checkpoint
+
+    text_config = tiny_text_config(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    src = make_checkpoint(tmp_path / "src", "hf", text_config=text_config, seed=3)
+    ref = reference_logits(reference_model(text_config, source_tensors(src, "hf")), ids)
+    model, _ = load_quietly(convert(src, tmp_path / target, target))
+    assert model.model.language_model.layers[0].self_attn.n_kv_heads == 2
+    assert relative_error(model(mx.array(ids)), ref) < BOUND
+    for row in range(ids.shape[0]):
+        cache = model.make_cache()
+        model(mx.array(ids[row : row + 1, :PREFILL]), cache=cache)
+        decoder = CompiledDecoder(model, cache, capacity=16)
+        for t in range(PREFILL, LENGTH):
+            step = decoder(mx.array(ids[row : row + 1, t]))
+            assert relative_error(step[:, None, :], ref[row : row + 1, t : t + 1]) < BOUND, f"row {row}, position {t}"
