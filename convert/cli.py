@@ -42,7 +42,8 @@ def _size(ctx, param, value):
 @click.option("--quant-mode", type=click.Choice(["affine"]), default=None,
               help="Quantization mode with --quantize  [default: affine]")
 @click.option("--fuse/--no-fuse", default=None,
-              help="Store q/k/v and gate/up as one projection each (--fuse) or apart (--no-fuse), "
+              help="Store q/k/v (with LAuReL's left projection) and gate/up as one projection each (--fuse) "
+                   "or apart (--no-fuse), "
                    "whatever the target profile's `fuse` says  [default: as the profile says]")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_size,

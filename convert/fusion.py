@@ -1,4 +1,5 @@
-"""`fuse: [qkv, gate_up]` in a target profile: q/k/v and gate/up stored as one projection each.
+"""`fuse: [qkv, gate_up]` in a target profile: q/k/v and gate/up stored as one projection each
+(`qkv_laurel` / `q_laurel`: laurel's left projection joins q/k/v / q, manifests/format.py).
 
 Decode at batch 1 on a big GPU is bound by kernel launches, not bytes: q, k and v (and gate and
 up) read the same input, so one GEMV over their concatenated rows does the work of three (two)
@@ -32,7 +33,15 @@ from typing import TYPE_CHECKING
 
 from convert.gemma3n import text_shapes
 from convert.safetensors_io import TensorInfo
-from manifests.format import FUSED_GROUPS, FUSED_ROLES, PREFIX, PRETRANSPOSED, PRETRANSPOSED_SUFFIX
+from manifests.format import (
+    FUSED_GROUPS,
+    FUSED_KV_SHARED_ONLY,
+    FUSED_OWN_KV_ONLY,
+    FUSED_ROLES,
+    PREFIX,
+    PRETRANSPOSED,
+    PRETRANSPOSED_SUFFIX,
+)
 
 if TYPE_CHECKING:
     from convert.planning import Item
@@ -117,7 +126,8 @@ def fused_record(name: str, fused_path: str, paths: list[str], records: list[dic
 def fuse(items: list[Item], projections: dict[str, dict], roles: Counter, groups: tuple[str, ...],
          text_config: dict) -> tuple[list[Item], dict[str, dict], Counter, Counter]:
     """(items, projections, fused groups per name, unfused groups per reason) after fusing
-    `groups` in every layer that has them (qkv: not in KV-shared layers, which have no k/v)."""
+    `groups` in every layer that has them (qkv and qkv_laurel: not in KV-shared layers, which have
+    no k/v; q_laurel: only there)."""
     s = text_shapes(text_config)
     by_key = {it.key: it for it in items}
     done: Counter = Counter()
@@ -128,7 +138,8 @@ def fuse(items: list[Item], projections: dict[str, dict], roles: Counter, groups
     renamed: dict[str, tuple[str, dict]] = {}  # first member path -> (fused path, record)
     for layer in range(s.num_hidden_layers):
         for name in groups:
-            if name == "qkv" and layer >= s.first_kv_shared_layer:
+            shared = layer >= s.first_kv_shared_layer
+            if (name in FUSED_OWN_KV_ONLY and shared) or (name in FUSED_KV_SHARED_ONLY and not shared):
                 continue
             module, members = FUSED_GROUPS[name]
             base = f"{PREFIX}layers.{layer}."

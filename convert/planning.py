@@ -30,7 +30,7 @@ from convert.safetensors_io import DTYPE_NAMES, ITEMSIZE, TensorInfo, build_head
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
 from manifests.format import (
-    FUSED_GROUPS,
+    FUSE_ALL,
     INDEX_NAME,
     LM_HEAD,
     LM_HEAD_PRETRANSPOSED_KEY,
@@ -481,7 +481,7 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
                 add_projection(LM_HEAD, "lm_head", info, key, file, module)
 
     # 5. Fused groups: the members' items and records become one each (convert/fusion.py).
-    fuse_names = profile.fuse if fuse is None else (tuple(FUSED_GROUPS) if fuse else ())
+    fuse_names = profile.fuse if fuse is None else (FUSE_ALL if fuse else ())
     fused, unfused = Counter(), Counter()
     if fuse_names:
         items, projections, fused, unfused = fuse_groups(items, projections, roles, fuse_names, tc)

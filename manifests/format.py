@@ -33,12 +33,28 @@ DTYPES = ("bfloat16", "float16", "float32")
 # members' rows concatenated in this order, so one GEMV on the shared input does the work of two
 # or three. Paths are relative to a decoder layer (`model.language_model.layers.N.`). The fused
 # record lists its members (`fused: [{path, out}, ...]`); the members have no records of their own.
+#
+# `qkv_laurel` and `q_laurel` add laurel's left projection, which reads the same input as q/k/v
+# (the normed active plane), as a layer-level module: `qkv_laurel` in layers with a KV cache of
+# their own, `q_laurel` in KV-shared layers (which have no k/v). `qkv` and `qkv_laurel` claim the
+# same members, so a profile lists at most one of them (FUSED_EXCLUSIVE).
 FUSED_GROUPS = {
     "qkv": ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     "gate_up": ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    "qkv_laurel": ("qkv_laurel_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                        "laurel.linear_left")),
+    "q_laurel": ("q_laurel_proj", ("self_attn.q_proj", "laurel.linear_left")),
 }
 # The `role` a fused record carries (the members' roles are attn.q_proj ... in profiles).
-FUSED_ROLES = {"qkv": "attn.qkv_proj", "gate_up": "mlp.gate_up_proj"}
+FUSED_ROLES = {"qkv": "attn.qkv_proj", "gate_up": "mlp.gate_up_proj", "qkv_laurel": "layer.qkv_laurel_proj",
+               "q_laurel": "layer.q_laurel_proj"}
+# Groups that apply only in layers with a KV cache of their own / only in KV-shared layers.
+FUSED_OWN_KV_ONLY = ("qkv", "qkv_laurel")
+FUSED_KV_SHARED_ONLY = ("q_laurel",)
+# Sets of groups a profile may list one of (they claim the same members in the same layers).
+FUSED_EXCLUSIVE = (("qkv", "qkv_laurel"),)
+# What `convert --fuse` stores fused: every group, one of each exclusive set (the larger).
+FUSE_ALL = ("qkv_laurel", "q_laurel", "gate_up")
 
 
 class ManifestError(ValueError):

@@ -10,8 +10,9 @@ A profile is data (`manifests/targets/NAME.yaml`):
       lm_head: {float32: pretransposed, default: standard}   # per-dtype rule
     fuse: [qkv, gate_up]     # optional: projection groups stored fused (manifests.format.FUSED_GROUPS)
 
-A fused group takes the layout its first member's rule gives (attn.q_proj for qkv, mlp.gate_proj
-for gate_up); where its members' rules disagree for the dtype written, the group stays unfused.
+A fused group takes the layout its first member's rule gives (attn.q_proj for qkv, qkv_laurel and
+q_laurel, mlp.gate_proj for gate_up); where its members' rules disagree for the dtype written, the
+group stays unfused. `qkv` and `qkv_laurel` fuse the same projections: a profile lists one.
 
 `target_for_device` maps an `mx.device_info()` dictionary to a built-in target name. It is a
 pure function so tests feed it recorded dictionaries instead of needing the hardware.
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from manifests.format import DTYPES, FUSED_GROUPS, LAYOUTS, STANDARD
+from manifests.format import DTYPES, FUSED_EXCLUSIVE, FUSED_GROUPS, LAYOUTS, STANDARD
 
 ROLES = (
     "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
@@ -108,6 +109,10 @@ def _check(content: object, where: str) -> dict:
                 raise ProfileError(f"{where}: fuse: unknown group {group!r} (known: {', '.join(FUSED_GROUPS)})")
         if len(set(fuse)) != len(fuse):
             raise ProfileError(f"{where}: fuse: a group is listed twice")
+        for groups in FUSED_EXCLUSIVE:
+            listed = [g for g in groups if g in fuse]
+            if len(listed) > 1:
+                raise ProfileError(f"{where}: fuse: {' and '.join(listed)} fuse the same projections; list one")
     return content
 
 

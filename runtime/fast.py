@@ -80,7 +80,8 @@ class DecodeStep:
     - a layer's q, k and v heads are normed by one unscaled norm, then scaled per head and q and
       k rotated by RoPE in one fused element-wise kernel (`_rope_tables`, `_scale_and_rotate`):
       2 kernels where the norms and RoPEs one by one are 5;
-    - a fused bundle (`qkv_proj`, `gate_up_proj` in the manifest) is one GEMV per group;
+    - a fused bundle (`qkv_proj` or `qkv_laurel_proj` / `q_laurel_proj`, and `gate_up_proj` in
+      the manifest) is one GEMV per group;
     - the activation-sparse layers' standard deviation is one dot product of the deviations with
       themselves (5 kernels for the Gaussian top-k where two means are 6).
     """
@@ -198,10 +199,16 @@ class DecodeStep:
         active = predictions[a : a + 1]
 
         normed = rms_norm(active, layer.input_layernorm.weight, eps)
-        laurel = linear(layer.laurel.linear_left, normed)
         nq, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        in_proj = layer.in_proj
+        if in_proj is not None:  # q/k/v (or q) and laurel's left projection: one GEMV, one split
+            projected, laurel = mx.split(linear(in_proj, normed), [layer.in_splits[-1]], axis=1)
+        else:
+            laurel = linear(layer.laurel.linear_left, normed)
         if own_kv:
-            if "qkv_proj" in attn:
+            if in_proj is not None:
+                qkv = projected
+            elif "qkv_proj" in attn:
                 qkv = linear(attn.qkv_proj, normed)
             else:
                 qkv = mx.concatenate([linear(attn.q_proj, normed), linear(attn.k_proj, normed),
@@ -215,8 +222,8 @@ class DecodeStep:
             slot = (position % kv.shape[2]).reshape(1)
             kv = mx.slice_update(kv, heads[:, nq:], slot, axes=(2,))
         else:
-            q = self._scale_and_rotate(rms_norm(linear(attn.q_proj, normed).reshape(1, nq, 1, d), None, eps), position,
-                                       rope_table)
+            q = projected if in_proj is not None else linear(attn.q_proj, normed)
+            q = self._scale_and_rotate(rms_norm(q.reshape(1, nq, 1, d), None, eps), position, rope_table)
         keys, values = kv[:, :nkv], kv[:, nkv:]
         # Attention scale is 1; mask + q @ k^T in one kernel.
         scores = mx.addmm(masks[keys.shape[2]], q.reshape(1, nkv, nq // nkv, d), keys.swapaxes(-1, -2))

@@ -48,7 +48,7 @@ def _pretransposed_roles(manifest: dict) -> list[str]:
 
 
 def _fused_modules(manifest: dict) -> list[str]:
-    """Fused modules by their last path part (qkv_proj, gate_up_proj), each once."""
+    """Fused modules by their last path part (qkv_proj, gate_up_proj, qkv_laurel_proj, ...), each once."""
     return sorted({path.rsplit(".", 1)[-1] for path, p in manifest["projections"].items() if p.get("fused")})
 
 
@@ -93,8 +93,9 @@ def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], 
     lines.append(
         "- Layout: `pretransposed` projections are stored contiguous `[in, out]` under `*.weight_t` "
         "(MLX then runs `gemv_t`); `standard` ones keep the Hugging Face `[out, in]`. A fused module "
-        "(`qkv_proj`, `gate_up_proj`) stores the projections that read the same input as one matrix, "
-        "their outputs side by side (`fused` in `manifest.yaml` lists them): one GEMV instead of two or three."
+        "(`qkv_proj`, `gate_up_proj`; `qkv_laurel_proj`, `q_laurel_proj` add laurel's left projection) "
+        "stores the projections that read the same input as one matrix, their outputs side by side "
+        "(`fused` in `manifest.yaml` lists them): one GEMV instead of two to four."
     )
     if profile.get("evidence"):
         lines.append(f"- Evidence for this layout: {profile['evidence']}")

@@ -11,6 +11,7 @@ order where it matters for float32 parity.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, fields
 from statistics import NormalDist
@@ -174,20 +175,26 @@ class Projections:
 
 
 class LaurelBlock(nn.Module):
-    """Learned augmented residual: a rank-r bypass, normed, added back."""
+    """Learned augmented residual: a rank-r bypass, normed, added back. `left=False`: the bundle
+    fuses `linear_left` into the layer's q/k/v projection, which passes its output in."""
 
-    def __init__(self, c: TextConfig, p: Projections, path: str):
+    def __init__(self, c: TextConfig, p: Projections, path: str, left: bool = True):
         super().__init__()
-        self.linear_left = p.linear(f"{path}.linear_left", c.hidden_size, c.laurel_rank)
+        if left:
+            self.linear_left = p.linear(f"{path}.linear_left", c.hidden_size, c.laurel_rank)
         self.linear_right = p.linear(f"{path}.linear_right", c.laurel_rank, c.hidden_size)
         self.post_laurel_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
+    def __call__(self, x: mx.array, left: mx.array | None = None) -> mx.array:
+        left = self.linear_left(x) if left is None else left
+        return x + self.post_laurel_norm(self.linear_right(left))
 
 
 class Attention(nn.Module):
-    def __init__(self, c: TextConfig, p: Projections, path: str, layer: int):
+    """`projected=True`: the bundle fuses q/k/v with laurel's left projection at the layer
+    (`qkv_laurel_proj`, `q_laurel_proj`), which passes q (and k, v) in; no projections here."""
+
+    def __init__(self, c: TextConfig, p: Projections, path: str, layer: int, projected: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.eps = c.rms_norm_eps
@@ -199,9 +206,12 @@ class Attention(nn.Module):
         # A fused bundle stores q/k/v as one `qkv_proj` (rows q, k, v); its output is split at
         # `qkv_splits` (cumulative) here (runtime/fast.py reshapes it into heads instead). KV-shared
         # layers have no k/v.
-        qkv = p.fused(f"{path}.qkv_proj", h, [(f"{path}.q_proj", q_dims), (f"{path}.k_proj", kv_dims),
-                                               (f"{path}.v_proj", kv_dims)])
-        if qkv is not None:
+        qkv = None if projected else p.fused(f"{path}.qkv_proj", h, [(f"{path}.q_proj", q_dims),
+                                                                      (f"{path}.k_proj", kv_dims),
+                                                                      (f"{path}.v_proj", kv_dims)])
+        if projected:
+            pass
+        elif qkv is not None:
             if self.is_kv_shared:
                 raise ManifestError(f"manifest.yaml: projections.{path}.qkv_proj: layer {layer} is KV-shared "
                                     "(it has no k/v of its own), so it needs a lone q_proj")
@@ -220,10 +230,13 @@ class Attention(nn.Module):
     def rope(self, x: mx.array, offset: int) -> mx.array:
         return mx.fast.rope(x, self.head_dim, traditional=False, base=self.theta, scale=1.0, offset=offset)
 
-    def __call__(self, x: mx.array, offset: int, cache, shared_kv: tuple | None):
-        """`shared_kv`: (keys, values, mask) of this layer's producer, for a KV-shared layer."""
+    def __call__(self, x: mx.array, offset: int, cache, shared_kv: tuple | None, projected: tuple | None = None):
+        """`shared_kv`: (keys, values, mask) of this layer's producer, for a KV-shared layer.
+        `projected`: (q, k, v), or (q,) in a KV-shared layer, already projected from `x`."""
         b, n, _ = x.shape
-        if "qkv_proj" in self:
+        if projected is not None:
+            q, k, v = projected if len(projected) == 3 else (projected[0], None, None)
+        elif "qkv_proj" in self:
             q, k, v = mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
         else:
             q = self.q_proj(x)
@@ -321,24 +334,54 @@ class DecoderLayer(nn.Module):
         h = c.hidden_size
         self.active = c.altup_active_idx
         self.correct_scale = c.altup_correct_scale
-        self.self_attn = Attention(c, p, f"{path}.self_attn", layer)
+        # A bundle may fuse q/k/v (q in KV-shared layers) with laurel's left projection: one
+        # layer-level module over the same input (manifests/format.py `qkv_laurel`, `q_laurel`).
+        shared = layer >= c.first_kv_shared_layer
+        q_dims, kv_dims = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        attn, left = f"{path}.self_attn.", (f"{path}.laurel.linear_left", c.laurel_rank)
+        name, members = (("q_laurel_proj", [(attn + "q_proj", q_dims), left]) if shared else
+                         ("qkv_laurel_proj", [(attn + "q_proj", q_dims), (attn + "k_proj", kv_dims),
+                                              (attn + "v_proj", kv_dims), left]))
+        other = "qkv_laurel_proj" if shared else "q_laurel_proj"
+        if f"{path}.{other}" in p.records:
+            raise ManifestError(f"manifest.yaml: projections.{path}.{other}: layer {layer} "
+                                f"{'is KV-shared (no k/v)' if shared else 'has k/v of its own'}, so it needs {name}")
+        in_proj = p.fused(f"{path}.{name}", h, members)
+        if in_proj is not None:
+            setattr(self, name, in_proj)
+            object.__setattr__(self, "in_splits", list(itertools.accumulate(o for _, o in members[:-1])))
+        self.self_attn = Attention(c, p, f"{path}.self_attn", layer, projected=in_proj is not None)
         self.mlp = MLP(c, p, f"{path}.mlp", layer)
         self.input_layernorm = RMSNorm(h, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, c.rms_norm_eps)
         self.pre_feedforward_layernorm = RMSNorm(h, c.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(h, c.rms_norm_eps)
         self.altup = AltUp(c, p, f"{path}.altup")
-        self.laurel = LaurelBlock(c, p, f"{path}.laurel")
+        self.laurel = LaurelBlock(c, p, f"{path}.laurel", left=in_proj is None)
         self.per_layer_input_gate = p.linear(f"{path}.per_layer_input_gate", h, c.hidden_size_per_layer_input)
         self.per_layer_projection = p.linear(f"{path}.per_layer_projection", c.hidden_size_per_layer_input, h)
         self.post_per_layer_input_norm = RMSNorm(h, c.rms_norm_eps)
+
+    @property
+    def in_proj(self) -> nn.Module | None:
+        """The fused q/k/v (q in a KV-shared layer) + laurel-left projection, if the bundle has one."""
+        for name in ("qkv_laurel_proj", "q_laurel_proj"):
+            if name in self:
+                return self[name]
+        return None
 
     def __call__(self, planes: mx.array, per_layer_input: mx.array, offset: int, cache, shared_kv):
         predictions = self.altup.predict(planes)
         active = predictions[self.active]
         normed = self.input_layernorm(active)
-        laurel = self.laurel(normed)
-        attn, kv = self.self_attn(normed, offset, cache, shared_kv)
+        in_proj = self.in_proj
+        if in_proj is not None:
+            *projected, left = mx.split(in_proj(normed), self.in_splits, axis=-1)
+            laurel = self.laurel(normed, left)
+            attn, kv = self.self_attn(normed, offset, cache, shared_kv, projected=tuple(projected))
+        else:
+            laurel = self.laurel(normed)
+            attn, kv = self.self_attn(normed, offset, cache, shared_kv)
         attn = self.post_attention_layernorm(attn)
         attn_laurel = ((active + attn) + laurel) * (2.0**-0.5)
         ffw = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(attn_laurel)))

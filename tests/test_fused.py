@@ -1,8 +1,10 @@
 """Fused projections: `fuse: [qkv, gate_up]` in a profile, written by the real convert CLI.
 
-Bundles of one tiny Hugging Face checkpoint (float32): `cuda` (fused, every projection
-standard), `cpu-x86_64` (fused, float32 pretransposed, several shards), and 4-bit `cuda` with and
-without `--no-fuse`. Checked: the manifest records, the fused tensors against the source members'
+Bundles of one tiny Hugging Face checkpoint (float32): `standard` (a profile fusing q/k/v and
+gate/up, every projection standard), `cpu-x86_64` (fused, float32 pretransposed, several shards),
+and 4-bit `standard` with and without `--no-fuse`; then the `cuda` target, which also fuses
+laurel's left projection with q/k/v (`qkv_laurel`, `q_laurel` in KV-shared layers), in float32
+and 4-bit. Checked: the manifest records, the fused tensors against the source members'
 bytes, the logits against transformers' Gemma3nForCausalLM in float32 (prefill, cached decode),
 4-bit fused against 4-bit unfused, an MLX-quantized source, profiles and the one-line errors of
 manifests that cover a projection twice, miss one, or miscount rows.
@@ -60,15 +62,31 @@ def source(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("fused") / "src", "hf", seed=11)
 
 
+QKV_PROFILE = "name: qkv-gate-up\nfuse: [qkv, gate_up]\n"
+
+
+def convert_with(source: Path, out: Path, profile_text: str, *extra: str) -> Path:
+    """The real CLI with `--target-profile` (a file next to `out`), as a user runs it."""
+    profile = out.parent / f"{out.name}.profile.yaml"
+    profile.write_text(profile_text)
+    cmd = [sys.executable, "-m", "convert", "--target-profile", str(profile), "--dtype", "float32", "--quiet",
+           *extra, str(source), str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
 @pytest.fixture(scope="module")
 def bundles(source):
     root = source.parent
     return {
-        "standard": convert(source, root / "cuda", "cuda"),
+        "standard": convert_with(source, root / "qkv", QKV_PROFILE),
         "pretransposed": convert(source, root / "cpu", "cpu-x86_64", "--max-shard-size", "300KB"),
-        "q4": convert(source, root / "cuda-q4", "cuda", "--quantize", "4", "--group-size", "32"),
+        "q4": convert_with(source, root / "qkv-q4", QKV_PROFILE, "--quantize", "4", "--group-size", "32"),
         "q4-unfused": convert(source, root / "cuda-q4-apart", "cuda", "--quantize", "4", "--group-size", "32",
                               "--no-fuse"),
+        "laurel": convert(source, root / "cuda", "cuda"),
+        "laurel-q4": convert(source, root / "cuda-q4", "cuda", "--quantize", "4", "--group-size", "32"),
     }
 
 
@@ -154,8 +172,9 @@ def test_dry_run_shows_the_fused_groups(source, tmp_path):
     done = subprocess.run([sys.executable, "-m", "convert", "--target", "cuda", "--dry-run", str(source),
                            str(tmp_path / "out")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert f"fuse     qkv {FIRST_SHARED} layers, gate_up {LAYERS} layers" in done.stdout
-    assert "attn.qkv_proj" in done.stdout and "mlp.gate_up_proj" in done.stdout
+    assert (f"fuse     qkv_laurel {FIRST_SHARED} layers, q_laurel {LAYERS - FIRST_SHARED} layers, "
+            f"gate_up {LAYERS} layers") in done.stdout, done.stdout
+    assert "layer.qkv_laurel_proj" in done.stdout and "mlp.gate_up_proj" in done.stdout
     assert not (tmp_path / "out").exists()
 
 
@@ -164,7 +183,8 @@ def test_profiles_without_fuse_write_members_apart(source, tmp_path):
     assert not any("fused" in r for r in projections.values())
     assert f"{L}0.self_attn.k_proj" in projections and f"{L}0.mlp.up_proj" in projections
     forced = read_manifest(convert(source, tmp_path / "forced", "generic", "--fuse"))["projections"]
-    assert f"{L}0.self_attn.qkv_proj" in forced and f"{L}0.self_attn.k_proj" not in forced
+    assert f"{L}0.qkv_laurel_proj" in forced and f"{L}0.self_attn.k_proj" not in forced
+    assert f"{L}{LAYERS - 1}.q_laurel_proj" in forced and f"{L}0.mlp.gate_up_proj" in forced
 
 
 # -- the runtime on fused bundles --------------------------------------------------------------------
@@ -287,7 +307,7 @@ def mlx_quantized_source(path: Path) -> tuple[Path, dict[str, mx.array]]:
 
 def test_an_mlx_quantized_source_is_fused_byte_for_byte(tmp_path, ids):
     src, tensors = mlx_quantized_source(tmp_path / "src")
-    fused_dir = convert(src, tmp_path / "fused", "cuda")
+    fused_dir = convert_with(src, tmp_path / "fused", QKV_PROFILE)
     apart_dir = convert(src, tmp_path / "apart", "cuda", "--no-fuse")
     projections, bundle = read_manifest(fused_dir)["projections"], load_tensors(fused_dir)
     for leaf in ("weight", "scales", "biases"):
@@ -302,7 +322,7 @@ def test_an_mlx_quantized_source_is_fused_byte_for_byte(tmp_path, ids):
     assert projections[f"{L}2.self_attn.q_proj"]["quantized"]["bits"] == 4
     done = subprocess.run([sys.executable, "-m", "convert", "--target", "cuda", "--dry-run", str(src),
                            str(tmp_path / "x")], capture_output=True, text=True)
-    assert "qkv: members' quantizations differ" in done.stdout, done.stdout
+    assert "qkv_laurel: members' quantizations differ" in done.stdout, done.stdout
     fused, _ = load_quietly(fused_dir)
     apart, _ = load_quietly(apart_dir)
     assert "k_proj" in fused.layers[2].self_attn and "qkv_proj" in fused.layers[1].self_attn
@@ -327,7 +347,8 @@ def test_a_group_whose_members_disagree_on_layout_stays_apart(source, tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("name: x\nfuse: [qkv, bogus]\n", "fuse: unknown group 'bogus' (known: qkv, gate_up)"),
+    ("name: x\nfuse: [qkv, bogus]\n", "fuse: unknown group 'bogus' (known: qkv, gate_up, qkv_laurel, q_laurel)"),
+    ("name: x\nfuse: [qkv, qkv_laurel]\n", "fuse: qkv and qkv_laurel fuse the same projections; list one"),
     ("name: x\nfuse: qkv\n", "`fuse` must be a list of group names"),
     ("name: x\nfuse: [qkv, qkv]\n", "fuse: a group is listed twice"),
 ])
@@ -339,7 +360,8 @@ def test_a_bad_fuse_list_is_refused(text, message):
 def test_only_cuda_and_cpu_fuse():
     from manifests import load_profile
 
-    assert load_profile("cuda").fuse == ("qkv", "gate_up") and load_profile("cpu-x86_64").fuse == ("qkv", "gate_up")
+    assert load_profile("cuda").fuse == ("qkv_laurel", "q_laurel", "gate_up")
+    assert load_profile("cpu-x86_64").fuse == ("qkv", "gate_up")
     assert load_profile("m5").fuse == () and load_profile("generic").fuse == ()
 
 
@@ -443,8 +465,8 @@ def test_check_finite_names_the_members_of_a_fused_tensor(tmp_path):
     assert done.returncode == 2 and not (tmp_path / "out").exists()
     assert done.stderr.splitlines() == [
         f"Error: {src}/model.safetensors: one of tensors '{L}1.self_attn.q_proj.weight', '{k}', "
-        f"'{L}1.self_attn.v_proj.weight' (fused into {L}1.self_attn.qkv_proj.weight): 1 NaN and 0 infinite "
-        f"values (--check-finite); {tmp_path / 'out'} was left as it was"]
+        f"'{L}1.self_attn.v_proj.weight', '{L}1.laurel.linear_left.weight' (fused into {L}1.qkv_laurel_proj.weight): "
+        f"1 NaN and 0 infinite values (--check-finite); {tmp_path / 'out'} was left as it was"]
 
 
 def test_small_blocks_and_bands_write_the_same_fused_bytes(source, bundles, tmp_path):
@@ -452,10 +474,106 @@ def test_small_blocks_and_bands_write_the_same_fused_bytes(source, bundles, tmp_
     member boundaries in every way, and the bytes must not change."""
     small = ("--read-block-size", "2KB", "--band-size", "3KB")
     for name, target, extra in (("pretransposed", "cpu-x86_64", ()),
-                                ("q4", "cuda", ("--quantize", "4", "--group-size", "32"))):
+                                ("laurel-q4", "cuda", ("--quantize", "4", "--group-size", "32"))):
         again = load_tensors(convert(source, tmp_path / name, target, *small, *extra))
         want = load_tensors(bundles[name])
-        fused = [k for k in want if "qkv_proj" in k or "gate_up_proj" in k]
+        fused = [k for k in want if "qkv_proj" in k or "gate_up_proj" in k or "laurel_proj" in k]
         assert len(fused) >= LAYERS + FIRST_SHARED
         for key in fused:
             assert raw(again[key]) == raw(want[key]), (name, key)
+
+
+# -- laurel's left projection with q/k/v (the cuda target) ------------------------------------------
+
+RANK = CFG["laurel_rank"]
+
+
+def laurel_groups(i: int) -> tuple[str, list[tuple[str, int]]]:
+    """(fused module, [(member, out)]) of layer i's q/k/v (q) + laurel-left group."""
+    q, left = ("self_attn.q_proj", Q_OUT), ("laurel.linear_left", RANK)
+    if i >= FIRST_SHARED:
+        return "q_laurel_proj", [q, left]
+    return "qkv_laurel_proj", [q, ("self_attn.k_proj", KV_OUT), ("self_attn.v_proj", KV_OUT), left]
+
+
+def test_the_cuda_target_fuses_laurel_left_with_q_k_v(bundles):
+    projections = read_manifest(bundles["laurel"])["projections"]
+    for i in range(LAYERS):
+        base = f"{L}{i}."
+        module, members = laurel_groups(i)
+        record = projections[base + module]
+        rows = sum(o for _, o in members)
+        assert record["role"] == "layer." + module and record["layout"] == "standard"
+        assert record["key"] == base + module + ".weight" and record["shape"] == [rows, HIDDEN]
+        assert [(m["path"], m["out"]) for m in record["fused"]] == [(base + p, o) for p, o in members]
+        for p, _ in members:
+            assert base + p not in projections
+        assert base + "self_attn.qkv_proj" not in projections and base + "mlp.gate_up_proj" in projections
+
+
+def test_laurel_fused_tensors_are_the_members_concatenated(source, bundles):
+    src, bundle = source_tensors(source, "hf"), load_tensors(bundles["laurel"])
+    for i in range(LAYERS):
+        module, members = laurel_groups(i)
+        want = np.concatenate([src[f"layers.{i}.{p}.weight"] for p, _ in members])
+        assert raw(bundle[f"{L}{i}.{module}.weight"]) == want.tobytes(), (i, module)
+        assert f"{L}{i}.laurel.linear_left.weight" not in bundle
+
+
+def test_the_model_takes_q_k_v_and_laurel_left_from_one_module(bundles):
+    model, _ = load_quietly(bundles["laurel"])
+    for i, layer in enumerate(model.layers):
+        module, members = laurel_groups(i)
+        assert type(layer[module]) is Standard and layer.in_proj is layer[module]
+        assert layer.in_splits == list(np.cumsum([o for _, o in members[:-1]]))
+        assert not any(p in layer.self_attn for p in ("q_proj", "k_proj", "v_proj", "qkv_proj"))
+        assert "linear_left" not in layer.laurel and "linear_right" in layer.laurel
+
+
+def test_laurel_fused_logits_match_transformers_eager_and_compiled(bundles, reference, ids):
+    from runtime.fast import CompiledDecoder
+
+    model, _ = load_quietly(bundles["laurel"])
+    assert relative_error(model(mx.array(ids)), reference) < BOUND
+    cache = model.make_cache()
+    model(mx.array(ids[:, :PREFILL]), cache=cache)
+    for t in range(PREFILL, LENGTH):
+        step = model(mx.array(ids[:, t:t + 1]), cache=cache)
+        assert relative_error(step, reference[:, t:t + 1]) < BOUND, f"eager decode step at position {t}"
+    for row in range(ids.shape[0]):
+        cache = model.make_cache()
+        model(mx.array(ids[row:row + 1, :PREFILL]), cache=cache)
+        decoder = CompiledDecoder(model, cache, capacity=16)
+        for t in range(PREFILL, LENGTH):
+            step = decoder(mx.array(ids[row:row + 1, t]))
+            assert relative_error(step[:, None, :], reference[row:row + 1, t:t + 1]) < BOUND, (row, t)
+
+
+def test_quantized_laurel_fused_rows_and_logits_are_the_unfused_ones(bundles, ids):
+    fused, apart = load_tensors(bundles["laurel-q4"]), load_tensors(bundles["q4-unfused"])
+    for i in range(LAYERS):
+        module, members = laurel_groups(i)
+        for leaf in ("weight", "scales", "biases"):
+            want = b"".join(raw(apart[f"{L}{i}.{p}.{leaf}"]) for p, _ in members)
+            assert raw(fused[f"{L}{i}.{module}.{leaf}"]) == want, (i, module, leaf)
+    model, _ = load_quietly(bundles["laurel-q4"])
+    plain, _ = load_quietly(bundles["q4-unfused"])
+    assert isinstance(model.layers[0].qkv_laurel_proj, QuantizedStandard)
+    assert relative_error(model(mx.array(ids)), np.array(plain(mx.array(ids)))) < 1e-6
+
+
+def test_a_laurel_group_in_the_wrong_kind_of_layer_is_named(bundles, tmp_path):
+    """A KV-shared layer's q_laurel_proj renamed into a layer with its own K/V: one line naming it."""
+    bundle = Path(shutil.copytree(bundles["laurel"], tmp_path / "b"))
+    last = f"{L}{LAYERS - 1}."
+
+    def edit(m):
+        record = m["projections"].pop(last + "q_laurel_proj")
+        m["projections"].pop(f"{L}0.qkv_laurel_proj")
+        for member in record["fused"]:
+            member["path"] = member["path"].replace(last, f"{L}0.")
+        m["projections"][f"{L}0.q_laurel_proj"] = record
+    edit_manifest(bundle, edit)
+    with pytest.raises(ManifestError, match=f"projections.{L}0.q_laurel_proj: layer 0 has k/v of its own, "
+                                            "so it needs qkv_laurel_proj"):
+        load_quietly(bundle)

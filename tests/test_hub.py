@@ -248,5 +248,5 @@ def test_card_names_fused_modules(tmp_path):
     fused = read_manifest(convert(src, tmp_path / "cuda", "cuda"))
     plain = read_manifest(convert(src, tmp_path / "generic", "generic"))
     row = lambda card: next(line for line in card.splitlines() if line.startswith("| `v/`"))  # noqa: E731
-    assert "| gate_up_proj, qkv_proj |" in row(model_card(fused, REPO, "v", ["v"]))
+    assert "| gate_up_proj, q_laurel_proj, qkv_laurel_proj |" in row(model_card(fused, REPO, "v", ["v"]))
     assert "| none | float32 |" in row(model_card(plain, REPO, "v", ["v"]))
