@@ -63,8 +63,9 @@ def fused_group(path: str) -> tuple[str, str, tuple[str, ...]] | None:
 
 def check_fused(projections: dict, where: str = MANIFEST_NAME) -> None:
     """Every fused record: a known group, exactly its members in order, none of them also
-    recorded on its own (each projection is covered once), and member rows adding up to the
-    fused weight's output dimension."""
+    recorded on its own or in another fused record (each projection is covered once), and member
+    rows adding up to the fused weight's output dimension."""
+    claimed: dict[str, str] = {}  # member path -> the fused record listing it
     for path, record in projections.items():
         members = record.get("fused")
         if members is None:
@@ -86,6 +87,10 @@ def check_fused(projections: dict, where: str = MANIFEST_NAME) -> None:
             if m in projections:
                 raise ManifestError(f"{where}: projections.{m}: covered twice, by its own record and as a "
                                     f"member of {path}")
+            if m in claimed:
+                raise ManifestError(f"{where}: projections.{m}: covered twice, as a member of {claimed[m]} "
+                                    f"and of {path}")
+            claimed[m] = path
         shape = list(record["shape"])
         if len(shape) != 2:
             raise ManifestError(f"{at}: fused weight shape {shape} is not a matrix")

@@ -205,19 +205,16 @@ class Attention(nn.Module):
         h, q_dims, kv_dims = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         # A fused bundle stores q/k/v as one `qkv_proj` (rows q, k, v); its output is split at
         # `qkv_splits` (cumulative) here (runtime/fast.py reshapes it into heads instead). KV-shared
-        # layers have no k/v.
-        qkv = None if projected else p.fused(f"{path}.qkv_proj", h, [(f"{path}.q_proj", q_dims),
-                                                                      (f"{path}.k_proj", kv_dims),
-                                                                      (f"{path}.v_proj", kv_dims)])
-        if projected:
-            pass
-        elif qkv is not None:
+        # layers have no k/v. `projected`: the layer holds them (with laurel's left) instead.
+        qkv = None if projected else p.fused(f"{path}.qkv_proj", h, [
+            (f"{path}.q_proj", q_dims), (f"{path}.k_proj", kv_dims), (f"{path}.v_proj", kv_dims)])
+        if qkv is not None:
             if self.is_kv_shared:
                 raise ManifestError(f"manifest.yaml: projections.{path}.qkv_proj: layer {layer} is KV-shared "
                                     "(it has no k/v of its own), so it needs a lone q_proj")
             self.qkv_proj = qkv
             object.__setattr__(self, "qkv_splits", [q_dims, q_dims + kv_dims])  # not a parameter
-        else:
+        elif not projected:
             self.q_proj = p.linear(f"{path}.q_proj", h, q_dims)
             if not self.is_kv_shared:
                 self.k_proj = p.linear(f"{path}.k_proj", h, kv_dims)

@@ -577,3 +577,17 @@ def test_a_laurel_group_in_the_wrong_kind_of_layer_is_named(bundles, tmp_path):
     with pytest.raises(ManifestError, match=f"projections.{L}0.q_laurel_proj: layer 0 has k/v of its own, "
                                             "so it needs qkv_laurel_proj"):
         load_quietly(bundle)
+
+
+def test_a_projection_in_two_fused_records_is_named(bundles, tmp_path):
+    """Layer 0's q/k/v both in its qkv_laurel_proj and in an added self_attn.qkv_proj."""
+    bundle = Path(shutil.copytree(bundles["laurel"], tmp_path / "b"))
+    first = f"{L}0.qkv_laurel_proj"
+
+    def edit(m):
+        record = dict(m["projections"][first], fused=m["projections"][first]["fused"][:3])
+        m["projections"][f"{L}0.self_attn.qkv_proj"] = record
+    edit_manifest(bundle, edit)
+    with pytest.raises(ManifestError, match=f"projections.{L}0.self_attn.q_proj: covered twice, as a member of "
+                                            f"{first} and of {L}0.self_attn.qkv_proj"):
+        load_quietly(bundle)
