@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from common import CUDA_GRAPH_VARS, machine_facts, median, print_facts, run_child, table  # noqa: E402
+from common import CUDA_GRAPH_VARS, common_prefix, machine_facts, median, print_facts, run_child, table  # noqa: E402
 
 DEFAULT_TRIES = ["ours:2000/2000", "2000/2000"]
 
@@ -62,15 +62,6 @@ def run_worker(script: str, impl: str, path: str, a, env: dict) -> dict:
         tail = run.stderr.strip().splitlines()[-3:]
         raise SystemExit(f"worker {impl} {path} failed (exit {run.returncode}): {' | '.join(tail)}")
     return json.loads(run.stdout.strip().splitlines()[-1])
-
-
-def same_prefix(a: list, b: list) -> int:
-    """How many leading greedy ids agree (random weights in bf16 make near-ties; a mismatch
-    late is rounding, a mismatch at 0 of the prefill's argmax)."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def short(env: dict) -> str:
@@ -125,7 +116,7 @@ def main(argv=None) -> int:
         d, pd = median(ours["decode_tps"]), median(peer["decode_tps"])
         rows.append([n, short(ours["graph_env"] or {}), short(peer["graph_env"] or {}), d, min(ours["decode_tps"]),
                      max(ours["decode_tps"]), pd, min(peer["decode_tps"]), max(peer["decode_tps"]), d / pd,
-                     " ".join(f"{x:.2f}" for x in rounds[n]), f"{same_prefix(ours['ids'], peer['ids'])}/{len(peer['ids'])}"])
+                     " ".join(f"{x:.2f}" for x in rounds[n]), f"{common_prefix(ours['ids'], peer['ids'])}/{len(peer['ids'])}"])
     print()
     print(table(["settings", "ours ran with", "mlx-lm ran with", "ours tok/s", "min", "max", "mlx-lm tok/s", "min",
                  "max", "ratio", "ratio per round", "greedy ids equal to mlx-lm's"], rows, "lllrrrrrrrll"))

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from common import graph_env, machine_facts, median, print_facts, run_child, table  # noqa: E402
+from common import common_prefix, graph_env, machine_facts, median, print_facts, run_child, table  # noqa: E402
 
 READ_BLOCK = 16 << 20
 PEER = "mlx-lm gemma3n, same weights"
@@ -346,13 +346,6 @@ def bench_load(a) -> None:
         Path(a.json).write_text(json.dumps({"facts": machine_facts(), "results": results}, indent=2))
 
 
-def _common_prefix(a: list, b: list) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def bench_decode(a) -> None:
     source = a.source or default_source(a.bundles[0])
     impls = [] if a.no_eager else [(bundle_label(b), "ours", b) for b in a.bundles]
@@ -383,7 +376,7 @@ def bench_decode(a) -> None:
     for label, _, _ in impls:
         x = results[label]
         d, p = median(x["decode_tps"]), median(x["prompt_tps"])
-        same = "-" if not peer else f"{_common_prefix(x['ids'], peer['ids'])}/{len(peer['ids'])}"
+        same = "-" if not peer else f"{common_prefix(x['ids'], peer['ids'])}/{len(peer['ids'])}"
         rows.append([label, len(x["decode_tps"]), p, p / peer_prompt, d, min(x["decode_tps"]), max(x["decode_tps"]),
                      d / peer_decode, x["mlx_peak_bytes"] / 1e9, x["max_rss_bytes"] / 1e9, same])
     print()

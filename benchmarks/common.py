@@ -50,13 +50,22 @@ def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None,
     return ChildRun(wall, synced, rss, proc.returncode, stderr, stdout)
 
 
-# MLX's CUDA graph settings (runtime/backend.py): a worker reports what it ran with.
+# MLX's CUDA graph settings (benchmarks/bench_graphs.py): a worker reports what it ran with.
 CUDA_GRAPH_VARS = ("MLX_MAX_OPS_PER_BUFFER", "MLX_CUDA_GRAPH_CACHE_SIZE")
 
 
 def graph_env() -> dict:
     """The CUDA graph settings in this process's environment now (None: MLX's default)."""
     return {k: os.environ.get(k) for k in CUDA_GRAPH_VARS}
+
+
+def common_prefix(a: list, b: list) -> int:
+    """How many leading greedy ids two runs share (random weights in bf16 make near-ties: a
+    mismatch late is rounding, a mismatch at 0 the prefill's argmax)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def median(values) -> float:
