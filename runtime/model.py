@@ -19,7 +19,7 @@ from statistics import NormalDist
 import mlx.core as mx
 import mlx.nn as nn
 
-from manifests.format import EMBED_TOKENS, LM_HEAD, PREFIX, PRETRANSPOSED, ManifestError
+from manifests.format import EMBED_TOKENS, FUSED_GROUPS, LM_HEAD, PREFIX, PRETRANSPOSED, ManifestError
 from runtime.cache import KVCache, RotatingKVCache
 from runtime.projections import build_embedding, build_fused, build_projection
 
@@ -335,11 +335,12 @@ class DecoderLayer(nn.Module):
         # layer-level module over the same input (manifests/format.py `qkv_laurel`, `q_laurel`).
         shared = layer >= c.first_kv_shared_layer
         q_dims, kv_dims = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        attn, left = f"{path}.self_attn.", (f"{path}.laurel.linear_left", c.laurel_rank)
-        name, members = (("q_laurel_proj", [(attn + "q_proj", q_dims), left]) if shared else
-                         ("qkv_laurel_proj", [(attn + "q_proj", q_dims), (attn + "k_proj", kv_dims),
-                                              (attn + "v_proj", kv_dims), left]))
-        other = "qkv_laurel_proj" if shared else "q_laurel_proj"
+        outs = {"self_attn.q_proj": q_dims, "self_attn.k_proj": kv_dims, "self_attn.v_proj": kv_dims,
+                "laurel.linear_left": c.laurel_rank}
+        group, other_group = ("q_laurel", "qkv_laurel") if shared else ("qkv_laurel", "q_laurel")
+        name, member_paths = FUSED_GROUPS[group]
+        members = [(f"{path}.{m}", outs[m]) for m in member_paths]
+        other = FUSED_GROUPS[other_group][0]
         if f"{path}.{other}" in p.records:
             raise ManifestError(f"manifest.yaml: projections.{path}.{other}: layer {layer} "
                                 f"{'is KV-shared (no k/v)' if shared else 'has k/v of its own'}, so it needs {name}")
@@ -362,7 +363,8 @@ class DecoderLayer(nn.Module):
     @property
     def in_proj(self) -> nn.Module | None:
         """The fused q/k/v (q in a KV-shared layer) + laurel-left projection, if the bundle has one."""
-        for name in ("qkv_laurel_proj", "q_laurel_proj"):
+        for group in ("qkv_laurel", "q_laurel"):
+            name = FUSED_GROUPS[group][0]
             if name in self:
                 return self[name]
         return None
