@@ -112,11 +112,11 @@ class DecodeStep:
         tables = []
         for i, layer in enumerate(self.lm.layers):
             attn = layer.self_attn
-            nq, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
             own = i not in self.producers
-            heads = nq + 2 * nkv if own else nq
+            nq, nkv, d = attn.n_heads, attn.n_kv_heads if own else 0, attn.head_dim  # k/v heads projected here
+            heads = nq + 2 * nkv
             inv = 1.0 / (attn.theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-            rotated = np.array([1.0] * (nq + nkv if own else nq) + [0.0] * (nkv if own else 0))
+            rotated = np.array([1.0] * (nq + nkv) + [0.0] * nkv)
             freq = mx.array((rotated[:, None, None] * inv[None, None, :]).astype(np.float32))
             freq = mx.broadcast_to(freq.reshape(1, heads, 1, 1, d // 2), (1, heads, 1, 2, d // 2))
             dtype = attn.q_norm.weight.dtype
