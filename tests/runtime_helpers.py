@@ -98,6 +98,22 @@ def relative_error(ours, ref: np.ndarray) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
+def check_compiled_steps(model, seq: np.ndarray, ref: np.ndarray, prefill: int, end: int, bound: float,
+                         capacity: int, label: str = ""):
+    """One sequence (`seq` `[1, length]`, `ref` its logits): an eager prefill of `prefill` tokens,
+    then every position up to `end` through the compiled decode step, each within `bound` of
+    `ref`. Returns the decoder (for a hand-over back to the eager caches)."""
+    from runtime.fast import CompiledDecoder
+
+    cache = model.make_cache()
+    model(mx.array(seq[:, :prefill]), cache=cache)
+    decoder = CompiledDecoder(model, cache, capacity=capacity)
+    for t in range(prefill, end):
+        step = decoder(mx.array(seq[:, t]))
+        assert relative_error(step[:, None, :], ref[:, t : t + 1]) < bound, f"{label}compiled step at position {t}"
+    return decoder
+
+
 def make_sources(root: Path, seed: int = 0) -> dict[str, Path]:
     """Tiny checkpoints: Hugging Face naming in one file, mlx-vlm naming in three shards."""
     return {

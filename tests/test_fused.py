@@ -29,6 +29,7 @@ from runtime.projections import Pretransposed, QuantizedStandard, Standard
 from runtime.verify import verify_bundle
 from tests.checkpoints import checkpoint_tensors, full_config, make_checkpoint, tiny_text_config, write_tensors
 from tests.runtime_helpers import (
+    check_compiled_steps,
     convert,
     load_quietly,
     load_tensors,
@@ -531,8 +532,6 @@ def test_the_model_takes_q_k_v_and_laurel_left_from_one_module(bundles):
 
 
 def test_laurel_fused_logits_match_transformers_eager_and_compiled(bundles, reference, ids):
-    from runtime.fast import CompiledDecoder
-
     model, _ = load_quietly(bundles["laurel"])
     assert relative_error(model(mx.array(ids)), reference) < BOUND
     cache = model.make_cache()
@@ -541,12 +540,7 @@ def test_laurel_fused_logits_match_transformers_eager_and_compiled(bundles, refe
         step = model(mx.array(ids[:, t:t + 1]), cache=cache)
         assert relative_error(step, reference[:, t:t + 1]) < BOUND, f"eager decode step at position {t}"
     for row in range(ids.shape[0]):
-        cache = model.make_cache()
-        model(mx.array(ids[row:row + 1, :PREFILL]), cache=cache)
-        decoder = CompiledDecoder(model, cache, capacity=16)
-        for t in range(PREFILL, LENGTH):
-            step = decoder(mx.array(ids[row:row + 1, t]))
-            assert relative_error(step[:, None, :], reference[row:row + 1, t:t + 1]) < BOUND, (row, t)
+        check_compiled_steps(model, ids[row:row + 1], reference[row:row + 1], PREFILL, LENGTH, BOUND, 16, f"row {row}: ")
 
 
 def test_quantized_laurel_fused_rows_and_logits_are_the_unfused_ones(bundles, ids):

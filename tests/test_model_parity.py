@@ -20,6 +20,7 @@ from runtime.model import FULL, SLIDING, TextConfig
 from runtime.projections import Pretransposed, Standard
 from tests.checkpoints import tiny_text_config
 from tests.runtime_helpers import (
+    check_compiled_steps,
     convert,
     load_quietly,
     make_sources,
@@ -246,18 +247,11 @@ def test_every_step_of_compiled_decoding(case, capacity):
     """The compiled decode step (fixed-shape caches, runtime/fast.py) against the reference at
     every position past the window; then the eager caches it hands back carry on correctly.
     The step decodes one sequence (as generation does), so each row is its own run."""
-    from runtime.fast import CompiledDecoder
-
     model, ids, ref = case
     handover = LENGTH - 3
     for row in range(ids.shape[0]):
         seq, want = ids[row : row + 1], ref[row : row + 1]
-        cache = model.make_cache()
-        model(mx.array(seq[:, :PREFILL]), cache=cache)
-        decoder = CompiledDecoder(model, cache, capacity=capacity)
-        for t in range(PREFILL, handover):
-            step = decoder(mx.array(seq[:, t]))
-            assert relative_error(step[:, None, :], want[:, t : t + 1]) < BOUND, f"row {row}: compiled step at {t}"
+        decoder = check_compiled_steps(model, seq, want, PREFILL, handover, BOUND, capacity, f"row {row}: ")
         cache = decoder.to_eager()
         assert cache[0].offset == handover
         for t in range(handover, LENGTH):
@@ -281,7 +275,6 @@ def test_grouped_query_attention_with_two_kv_heads(tmp_path, ids, target):
     query heads on 2 KV heads, a mix-up of which queries read which keys, or of k and v heads in
     the compiled step's shared K/V buffer and its per-head RoPE table, shows here: eager forward
     and every compiled decode step against transformers (`cuda` stores q/k/v fused)."""
-    from runtime.fast import CompiledDecoder
     from tests.checkpoints import make_checkpoint
 
     text_config = tiny_text_config(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -291,9 +284,4 @@ def test_grouped_query_attention_with_two_kv_heads(tmp_path, ids, target):
     assert model.model.language_model.layers[0].self_attn.n_kv_heads == 2
     assert relative_error(model(mx.array(ids)), ref) < BOUND
     for row in range(ids.shape[0]):
-        cache = model.make_cache()
-        model(mx.array(ids[row : row + 1, :PREFILL]), cache=cache)
-        decoder = CompiledDecoder(model, cache, capacity=16)
-        for t in range(PREFILL, LENGTH):
-            step = decoder(mx.array(ids[row : row + 1, t]))
-            assert relative_error(step[:, None, :], ref[row : row + 1, t : t + 1]) < BOUND, f"row {row}, position {t}"
+        check_compiled_steps(model, ids[row : row + 1], ref[row : row + 1], PREFILL, LENGTH, BOUND, 16, f"row {row}: ")
