@@ -204,7 +204,7 @@ def test_the_model_has_fused_modules_and_split_points(bundles, name, cls):
         assert not any(m in attn for m in ("q_proj", "k_proj", "v_proj"))
 
 
-@pytest.mark.parametrize("name", ["standard", "pretransposed"])
+@pytest.mark.parametrize("name", ["standard", "pretransposed", "laurel", "laurel-q4"])
 def test_load_does_no_work_on_fused_weights(bundles, name, monkeypatch, tmp_path):
     from tests.test_loader import load_violations
 
