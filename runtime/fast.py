@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.cache import KVCache, RotatingKVCache, pad_positions
 from runtime.model import gelu_tanh, rescale_to, rms_norm, softcap
-from runtime.projections import Embedding, Standard
+from runtime.projections import transposed_view
 
 DEFAULT_CAPACITY = 1024
 
@@ -43,14 +43,8 @@ def transposed_views(lm, head) -> dict[int, mx.array]:
     inside the compiled step it would be one more graph node per projection and per token.
     Every projection a layer holds is one the step uses (KV-shared layers build no k/v), so no
     weight is read that decoding would not read; a tied head's view is of the embedding table."""
-    views = {}
-    for layer in lm.layers:
-        for _, module in layer.named_modules():
-            if type(module) is Standard:
-                views[id(module)] = module.weight.T
-    for module in [*lm.altup_unembed_projections, head]:
-        if type(module) in (Standard, Embedding):
-            views[id(module)] = module.weight.T
+    modules = [m for layer in lm.layers for _, m in layer.named_modules()] + [*lm.altup_unembed_projections, head]
+    views = {id(m): view for m in modules if (view := transposed_view(m)) is not None}
     mx.eval(list(views.values()))
     return views
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from manifests import INDEX_NAME, MANIFEST_NAME, ManifestError, read_manifest, target_for_device
-from manifests.manifest import tensor_records
+from manifests.records import records
 from manifests.safetensors_header import HeaderError, read_header_file
 from runtime.model import Model
 from runtime.verify import outside_bundle, read_index
@@ -135,8 +135,9 @@ def dtype_name(dtype: mx.Dtype) -> str:
 
 
 def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str, str]) -> None:
-    """Each manifest record must describe the tensor it names exactly; say both when not."""
-    for where, _, record in tensor_records(manifest):
+    """Each manifest record must describe the tensor it names exactly, and every other tensor it
+    stores (manifests/records.py: scales, biases, a bias) must be there; say both when not."""
+    for where, kind, _, record in records(manifest):
         key = record["key"]
         if key not in arrays:
             raise BundleError(f"{where} names tensor {key}, which no shard holds")
@@ -147,13 +148,9 @@ def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str,
             raise BundleError(
                 f"{where} says {key} is {said[1]} {said[0]}, but {origin[key]} holds {found[1]} {found[0]}"
             )
-        extras = [record["bias"]] if record.get("bias") else []
-        if record.get("quantized"):
-            base = key[: -len(".weight")]
-            extras += [base + ".scales"] + ([base + ".biases"] if record["quantized"]["mode"] == "affine" else [])
-        for extra in extras:
-            if extra not in arrays:
-                raise BundleError(f"{where} needs tensor {extra}, which no shard holds")
+        for extra in kind.stored(record, where)[1:]:
+            if extra.key not in arrays:
+                raise BundleError(f"{where} needs tensor {extra.key}, which no shard holds")
 
 
 def put_weights(model: Model, arrays: dict[str, mx.array], path: Path) -> None:
@@ -197,7 +194,12 @@ def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bo
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise BundleError(problems[0] + more)
     arrays, origin = read_shards(path, shard_files(path, manifest))
-    check_records(manifest, arrays, origin)
+    try:
+        check_records(manifest, arrays, origin)
+    except BundleError:
+        raise
+    except ManifestError as e:  # a record no writer makes (manifests/records.py), like those Model refuses
+        raise BundleError(f"{path / MANIFEST_NAME}: {str(e).removeprefix(MANIFEST_NAME + ': ')}") from None
     try:
         model = Model(manifest["model"]["text_config"], manifest["projections"], manifest["embeddings"])
     except ManifestError as e:

@@ -19,9 +19,9 @@ from statistics import NormalDist
 import mlx.core as mx
 import mlx.nn as nn
 
-from manifests.format import EMBED_TOKENS, FUSED_GROUPS, LM_HEAD, PREFIX, PRETRANSPOSED, ManifestError
+from manifests.format import EMBED_TOKENS, FUSED_GROUPS, LM_HEAD, PREFIX, ManifestError
 from runtime.cache import KVCache, RotatingKVCache
-from runtime.projections import build_embedding, build_fused, build_projection
+from runtime.projections import build_embedding, build_fused, build_head, build_projection
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 DEFAULT_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}
@@ -475,13 +475,11 @@ class Model(nn.Module):
         self.config = c
         p = Projections(projections, embeddings)
         self.model = Gemma3nWrapper(c, p)
-        head = projections.get(LM_HEAD)
-        if head is None:
-            raise ValueError(f"manifest.yaml: no projection entry for {LM_HEAD}")
-        # The tied head reads the embedding table as it is; a separate table is a module of its own.
-        self.tied_head = head["layout"] != PRETRANSPOSED and head["key"] == EMBED_TOKENS + ".weight"
-        if not self.tied_head:
-            self.lm_head = build_projection(LM_HEAD, head, c.hidden_size, c.vocab_size)
+        # The tied head reads the embedding table as it is; a pretransposed one is a module of its own.
+        head = build_head(projections.get(LM_HEAD), c.hidden_size, c.vocab_size)
+        self.tied_head = head is None
+        if head is not None:
+            self.lm_head = head
 
     @property
     def layers(self) -> list:

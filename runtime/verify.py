@@ -2,9 +2,10 @@
 
 Re-hashes every file the manifest lists (size and sha256), flags files it does not list, and
 checks every projection and embedding against the safetensors headers: the key is where the
-index says, the stored dtype and shape are the recorded ones, and the shape fits the layout
+index says, the stored dtype and shape are the recorded ones, the shape fits the layout
 (`standard` keeps the source shape, `pretransposed` stores it reversed, `--quantize` packs its
-rows). A fused record (q/k/v, gate/up) is checked like any other against its members' stacked
+rows), and the tensors stored beside it (a quantized one's scales and biases) are there with
+their shapes (manifests/records.py). A fused record (q/k/v, gate/up) is checked like any other against its members' stacked
 source shape; that its members add up was checked when the manifest was read. Only headers are read
 for that; the weights themselves are only hashed. The manifest itself is checked against the
 digest recorded beside it (manifest.sha256), and no file the manifest or the index names may lead
@@ -20,8 +21,8 @@ import sys
 from pathlib import Path
 
 from manifests import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, recorded_manifest_digest
-from manifests.format import MANIFEST_LIMIT, PRETRANSPOSED, STANDARD
-from manifests.manifest import tensor_records
+from manifests.format import MANIFEST_LIMIT
+from manifests.records import Storage, records
 from manifests.safetensors_header import DTYPE_NAMES, HeaderError, read_header_file  # noqa: F401  (HeaderError: what read_header raises)
 
 _CHUNK = 8 << 20
@@ -171,34 +172,51 @@ def stored_tensors(path: Path, manifest: dict) -> tuple[dict[str, tuple[str, dic
 
 def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]], index: dict | None = None,
                   unreadable: set = frozenset()) -> list[str]:
-    """Each manifest record against the stored header; a record whose shard could not be read
-    (already reported) is skipped rather than reported again."""
+    """Each manifest record against the stored headers (manifests/records.py says which tensors
+    it stores); a tensor whose shard could not be read (already reported) is skipped rather than
+    reported again."""
     problems = []
-    for where, _, record in tensor_records(manifest):
-        key = record["key"]
+
+    def lookup(where: str, key: str) -> tuple[str, list[int], str] | None:
+        """(shard, shape, dtype) of a stored tensor, or None (reported once, unless unreadable)."""
         if key not in tensors:
-            if unreadable and (index.get(key) in unreadable if index else True):
-                continue
-            problems.append(f"{where}: tensor {key} is in no shard")
-            continue
+            if not (unreadable and (index.get(key) in unreadable if index else True)):
+                problems.append(f"{where}: tensor {key} is in no shard")
+            return None
         shard, info = tensors[key]
-        shape, dtype = list(info["shape"]), DTYPE_NAMES.get(info["dtype"], info["dtype"])
+        return shard, list(info["shape"]), DTYPE_NAMES.get(info["dtype"], info["dtype"])
+
+    for where, kind, _, record in records(manifest):
+        key = record["key"]
+        found = lookup(where, key)
+        if found is None:
+            continue
+        shard, shape, dtype = found
         if shape != list(record["shape"]) or dtype != record["dtype"]:
             problems.append(f"{where}: {shard} holds {key} as {dtype} {shape}, "
                             f"the manifest says {record['dtype']} {list(record['shape'])}")
             continue
-        if "layout" in record:  # a projection (embedding records have no layout)
+        try:
+            storage = Storage.of(record, where)
+            stored = kind.stored(record, where)
+        except ManifestError as e:
+            problems.append(str(e))
+            continue
+        if kind.laid_out:  # a projection: its stored shape follows from its source's [out, in]
             source = list(record["source_shape"])
-            layout = record["layout"]
-            want = source[::-1] if layout == PRETRANSPOSED else source
-            quantized = record.get("quantized")
-            if quantized and shape != source and len(source) == 2:  # --quantize packed a float source
-                want = [source[0], source[1] * int(quantized["bits"]) // 32]
-            if layout not in (STANDARD, PRETRANSPOSED):
-                problems.append(f"{where}: unknown layout {layout!r}")
-            elif shape != want:
-                problems.append(f"{where}: {layout} {key} in {shard} is {shape}; "
+            want = list(storage.weight_shape(*source)) if len(source) == 2 else source
+            passed_through = storage.quantized is not None and shape == source  # an MLX-quantized source
+            if shape != want and not passed_through:
+                problems.append(f"{where}: {storage.layout} {key} in {shard} is {shape}; "
                                 f"source shape {source} means it should be {want}")
+                continue
+        for tensor in stored[1:]:  # the first that differs: scales and biases follow one rule
+            found = lookup(where, tensor.key)
+            if found is not None and found[1] != list(tensor.shape):
+                problems.append(f"{where}: {found[0]} holds {tensor.key} as {found[1]}, where the record means "
+                                f"{list(tensor.shape)}")
+            if found is None or found[1] != list(tensor.shape):
+                break
     return problems
 
 
