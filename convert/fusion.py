@@ -33,29 +33,11 @@ from typing import TYPE_CHECKING
 
 from convert.gemma3n import text_shapes
 from convert.safetensors_io import TensorInfo
-from manifests.format import (
-    FUSED_GROUPS,
-    FUSED_KV_SHARED_ONLY,
-    FUSED_OWN_KV_ONLY,
-    FUSED_ROLES,
-    PREFIX,
-    PRETRANSPOSED,
-    PRETRANSPOSED_SUFFIX,
-)
+from manifests.format import FUSED_GROUPS, FUSED_KV_SHARED_ONLY, FUSED_OWN_KV_ONLY, FUSED_ROLES, PREFIX
+from manifests.records import PROJECTIONS, Storage, Tensor
 
 if TYPE_CHECKING:
     from convert.planning import Item
-
-
-def stored_suffixes(record: dict) -> list[str]:
-    """The suffixes of the tensors one projection record stores (its key's, then scales/biases)."""
-    suffixes = [PRETRANSPOSED_SUFFIX if record["layout"] == PRETRANSPOSED else ".weight"]
-    q = record.get("quantized")
-    if q:
-        suffixes.append(".scales")
-        if q["mode"] == "affine":
-            suffixes.append(".biases")
-    return suffixes
 
 
 def _why_not(paths: list[str], records: list[dict], items: dict[str, Item]) -> str | None:
@@ -77,8 +59,9 @@ def _why_not(paths: list[str], records: list[dict], items: dict[str, Item]) -> s
     reason = differ("input dims", [r["source_shape"][1] for r in records])
     if reason:
         return reason
-    for suffix in stored_suffixes(records[0]):
-        parts = [items.get(p + suffix) for p in paths]
+    for tensors in zip(*(PROJECTIONS.stored(r) for r in records)):  # the same tensor of every member
+        suffix = "." + tensors[0].part
+        parts = [items.get(t.key) for t in tensors]
         if any(it is None or it.members for it in parts):
             return f"a member's {suffix} is not a single planned tensor"
         reason = (differ(f"{suffix} transforms", [it.transform for it in parts])
@@ -89,34 +72,29 @@ def _why_not(paths: list[str], records: list[dict], items: dict[str, Item]) -> s
     return None
 
 
-def merge_items(key: str, parts: list[Item]) -> Item:
-    """One item whose source is `parts`' sources stacked along the rows (in this order)."""
+def merge_items(tensor: Tensor, parts: list[Item]) -> Item:
+    """The item writing `tensor` (a fused record's) from `parts`' sources stacked along the rows,
+    in this order."""
     first = parts[0]
     src = first.source
     rows = sum(p.source.shape[0] for p in parts)
     stacked = TensorInfo(" + ".join(p.source.name for p in parts), src.dtype, (rows, *src.shape[1:]), src.offset,
                          sum(p.source.nbytes for p in parts))
-    if first.transform == "transpose":
-        shape = (first.shape[0], sum(p.shape[1] for p in parts))
-    else:
-        shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
-    return replace(first, key=key, source=stacked, shape=shape,
+    return replace(first, key=tensor.key, source=stacked, shape=tensor.shape,
                    members=tuple((p.file, p.source) for p in parts))
 
 
 def fused_record(name: str, fused_path: str, paths: list[str], records: list[dict]) -> dict:
+    """The record of the members' rows stored as one matrix at `fused_path`, as they are stored."""
     first = records[0]
-    layout = first["layout"]
-    suffix = stored_suffixes(first)[0]
-    if layout == PRETRANSPOSED:
-        shape = [first["shape"][0], sum(r["shape"][1] for r in records)]
-    else:
-        shape = [sum(r["shape"][0] for r in records), first["shape"][1]]
+    storage = Storage.of(first)
+    out_dims = sum(r["source_shape"][0] for r in records)
+    weight = PROJECTIONS.expected(fused_path, storage, out_dims, storage.dims(first["shape"])[1])[0]
     return {
-        "role": FUSED_ROLES[name], "layout": layout, "key": fused_path + suffix,
+        "role": FUSED_ROLES[name], "layout": storage.layout, "key": weight.key,
         "source_key": first["source_key"],
-        "shape": shape,
-        "source_shape": [sum(r["source_shape"][0] for r in records), first["source_shape"][1]],
+        "shape": list(weight.shape),
+        "source_shape": [out_dims, first["source_shape"][1]],
         "dtype": first["dtype"], "bias": None, "quantized": first.get("quantized"),
         "fused": [{"path": p, "out": r["source_shape"][0], "source_key": r["source_key"],
                    "source_shape": list(r["source_shape"])} for p, r in zip(paths, records)],
@@ -150,11 +128,12 @@ def fuse(items: list[Item], projections: dict[str, dict], roles: Counter, groups
                 left[f"{name}: {reason}"] += 1
                 continue
             fused_path = base + module
-            for suffix in stored_suffixes(records[0]):
-                parts = [by_key[p + suffix] for p in paths]
-                merged[parts[-1].key] = merge_items(fused_path + suffix, parts)
-                dropped_items.update(p.key for p in parts[:-1])
             record = fused_record(name, fused_path, paths, records)
+            members = zip(*(PROJECTIONS.stored(r) for r in records))
+            for tensor, tensors in zip(PROJECTIONS.stored(record), members):
+                parts = [by_key[t.key] for t in tensors]
+                merged[parts[-1].key] = merge_items(tensor, parts)
+                dropped_items.update(p.key for p in parts[:-1])
             renamed[paths[0]] = (fused_path, record)
             dropped_paths.update(paths[1:])
             for r in records:

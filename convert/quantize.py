@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,8 @@ import numpy as np
 from convert.dtypes import STORAGE, cast, view
 from convert.errors import ConvertError
 from convert.gemma3n import EMBEDDINGS, projection_role
-from convert.safetensors_io import ITEMSIZE
+from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE
+from manifests.records import Quantization, Storage
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -53,28 +53,8 @@ NEVER_QUANTIZED = ("altup.correction_coefs", "altup.prediction_coefs", "altup.mo
 # buffer, so a smaller block keeps the working set small.
 QUANT_BLOCK = 16 * 1024 * 1024
 
-PARTS = ("weight", "scales", "biases")
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    bits: int
-    group_size: int
-    mode: str = "affine"
-
-    @property
-    def record(self) -> dict:
-        """What the manifest records for a quantized projection or embedding."""
-        return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}
-
-    def shape_of(self, part: str, shape: tuple[int, ...]) -> tuple[int, int]:
-        rows, cols = shape
-        if part == "weight":
-            return rows, cols * self.bits // 32
-        return rows, cols // self.group_size
-
-    def describe(self) -> str:
-        return f"{self.bits}-bit {self.mode}, group size {self.group_size}"
+# The options of `--quantize` as a spec: bits, group size, mode, and what the manifest records.
+QuantSpec = Quantization
 
 
 def quant_spec(bits: int | None, group_size: int | None = None, mode: str | None = None) -> QuantSpec | None:
@@ -116,8 +96,8 @@ def working_set(item, read_block: int) -> int:
     """Bytes the writer holds for one quantize item (the plan's memory prediction).
 
     The packed weight pass holds the read block, its cast (if --dtype changes it), MLX's copy of
-    the block, mx.quantize's float32 temporaries and its outputs, and as much again in MLX's
-    buffer cache; the scales and biases passes hold one read buffer.
+    the block, mx.quantize's float32 temporaries and its outputs (manifests/records.py), and as
+    much again in MLX's buffer cache; the scales and biases passes hold one read buffer.
     """
     src = item.source
     if item.part != "weight":
@@ -128,7 +108,8 @@ def working_set(item, read_block: int) -> int:
     out_size = ITEMSIZE[item.quant_dtype]
     read = n * src.itemsize
     cast_buf = 0 if item.quant_dtype == src.dtype else n * out_size
-    mlx = n * out_size + n * 4 + n * item.quant.bits // 8 + 2 * (n // item.quant.group_size) * out_size
+    made = Storage(quantized=item.quant).tensors("", block_rows, cols, DTYPE_NAMES[item.quant_dtype])
+    mlx = n * out_size + n * 4 + sum(math.prod(t.shape) * ITEMSIZE[DTYPE_CODES[t.dtype]] for t in made)
     return read + cast_buf + 2 * mlx
 
 
@@ -193,9 +174,9 @@ def _write_weight(item, readers, writer, bufs, read_block: int, spills: Spills) 
     spec, out_dtype = item.quant, item.quant_dtype
     cols = item.source.shape[1]
     step = rows_per_block(cols, item.source.itemsize, read_block)
-    module = item.key[: -len(".weight")]
-    names = ["scales", "biases"] if spec.mode == "affine" else ["scales"]
-    files = [spills.create(f"{module}.{name}") for name in names]
+    # The tensors stored beside the packed weight (manifests/records.py), in mx.quantize's order.
+    beside = Storage(quantized=spec).tensors(item.key.rpartition(".")[0], *item.source.shape)[1:]
+    files = [spills.create(t.key) for t in beside]
     try:
         for file, src in item.parts:
             reader, rows, per_row = readers[file], src.shape[0], cols * src.itemsize

@@ -20,7 +20,6 @@ PREFIX = "model.language_model."
 PRETRANSPOSED_SUFFIX = ".weight_t"
 
 LM_HEAD = "lm_head"
-LM_HEAD_PRETRANSPOSED_KEY = "lm_head" + PRETRANSPOSED_SUFFIX
 EMBED_TOKENS = PREFIX + "embed_tokens"
 
 STANDARD = "standard"

@@ -40,6 +40,7 @@ import yaml
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
 from manifests.format import DTYPES, PRETRANSPOSED, STANDARD
 from manifests.profiles import ROLES, load_profile, profile_sha256, save_user_profile, target_for_device
+from manifests.records import Storage
 
 # Projections whose weight goes through a plain matmul. The AltUp coefficient and router tensors
 # (4x4, 16x4, 4x2048) are left out: too small for the layout to matter, and their math runs in
@@ -160,7 +161,7 @@ def _weights(shape: Shape, dtype: str, layout: str, settings: Settings) -> list:
     dt = getattr(mx, dtype)
     nbytes = out_f * in_f * dt.size
     copies = min(settings.max_copies, max(1, math.ceil(settings.cache_bytes / nbytes)))
-    stored = (in_f, out_f) if layout == PRETRANSPOSED else (out_f, in_f)
+    stored = Storage(layout).weight_shape(out_f, in_f)
     weights = []
     for _ in range(copies):
         w = (mx.random.normal(stored) * in_f ** -0.5).astype(dt)
