@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from convert.gemma3n import text_shapes
 from convert.safetensors_io import TensorInfo
-from manifests.format import FUSED_GROUPS, FUSED_KV_SHARED_ONLY, FUSED_OWN_KV_ONLY, FUSED_ROLES, PREFIX
+from manifests.format import FUSED_GROUPS, FUSED_ROLES, PREFIX, fused_groups_in
 from manifests.records import PROJECTIONS, Storage, Tensor
 
 if TYPE_CHECKING:
@@ -116,8 +116,7 @@ def fuse(items: list[Item], projections: dict[str, dict], roles: Counter, groups
     renamed: dict[str, tuple[str, dict]] = {}  # first member path -> (fused path, record)
     for layer in range(s.num_hidden_layers):
         for name in groups:
-            shared = layer >= s.first_kv_shared_layer
-            if (name in FUSED_OWN_KV_ONLY and shared) or (name in FUSED_KV_SHARED_ONLY and not shared):
+            if name not in fused_groups_in(layer >= s.first_kv_shared_layer):
                 continue
             module, members = FUSED_GROUPS[name]
             base = f"{PREFIX}layers.{layer}."

@@ -56,5 +56,12 @@ FUSED_EXCLUSIVE = (("qkv", "qkv_laurel"),)
 FUSE_ALL = ("qkv_laurel", "q_laurel", "gate_up")
 
 
+def fused_groups_in(kv_shared: bool) -> tuple[str, ...]:
+    """The groups that apply in a layer with a KV cache of its own (`kv_shared` False) or in a
+    KV-shared one (True), in FUSED_GROUPS order: what writer and reader both go by."""
+    elsewhere = FUSED_OWN_KV_ONLY if kv_shared else FUSED_KV_SHARED_ONLY
+    return tuple(name for name in FUSED_GROUPS if name not in elsewhere)
+
+
 class ManifestError(ValueError):
     """A manifest that is missing, malformed, of an unsupported version, or inconsistent."""
