@@ -29,15 +29,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from convert.gemma3n import text_shapes
+from convert.items import Item
 from convert.safetensors_io import TensorInfo
 from manifests.format import FUSED_GROUPS, FUSED_ROLES, PREFIX, fused_groups_in
 from manifests.records import PROJECTIONS, Storage, Tensor
-
-if TYPE_CHECKING:
-    from convert.planning import Item
 
 
 def _why_not(paths: list[str], records: list[dict], items: dict[str, Item]) -> str | None:

@@ -14,7 +14,6 @@ made of several source tensors stacked along their rows (`Item.members`), by the
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import resource
 import sys
@@ -25,6 +24,7 @@ from convert.dtypes import CODE_FOR_OPTION, FLOATS
 from convert.errors import ConvertError
 from convert.fusion import fuse as fuse_groups
 from convert.gemma3n import EMBEDDINGS, expected_tensors, kv_shared_unused, projection_role
+from convert.items import Item
 from convert.quantize import QuantSpec, not_quantized_because, spill_bytes
 from convert.quantize import working_set as quant_working_set
 from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
@@ -74,33 +74,6 @@ def human(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
-
-
-@dataclass(frozen=True)
-class Item:
-    """One bundle tensor and how it is made from one source tensor."""
-
-    key: str  # bundle key
-    file: str  # source file, relative to the source root
-    source: TensorInfo
-    dtype: str  # safetensors dtype code written
-    shape: tuple[int, ...]  # shape written
-    transform: str  # "copy" | "cast" | "transpose" | "quantize"
-    quant: QuantSpec | None = None  # quantize: the spec
-    part: str = ""  # quantize: "weight", "scales" or "biases" of `source`
-    quant_dtype: str = ""  # quantize: the float dtype `source` is cast to before quantizing
-    # A fused item: (file, tensor) of each member, in row order; `source` then describes their
-    # stack (the rows added up) for sizes only, and the writer reads the members.
-    members: tuple[tuple[str, TensorInfo], ...] = ()
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
-
-    @property
-    def parts(self) -> tuple[tuple[str, TensorInfo], ...]:
-        """(source file, source tensor) of what is read, in order: the members, or the one source."""
-        return self.members or ((self.file, self.source),)
 
 
 @dataclass
