@@ -25,6 +25,7 @@ import click
 from manifests import MANIFEST_NAME, ManifestError, load_manifest, target_for_device
 from manifests.format import MANIFEST_DIGEST_NAME, PRETRANSPOSED
 from manifests.records import Storage, fused_members
+from runtime.bundle import read_bundle_manifest
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
 
@@ -138,10 +139,10 @@ def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | No
     from runtime.verify import verify_bundle
 
     bundle = Path(bundle)
-    problems = verify_bundle(bundle)
+    manifest = read_bundle_manifest(bundle)
+    problems = verify_bundle(bundle, manifest)
     if problems:
         raise HubError(f"{bundle}: refusing to publish, verify failed: {problems[0]}")
-    manifest = load_manifest(bundle / MANIFEST_NAME)
     variant = variant or manifest["target"]["name"]
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)

@@ -14,41 +14,14 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from manifests import INDEX_NAME, MANIFEST_NAME, ManifestError, read_manifest, target_for_device
+from manifests import MANIFEST_NAME, ManifestError, target_for_device
 from manifests.records import records
-from manifests.safetensors_header import HeaderError, read_header_file
+from runtime.bundle import BundleError, convert_command, read_bundle_manifest, shard_files
 from runtime.model import Model
-from runtime.verify import outside_bundle, read_index
-
-
-class BundleError(ManifestError):
-    """A bundle that cannot be loaded as it is; the message is one line a user can act on."""
 
 
 class TargetMismatchWarning(UserWarning):
     """The bundle was prepared for another device class than this one."""
-
-
-def convert_command(source: str, target: str) -> str:
-    """The command that prepares `source` for `target`, into a sibling directory."""
-    out = str(source).rstrip("/") + "-" + target
-    return f"python -m convert --target {target} {source} {out}"
-
-
-def device_target() -> str:
-    return target_for_device(mx.device_info())
-
-
-def read_bundle_manifest(path: Path) -> dict:
-    """The manifest, or one line saying what to run when `path` is not a prepared bundle."""
-    if not path.is_dir():
-        raise BundleError(f"{path}: no such bundle directory")
-    if not (path / MANIFEST_NAME).exists():
-        what = "a model checkpoint, not a prepared bundle" if (path / "config.json").exists() else "not a prepared bundle"
-        raise BundleError(
-            f"{path}: no {MANIFEST_NAME} ({what}); prepare it first: {convert_command(str(path), device_target())}"
-        )
-    return read_manifest(path)
 
 
 def made_for_this_device(profile: dict, info: dict, here: str) -> bool:
@@ -73,44 +46,6 @@ def check_target(manifest: dict, path: Path, strict: bool, device_info: dict | N
     if strict:
         raise BundleError(message)
     warnings.warn(message, TargetMismatchWarning, stacklevel=stacklevel)
-
-
-def shard_files(path: Path, manifest: dict) -> list[str]:
-    """The safetensors files of the bundle, as its index (or the single file) names them."""
-    index = path / INDEX_NAME
-    if index.exists():
-        try:
-            names = sorted(set(read_index(path).values()))
-        except OSError as e:
-            raise BundleError(f"{index}: unreadable index ({e.strerror or e})") from None
-        except ValueError as e:
-            raise BundleError(str(e)) from None
-    else:
-        names = [n for n in manifest["files"] if n.endswith(".safetensors")]
-    for name in names:
-        escape = outside_bundle(path, name, INDEX_NAME if index.exists() else MANIFEST_NAME)
-        if escape:
-            raise BundleError(escape)
-        if name not in manifest["files"]:
-            raise BundleError(f"{path / name}: shard not listed in {MANIFEST_NAME}")
-        if not (path / name).is_file():
-            raise BundleError(f"{path / name}: shard missing")
-        check_shard(path, name)
-    if not names:
-        raise BundleError(f"{path}: no safetensors shard in the bundle")
-    return names
-
-
-def check_shard(path: Path, name: str) -> None:
-    """The shard's header only (no weight is read). mx.load maps a shard lazily and accepts a
-    header whose tensors overlap, leave holes or are followed by stray bytes; refuse those here,
-    by file and tensor, with the converter's own rules (manifests.safetensors_header)."""
-    try:
-        read_header_file(path / name)
-    except HeaderError as e:
-        raise BundleError(f"{path / name}: malformed safetensors header ({e})") from None
-    except OSError as e:
-        raise BundleError(f"{path / name}: unreadable ({e.strerror or e})") from None
 
 
 def read_shards(path: Path, names: list[str]) -> tuple[dict[str, mx.array], dict[str, str]]:
