@@ -16,8 +16,8 @@ from mlx.utils import tree_flatten
 
 from manifests import MANIFEST_NAME, ManifestError, target_for_device
 from manifests.records import records
+from runtime.architectures import architecture
 from runtime.bundle import BundleError, convert_command, read_bundle_manifest, shard_files
-from runtime.model import Model
 
 
 class TargetMismatchWarning(UserWarning):
@@ -88,7 +88,7 @@ def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str,
                 raise BundleError(f"{where} needs tensor {extra.key}, which no shard holds")
 
 
-def put_weights(model: Model, arrays: dict[str, mx.array], path: Path) -> None:
+def put_weights(model, arrays: dict[str, mx.array], path: Path) -> None:
     """The arrays go into the modules as they are, by their own names; nothing else."""
     wanted = {k for k, _ in tree_flatten(model.parameters())}
     missing, extra = sorted(wanted - arrays.keys()), sorted(arrays.keys() - wanted)
@@ -116,7 +116,7 @@ def load_tokenizer(path: Path):
 
 
 def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bool = False,
-               _stacklevel: int = 2) -> Model:
+               _stacklevel: int = 2):
     """The model alone; see `load`."""
     path = Path(path)
     manifest = read_bundle_manifest(path)
@@ -136,7 +136,8 @@ def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bo
     except ManifestError as e:  # a record no writer makes (manifests/records.py), like those Model refuses
         raise BundleError(f"{path / MANIFEST_NAME}: {str(e).removeprefix(MANIFEST_NAME + ': ')}") from None
     try:
-        model = Model(manifest["model"]["text_config"], manifest["projections"], manifest["embeddings"])
+        model = architecture(manifest["model"]["architecture"]).Model(
+            manifest["model"]["text_config"], manifest["projections"], manifest["embeddings"])
     except ManifestError as e:
         raise BundleError(f"{path / MANIFEST_NAME}: {str(e).removeprefix(MANIFEST_NAME + ': ')}") from None
     except (ValueError, KeyError, TypeError) as e:

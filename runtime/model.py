@@ -170,6 +170,40 @@ def layer_projections(c: TextConfig, layer: int) -> dict[str, tuple[int, int]]:
     return dims
 
 
+def model_projections(c: TextConfig) -> dict[str, tuple[int, int]]:
+    """`(in, out)` of every linear projection outside the decoder layers, by its path (the LM
+    head's is `lm_head`)."""
+    h, layers = c.hidden_size, c.num_hidden_layers
+    dims = {f"{PREFIX}per_layer_model_projection": (h, layers * c.hidden_size_per_layer_input)}
+    for name in ("altup_projections", "altup_unembed_projections"):
+        dims.update({f"{PREFIX}{name}.{i}": (h, h) for i in range(c.altup_num_inputs - 1)})
+    dims[LM_HEAD] = (h, c.vocab_size)
+    return dims
+
+
+def projection_role(path: str) -> str:
+    """The target-profile role (manifests/profiles.py ROLES) of the projection at `path`: its path
+    in a layer (`attn.` for `self_attn.`), else its name without an index."""
+    path = path.removeprefix(PREFIX)
+    if path.startswith("layers."):
+        return path.split(".", 2)[2].replace("self_attn.", "attn.")
+    return path.split(".")[0]
+
+
+def projection_shapes(text_config: dict) -> dict[str, list[tuple[int, int]]]:
+    """Role -> the distinct `[out, in]` weight shapes of its projections under `text_config`, in
+    first-use order: what `runtime calibrate` measures. Raises what TextConfig raises."""
+    c = TextConfig.from_dict(text_config)
+    dims = [(f"{PREFIX}layers.{i}.{rel}", d) for i in range(c.num_hidden_layers)
+            for rel, d in layer_projections(c, i).items()]
+    shapes: dict[str, list[tuple[int, int]]] = {}
+    for path, (in_dims, out_dims) in dims + list(model_projections(c).items()):
+        seen = shapes.setdefault(projection_role(path), [])
+        if (out_dims, in_dims) not in seen:
+            seen.append((out_dims, in_dims))
+    return shapes
+
+
 # The projections that read each input of a decoder layer, by path in the layer: a fused group
 # (manifests/format.py FUSED_GROUPS) joins projections of one input, so these are what the
 # forward passes ask `DecoderLayer.project` for.
@@ -468,12 +502,13 @@ class LanguageModel(nn.Module):
         self.embed_tokens_per_layer = p.embedding(
             f"{PREFIX}embed_tokens_per_layer", c.vocab_size_per_layer_input, n_layers * hp
         )
-        self.per_layer_model_projection = p.linear(f"{PREFIX}per_layer_model_projection", h, n_layers * hp)
+        dims = model_projections(c)
+        path = f"{PREFIX}per_layer_model_projection"
+        self.per_layer_model_projection = p.linear(path, *dims[path])
         self.per_layer_projection_norm = RMSNorm(hp, c.rms_norm_eps)
-        self.altup_projections = [p.linear(f"{PREFIX}altup_projections.{i}", h, h) for i in range(c.altup_num_inputs - 1)]
-        self.altup_unembed_projections = [
-            p.linear(f"{PREFIX}altup_unembed_projections.{i}", h, h) for i in range(c.altup_num_inputs - 1)
-        ]
+        for name in ("altup_projections", "altup_unembed_projections"):
+            paths = [f"{PREFIX}{name}.{i}" for i in range(c.altup_num_inputs - 1)]
+            setattr(self, name, [p.linear(path, *dims[path]) for path in paths])
         self.layers = [DecoderLayer(c, p, i) for i in range(n_layers)]
         self.norm = RMSNorm(h, c.rms_norm_eps)
         self._kv_producers = c.kv_producers()
@@ -533,7 +568,7 @@ class Model(nn.Module):
         p = Projections(projections, embeddings)
         self.model = Gemma3nWrapper(c, p)
         # The tied head reads the embedding table as it is; a pretransposed one is a module of its own.
-        head = build_head(projections.get(LM_HEAD), c.hidden_size, c.vocab_size)
+        head = build_head(projections.get(LM_HEAD), *model_projections(c)[LM_HEAD])
         self.tied_head = head is None
         if head is not None:
             self.lm_head = head
