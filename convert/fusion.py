@@ -30,7 +30,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
-from convert.gemma3n import text_shapes
 from convert.items import Item
 from convert.safetensors_io import TensorInfo
 from manifests.format import FUSED_GROUPS, FUSED_ROLES, PREFIX, fused_groups_in
@@ -99,11 +98,10 @@ def fused_record(name: str, fused_path: str, paths: list[str], records: list[dic
 
 
 def fuse(items: list[Item], projections: dict[str, dict], roles: Counter, groups: tuple[str, ...],
-         text_config: dict) -> tuple[list[Item], dict[str, dict], Counter, Counter]:
+         kv_shared: list[bool]) -> tuple[list[Item], dict[str, dict], Counter, Counter]:
     """(items, projections, fused groups per name, unfused groups per reason) after fusing
-    `groups` in every layer that has them (qkv and qkv_laurel: not in KV-shared layers, which have
-    no k/v; q_laurel: only there)."""
-    s = text_shapes(text_config)
+    `groups` in every layer they apply in (`kv_shared`: per layer, whether it is KV-shared; qkv
+    and qkv_laurel not there, having no k/v; q_laurel only there: manifests/format.py)."""
     by_key = {it.key: it for it in items}
     done: Counter = Counter()
     left: Counter = Counter()
@@ -111,9 +109,9 @@ def fuse(items: list[Item], projections: dict[str, dict], roles: Counter, groups
     dropped_items: set[str] = set()
     dropped_paths: set[str] = set()
     renamed: dict[str, tuple[str, dict]] = {}  # first member path -> (fused path, record)
-    for layer in range(s.num_hidden_layers):
+    for layer, shared in enumerate(kv_shared):
         for name in groups:
-            if name not in fused_groups_in(layer >= s.first_kv_shared_layer):
+            if name not in fused_groups_in(shared):
                 continue
             module, members = FUSED_GROUPS[name]
             base = f"{PREFIX}layers.{layer}."

@@ -20,10 +20,10 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+from convert.architectures import architecture, architecture_of
 from convert.dtypes import CODE_FOR_OPTION, FLOATS
 from convert.errors import ConvertError
 from convert.fusion import fuse as fuse_groups
-from convert.gemma3n import EMBEDDINGS, expected_tensors, kv_shared_unused, projection_role
 from convert.items import Item
 from convert.quantize import QuantSpec, not_quantized_because, spill_bytes
 from convert.quantize import working_set as quant_working_set
@@ -31,9 +31,9 @@ from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInf
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
 from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, PREFIX, PRETRANSPOSED, STANDARD
+from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.profiles import TargetProfile
-from manifests.records import BIASES, PROJECTIONS, SCALES, WEIGHT, Kind, Quantization, Storage
-from manifests.records import EMBEDDINGS as EMBEDDING_RECORDS
+from manifests.records import BIASES, EMBEDDINGS, PROJECTIONS, SCALES, WEIGHT, Kind, Quantization, Storage
 
 DTYPE_OPTIONS = ("keep", "bfloat16", "float16", "float32")
 
@@ -107,6 +107,7 @@ class Plan:
     fuse: tuple[str, ...] = ()  # the groups asked for (profile's `fuse`, or --fuse/--no-fuse)
     fused: Counter = field(default_factory=Counter)  # group -> layers fused
     unfused: Counter = field(default_factory=Counter)  # "group: reason" -> layers left unfused
+    architecture: str = GEMMA3N  # the manifest's model.architecture (convert/architectures.py)
 
     @property
     def items(self) -> list[Item]:
@@ -290,8 +291,10 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
     if dtype not in DTYPE_OPTIONS:
         raise ConvertError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_OPTIONS)}")
     tc, cfg = source.text_config, source.config
-    shapes = expected_tensors(tc)
-    unused = set(kv_shared_unused(tc))
+    arch_name = architecture_of(source.model_type)
+    arch = architecture(arch_name)  # what the architecture's checkpoints hold (convert/architectures.py)
+    shapes = arch.expected_tensors(tc)
+    unused = set(arch.kv_shared_unused(tc))
     tied = bool(tc.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True)))
     prefix = NAMING_PREFIXES[source.naming]
     config_where = f"{source.display}/config.json"
@@ -321,7 +324,7 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
                                    "embed_tokens)")
             dropped.append({"key": key, "reason": "stray LM head of a tied model; the LM head is embed_tokens"})
         else:
-            raise ConvertError(f"{where(key)}: unexpected tensor (not part of the Gemma3n text decoder "
+            raise ConvertError(f"{where(key)}: unexpected tensor (not part of the {arch.NAME} text decoder "
                                f"under {prefix!r}, and not a vision/audio tower)")
 
     # 2. Quantized modules: `.weight` uint32 with `.scales` (and `.biases` in affine mode).
@@ -332,7 +335,7 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
         if leaf == SCALES:
             wpath = f"{module}.weight"
             if wpath not in shapes or len(shapes[wpath]) != 2:
-                raise ConvertError(f"{where(key)}: unexpected tensor (not part of the Gemma3n text decoder)")
+                raise ConvertError(f"{where(key)}: unexpected tensor (not part of the {arch.NAME} text decoder)")
             if wpath not in decoder or source.tensors[decoder[wpath]][1].dtype != "U32":
                 raise ConvertError(f"{where(key)}: .scales without a uint32 {module}.weight beside it")
             out_dim, in_dim = shapes[wpath]
@@ -366,7 +369,7 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
         if module in quantized and (leaf == WEIGHT or path in companions):
             continue
         if leaf == BIASES or path not in shapes:
-            raise ConvertError(f"{where(key)}: unexpected tensor (not part of the Gemma3n text decoder)")
+            raise ConvertError(f"{where(key)}: unexpected tensor (not part of the {arch.NAME} text decoder)")
         if info.dtype == "U32" and leaf == "weight":
             raise ConvertError(f"{where(key)}: uint32 weight without {prefix}{module}.scales")
         if info.dtype not in FLOATS:
@@ -394,8 +397,8 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
     unquantized: Counter = Counter()
     for path in decoder if quantize is not None else ():
         module, _, leaf = path.rpartition(".")
-        if leaf == "weight" and (projection_role(module) or module in EMBEDDINGS):
-            reason = not_quantized_because(module, shapes[path], quantize)
+        if leaf == WEIGHT and (arch.projection_role(module) or module in arch.EMBEDDINGS):
+            reason = not_quantized_because(arch, module, shapes[path], quantize)
             if reason is None:
                 requantized.add(module)
             else:
@@ -439,17 +442,17 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
             items.append(Item(PREFIX + path, file, info, info.dtype, info.shape, "copy"))
         else:
             written = out_dtype(info)
-            role = projection_role(module) if leaf == WEIGHT else None
+            role = arch.projection_role(module) if leaf == WEIGHT else None
             if role is None or storage_of(module, role, info)[0].layout != PRETRANSPOSED:
                 items.append(Item(PREFIX + path, file, info, written, info.shape,
                                   "copy" if written == info.dtype else "cast"))
         if leaf != WEIGHT:
             continue
-        role = projection_role(module)
+        role = arch.projection_role(module)
         if role is not None:
             add_projection(PREFIX + module, role, info, key, file, module)
-        elif module in EMBEDDINGS:
-            r, _ = record(EMBEDDING_RECORDS, PREFIX + module, module, None, info)
+        elif module in arch.EMBEDDINGS:
+            r, _ = record(EMBEDDINGS, PREFIX + module, module, None, info)
             embeddings[PREFIX + module] = {"key": r["key"], "source_key": key, "shape": r["shape"],
                                            "dtype": r["dtype"], "quantized": r["quantized"]}
             if module == "embed_tokens":
@@ -459,7 +462,8 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
     fuse_names = profile.fuse if fuse is None else (FUSE_ALL if fuse else ())
     fused, unfused = Counter(), Counter()
     if fuse_names:
-        items, projections, fused, unfused = fuse_groups(items, projections, roles, fuse_names, tc)
+        items, projections, fused, unfused = fuse_groups(items, projections, roles, fuse_names,
+                                                         arch.kv_shared_layers(tc))
 
     # 6. Shards: greedy in reading order, each at most `max_shard_size` of data (a bigger tensor
     # gets a shard of its own); inside a shard, larger item sizes first so every tensor stays
@@ -484,7 +488,8 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
                 projections=projections, embeddings=embeddings, dropped=dropped, tied=tied,
                 read_block=read_block, band_bytes=band_bytes,
                 baseline_rss=current_rss() if baseline_rss is None else baseline_rss, roles=roles,
-                quantize=quantize, unquantized=unquantized, fuse=fuse_names, fused=fused, unfused=unfused)
+                quantize=quantize, unquantized=unquantized, fuse=fuse_names, fused=fused, unfused=unfused,
+                architecture=arch_name)
 
 
 SHARD_METADATA = {"format": "mlx", "producer": "mlx-prepared"}

@@ -1,9 +1,10 @@
 """`convert --quantize`: MLX affine quantization of a float checkpoint, while streaming.
 
 Which tensors: the linear projections and the two embedding tables whose last dimension is a
-multiple of the group size. Never norms (1-D), nor AltUp's coefficient matrices and modality
-router: they are tiny (4x4, 16x4, 4 x hidden), they shape every plane's mixture, and AltUp runs
-them in float32 on purpose, so quantizing them saves nothing and costs accuracy.
+multiple of the group size. Never norms (1-D), nor what the architecture never quantizes
+(NEVER_QUANTIZED: Gemma3n's AltUp coefficient matrices and modality router, which are tiny (4x4,
+16x4, 4 x hidden), shape every plane's mixture, and run in float32 on purpose, so quantizing
+them saves nothing and costs accuracy).
 
 What is written is what `mx.quantize` makes of the whole tensor (cast to the output dtype first,
 so scales and biases have the source dtype or `--dtype`): `<module>.weight` packed uint32,
@@ -36,7 +37,6 @@ import numpy as np
 
 from convert.dtypes import STORAGE, cast, view
 from convert.errors import ConvertError
-from convert.gemma3n import EMBEDDINGS, projection_role
 from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE
 from manifests.records import Quantization, Storage
 
@@ -44,9 +44,6 @@ BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 MODES = ("affine",)
 DEFAULT_GROUP_SIZE = 64
-
-# Linear modules that are never quantized (see the module docstring).
-NEVER_QUANTIZED = ("altup.correction_coefs", "altup.prediction_coefs", "altup.modality_router")
 
 # Source bytes quantized at once: mx.quantize runs as fast on 16 MB as on 64 MB here (0.3-0.4 GB/s
 # of bfloat16 on this CPU), and MLX holds a copy of the block plus its outputs beside the read
@@ -74,13 +71,14 @@ def quant_spec(bits: int | None, group_size: int | None = None, mode: str | None
     return QuantSpec(bits, group_size, mode)
 
 
-def not_quantized_because(module: str, shape: tuple[int, ...], spec: QuantSpec) -> str | None:
-    """None if the weight of `module` (decoder-relative) is quantized under `spec`, else why not."""
-    role = projection_role(module)
-    if module not in EMBEDDINGS and role is None:
+def not_quantized_because(arch, module: str, shape: tuple[int, ...], spec: QuantSpec) -> str | None:
+    """None if the weight of `module` (decoder-relative, of architecture module `arch`:
+    convert/architectures.py) is quantized under `spec`, else why not."""
+    role = arch.projection_role(module)
+    if module not in arch.EMBEDDINGS and role is None:
         return "not a linear projection or embedding"
-    if role in NEVER_QUANTIZED:
-        return "AltUp coefficients and router stay float"
+    if role in arch.NEVER_QUANTIZED:
+        return arch.NEVER_QUANTIZED_BECAUSE
     if len(shape) != 2:
         return "not a matrix"
     if shape[-1] % spec.group_size:
@@ -226,4 +224,4 @@ def spill_bytes(items) -> int:
 
 
 __all__ = ["QuantSpec", "quant_spec", "not_quantized_because", "write_quantized", "Spills", "BITS",
-           "GROUP_SIZES", "MODES", "DEFAULT_GROUP_SIZE", "NEVER_QUANTIZED"]
+           "GROUP_SIZES", "MODES", "DEFAULT_GROUP_SIZE"]
