@@ -44,6 +44,7 @@ from manifests.gemma3n import MODEL_TYPES, SIZES, published_text_config
 from manifests.profiles import ROLES, load_profile, profile_sha256, save_user_profile, target_for_device
 from manifests.records import Storage
 from runtime.architectures import architecture
+from runtime.projections import projection_over
 
 # Projections whose weight goes through a plain matmul. The AltUp coefficient and router tensors
 # (4x4, 16x4, 4x2048) are left out: too small for the layout to matter, and their math runs in
@@ -153,11 +154,10 @@ def measure_gemv(shape: Shape, dtype: str, settings: Settings = Settings()) -> d
     xs = [mx.random.normal((1, in_f)).astype(dt) for _ in range(4)]
     mx.eval(xs)
 
-    def graph(layout):
-        ws = weights[layout]
-        if layout == PRETRANSPOSED:
-            return [xs[i % 4] @ ws[i % copies] for i in range(count)]
-        return [xs[i % 4] @ ws[i % copies].T for i in range(count)]
+    modules = {layout: [projection_over(layout, w) for w in ws] for layout, ws in weights.items()}
+
+    def graph(layout):  # x @ W.T over [out, in], x @ Wt over [in, out] (runtime/projections.py)
+        return [modules[layout][i % copies](xs[i % 4]) for i in range(count)]
 
     samples: dict[str, list[float]] = {STANDARD: [], PRETRANSPOSED: []}
     for r in range(settings.warmup + settings.repeats):
@@ -170,7 +170,7 @@ def measure_gemv(shape: Shape, dtype: str, settings: Settings = Settings()) -> d
             if r >= settings.warmup:
                 samples[layout].append(elapsed / count)
             del ys
-    del weights, xs
+    del weights, modules, xs
     mx.clear_cache()
     return samples
 

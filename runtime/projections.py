@@ -138,6 +138,15 @@ def build_fused(path: str, record: dict, input_dims: int, members: list[tuple[st
     return build_projection(path, record, input_dims, sum(out for _, out in members))
 
 
+def projection_over(layout: str, weight: mx.array) -> nn.Module:
+    """The float projection a bundle of `layout` builds, over `weight` as that layout stores it:
+    how `runtime calibrate` times each layout."""
+    storage = Storage(layout)
+    module = _module(storage, storage.tensors("", *storage.dims(weight.shape)))
+    setattr(module, storage.weight_part, weight)
+    return module
+
+
 def transposed_view(module: nn.Module) -> mx.array | None:
     """`W.T` for a module whose float weight is stored `[out, in]` (a standard projection, an
     embedding table as the tied head): the `[in, out]` operand of `x @ W.T`, as a view (strides
