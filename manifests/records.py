@@ -4,16 +4,17 @@ A record (`projections.<path>` or `embeddings.<path>` in manifest.yaml) stands f
 model multiplies by (`[out, in]`, the Hugging Face way round) or looks rows up in (`[num, dims]`),
 and says how the converter stored it. The tensors that means:
 
-    record                       part      key                    shape                  dtype
-    standard                     weight    <base>.weight          [out, in]              record's
-    pretransposed                weight_t  <base>.weight_t        [in, out]              record's
-    quantized (standard only)    weight    <base>.weight          [out, in * bits / 32]  uint32
-                                 scales    <base>.scales          [out, in / group_size] not recorded
-                                 biases    <base>.biases          [out, in / group_size] (affine: the float
-                                                                  (`affine` mode only;   dtype quantized
-                                                                   other modes have none) from)
-    with a bias                  bias      <base>.bias            [out]                  not recorded
-    embedding                    as a standard projection, plain or quantized, with out = num, in = dims
+    record                     part      key              shape                   dtype
+    standard                   weight    <base>.weight    [out, in]               the record's
+    pretransposed              weight_t  <base>.weight_t  [in, out]               the record's
+    quantized (standard only)  weight    <base>.weight    [out, in * bits / 32]   uint32
+                               scales    <base>.scales    [out, in / group_size]  not recorded (1)
+                               biases    <base>.biases    [out, in / group_size]  not recorded (1)
+    with a bias                bias      <base>.bias      [out]                   not recorded
+    embedding                  as a standard projection, plain or quantized: out = num, in = dims
+
+(1) In `affine` mode the float dtype the weight was quantized from. Only `affine` stores biases;
+mx.quantize's other modes make a weight and scales alone.
 
 `<base>` is the record's own path, except for the LM head: tied (standard), it reads the
 embedding table's tensors (`model.language_model.embed_tokens.*`), pretransposed it stores
@@ -25,8 +26,10 @@ runtime's modules take the bundle's arrays by name. Everything that writes a bun
 planning, fusion and quantization) and everything that reads one (the runtime's modules, load's
 and verify's checks, the hub's model card) asks this module instead of re-deriving the rule.
 
-A new kind of record is a new manifest section: a `Kind` in KINDS (which tensors a record of it
-stores), its schema in manifest.schema.yaml, and the runtime module built for it.
+A new kind of record is a new manifest section: a `Kind` in KINDS (a subclass where its records
+store something other than one matrix: `stored` says what), its schema in manifest.schema.yaml,
+and the runtime module built for it; `records` walks every kind, so load's and verify's checks
+cover it at once.
 """
 
 from __future__ import annotations
@@ -206,8 +209,8 @@ KINDS = {kind.section: kind for kind in (PROJECTIONS, EMBEDDINGS)}
 def records(manifest: dict) -> Iterator[tuple[str, Kind, str, dict]]:
     """(where, kind, path, record) for every record of the manifest that stands for stored
     tensors; `where` names the record for one-line messages."""
-    for kind in KINDS.values():
-        for path, record in manifest[kind.section].items():
+    for kind in KINDS.values():  # a section added later is absent from older manifests
+        for path, record in (manifest.get(kind.section) or {}).items():
             yield f"{MANIFEST_NAME}: {kind.section}.{path}", kind, path, record
 
 
