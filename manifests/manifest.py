@@ -12,11 +12,15 @@ from pathlib import Path
 import yaml
 
 from manifests.format import (
+    EMBED_TOKENS,
     FORMAT_VERSION,
     FUSED_GROUPS,
+    LM_HEAD,
     MANIFEST_DIGEST_NAME,
     MANIFEST_LIMIT,
     MANIFEST_NAME,
+    PRETRANSPOSED,
+    STANDARD,
     ManifestError,
 )
 from manifests.records import Storage
@@ -49,7 +53,39 @@ def validate_manifest(manifest: object, where: str = MANIFEST_NAME) -> dict:
     except SchemaError as e:  # folded: a key or value may hold a newline, the message stays one line
         raise ManifestError(f"{where}: {' '.join(str(e).split())}") from None
     check_fused(manifest["projections"], where)
+    check_placements(manifest, where)
+    if version < needed_version(manifest):
+        raise ManifestError(f"{where}: format_version {version}, but it records what version "
+                            f"{needed_version(manifest)} added (mapped embedding tables or an embedding's layout)")
     return manifest
+
+
+def needed_version(manifest: dict) -> int:
+    """The lowest format version that describes this manifest's bundle (manifests/format.py):
+    what the writer records, so that older readers refuse only the bundles they would misread."""
+    from_head = any("layout" in record for record in manifest["embeddings"].values())
+    return 2 if manifest.get("mapped_embeddings") or from_head else 1
+
+
+def check_placements(manifest: dict, where: str = MANIFEST_NAME) -> None:
+    """Each embedding table is recorded once, resident or mapped, and a mapped one's file is one of
+    the bundle's listed files; only the token embedding is read from the pretransposed head, whose
+    record must be there (under the same key) to read from."""
+    mapped = manifest.get("mapped_embeddings") or {}
+    for path, record in mapped.items():
+        at = f"{where}: mapped_embeddings.{path}"
+        if path in manifest["embeddings"]:
+            raise ManifestError(f"{at}: recorded twice, also under embeddings (a table is resident or mapped)")
+        if record["file"] not in manifest["files"]:
+            raise ManifestError(f"{at}: file {record['file']!r} is not listed under files")
+    for path, record in manifest["embeddings"].items():
+        if record.get("layout", STANDARD) == STANDARD:
+            continue
+        at = f"{where}: embeddings.{path}"
+        head = manifest["projections"].get(LM_HEAD) or {}
+        if path != EMBED_TOKENS or head.get("layout") != PRETRANSPOSED or head.get("key") != record["key"]:
+            raise ManifestError(f"{at}: only {EMBED_TOKENS} may be read from the pretransposed LM head, and only "
+                                f"where {LM_HEAD} is recorded pretransposed under the same key")
 
 
 def fused_group(path: str) -> tuple[str, str, tuple[str, ...]] | None:

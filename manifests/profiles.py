@@ -9,10 +9,16 @@ A profile is data (`manifests/targets/NAME.yaml`):
       mlp.gate_proj: pretransposed
       lm_head: {float32: pretransposed, default: standard}   # per-dtype rule
     fuse: [qkv, gate_up]     # optional: projection groups stored fused (manifests.format.FUSED_GROUPS)
+    per_layer_embeddings: mapped   # optional: resident (the default) or mapped (manifests.format.PLACEMENTS)
 
 A fused group takes the layout its first member's rule gives (attn.q_proj for qkv, qkv_laurel and
 q_laurel, mlp.gate_proj for gate_up); where its members' rules disagree for the dtype written, the
 group stays unfused. `qkv` and `qkv_laurel` fuse the same projections: a profile lists one.
+
+`per_layer_embeddings` places the per-layer embedding table: `resident` in accelerator memory
+like every weight, or `mapped`, memory-mapped on the host with each token's row gathered there
+(the trade: the table's gigabytes of accelerator memory against a host gather per token, which
+`runtime calibrate --config BUNDLE` measures).
 
 `target_for_device` maps an `mx.device_info()` dictionary to a built-in target name. It is a
 pure function so tests feed it recorded dictionaries instead of needing the hardware.
@@ -29,7 +35,8 @@ from pathlib import Path
 
 import yaml
 
-from manifests.format import DTYPES, FUSED_EXCLUSIVE, FUSED_GROUPS, LAYOUTS, STANDARD
+from manifests.format import DTYPES, FUSED_EXCLUSIVE, FUSED_GROUPS, LAYOUTS, PLACEMENTS, RESIDENT, STANDARD
+from manifests.safetensors_header import shown
 
 ROLES = (
     "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
@@ -67,6 +74,11 @@ class TargetProfile:
     def fuse(self) -> tuple[str, ...]:
         """The projection groups this profile stores fused (names of FUSED_GROUPS)."""
         return tuple(self.content.get("fuse") or ())
+
+    @property
+    def per_layer_embeddings(self) -> str:
+        """Where this profile places the per-layer embedding table (manifests.format.PLACEMENTS)."""
+        return self.content.get("per_layer_embeddings") or RESIDENT
 
 
 def _targets_dir():
@@ -113,6 +125,9 @@ def _check(content: object, where: str) -> dict:
             listed = [g for g in groups if g in fuse]
             if len(listed) > 1:
                 raise ProfileError(f"{where}: fuse: {' and '.join(listed)} fuse the same projections; list one")
+    placement = content.get("per_layer_embeddings")
+    if placement is not None and placement not in PLACEMENTS:
+        raise ProfileError(f"{where}: per_layer_embeddings: {shown(placement)} is not {' or '.join(PLACEMENTS)}")
     return content
 
 
