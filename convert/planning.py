@@ -9,6 +9,10 @@ Each bundle tensor is made from one source tensor by a `transform`: `copy` (byte
 `--quantize`, `quantize` makes three bundle tensors (packed weight, scales, biases) of one source
 tensor (convert/quantize.py). A fused projection (the profile's `fuse`, convert/fusion.py) is
 made of several source tensors stacked along their rows (`Item.members`), by the same transforms.
+
+Where a tensor goes rather than how it is made: the per-layer embedding table placed `mapped`
+(the profile's `per_layer_embeddings`, or `--ple`) is written to a file of its own
+(manifests/format.py MAPPED_FILE) and recorded under `mapped_embeddings`, not in a shard.
 """
 
 from __future__ import annotations
@@ -30,10 +34,31 @@ from convert.quantize import working_set as quant_working_set
 from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
-from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, PREFIX, PRETRANSPOSED, STANDARD
+from manifests.format import (
+    EMBED_TOKENS_PER_LAYER,
+    FUSE_ALL,
+    INDEX_NAME,
+    LM_HEAD,
+    MAPPED,
+    MAPPED_FILE,
+    PLACEMENTS,
+    PREFIX,
+    PRETRANSPOSED,
+    STANDARD,
+)
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.profiles import TargetProfile
-from manifests.records import BIASES, EMBEDDINGS, PROJECTIONS, SCALES, WEIGHT, Kind, Quantization, Storage
+from manifests.records import (
+    BIASES,
+    EMBEDDINGS,
+    MAPPED_EMBEDDINGS,
+    PROJECTIONS,
+    SCALES,
+    WEIGHT,
+    Kind,
+    Quantization,
+    Storage,
+)
 
 DTYPE_OPTIONS = ("keep", "bfloat16", "float16", "float32")
 
@@ -81,6 +106,7 @@ class Shard:
     name: str
     items: list[Item]
     header: bytes
+    mapped: bool = False  # a mapped table's own file (MAPPED_FILE), not a shard the index lists
 
     @property
     def nbytes(self) -> int:
@@ -108,14 +134,21 @@ class Plan:
     fused: Counter = field(default_factory=Counter)  # group -> layers fused
     unfused: Counter = field(default_factory=Counter)  # "group: reason" -> layers left unfused
     architecture: str = GEMMA3N  # the manifest's model.architecture (convert/architectures.py)
+    mapped: dict[str, dict] = field(default_factory=dict)  # records of tables placed `mapped`
+    placement: str = "resident"  # of the per-layer embedding table (manifests/format.py PLACEMENTS)
 
     @property
     def items(self) -> list[Item]:
         return [i for s in self.shards for i in s.items]
 
     @property
+    def model_shards(self) -> list[Shard]:
+        """The shards proper (what the index lists), without the mapped table's own file."""
+        return [s for s in self.shards if not s.mapped]
+
+    @property
     def index_bytes(self) -> int:
-        return len(index_text(self)) if len(self.shards) > 1 else 0
+        return len(index_text(self)) if len(self.model_shards) > 1 else 0
 
     @property
     def bytes_out(self) -> int:
@@ -162,12 +195,15 @@ class Plan:
             lines.append("fuse     " + ", ".join(f"{g} {self.fused[g]} layers" for g in self.fuse))
             for reason, n in sorted(self.unfused.items()):
                 lines.append(f"  unfused {n:5d}  {reason}")
+        lines.append(f"per-layer embeddings  {self.placement}"
+                     + (f": in {MAPPED_FILE}, memory-mapped by the runtime" if self.mapped else ""))
         transforms = Counter(i.transform for i in self.items if i.part in ("", WEIGHT))
         lines += [
             "writes   " + ", ".join(f"{n} {t}" for t, n in sorted(transforms.items())),
             f"bytes in   {human(src.bytes_in)}",
-            f"bytes out  {human(self.bytes_out)} in {len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}"
-            + (" + index" if len(self.shards) > 1 else ""),
+            f"bytes out  {human(self.bytes_out)} in {len(self.model_shards)} shard"
+            f"{'s' if len(self.model_shards) != 1 else ''}" + (" + index" if len(self.model_shards) > 1 else "")
+            + "".join(f" + {s.name} ({human(s.nbytes)}, mapped)" for s in self.shards if s.mapped),
             f"predicted peak memory  {human(self.predicted_peak)}",
             f"disk needed  {human(self.disk_needed)}",
         ]
@@ -286,10 +322,15 @@ def _quant_params(q: dict | None, module_key: str, weight: TensorInfo, scales: T
 def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", device: dict | None = None,
               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, read_block: int = READ_BLOCK,
               band_bytes: int = BAND_BYTES, baseline_rss: int | None = None,
-              quantize: QuantSpec | None = None, fuse: bool | None = None) -> Plan:
-    """`fuse`: None fuses the groups the profile's `fuse` lists; True every group; False none."""
+              quantize: QuantSpec | None = None, fuse: bool | None = None, ple: str | None = None) -> Plan:
+    """`fuse`: None fuses the groups the profile's `fuse` lists; True every group; False none.
+    `ple`: where the per-layer embedding table goes (`resident` or `mapped`; None: as the
+    profile's `per_layer_embeddings` says)."""
     if dtype not in DTYPE_OPTIONS:
         raise ConvertError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_OPTIONS)}")
+    placement = ple or profile.per_layer_embeddings
+    if placement not in PLACEMENTS:
+        raise ConvertError(f"--ple {placement!r}: use one of {', '.join(PLACEMENTS)}")
     tc, cfg = source.text_config, source.config
     arch_name = architecture_of(source.model_type)
     arch = architecture(arch_name)  # what the architecture's checkpoints hold (convert/architectures.py)
@@ -465,7 +506,17 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
         items, projections, fused, unfused = fuse_groups(items, projections, roles, fuse_names,
                                                          arch.kv_shared_layers(tc))
 
-    # 6. Shards: greedy in reading order, each at most `max_shard_size` of data (a bigger tensor
+    # 6. The per-layer embedding table placed `mapped`: its tensors go to a file of their own.
+    mapped: dict[str, dict] = {}
+    table_items: list[Item] = []
+    if placement == MAPPED:
+        record = embeddings.pop(EMBED_TOKENS_PER_LAYER)
+        mapped[EMBED_TOKENS_PER_LAYER] = {**record, "file": MAPPED_FILE}
+        keys = {t.key for t in MAPPED_EMBEDDINGS.stored(mapped[EMBED_TOKENS_PER_LAYER])}
+        table_items = [i for i in items if i.key in keys]
+        items = [i for i in items if i.key not in keys]
+
+    # 7. Shards: greedy in reading order, each at most `max_shard_size` of data (a bigger tensor
     # gets a shard of its own); inside a shard, larger item sizes first so every tensor stays
     # aligned to its element size (the writer packs tensors without padding).
     groups: list[list[Item]] = [[]]
@@ -483,13 +534,17 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
         name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         header = build_header([(it.key, it.dtype, it.shape) for it in group], SHARD_METADATA)
         shards.append(Shard(name, group, header))
+    if table_items:  # in row-major order as stored: one token's row for every layer is contiguous
+        table_items.sort(key=lambda it: -ITEMSIZE[it.dtype])
+        header = build_header([(it.key, it.dtype, it.shape) for it in table_items], SHARD_METADATA)
+        shards.append(Shard(MAPPED_FILE, table_items, header, mapped=True))
 
     return Plan(source=source, profile=profile, device=device, dtype=dtype, shards=shards,
                 projections=projections, embeddings=embeddings, dropped=dropped, tied=tied,
                 read_block=read_block, band_bytes=band_bytes,
                 baseline_rss=current_rss() if baseline_rss is None else baseline_rss, roles=roles,
                 quantize=quantize, unquantized=unquantized, fuse=fuse_names, fused=fused, unfused=unfused,
-                architecture=arch_name)
+                architecture=arch_name, mapped=mapped, placement=placement)
 
 
 SHARD_METADATA = {"format": "mlx", "producer": "mlx-prepared"}
@@ -498,8 +553,9 @@ SHARD_METADATA = {"format": "mlx", "producer": "mlx-prepared"}
 def index_text(plan: Plan) -> bytes:
     import json
 
-    weight_map = {it.key: s.name for s in plan.shards for it in s.items}
-    doc = {"metadata": {"total_size": plan.tensor_bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
+    weight_map = {it.key: s.name for s in plan.model_shards for it in s.items}
+    total = sum(it.nbytes for s in plan.model_shards for it in s.items)
+    doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 
