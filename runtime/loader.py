@@ -2,7 +2,9 @@
 
 The promise: no transpose, copy, cast, concatenation or renaming of any weight at load. The
 converter did that work once; here `mx.load` maps each tensor lazily and `load_weights` puts
-that very array into the module the manifest named. tests/test_loader.py holds the check.
+that very array into the module the manifest named. A table placed `mapped` is not loaded at
+all: its file is memory-mapped (runtime/mapped.py) and read a row at a time as tokens need it.
+tests/test_loader.py holds the check.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from mlx.utils import tree_flatten
 
 from manifests import MANIFEST_NAME, ManifestError, target_for_device
 from manifests.records import records
+from manifests.safetensors_header import DTYPE_NAMES
 from runtime.architectures import architecture
-from runtime.bundle import BundleError, convert_command, read_bundle_manifest, shard_files
+from runtime.bundle import BundleError, convert_command, mapped_headers, read_bundle_manifest, shard_files
+from runtime.mapped import MAPPABLE, MappedTable
 
 
 class TargetMismatchWarning(UserWarning):
@@ -69,23 +73,54 @@ def dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str, str]) -> None:
+def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str, str],
+                  mapped: dict[str, tuple[dict, int]] | None = None) -> None:
     """Each manifest record must describe the tensor it names exactly, and every other tensor it
-    stores (manifests/records.py: scales, biases, a bias) must be there; say both when not."""
+    stores (manifests/records.py: scales, biases, a bias) must be there: in the shards, or, for a
+    mapped table, in its own file (`mapped`: bundle.mapped_headers), which holds nothing else.
+    Say both when not."""
+    files = {file: {k: (list(e.shape), DTYPE_NAMES[e.dtype]) for k, e in entries.items()}
+             for file, (entries, _) in (mapped or {}).items()}
     for where, kind, _, record in records(manifest):
+        file = kind.file(record)
+        if file is None:  # the shards: the arrays mx.load made of them
+            held, nowhere = arrays, "which no shard holds"
+        else:  # the mapped table's own file: its header
+            held, nowhere = files[file], f"which {file} lacks"
         key = record["key"]
-        if key not in arrays:
-            raise BundleError(f"{where} names tensor {key}, which no shard holds")
-        stored = arrays[key]
+        if key not in held:
+            raise BundleError(f"{where} names tensor {key}, {nowhere}")
         said = (list(record["shape"]), record["dtype"])
-        found = (list(stored.shape), dtype_name(stored.dtype))
-        if said != found:
-            raise BundleError(
-                f"{where} says {key} is {said[1]} {said[0]}, but {origin[key]} holds {found[1]} {found[0]}"
-            )
-        for extra in kind.stored(record, where)[1:]:
-            if extra.key not in arrays:
-                raise BundleError(f"{where} needs tensor {extra.key}, which no shard holds")
+        shape, dtype = (list(held[key].shape), dtype_name(held[key].dtype)) if file is None else held[key]
+        holder = origin[key] if file is None else file
+        if said != (shape, dtype):
+            raise BundleError(f"{where} says {key} is {said[1]} {said[0]}, but {holder} holds {dtype} {shape}")
+        stored = kind.stored(record, where)
+        for extra in stored[1:]:
+            if extra.key not in held:
+                raise BundleError(f"{where} needs tensor {extra.key}, {nowhere}")
+            if file is not None and held[extra.key][0] != list(extra.shape):
+                raise BundleError(f"{where} needs {extra.key} of shape {list(extra.shape)}, but {file} holds "
+                                  f"{held[extra.key][0]}")
+        if file is None:
+            continue
+        others = sorted(set(held) - {t.key for t in stored})
+        if others:
+            raise BundleError(f"{where}: {file} also holds {others[0]}; a mapped table's file holds its own tensors alone")
+        for k, (_, dtype) in held.items():
+            if dtype not in MAPPABLE:
+                raise BundleError(f"{where}: {file} holds {k} as {dtype}, which a mapped table is not stored as")
+
+
+def open_mapped(path: Path, manifest: dict, headers: dict[str, tuple[dict, int]]) -> dict[str, MappedTable]:
+    """Every table placed `mapped`, by path: its file memory-mapped, not read (runtime/mapped.py)."""
+    tables = {}
+    for where, kind, table_path, record in records(manifest):
+        file = kind.file(record)
+        if file is not None:
+            entries, start = headers[file]
+            tables[table_path] = MappedTable(path / file, record, entries, start, where)
+    return tables
 
 
 def put_weights(model, arrays: dict[str, mx.array], path: Path) -> None:
@@ -129,15 +164,17 @@ def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bo
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise BundleError(problems[0] + more)
     arrays, origin = read_shards(path, shard_files(path, manifest))
+    headers = mapped_headers(path, manifest)
     try:
-        check_records(manifest, arrays, origin)
+        check_records(manifest, arrays, origin, headers)
     except BundleError:
         raise
     except ManifestError as e:  # a record no writer makes (manifests/records.py), like those Model refuses
         raise BundleError(f"{path / MANIFEST_NAME}: {str(e).removeprefix(MANIFEST_NAME + ': ')}") from None
+    mapped = open_mapped(path, manifest, headers)
     try:
         model = architecture(manifest["model"]["architecture"]).Model(
-            manifest["model"]["text_config"], manifest["projections"], manifest["embeddings"])
+            manifest["model"]["text_config"], manifest["projections"], manifest["embeddings"], mapped=mapped)
     except ManifestError as e:
         raise BundleError(f"{path / MANIFEST_NAME}: {str(e).removeprefix(MANIFEST_NAME + ': ')}") from None
     except (ValueError, KeyError, TypeError) as e:

@@ -172,10 +172,15 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         self.freeze()
 
 
-def build_embedding(path: str, record: dict | None, num_embeddings: int, dims: int) -> nn.Module:
+def build_embedding(path: str, record: dict | None, num_embeddings: int, dims: int, mapped=None) -> nn.Module:
+    """The module for the embedding table at `path`, or, for a table placed `mapped`, the
+    `MappedTable` the loader opened (`mapped`; runtime/mapped.py), once its record is checked
+    against the config the same way."""
+    section = "mapped_embeddings" if mapped is not None else "embeddings"
+    record = mapped.record if mapped is not None else record
     if record is None:
         raise ManifestError(f"manifest.yaml: no embeddings entry for {path}")
-    where = f"manifest.yaml: embeddings.{path}"
+    where = f"manifest.yaml: {section}.{path}"
     key = EMBEDDINGS.weight_key(path)
     if record["key"] != key:
         raise ManifestError(f"{where}: key {record['key']!r} is not {key!r}")
@@ -186,6 +191,8 @@ def build_embedding(path: str, record: dict | None, num_embeddings: int, dims: i
             f"{where}: shape {list(record['shape'])} disagrees with the "
             f"model config, which implies {list(tensors[0].shape)}"
         )
+    if mapped is not None:
+        return mapped
     if storage.quantized:
         return QuantizedEmbedding(tensors, storage.quantized, num_embeddings, dims)
     return Embedding(tensors)

@@ -7,8 +7,9 @@ index says, the stored dtype and shape are the recorded ones, the shape fits the
 rows), and the tensors stored beside it (a quantized one's scales and biases) are there with
 their shapes (manifests/records.py). A fused record (q/k/v, gate/up) is checked like any other
 against its members' stacked source shape; that its members add up was checked when the
-manifest was read. Only headers are read for that (runtime/bundle.py); the weights themselves
-are only hashed. The manifest itself is checked against the
+manifest was read. A table placed `mapped` is checked the same way against the header of its own
+file, which holds its tensors alone. Only headers are read for that (runtime/bundle.py); the
+weights themselves are only hashed. The manifest itself is checked against the
 digest recorded beside it (manifest.sha256), and no file the manifest or the index names may lead
 outside the bundle (absolute, `..`, or a symlink to elsewhere).
 """
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 from manifests import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, recorded_manifest_digest
-from manifests.records import Storage, records
+from manifests.records import Storage, mapped_files, records
 from manifests.safetensors_header import DTYPE_NAMES
 from runtime.bundle import outside_bundle, read_bundle_manifest, read_header, read_index, shard_names
 
@@ -119,6 +120,23 @@ def stored_tensors(path: Path, manifest: dict) -> tuple[dict[str, tuple[str, dic
         for key, name in index.items():
             if key not in tensors and name not in unreadable:
                 problems.append(f"{path / name}: tensor {key} named in {INDEX_NAME} is not in the shard")
+    for name in mapped_files(manifest):  # a mapped table's own file (missing or escaping: check_files said)
+        f = path / name
+        if name in shards or outside_bundle(path, name, MANIFEST_NAME) or not f.is_file():
+            if name in shards:
+                problems.append(f"{path / INDEX_NAME}: maps tensors to {name}, the file of a mapped table")
+            unreadable.add(name)
+            continue
+        try:
+            header = read_header(f)
+        except (OSError, ValueError) as e:
+            problems.append(f"{f}: malformed safetensors header ({e})")
+            unreadable.add(name)
+            continue
+        for key, info in header.items():
+            if key in tensors:
+                problems.append(f"{f}: tensor {key} is also in {tensors[key][0]}")
+            tensors.setdefault(key, (name, info))
     return tensors, index, problems, unreadable
 
 
@@ -144,6 +162,10 @@ def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]], index: d
         if found is None:
             continue
         shard, shape, dtype = found
+        file = kind.file(record)
+        if file is not None and shard != file:
+            problems.append(f"{where}: {key} is in {shard}, not in {file}, the mapped table's own file")
+            continue
         if shape != list(record["shape"]) or dtype != record["dtype"]:
             problems.append(f"{where}: {shard} holds {key} as {dtype} {shape}, "
                             f"the manifest says {record['dtype']} {list(record['shape'])}")
@@ -198,7 +220,7 @@ def verify_command(path) -> int:
         print(problem, file=sys.stderr)
     if problems:
         return 1
-    tensors = len(manifest["projections"]) + len(manifest["embeddings"])
+    tensors = sum(1 for _ in records(manifest))
     signed = (f"{MANIFEST_NAME} matches {MANIFEST_DIGEST_NAME}" if check_manifest_digest(Path(path))[1]
               else f"no {MANIFEST_DIGEST_NAME}: {MANIFEST_NAME} itself is unchecked")
     print(f"ok: {path}: {len(manifest['files'])} files and {tensors} tensor records match {MANIFEST_NAME}; {signed}")
