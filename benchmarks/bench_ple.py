@@ -1,0 +1,342 @@
+"""The per-layer embedding table placed resident vs mapped, side by side on the same weights.
+
+    # two (or more) bundles of one source, differing in `convert --ple`: each in fresh children, alternating
+    python3 benchmarks/bench_ple.py decode RESIDENT MAPPED [--rounds 3] [--prompt 64] [--tokens 64] [--json F]
+    # the token embedding gathered as rows of [vocab, hidden] vs columns of the head's [hidden, vocab]
+    python3 benchmarks/bench_ple.py head [--size e2b] [--dtype float32 --dtype bfloat16]
+
+`decode`, per bundle and child process (one model in memory at a time; the bundles' order rotates
+from round to round): load time; time to first token (prompt submitted to first token out of
+`runtime.generate.generate_step`, the product's decode loop: prefill, sampling and the first step
+queued), for the first generation of the process ("first": cold rows of a mapped table, and on
+CUDA MLX's kernel compilation) and the median of the warm ones; decode tok/s (tokens after the
+first over their time, compiled decode step); peak accelerator memory (`mx.get_peak_memory()`
+over load and generation), the weights' share of it (`mx.get_active_memory()` after load), and
+the process's peak resident set (`os.wait4`; it counts the pages of a mapped table the process
+touched). A mapped table's file is dropped from the page cache before each child, so its rows
+are read from disk as first used and the resident set shows only what was touched. For mapped
+bundles the host gather is timed inside the child: the wait for the token (the previous step's
+device time, not a cost) apart from the gather proper (numpy rows -> one MLX array).
+
+The table's bytes are in accelerator memory only when resident; the goals (E2B 4-bit at most
+1.6 GB, E4B 4-bit at most 3.0 GB peak; mapped decode at least 0.9x resident) are checked at the
+end, with the peak split into weights and working set where a goal is missed.
+
+`head`: `m5` bundles read the token embedding from the pretransposed LM head (`lm_head.weight_t`,
+[hidden, vocab]) instead of storing the table twice; this times that column gather against the
+row gather from a [vocab, hidden] table at the real shapes, for one token (decode) and a
+prompt's worth (prefill), on this device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from common import dir_bytes, machine_facts, median, print_facts, run_child, table  # noqa: E402
+
+GOALS_GB = {("E2B", True): 1.6, ("E4B", True): 3.0}  # peak accelerator memory of 4-bit bundles, mapped
+DECODE_GOAL = 0.9  # mapped decode at least this fraction of resident
+
+
+# --- in the child ------------------------------------------------------------------------------
+
+def bundle_facts(path: str) -> dict:
+    """Size, quantization and placement of a bundle, from its manifest."""
+    import yaml
+
+    manifest = yaml.safe_load(Path(path, "manifest.yaml").read_text())
+    text = manifest["model"]["text_config"]
+    size = {30: "E2B", 35: "E4B"}.get(int(text["num_hidden_layers"]), f"{text['num_hidden_layers']} layers")
+    mapped = manifest.get("mapped_embeddings") or {}
+    quantized = any(r.get("quantized") for r in manifest["projections"].values())
+    return {"size": size, "quantized": quantized, "placement": "mapped" if mapped else "resident",
+            "mapped_files": sorted({r["file"] for r in mapped.values()}),
+            "vocab": min(int(text["vocab_size"]), int(text.get("vocab_size_per_layer_input", text["vocab_size"]))),
+            "dtype": next(iter(manifest["embeddings"].values()))["dtype"]}
+
+
+def instrument(table) -> dict:
+    """Time a MappedTable's gathers: the wait for the ids (evaluating them) apart from the rest."""
+    import mlx.core as mx
+    import numpy as np
+
+    stats = {"wait_s": [], "gather_s": [], "rows": []}
+    real = type(table).gather
+
+    def gather(ids):
+        t0 = time.perf_counter()
+        if isinstance(ids, mx.array):
+            mx.eval(ids)
+        t1 = time.perf_counter()
+        out = real(table, np.asarray(ids))
+        t2 = time.perf_counter()
+        stats["wait_s"].append(t1 - t0)
+        stats["gather_s"].append(t2 - t1)
+        stats["rows"].append(out.shape[0])
+        return out
+
+    table.gather = gather  # this instance only
+    return stats
+
+
+def worker_decode(path: str, prompt_len: int, tokens: int, reps: int, warmup: int, seed: int) -> dict:
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime.generate import generate_step
+    from runtime.loader import load_model
+    from runtime.mapped import MappedTable
+    from runtime.sampling import Sampler
+
+    facts = bundle_facts(path)
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a target mismatch is expected for a bundle made for another device
+        model = load_model(path)
+    load_s = time.perf_counter() - t0
+    weights_bytes = mx.get_active_memory()
+    ple = model.model.language_model.embed_tokens_per_layer
+    stats = instrument(ple) if isinstance(ple, MappedTable) else None
+    prompt = np.random.default_rng(seed).integers(3, facts["vocab"], prompt_len).tolist()
+    ttft, decode_tps, ids = [], [], None
+    for r in range(warmup + reps):
+        if stats:
+            for v in stats.values():
+                v.clear()
+        out, t0 = [], time.perf_counter()
+        first = None
+        for token, _ in generate_step(prompt, model, sampler=Sampler(), max_tokens=tokens):
+            out.append(token)
+            if first is None:
+                first = time.perf_counter()
+        done = time.perf_counter()
+        ttft.append(first - t0)
+        decode_tps.append((len(out) - 1) / (done - first))
+        ids = out
+        if r == 0:
+            first_ttft = first - t0
+    result = {"load_s": load_s, "ttft_first_s": first_ttft, "ttft_s": ttft[warmup:], "decode_tps": decode_tps[warmup:],
+              "ids": ids, "mlx_peak_bytes": mx.get_peak_memory(), "weights_bytes": weights_bytes,
+              "device": str(mx.default_device()), **facts}
+    if stats:  # the last generation's decode gathers (one row each; the first gather is the prompt's)
+        one = [i for i, n in enumerate(stats["rows"]) if n == 1]
+        result.update(gather_us=median(stats["gather_s"][i] * 1e6 for i in one),
+                      gather_p90_us=float(np.percentile([stats["gather_s"][i] * 1e6 for i in one], 90)),
+                      wait_us=median(stats["wait_s"][i] * 1e6 for i in one),
+                      prompt_gather_us=stats["gather_s"][0] * 1e6 if stats["rows"] else float("nan"),
+                      table_resident_bytes=ple.resident_pages(), table_bytes=ple.nbytes)
+    return result
+
+
+def worker_head(size: str, dtypes: list[str], counts: list[int], repeats: int) -> dict:
+    """Row gather from [vocab, hidden] vs column gather from [hidden, vocab] (the m5 head), times in us."""
+    import mlx.core as mx
+    import numpy as np
+
+    from manifests.gemma3n import published_text_config
+
+    c = published_text_config(size.upper())
+    vocab, hidden = c["vocab_size"], c["hidden_size"]
+    out = {}
+    for dtype in dtypes:
+        rows = mx.random.normal((vocab, hidden)).astype(getattr(mx, dtype))
+        mx.eval(rows)
+        cols = mx.contiguous(rows.T)
+        mx.eval(cols)
+        for n in counts:
+            ids = mx.array(np.random.default_rng(n).integers(0, vocab, n), dtype=mx.int32)
+            ways = {"row": lambda: rows[ids] * 2.0,  # then scaled, as the model does: the result is used
+                    "column": lambda: mx.take(cols, ids, axis=1).T * 2.0}
+            samples = {k: [] for k in ways}
+            for r in range(repeats + 1):
+                for name, way in (ways.items() if r % 2 == 0 else reversed(ways.items())):
+                    y = way()
+                    t0 = time.perf_counter()
+                    mx.eval(y)
+                    if r:
+                        samples[name].append(time.perf_counter() - t0)
+            same = mx.array_equal(ways["row"](), ways["column"]()).item()
+            out[f"{dtype} {n}"] = {k: median(v) * 1e6 for k, v in samples.items()} | {"same": same}
+        del rows, cols
+        mx.clear_cache()
+    return {"results": out, "device": str(mx.default_device()), "shape": [vocab, hidden]}
+
+
+# --- in the parent -----------------------------------------------------------------------------
+
+def drop_from_page_cache(path: Path) -> None:
+    """Evict a file's pages, so a mapped table's rows are read from disk as first used."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def child(args: list[str]) -> tuple[dict, object]:
+    run = run_child([sys.executable, str(Path(__file__).resolve()), "worker", *args], sync=False,
+                    capture_stdout=True)
+    if run.returncode != 0:
+        raise SystemExit(f"worker {' '.join(args)} failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1]), run
+
+
+def goal_lines(results: dict, labels: list[str]) -> list[str]:
+    """Each goal of the placement, met or not, and why not."""
+    lines = []
+    resident = {(r["size"], r["quantized"], r["dtype"]): r for r in results.values() if r["placement"] == "resident"}
+    for label in labels:
+        r = results[label]
+        if r["placement"] != "mapped":
+            continue
+        peak = r["mlx_peak_bytes"] / 1e9
+        goal = GOALS_GB.get((r["size"], r["quantized"]))
+        if goal is not None:
+            verdict = "met" if peak <= goal else (
+                f"NOT met: weights in accelerator memory {r['weights_bytes'] / 1e9:.2f} GB, working set "
+                f"(KV cache, activations, MLX's buffer cache) {peak - r['weights_bytes'] / 1e9:.2f} GB")
+            lines.append(f"{label}: peak accelerator memory {peak:.2f} GB, goal <= {goal} GB: {verdict}")
+        base = resident.get((r["size"], r["quantized"], r["dtype"]))
+        if base is not None:
+            ratio = median(r["decode_tps"]) / median(base["decode_tps"])
+            gather = r.get("gather_us", float("nan"))
+            step_us = 1e6 / median(r["decode_tps"])
+            verdict = "met" if ratio >= DECODE_GOAL else (
+                f"NOT met: a mapped step waits for the previous token before its row can be gathered, so the "
+                f"device idles for the tail of the previous step plus the gather ({gather:.0f} us of a {step_us:.0f} "
+                f"us step) instead of running the next step built ahead")
+            lines.append(f"{label}: decode {ratio:.2f}x resident, goal >= {DECODE_GOAL}x: {verdict}")
+    return lines
+
+
+def bench_decode(a) -> None:
+    bundles = [str(Path(b).resolve()) for b in a.bundles]
+    labels = [f"{Path(b).name}" for b in bundles]
+    print(f"prompt {a.prompt} tokens, decode {a.tokens} tokens, {a.reps} reps after {a.warmup} warm-up per process, "
+          f"{a.rounds} rounds, order rotating", flush=True)
+    results: dict[str, dict] = {}
+    for r in range(a.rounds):
+        k = r % len(bundles)
+        for label, path in (list(zip(labels, bundles))[k:] + list(zip(labels, bundles))[:k]):
+            facts = bundle_facts(path)
+            for name in facts["mapped_files"]:
+                drop_from_page_cache(Path(path) / name)
+            res, run = child(["decode", path, "--prompt", str(a.prompt), "--tokens", str(a.tokens),
+                              "--reps", str(a.reps), "--warmup", str(a.warmup), "--seed", str(a.seed)])
+            agg = results.setdefault(label, {**res, "decode_tps": [], "ttft_s": [], "ttft_first_s": [], "load_s": [],
+                                             "max_rss_bytes": [], "gather_us": [], "path": path})
+            agg["decode_tps"] += res["decode_tps"]
+            agg["ttft_s"] += res["ttft_s"]
+            agg["ttft_first_s"].append(res["ttft_first_s"])
+            agg["load_s"].append(res["load_s"])
+            agg["max_rss_bytes"].append(run.max_rss_bytes)
+            if "gather_us" in res:
+                agg["gather_us"].append(res["gather_us"])
+            for key in ("mlx_peak_bytes", "weights_bytes", "ids", "table_resident_bytes", "wait_us", "gather_p90_us",
+                        "prompt_gather_us"):
+                if key in res:
+                    agg[key] = res[key]
+            extra = f"  gather {res['gather_us']:.1f} us/token" if "gather_us" in res else ""
+            print(f"round {r + 1} {label:28s} decode {median(res['decode_tps']):8.2f} tok/s  ttft "
+                  f"{median(res['ttft_s']) * 1e3:8.1f} ms  peak {res['mlx_peak_bytes'] / 1e9:5.2f} GB  rss "
+                  f"{run.max_rss_bytes / 1e9:5.2f} GB{extra}", flush=True)
+    for agg in results.values():
+        agg["gather_us"] = median(agg["gather_us"]) if agg["gather_us"] else float("nan")
+    first = results[labels[0]]
+    rows = []
+    for label in labels:
+        x = results[label]
+        base = next((y for y in results.values() if y["placement"] == "resident" and y["dtype"] == x["dtype"]
+                     and y["quantized"] == x["quantized"]), None)
+        d = median(x["decode_tps"])
+        rows.append([label, x["placement"], dir_bytes(Path(x["path"]), "*.safetensors") / 1e9,
+                     x["mlx_peak_bytes"] / 1e9, x["weights_bytes"] / 1e9, max(x["max_rss_bytes"]) / 1e9,
+                     median(x["load_s"]), median(x["ttft_first_s"]) * 1e3, median(x["ttft_s"]) * 1e3, d,
+                     d / median(base["decode_tps"]) if base else float("nan"), x["gather_us"],
+                     (x.get("table_resident_bytes") or 0) / 1e6 if x["placement"] == "mapped" else float("nan"),
+                     "yes" if x["ids"] == first["ids"] else "no"])
+    print()
+    print(f"device: {first.get('device')}")
+    print(table(["bundle", "placement", "files GB", "peak accel. GB", "weights in accel. GB", "peak RSS GB", "load s",
+                 "TTFT first ms", "TTFT warm ms", "decode tok/s", "x resident", "gather us/token",
+                 "table pages touched MB", "same ids as first"], rows, "llrrrrrrrrrrrl"))
+    print()
+    for line in goal_lines(results, labels):
+        print(line)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"facts": machine_facts(), "results": results}, indent=2))
+
+
+def bench_head(a) -> None:
+    res, _ = child(["head", "--size", a.size, *sum((["--dtype", d] for d in a.dtype), []),
+                    *sum((["--count", str(n)] for n in a.count), []), "--repeats", str(a.repeats)])
+    rows = [[k.split()[0], int(k.split()[1]), v["row"], v["column"], v["column"] - v["row"],
+             (v["column"] - v["row"]) / int(k.split()[1]), "yes" if v["same"] else "no"]
+            for k, v in res["results"].items()]
+    print(f"device: {res['device']}  table {res['shape']} (rows) / {res['shape'][::-1]} (the head's columns)")
+    print(table(["dtype", "tokens", "row gather us", "column gather us", "extra us", "extra us/token", "same values"],
+                rows, "lrrrrrl"))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"facts": machine_facts(), **res}, indent=2))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pd = sub.add_parser("decode", help="bundles differing in placement: memory, TTFT, decode tok/s")
+    pd.add_argument("bundles", nargs="+")
+    pd.add_argument("--prompt", type=int, default=64)
+    pd.add_argument("--tokens", type=int, default=64)
+    pd.add_argument("--reps", type=int, default=2)
+    pd.add_argument("--warmup", type=int, default=1)
+    pd.add_argument("--rounds", type=int, default=2)
+    pd.add_argument("--seed", type=int, default=0)
+    pd.add_argument("--json", default=None)
+    ph = sub.add_parser("head", help="row gather vs the m5 head's column gather")
+    ph.add_argument("--size", default="e2b", choices=["e2b", "e4b"])
+    ph.add_argument("--dtype", action="append", default=None, choices=["float32", "bfloat16", "float16"])
+    ph.add_argument("--count", action="append", type=int, default=None, help="tokens gathered at once (repeatable)")
+    ph.add_argument("--repeats", type=int, default=15)
+    ph.add_argument("--json", default=None)
+    pw = sub.add_parser("worker", help=argparse.SUPPRESS)
+    pw.add_argument("what", choices=["decode", "head"])
+    pw.add_argument("path", nargs="?")
+    pw.add_argument("--prompt", type=int, default=64)
+    pw.add_argument("--tokens", type=int, default=64)
+    pw.add_argument("--reps", type=int, default=2)
+    pw.add_argument("--warmup", type=int, default=1)
+    pw.add_argument("--seed", type=int, default=0)
+    pw.add_argument("--size", default="e2b")
+    pw.add_argument("--dtype", action="append", default=None)
+    pw.add_argument("--count", action="append", type=int, default=None)
+    pw.add_argument("--repeats", type=int, default=15)
+    a = p.parse_args(argv)
+    if a.cmd == "worker":
+        if a.what == "decode":
+            out = worker_decode(a.path, a.prompt, a.tokens, a.reps, a.warmup, a.seed)
+        else:
+            out = worker_head(a.size, a.dtype or ["float32", "bfloat16"], a.count or [1, 64, 512], a.repeats)
+        print(json.dumps(out))
+        return 0
+    if a.cmd == "head":
+        a.dtype, a.count = a.dtype or ["float32", "bfloat16"], a.count or [1, 64, 512]
+    print_facts(machine_facts())
+    bench_decode(a) if a.cmd == "decode" else bench_head(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
