@@ -10,9 +10,11 @@ Each bundle tensor is made from one source tensor by a `transform`: `copy` (byte
 tensor (convert/quantize.py). A fused projection (the profile's `fuse`, convert/fusion.py) is
 made of several source tensors stacked along their rows (`Item.members`), by the same transforms.
 
-Where a tensor goes rather than how it is made: the per-layer embedding table placed `mapped`
-(the profile's `per_layer_embeddings`, or `--ple`) is written to a file of its own
-(manifests/format.py MAPPED_FILE) and recorded under `mapped_embeddings`, not in a shard.
+Two choices about where a tensor goes rather than how it is made: the per-layer embedding table
+placed `mapped` (the profile's `per_layer_embeddings`, or `--ple`) is written to a file of its
+own (manifests/format.py MAPPED_FILE) and recorded under `mapped_embeddings`, not in a shard;
+and where the LM head is stored pretransposed, the token embedding is not stored a second time:
+its record reads its rows as columns of `lm_head.weight_t` (manifests/records.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInf
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
 from manifests.format import (
+    EMBED_TOKENS,
     EMBED_TOKENS_PER_LAYER,
     FUSE_ALL,
     INDEX_NAME,
@@ -197,6 +200,8 @@ class Plan:
                 lines.append(f"  unfused {n:5d}  {reason}")
         lines.append(f"per-layer embeddings  {self.placement}"
                      + (f": in {MAPPED_FILE}, memory-mapped by the runtime" if self.mapped else ""))
+        if self.embeddings.get(EMBED_TOKENS, {}).get("layout") == PRETRANSPOSED:
+            lines.append(f"token embedding  read from {self.embeddings[EMBED_TOKENS]['key']} (stored once)")
         transforms = Counter(i.transform for i in self.items if i.part in ("", WEIGHT))
         lines += [
             "writes   " + ", ".join(f"{n} {t}" for t, n in sorted(transforms.items())),
@@ -498,6 +503,8 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
                                            "dtype": r["dtype"], "quantized": r["quantized"]}
             if module == "embed_tokens":
                 add_projection(LM_HEAD, "lm_head", info, key, file, module)
+                if projections[LM_HEAD]["layout"] == PRETRANSPOSED:
+                    read_from_head(embeddings[EMBED_TOKENS], projections[LM_HEAD], items)
 
     # 5. Fused groups: the members' items and records become one each (convert/fusion.py).
     fuse_names = profile.fuse if fuse is None else (FUSE_ALL if fuse else ())
@@ -545,6 +552,19 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
                 baseline_rss=current_rss() if baseline_rss is None else baseline_rss, roles=roles,
                 quantize=quantize, unquantized=unquantized, fuse=fuse_names, fused=fused, unfused=unfused,
                 architecture=arch_name, mapped=mapped, placement=placement)
+
+
+def read_from_head(embedding: dict, head: dict, items: list[Item]) -> None:
+    """Store the token embedding once: where the LM head is pretransposed (`lm_head.weight_t`,
+    `[hidden, vocab]`), the embedding's record reads its rows as that tensor's columns, and the
+    `[vocab, hidden]` copy is not written (an m5 bundle then holds no more bytes than its source's
+    text weights). A column gather costs more than a row gather, but a token's row is one read
+    among a decode step's gigabytes (docs/BENCHMARKS.md measures it)."""
+    storage = Storage(PRETRANSPOSED)
+    weight = EMBEDDINGS.expected(EMBED_TOKENS, storage, *storage.dims(head["shape"]), head["dtype"])[0]
+    own = EMBEDDINGS.weight_key(EMBED_TOKENS)
+    items[:] = [i for i in items if i.key != own]
+    embedding.update(key=weight.key, shape=list(weight.shape), layout=PRETRANSPOSED)
 
 
 SHARD_METADATA = {"format": "mlx", "producer": "mlx-prepared"}

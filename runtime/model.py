@@ -22,7 +22,7 @@ import mlx.nn as nn
 from manifests.format import EMBED_TOKENS, FUSED_GROUPS, LM_HEAD, PREFIX, ManifestError, fused_groups_in
 from runtime.cache import KVCache, RotatingKVCache
 from runtime.mapped import MappedTable
-from runtime.projections import build_embedding, build_fused, build_head, build_projection
+from runtime.projections import HeadColumns, Pretransposed, build_embedding, build_fused, build_head, build_projection
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 DEFAULT_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}
@@ -582,6 +582,12 @@ class Model(nn.Module):
         self.tied_head = head is None
         if head is not None:
             self.lm_head = head
+        embed = self.model.language_model.embed_tokens
+        if isinstance(embed, HeadColumns):  # the table stored once, as the pretransposed head
+            if not isinstance(head, Pretransposed):
+                raise ManifestError(f"manifest.yaml: embeddings.{EMBED_TOKENS}: reads the LM head's columns, but "
+                                    f"{LM_HEAD} is not stored pretransposed")
+            embed.head = head
 
     @property
     def layers(self) -> list:

@@ -11,6 +11,7 @@ one; that loading maps the file without reading it (and only the rows used are e
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import subprocess
@@ -330,3 +331,57 @@ def test_verify_covers_the_mapped_file(bundles, tmp_path):
     done = verify(bundle)
     assert done.returncode == 1 and f"{MAPPED_FILE}: missing" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- the m5 table stored once -------------------------------------------------------------------
+
+def as_older_m5(bundle: Path) -> Path:
+    """Rewrite a one-shard m5 bundle the way m5 bundles were written before the token embedding
+    was read from the head: `embed_tokens.weight` stored too, its record without a layout, format
+    version 1 (files, hashes and the manifest's digest made anew, so verify passes)."""
+    import hashlib
+
+    from manifests import write_manifest
+    from manifests.format import EMBED_TOKENS
+
+    shard = bundle / "model.safetensors"
+    arrays = mx.load(str(shard))
+    arrays[EMBED_TOKENS + ".weight"] = mx.contiguous(arrays["lm_head.weight_t"].T)
+    mx.save_safetensors(str(shard), arrays, metadata={"format": "mlx"})
+    manifest = read_manifest(bundle)
+    record = manifest["embeddings"][EMBED_TOKENS]
+    del record["layout"]
+    record.update(key=EMBED_TOKENS + ".weight", shape=record["shape"][::-1])
+    manifest["format_version"] = 1
+    manifest["files"]["model.safetensors"] = {"sha256": hashlib.sha256(shard.read_bytes()).hexdigest(),
+                                              "bytes": shard.stat().st_size}
+    write_manifest(manifest, bundle)
+    return bundle
+
+
+def test_an_m5_bundle_stores_the_embedding_once_and_older_ones_still_load(bundles, tmp_path, ids):
+    from manifests.format import EMBED_TOKENS
+    from runtime.projections import Embedding, HeadColumns
+
+    m5 = convert(bundles["src"], tmp_path / "m5", "m5")
+    manifest = read_manifest(m5)
+    assert manifest["embeddings"][EMBED_TOKENS]["key"] == "lm_head.weight_t" and manifest["format_version"] == 2
+    stored = sum(math.prod(e.shape) * 4 for e in read_header_file(m5 / "model.safetensors")[0])
+    source = source_tensors(bundles["src"], "hf")  # the decoder's tensors (float32 here, as the bundle)
+    assert stored == sum(v.nbytes for v in source.values())  # no byte more than the source's text weights
+    new, _ = load_quietly(m5)
+    assert isinstance(new.model.language_model.embed_tokens, HeadColumns)
+
+    older = as_older_m5(convert(bundles["src"], tmp_path / "older", "m5"))
+    assert verify(older).returncode == 0
+    old, _ = load_quietly(older)
+    assert isinstance(old.model.language_model.embed_tokens, Embedding)
+    assert mx.array_equal(old(mx.array(ids)), new(mx.array(ids))).item()
+    run = lambda m: [t for t, _ in generate_step([5, 17, 300, 2], m, max_tokens=12)]  # noqa: E731
+    assert run(old) == run(new)
+
+    standard_head = json.loads(json.dumps(read_manifest(bundles["resident"])))
+    standard_head["format_version"] = 2
+    standard_head["embeddings"][EMBED_TOKENS].update(layout="pretransposed", key="lm_head.weight_t")
+    with pytest.raises(ManifestError, match="only .*embed_tokens may be read from the pretransposed LM head"):
+        validate_manifest(standard_head)
