@@ -17,6 +17,7 @@ from pathlib import Path
 from convert.errors import ConvertError
 from convert.gemma3n import ARCHITECTURES, text_shapes
 from convert.safetensors_io import Header, read_header
+from manifests.files import CONFIG_LIMIT, FileRefused, is_regular, not_regular, read_limited
 from manifests.format import INDEX_NAME
 
 SINGLE_NAME = "model.safetensors"
@@ -104,7 +105,9 @@ def _inside(path: Path, root: Path) -> bool:
 
 def _read_json(path: Path, display: str, hashes: dict[str, str], name: str) -> object:
     try:
-        raw = path.read_bytes()
+        raw = read_limited(path, CONFIG_LIMIT, "JSON file")  # by type first: a FIFO or device is refused
+    except FileRefused as e:
+        raise ConvertError(f"{display}: {e.strerror}") from None
     except OSError as e:
         raise ConvertError(f"{display}: cannot read ({e.strerror})") from None
     hashes[name] = hashlib.sha256(raw).hexdigest()
@@ -192,7 +195,7 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
         return path
 
     config_path = root / CONFIG_NAME
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise ConvertError(f"{display}/{CONFIG_NAME}: missing; SOURCE must hold a Gemma3n config.json")
     config = _read_json(checked(CONFIG_NAME, "config.json"), f"{display}/{CONFIG_NAME}", hashes, CONFIG_NAME)
     if not isinstance(config, dict):
@@ -200,7 +203,7 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
     model_type, text_config = text_config_of(config, f"{display}/{CONFIG_NAME}")
 
     index_name, files, weight_map = None, [], None
-    if (root / INDEX_NAME).is_file():
+    if os.path.lexists(root / INDEX_NAME):
         index_name = INDEX_NAME
         where = f"{display}/{INDEX_NAME}"
         index = _read_json(checked(INDEX_NAME, "the index"), where, hashes, INDEX_NAME)
@@ -216,12 +219,12 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
                 files.append(name)
         for name in files:
             key = next(k for k, v in weight_map.items() if v == name)
-            if not (root / name).is_file():
+            if not os.path.lexists(root / name):
                 raise ConvertError(f"{where}: tensor {key!r}: shard {name!r} is missing")
             if not _inside(root / name, containment):
                 raise ConvertError(f"{where}: tensor {key!r}: shard {name!r} resolves outside SOURCE "
                                    f"(symlink to {os.path.realpath(root / name)})")
-    elif (root / SINGLE_NAME).is_file():
+    elif os.path.lexists(root / SINGLE_NAME):
         files = [SINGLE_NAME]
         checked(SINGLE_NAME, "the weights file")
     else:
@@ -257,9 +260,11 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
     present = sorted(p.name for p in root.iterdir())
     for name in present:
         if name in COPIED_FILES or name.startswith(COPIED_PREFIX):
-            if (root / name).is_file():
-                checked(name, "a copied file")
+            path = checked(name, "a copied file")
+            if is_regular(path):
                 copied.append(name)
+            elif os.path.lexists(path) and not path.is_dir():  # a FIFO, a device: never read, never copied
+                raise ConvertError(f"{display}/{name}: {not_regular(path)}")
 
     generation_config = None
     if GENERATION_CONFIG_NAME in copied:

@@ -20,6 +20,7 @@ from manifests.format import (
     PRETRANSPOSED,
     ManifestError,
 )
+from manifests.files import FileRefused, read_limited
 from manifests.schema import SchemaError, validate
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -131,10 +132,11 @@ def recorded_manifest_digest(bundle: str | os.PathLike) -> str | None:
     """The sha256 recorded in the bundle's manifest.sha256, or None when the bundle has none."""
     path = Path(bundle) / MANIFEST_DIGEST_NAME
     try:
-        with open(path, "rb") as f:
-            raw = f.read(256)  # the line is 81 bytes: never read a large file whole
+        raw = read_limited(path, 256, "manifest digest")  # the line is 81 bytes
     except FileNotFoundError:
         return None
+    except FileRefused as e:
+        raise ManifestError(str(e)) from None
     except OSError as e:
         raise ManifestError(f"{path}: unreadable ({e.strerror or e})") from None
     m = _DIGEST_LINE.fullmatch(raw.decode("ascii", errors="replace"))
@@ -147,12 +149,11 @@ def load_manifest(path: str | os.PathLike) -> dict:
     """Parse and validate one manifest file; every failure is a one-line ManifestError."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MANIFEST_LIMIT:
-            raise ManifestError(f"{path}: {size} bytes, more than the {MANIFEST_LIMIT}-byte limit of a manifest")
-        text = path.read_text()
+        text = read_limited(path, MANIFEST_LIMIT, "manifest").decode("utf-8")
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest") from None
+    except FileRefused as e:
+        raise ManifestError(str(e)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: unreadable ({e})") from None
     try:

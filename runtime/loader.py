@@ -8,6 +8,7 @@ that very array into the module the manifest named. tests/test_loader.py holds t
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from mlx.utils import tree_flatten
 from manifests import INDEX_NAME, MANIFEST_NAME, ManifestError, read_manifest, target_for_device
 from manifests.manifest import tensor_records
 from manifests.safetensors_header import HeaderError, read_header_file
+from runtime.bundle_files import inside_bundle
 from runtime.model import Model
 from runtime.verify import outside_bundle, read_index
 
@@ -43,11 +45,12 @@ def read_bundle_manifest(path: Path) -> dict:
     """The manifest, or one line saying what to run when `path` is not a prepared bundle."""
     if not path.is_dir():
         raise BundleError(f"{path}: no such bundle directory")
-    if not (path / MANIFEST_NAME).exists():
+    if not os.path.lexists(path / MANIFEST_NAME):
         what = "a model checkpoint, not a prepared bundle" if (path / "config.json").exists() else "not a prepared bundle"
         raise BundleError(
             f"{path}: no {MANIFEST_NAME} ({what}); prepare it first: {convert_command(str(path), device_target())}"
         )
+    inside_bundle(path, MANIFEST_NAME)
     return read_manifest(path)
 
 
@@ -93,7 +96,7 @@ def shard_files(path: Path, manifest: dict) -> list[str]:
             raise BundleError(escape)
         if name not in manifest["files"]:
             raise BundleError(f"{path / name}: shard not listed in {MANIFEST_NAME}")
-        if not (path / name).is_file():
+        if not os.path.lexists(path / name):
             raise BundleError(f"{path / name}: shard missing")
         check_shard(path, name)
     if not names:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from manifests import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, recorded_manifest_digest
+from manifests.files import FileRefused, not_regular, open_regular_file
 from manifests.format import MANIFEST_LIMIT, PRETRANSPOSED, STANDARD
 from manifests.manifest import tensor_records
 from manifests.safetensors_header import DTYPE_NAMES, HeaderError, read_header_file  # noqa: F401  (HeaderError: what read_header raises)
@@ -29,7 +30,7 @@ _CHUNK = 8 << 20
 
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_regular_file(path) as f:  # never blocks on a FIFO nor reads a device
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -70,11 +71,13 @@ def outside_bundle(bundle: Path, name: object, where: str) -> str | None:
 def read_index(path: Path) -> dict[str, str]:
     """The weight map of the bundle's index file; ValueError (one line) if it is not one."""
     try:
-        with open(path / INDEX_NAME, "rb") as f:
+        with open_regular_file(path / INDEX_NAME) as f:
             raw = f.read(MANIFEST_LIMIT + 1)
         if len(raw) > MANIFEST_LIMIT:
             raise ValueError(f"more than {MANIFEST_LIMIT} bytes")
         weight_map = json.loads(raw)["weight_map"]
+    except FileRefused as e:
+        raise ValueError(f"{path / INDEX_NAME}: unreadable index ({e.strerror})") from None
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"{path / INDEX_NAME}: unreadable index ({(str(e).splitlines() or [type(e).__name__])[0][:80]})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -104,15 +107,19 @@ def check_files(path: Path, manifest: dict) -> list[str]:
             problems.append(escape)
             continue
         f = path / name
-        if not f.is_file():
+        if not os.path.lexists(f):
             problems.append(f"{f}: missing (listed in {MANIFEST_NAME})")
+            continue
+        why = not_regular(f)
+        if why:
+            problems.append(f"{f}: {why}")
             continue
         size = f.stat().st_size
         if size != want["bytes"]:
             problems.append(f"{f}: {size} bytes, {MANIFEST_NAME} says {want['bytes']}")
         elif sha256_of(f) != want["sha256"]:
             problems.append(f"{f}: sha256 differs from {MANIFEST_NAME}")
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if not p.is_dir()):
         name = f.relative_to(path).as_posix()
         if name not in (MANIFEST_NAME, MANIFEST_DIGEST_NAME) and name not in listed:
             problems.append(f"{f}: not listed in {MANIFEST_NAME}")
