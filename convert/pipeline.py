@@ -27,6 +27,15 @@ from importlib import metadata
 from pathlib import Path
 
 from convert.errors import ConvertError
+from convert.ownership import (
+    PARTIAL_MARKER,
+    within,
+    bundle_entries,
+    check_replaceable,
+    marker_text,
+    remove_if_ours,
+    remove_replaced,
+)
 from convert.planning import (
     BAND_BYTES,
     DEFAULT_MAX_SHARD_SIZE,
@@ -43,7 +52,6 @@ from convert.source import Source, open_source
 from convert.write import write_bundle
 from manifests import (
     FORMAT_VERSION,
-    MANIFEST_NAME,
     ManifestError,
     ProfileError,
     TargetProfile,
@@ -183,16 +191,17 @@ def nonfinite_message(p: Plan, e: NonFiniteError, out: Path) -> str:
             f"values{cast} (--check-finite); {out} was left as it was")
 
 
-def _within(inner: str, outer: str) -> bool:
-    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+def source_roots(src: Source) -> list[str]:
+    """The real directories SOURCE occupies (its folder, and the hub cache folder it reads)."""
+    return sorted({os.path.realpath(src.root), str(src.containment or os.path.realpath(src.root))})
 
 
 def check_destination(src: Source, out: Path) -> None:
     out_real = os.path.realpath(out)
-    for root in {os.path.realpath(src.root), str(src.containment or os.path.realpath(src.root))}:
-        if _within(out_real, root):
+    for root in source_roots(src):
+        if within(out_real, root):
             raise ConvertError(f"{out}: OUT is inside SOURCE ({src.display}); write the bundle elsewhere")
-        if _within(root, out_real):
+        if within(root, out_real):
             raise ConvertError(f"{out}: SOURCE ({src.display}) is inside OUT; write the bundle elsewhere")
 
 
@@ -207,7 +216,8 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(out: Path) -> list[Path]:
-    """Remove what runs for `out` that died left behind; return what was removed or restored."""
+    """Remove what runs for `out` that died left behind, where it is provably theirs
+    (convert/ownership.py); return what was removed or restored. Anything else stays."""
     parent = out.parent
     if not parent.is_dir():
         return []
@@ -217,23 +227,14 @@ def clean_stale(out: Path) -> list[Path]:
         m = pattern.fullmatch(entry.name)
         if not m or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
             continue
-        if m.group(1) == "old" and not out.exists() and (entry / MANIFEST_NAME).is_file():
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if m.group(1) == "old" and not os.path.lexists(out) and bundle_entries(entry)[0] is not None:
             os.rename(entry, out)  # killed between the two renames of --force: put the old one back
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
-        handled.append(entry)
+            handled.append(entry)
+        elif remove_if_ours(entry, int(m.group(2))):
+            handled.append(entry)
     return handled
-
-
-def _check_replaceable(out: Path, force: bool) -> None:
-    if not os.path.lexists(out):
-        return
-    if not force:
-        raise ConvertError(f"{out}: OUT already exists; pass --force to replace it")
-    if out.is_symlink() or not out.is_dir():
-        raise ConvertError(f"{out}: OUT exists and is not a directory; refusing to replace it")
-    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise ConvertError(f"{out}: OUT exists and is not a bundle (no {MANIFEST_NAME}); refusing to replace it")
 
 
 def eos_token_ids(src: Source) -> list[int]:
@@ -314,7 +315,7 @@ def preflight(p: Plan, out: str | os.PathLike, *, force: bool = False) -> Path:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConvertError(f"{out}: cannot be created, {existing} is not writable")
         clean_stale(out)
-        _check_replaceable(out, force)
+        check_replaceable(out, force, source_roots(p.source))
         free = _free_space(out.parent)
         if free < p.disk_needed:
             raise ConvertError(f"{out.parent}: not enough free disk space for the bundle (needs "
@@ -340,9 +341,10 @@ def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: boo
         preflight(p, out, force=force)  # again: another run may have finished OUT before we locked
         parent = out.parent
         tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_ours(tmp, os.getpid())  # a dead run's that had this pid; anything else stays in the way
         tmp.mkdir()
     try:
+        (tmp / PARTIAL_MARKER).write_bytes(marker_text(os.getpid()))  # what proves it ours to clean_stale
         try:
             files, source_files = write_bundle(p, tmp, on_write=on_write, check_finite=check_finite)
         except NonFiniteError as e:
@@ -351,9 +353,10 @@ def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: boo
             write_manifest(build_manifest(p, files, source_files), tmp)
         except ManifestError as e:  # a bug of ours, not bad input; still one line
             raise ConvertError(f"internal error, manifest does not validate: {e}") from None
+        (tmp / PARTIAL_MARKER).unlink()  # complete: from here on it proves itself a bundle
         _fsync_dir(tmp)
         if os.path.lexists(out):
-            _check_replaceable(out, force)
+            check_replaceable(out, force, source_roots(p.source))
             old = parent / f".{out.name}.old-{os.getpid()}"
             os.rename(out, old)
             try:
@@ -362,15 +365,15 @@ def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: boo
                 if not os.path.lexists(out):
                     os.rename(old, out)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            remove_replaced(old)
         else:
             os.rename(tmp, out)
         _fsync_dir(parent)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_ours(tmp, os.getpid())
         raise ConvertError(os_message(e, out, tmp, out)) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_ours(tmp, os.getpid())
         raise
     return out
 
