@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convert.errors import ConvertError
-from convert.gemma3n import ARCHITECTURES, text_shapes
+from convert.gemma3n import ARCHITECTURES
+from manifests import ManifestError
+from manifests.config import checked_text_config
 from convert.safetensors_io import Header, read_header
 from manifests.files import CONFIG_LIMIT, FileRefused, is_regular, not_regular, read_limited
 from manifests.format import INDEX_NAME
@@ -134,13 +136,10 @@ def text_config_of(config: dict, display: str) -> tuple[str, dict]:
         text = config
     else:
         raise _not_gemma3n(config, display)
-    try:
-        text_shapes(text)
-    except KeyError as e:
-        raise ConvertError(f"{display}: the text config has no {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise ConvertError(f"{display}: invalid text config ({e})") from None
-    return model_type, text
+    try:  # the one check of every value the decoder reads (manifests/config.py), defaults filled in
+        return model_type, checked_text_config(text, f"{display}: text_config" if text is not config else display)
+    except ManifestError as e:
+        raise ConvertError(str(e)) from None
 
 
 def _not_gemma3n(config: dict, display: str) -> ConvertError:

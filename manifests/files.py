@@ -22,7 +22,7 @@ import fcntl
 import os
 import stat
 
-READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 16  # small: a read allocates its whole request, even of an empty file
 # What each small file may hold at most, counted as it is read. Real ones are far smaller: a
 # Gemma3n config.json is 5 kB, its index 100 kB, its tokenizer_config.json 1.2 MB, its
 # tokenizer.json 33 MB.

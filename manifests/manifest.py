@@ -20,6 +20,7 @@ from manifests.format import (
     PRETRANSPOSED,
     ManifestError,
 )
+from manifests.config import checked_text_config
 from manifests.files import FileRefused, read_limited
 from manifests.schema import SchemaError, validate
 
@@ -50,6 +51,7 @@ def validate_manifest(manifest: object, where: str = MANIFEST_NAME) -> dict:
     except SchemaError as e:  # folded: a key or value may hold a newline, the message stays one line
         raise ManifestError(f"{where}: {' '.join(str(e).split())}") from None
     check_fused(manifest["projections"], where)
+    checked_text_config(manifest["model"]["text_config"], f"{where}: model.text_config")
     return manifest
 
 
