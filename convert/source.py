@@ -19,15 +19,17 @@ from convert.gemma3n import ARCHITECTURES
 from manifests import ManifestError
 from manifests.config import checked_text_config
 from convert.safetensors_io import Header, read_header
-from manifests.files import CONFIG_LIMIT, FileRefused, is_regular, not_regular, read_limited
+from manifests.files import CONFIG_LIMIT, TOKENIZER_LIMIT, FileRefused, is_regular, not_regular, read_limited
 from manifests.format import INDEX_NAME
+from manifests.vocab import tokenizer_problem
 
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_NAME = "tokenizer.json"
 
 # Copied into the bundle byte for byte when present (plus chat_template*).
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+COPIED_FILES = (TOKENIZER_NAME, "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                 GENERATION_CONFIG_NAME)
 COPIED_PREFIX = "chat_template"
 
@@ -264,6 +266,15 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
                 copied.append(name)
             elif os.path.lexists(path) and not path.is_dir():  # a FIFO, a device: never read, never copied
                 raise ConvertError(f"{display}/{name}: {not_regular(path)}")
+
+    if TOKENIZER_NAME in copied:  # the bundle's tokenizer must fit the model's embedding table
+        try:
+            raw = read_limited(root / TOKENIZER_NAME, TOKENIZER_LIMIT, "tokenizer.json")
+        except OSError as e:
+            raise ConvertError(f"{display}/{TOKENIZER_NAME}: {e.strerror or e}") from None
+        problem = tokenizer_problem(raw, text_config["vocab_size"])
+        if problem:
+            raise ConvertError(f"{display}/{TOKENIZER_NAME}: {problem} (config.json vocab_size)")
 
     generation_config = None
     if GENERATION_CONFIG_NAME in copied:

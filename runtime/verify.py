@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 
 from manifests import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, recorded_manifest_digest
-from manifests.files import FileRefused, not_regular, open_regular_file
+from manifests.files import TOKENIZER_LIMIT, FileRefused, not_regular, open_regular_file, read_limited
 from manifests.format import MANIFEST_LIMIT, PRETRANSPOSED, STANDARD
 from manifests.manifest import tensor_records
+from manifests.vocab import tokenizer_problem
 from manifests.safetensors_header import DTYPE_NAMES, HeaderError, read_header_file  # noqa: F401  (HeaderError: what read_header raises)
 
 _CHUNK = 8 << 20
@@ -222,7 +223,22 @@ def verify_bundle(path, manifest: dict | None = None) -> list[str]:
         manifest = read_bundle_manifest(path)
     problems = check_manifest_digest(path)[0] + check_files(path, manifest)
     tensors, index, header_problems, unreadable = stored_tensors(path, manifest)
-    return problems + header_problems + check_tensors(manifest, tensors, index, unreadable)
+    return (problems + header_problems + check_tensors(manifest, tensors, index, unreadable)
+            + check_tokenizer(path, manifest))
+
+
+def check_tokenizer(path: Path, manifest: dict) -> list[str]:
+    """The bundle's tokenizer.json must produce only ids the model has embeddings for (a file that
+    cannot be read at all was reported by check_files)."""
+    name = "tokenizer.json"
+    if name not in manifest["files"] or outside_bundle(path, name, MANIFEST_NAME):
+        return []
+    try:
+        raw = read_limited(path / name, TOKENIZER_LIMIT, name)
+    except OSError:
+        return []
+    problem = tokenizer_problem(raw, manifest["model"]["text_config"]["vocab_size"])
+    return [f"{path / name}: {problem}"] if problem else []
 
 
 def verify_command(path) -> int:
