@@ -182,8 +182,9 @@ def nonfinite_message(p: Plan, e: NonFiniteError, out: Path) -> str:
     item = next((i for i in p.items if i.key == e.tensor), None)
     if item is None:
         return f"{e.message}; {out} was left as it was"
-    narrowed = ITEMSIZE[item.dtype] < ITEMSIZE[item.source.dtype]  # a narrowing cast can overflow to infinity
-    cast = f" after narrowing {item.source.dtype} to {item.dtype}" if narrowed else ""
+    written = item.quant_dtype or item.dtype  # a quantized weight: the float dtype it was quantized from
+    narrowed = ITEMSIZE[written] < ITEMSIZE[item.source.dtype]  # a narrowing cast can overflow to infinity
+    cast = f" after narrowing {item.source.dtype} to {written}" if narrowed else ""
     what = f"tensor {item.source.name!r}"
     if item.members:  # fused: the values may be in any member
         what = "one of tensors " + ", ".join(repr(src.name) for _, src in item.members) + f" (fused into {e.tensor})"

@@ -207,6 +207,9 @@ def _write_weight(item, readers, writer, bufs, read_block: int, spills: Spills) 
                 if out_dtype != src.dtype:
                     cast_buf = bufs.get("cast", (r1 - r0) * cols * ITEMSIZE[out_dtype])
                 packed, *rest = quantize_rows(block, src.dtype, out_dtype, spec, cast_buf)
+                # --check-finite: packed integers hold no NaN, and mx.quantize turns a group's NaN
+                # into finite scales; so count the values quantized (after any narrowing cast).
+                writer.count_values(block if cast_buf is None else cast_buf, out_dtype)
                 writer.write(memoryview(packed))
                 for f, part in zip(files, rest):
                     f.write(memoryview(part))

@@ -283,6 +283,14 @@ class SafetensorsWriter:
         self._next += 1
         self._nonfinite = [0, 0]
 
+    def count_values(self, data, dtype: str) -> None:
+        """`check_finite` for a tensor whose stored bytes cannot hold NaN (a packed quantized weight):
+        count the float values it is made of instead, before the write that completes it."""
+        if self._check_finite:
+            nan, inf = count_nonfinite(data, dtype)
+            self._nonfinite[0] += nan
+            self._nonfinite[1] += inf
+
     def write(self, data) -> None:
         n = memoryview(data).nbytes
         if n > self._left:

@@ -198,6 +198,48 @@ def test_check_finite_names_the_tensor(tmp_path, key, target, extra, counts):
     assert CliRunner().invoke(command, ["--target", target, *extra, "-q", str(src), str(out)]).exit_code == 0
 
 
+QPROJ = "model.language_model.layers.1.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("key, target, extra", [
+    (UP, "generic", ["--quantize", "4"]),                          # packed integers hold no NaN
+    (UP, "generic", ["--quantize", "8", "--dtype", "bfloat16"]),   # cast, then quantized
+    (GATE, "m5", ["--quantize", "4", "--group-size", "32"]),       # a layout that would transpose
+    (QPROJ, "cuda", ["--quantize", "4"]),                          # fused with k, v, laurel-left, quantized
+    (QPROJ, "cuda", []),                                           # fused, float
+])
+def test_check_finite_covers_every_write_path(tmp_path, key, target, extra):
+    """A NaN must not vanish through --quantize (mx.quantize turns a group's NaN into finite
+    scales), nor through a fused projection: the values quantized or stacked are counted."""
+    src = make_checkpoint(tmp_path / "src", "hf", extra_files=False)
+    _poison(src, key, {(0, 3): float("nan")})
+    out = tmp_path / "out"
+    result = CliRunner().invoke(command, ["--target", target, *extra, "--check-finite", str(src), str(out)])
+    refused(result, [f"{src}/model.safetensors", repr(key), "1 NaN and 0 infinite values", "--check-finite"], out)
+    assert CliRunner().invoke(command, ["--target", target, *extra, "-q", str(src), str(out)]).exit_code == 0
+
+
+def test_check_finite_covers_mlx_quantized_pass_through(tmp_path):
+    """An MLX-quantized source is copied byte for byte: a NaN in its float scales is counted."""
+    from tests.checkpoints import checkpoint_tensors, full_config, tiny_text_config, write_tensors
+
+    tc = tiny_text_config()
+    tensors = checkpoint_tensors(tc, "mlx-lm", dtype=mx.bfloat16)
+    module = "model.language_model.layers.2.mlp.up_proj"
+    w, scales, biases = mx.quantize(tensors[module + ".weight"], group_size=32, bits=4)
+    scales[1, 1] = float("nan")
+    tensors.update({module + ".weight": w, module + ".scales": scales, module + ".biases": biases})
+    src = tmp_path / "src"
+    src.mkdir()
+    config = dict(full_config(tc, "mlx-lm"), quantization={"group_size": 32, "bits": 4, "mode": "affine"})
+    (src / "config.json").write_text(json.dumps(config))
+    write_tensors(src, tensors)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(command, ["--target", "generic", "--check-finite", str(src), str(out)])
+    refused(result, [f"{src}/model.safetensors", f"tensor '{module}.scales'", "1 NaN and 0 infinite values"], out)
+    assert CliRunner().invoke(command, ["--target", "generic", "-q", str(src), str(out)]).exit_code == 0
+
+
 def test_check_finite_catches_overflow_of_a_narrowing_cast(tmp_path):
     src = make_checkpoint(tmp_path / "src", "hf", extra_files=False)
     _poison(src, UP, {(0, 0): 1e6})  # finite in float32, infinite in float16
