@@ -29,6 +29,7 @@ from convert.quantize import working_set as quant_working_set
 from convert.safetensors_io import DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
+from manifests.config import check_quantization
 from manifests.format import (
     FUSE_ALL,
     INDEX_NAME,
@@ -38,6 +39,7 @@ from manifests.format import (
     PRETRANSPOSED,
     PRETRANSPOSED_SUFFIX,
     STANDARD,
+    ManifestError,
 )
 from manifests.profiles import TargetProfile
 
@@ -292,7 +294,7 @@ def _quant_params(q: dict | None, module_key: str, weight: TensorInfo, scales: T
     try:
         found = {"bits": int(params["bits"]), "group_size": int(params["group_size"]),
                  "mode": str(params.get("mode", q.get("mode", "affine")))}
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise ConvertError(f"{where}: config.json's quantization block lacks bits/group_size") from None
     if not explicit and len(weight.shape) == 2 and len(scales.shape) == 2 and scales.shape[1]:
         bits, rest = divmod(weight.shape[1] * 32, in_dim)
@@ -300,7 +302,10 @@ def _quant_params(q: dict | None, module_key: str, weight: TensorInfo, scales: T
         fits = weight.shape[1] * 32 == in_dim * found["bits"] and scales.shape[1] * found["group_size"] == in_dim
         if not fits and not rest and not rest2 and bits in (2, 3, 4, 5, 6, 8) and group in (16, 32, 64, 128):
             found.update(bits=bits, group_size=group)
-    return found
+    try:  # one that MLX computes with (manifests/config.py), as the runtime will check again
+        return check_quantization(found, f"{where}: config.json's quantization")
+    except ManifestError as e:
+        raise ConvertError(str(e)) from None
 
 
 def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", device: dict | None = None,

@@ -225,3 +225,26 @@ def rope_thetas(config: dict) -> dict[str, float]:
             raise ValueError(f"rope_theta of {kind}: must be a finite number in (0, {MAX_THETA:g}], got {_shown(theta)}")
         thetas[kind] = float(theta)
     return thetas
+
+
+# What MLX quantizes and multiplies, by mode: (bits, group sizes) it takes (mlx 0.32).
+QUANT_MODES = {"affine": ((1, 2, 3, 4, 5, 6, 8), (32, 64, 128)), "mxfp4": ((4,), (32,)), "mxfp8": ((8,), (32,)),
+               "nvfp4": ((4,), (16,))}
+
+
+def check_quantization(q: object, where: str) -> dict:
+    """A `{bits, group_size, mode}` MLX can compute with (a source's quantization block, a
+    manifest record's `quantized`); ManifestError naming `where` otherwise."""
+    if not isinstance(q, dict):
+        raise ManifestError(f"{where}: not a mapping of bits, group_size and mode, got {_shown(q)}")
+    mode = q.get("mode", "affine")
+    if mode not in QUANT_MODES:
+        raise ManifestError(f"{where}: mode {_shown(mode)} is not one MLX quantizes with ({', '.join(QUANT_MODES)})")
+    bits, groups = QUANT_MODES[mode]
+    if q.get("bits") not in bits or isinstance(q.get("bits"), bool):
+        raise ManifestError(f"{where}: bits {_shown(q.get('bits'))} is not one {mode} takes "
+                            f"({', '.join(map(str, bits))})")
+    if q.get("group_size") not in groups or isinstance(q.get("group_size"), bool):
+        raise ManifestError(f"{where}: group_size {_shown(q.get('group_size'))} is not one {mode} takes "
+                            f"({', '.join(map(str, groups))})")
+    return q

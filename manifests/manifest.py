@@ -20,7 +20,7 @@ from manifests.format import (
     PRETRANSPOSED,
     ManifestError,
 )
-from manifests.config import checked_text_config
+from manifests.config import check_quantization, checked_text_config
 from manifests.files import FileRefused, read_limited
 from manifests.schema import SchemaError, validate
 
@@ -52,6 +52,10 @@ def validate_manifest(manifest: object, where: str = MANIFEST_NAME) -> dict:
         raise ManifestError(f"{where}: {' '.join(str(e).split())}") from None
     check_fused(manifest["projections"], where)
     checked_text_config(manifest["model"]["text_config"], f"{where}: model.text_config")
+    for section in ("projections", "embeddings"):
+        for name, record in manifest[section].items():
+            if record.get("quantized") is not None:
+                check_quantization(record["quantized"], f"{where}: {section}.{name}.quantized")
     return manifest
 
 

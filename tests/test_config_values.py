@@ -186,3 +186,31 @@ def test_a_default_the_source_leaves_out_converts_to_a_bundle_that_loads(tmp_pat
     r = run_runtime("generate", bundle, "--prompt", "-", "--max-tokens", "2")
     assert "Traceback" not in r.stderr
     assert r.returncode == 2 and "no tokenizer.json" in r.stderr  # loaded; only the text needs a tokenizer
+
+
+Q = "model.language_model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m["target"]["profile"].update(device="x"), "target.profile.device: expected object or null, got str"),
+    (lambda m: m["target"]["profile"].update(device_class=["x"]), "target.profile.device_class: expected string or null"),
+    (lambda m: m["model"].update(eos_token_ids=[1, -5]), "model.eos_token_ids[1]: must be >= 0, got -5"),
+    (lambda m: m["projections"][Q].update(quantized={"bits": 4, "group_size": 0, "mode": "affine"}),
+     f"projections.{Q}.quantized: group_size 0 is not one affine takes (32, 64, 128)"),
+    (lambda m: m["projections"][Q].update(quantized={"bits": 7, "group_size": 64, "mode": "affine"}),
+     f"projections.{Q}.quantized: bits 7 is not one affine takes (1, 2, 3, 4, 5, 6, 8)"),
+    (lambda m: m["embeddings"]["model.language_model.embed_tokens"].update(
+        quantized={"bits": 4, "group_size": 32, "mode": "fp3"}),
+     "embeddings.model.language_model.embed_tokens.quantized: mode 'fp3' is not one MLX quantizes with"),
+], ids=["profile device", "profile device_class", "negative eos", "group size 0", "bits 7", "mode"])
+def test_other_manifest_values_the_runtime_reads_are_checked_at_load(pristine, tmp_path, edit, says):
+    """Found by tests/test_config_fuzz.py's larger offline runs or by hand: the target profile's
+    device (read to tell whether the bundle was made here), the stop ids, a record's quantization."""
+    from runtime.loader import load_model
+
+    bundle = Path(shutil.copytree(pristine, tmp_path / "bundle"))
+    edit_manifest(bundle, edit)
+    with pytest.raises(ManifestError) as e:
+        load_model(bundle)
+    assert str(e.value) == f"{bundle / 'manifest.yaml'}: {says}" or str(e.value).startswith(
+        f"{bundle / 'manifest.yaml'}: {says}"), str(e.value)
