@@ -27,7 +27,7 @@ from runtime.generate import (
     GenerationResponse,
     stream_generate,
 )
-from runtime.inputs import check_text, decode_text
+from runtime.inputs import BadType, BadValue, check_text, decode_text
 from runtime.sampling import SamplingParams
 
 
@@ -135,7 +135,7 @@ def _stream_to_stdout(responses) -> GenerationResponse | None:
             if last.text:
                 sys.stdout.write(last.text)
                 sys.stdout.flush()
-    except (CaptureError, ValueError, TypeError) as e:  # a token id outside the vocabulary, from the tokenizer
+    except (CaptureError, BadValue, BadType) as e:  # e.g. a token id the tokenizer made outside the vocabulary
         raise UserError(str(e)) from None
     return last
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from runtime.fast import CompiledDecoder
-from runtime.inputs import check_count, check_text, check_token_ids, vocab_size_of
+from runtime.inputs import BadType, check_count, check_text, check_token_ids, vocab_size_of
 from runtime.model import Model
 from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import END_OF_TURN, Tokenizer, chat_turn
@@ -181,7 +181,7 @@ def _sampling(sampling: SamplingParams | None, kwargs: dict) -> SamplingParams:
     if sampling is not None and kwargs:
         raise TypeError("pass either sampling= or sampling keyword arguments, not both")
     if sampling is not None and not isinstance(sampling, SamplingParams):
-        raise TypeError(f"sampling must be a SamplingParams, not {type(sampling).__name__}")
+        raise BadType(f"sampling must be a SamplingParams, not {type(sampling).__name__}")
     return sampling if sampling is not None else SamplingParams(**kwargs)
 
 

@@ -15,7 +15,8 @@ enters, and code past it trusts the value:
   generator takes).
 
 API errors are TypeError (wrong type) or ValueError (out of range), one line saying what is
-wrong; the CLI prints the same line and exits 2.
+wrong: BadType and BadValue, so the CLI can print exactly these as one line and exit 2 while any
+other error stays visible as the bug it is.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ import numbers
 import operator
 
 import mlx.core as mx
+
+class BadValue(ValueError):
+    """A value refused at a door: out of range (a ValueError, so callers need not know this type)."""
+
+
+class BadType(TypeError):
+    """A value refused at a door: of the wrong type."""
+
 
 # mx.random.key takes a seed in [0, 2^64).
 SEED_MAX = 2**64 - 1
@@ -53,18 +62,18 @@ def vocab_size_of(model) -> int | None:
 
 def _index(value, position: int) -> int:
     if isinstance(value, bool):
-        raise TypeError(f"token ids must be integers; position {position} holds a bool ({value!r})")
+        raise BadType(f"token ids must be integers; position {position} holds a bool ({value!r})")
     try:
         return operator.index(value)  # int and numpy integers; refuses floats, strings, None
     except TypeError:
-        raise TypeError(f"token ids must be integers; position {position} holds {type(value).__name__} "
+        raise BadType(f"token ids must be integers; position {position} holds {type(value).__name__} "
                         f"{_shown(value)}") from None
 
 
-def _out_of_range(value: int, position: int, vocab_size: int | None) -> ValueError:
+def _out_of_range(value: int, position: int, vocab_size: int | None) -> BadValue:
     if vocab_size is None:
-        return ValueError(f"token id {value} at position {position} is negative")
-    return ValueError(f"token id {value} at position {position} is outside the model's vocabulary "
+        return BadValue(f"token id {value} at position {position} is negative")
+    return BadValue(f"token id {value} at position {position} is outside the model's vocabulary "
                       f"[0, {vocab_size})")
 
 
@@ -73,13 +82,13 @@ def check_token_ids(ids, vocab_size: int | None):
     an integer mx.array of one or two dimensions), a list of ints for any other iterable;
     TypeError/ValueError naming the first bad one otherwise. `vocab_size` None checks >= 0 only."""
     if isinstance(ids, (str, bytes, bytearray)):
-        raise TypeError(f"token ids must be a sequence of integers, not {type(ids).__name__}")
+        raise BadType(f"token ids must be a sequence of integers, not {type(ids).__name__}")
     high = math.inf if vocab_size is None else vocab_size
     if isinstance(ids, mx.array):
         if not mx.issubdtype(ids.dtype, mx.integer):
-            raise TypeError(f"token ids must be integers, not an array of {ids.dtype}")
+            raise BadType(f"token ids must be integers, not an array of {ids.dtype}")
         if ids.ndim not in (1, 2):
-            raise ValueError(f"token ids must be an array [n] or [batch, n], not one of shape {ids.shape}")
+            raise BadValue(f"token ids must be an array [n] or [batch, n], not one of shape {ids.shape}")
         if ids.size:
             flat = ids.reshape(-1)
             low_at, high_at = int(mx.argmin(flat).item()), int(mx.argmax(flat).item())
@@ -91,7 +100,7 @@ def check_token_ids(ids, vocab_size: int | None):
     try:
         values = list(ids)
     except TypeError:
-        raise TypeError(f"token ids must be a sequence of integers, not {type(ids).__name__}") from None
+        raise BadType(f"token ids must be a sequence of integers, not {type(ids).__name__}") from None
     checked = [_index(v, i) for i, v in enumerate(values)]
     for i, v in enumerate(checked):
         if not 0 <= v < high:
@@ -102,14 +111,14 @@ def check_token_ids(ids, vocab_size: int | None):
 def check_text(text, what: str = "prompt") -> str:
     """`text` if it is a str that can be encoded as UTF-8 (what a tokenizer reads)."""
     if not isinstance(text, str):
-        raise TypeError(f"{what} must be a str, not {type(text).__name__}")
+        raise BadType(f"{what} must be a str, not {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         bad = text[e.start:e.end]
         raw = bad.encode("utf-8", "surrogateescape").hex() if all("\udc80" <= c <= "\udcff" for c in bad) else None
         why = f"byte 0x{raw}" if raw else f"lone surrogate {bad.encode('unicode_escape').decode()}"
-        raise ValueError(f"{what} is not valid UTF-8 ({why} at character {e.start})") from None
+        raise BadValue(f"{what} is not valid UTF-8 ({why} at character {e.start})") from None
     return text
 
 
@@ -118,24 +127,24 @@ def decode_text(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        raise BadValue(f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
 def check_count(value, name: str, low: int) -> int:
     """An integer >= `low` (not a bool, not a float)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, not {type(value).__name__} {_shown(value)}")
+        raise BadType(f"{name} must be an integer, not {type(value).__name__} {_shown(value)}")
     if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+        raise BadValue(f"{name} must be >= {low}, got {value}")
     return int(value)
 
 
 def _real(params, name: str) -> float:
     value = getattr(params, name)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__} {_shown(value)}")
+        raise BadType(f"{name} must be a number, not {type(value).__name__} {_shown(value)}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
+        raise BadValue(f"{name} must be a finite number, got {value}")
     return value
 
 
@@ -144,16 +153,16 @@ def check_sampling(params) -> None:
     temperature, top_p, min_p = _real(params, "temperature"), _real(params, "top_p"), _real(params, "min_p")
     penalty = _real(params, "repetition_penalty")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise BadValue(f"temperature must be >= 0, got {temperature}")
     check_count(params.top_k, "top_k", 0)
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise BadValue(f"top_p must be in (0, 1], got {top_p}")
     if not 0.0 <= min_p <= 1.0:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        raise BadValue(f"min_p must be in [0, 1], got {min_p}")
     if penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+        raise BadValue(f"repetition_penalty must be > 0, got {penalty}")
     check_count(params.repetition_context_size, "repetition_context_size", 1)
     if params.seed is not None:
         seed = check_count(params.seed, "seed", 0)
         if seed > SEED_MAX:
-            raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+            raise BadValue(f"seed must be in [0, 2^64), got {seed}")
