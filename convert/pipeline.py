@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -143,13 +144,37 @@ def os_errors(where):
         raise ConvertError(os_message(e, where)) from None
 
 
+def _open_lock(lock: Path) -> int:
+    """The lock file, created or one a run of this tool left: never through a symlink, never a
+    file of someone else's (it is truncated and removed), refused in one line otherwise."""
+    in_the_way = ConvertError(f"{lock}: in the way of this conversion's lock, and not a lock this tool left "
+                              "(one holds a process id and nothing else); remove it or choose another OUT")
+    try:
+        if not stat.S_ISREG(os.lstat(lock).st_mode):  # a symlink, a FIFO, a device: never opened
+            raise in_the_way
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # became a symlink since the lstat
+            raise in_the_way from None
+        raise
+    st = os.fstat(fd)
+    held = os.pread(fd, 32, 0).strip() if stat.S_ISREG(st.st_mode) else b""
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 20 or (held and not held.isdigit()):
+        os.close(fd)
+        raise in_the_way
+    return fd
+
+
 @contextmanager
 def destination_lock(out: Path):
     """Hold `.OUT.lock` beside OUT for the rest of a run; refuse at once if another run holds it."""
     lock = out.parent / f".{out.name}.lock"
     with os_errors(lock):
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock(lock)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

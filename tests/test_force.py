@@ -179,3 +179,25 @@ def test_cleanup_removes_only_what_dead_runs_provably_left(pristine, tmp_path):
     assert (lookalike / "thesis.tex").read_text() == "mine"
     assert (fake_old / "manifest.yaml").read_text() == "old bundle"
     assert (wrong_pid / "sub").is_dir()
+
+
+@pytest.mark.parametrize("kind", ["a symlink to a user's file", "a user's file"])
+def test_a_file_named_like_the_lock_is_never_truncated(source, tmp_path, kind):
+    """The lock `.OUT.lock` is truncated and removed by each run: only a file a run left (a
+    process id) is taken over, never through a symlink."""
+    precious = tmp_path / "thesis.txt"
+    precious.write_text("years of work\n")
+    lock = tmp_path / ".out.lock"
+    if kind == "a user's file":
+        lock.write_text("my notes about the lock\n")
+    else:
+        lock.symlink_to(precious)
+    before = tree(tmp_path)
+    refused(convert_cli(source, tmp_path / "out", cwd=tmp_path),
+            f"Error: {lock}: in the way of this conversion's lock, and not a lock this tool left (one holds a "
+            "process id and nothing else); remove it or choose another OUT")
+    assert tree(tmp_path) == before and precious.read_text() == "years of work\n"
+    lock.unlink()
+    lock.write_text("12345")  # what a killed run leaves: taken over
+    assert convert_cli(source, tmp_path / "out", cwd=tmp_path).returncode == 0
+    assert not lock.exists()
