@@ -219,21 +219,38 @@ def test_check_finite_covers_every_write_path(tmp_path, key, target, extra):
     assert CliRunner().invoke(command, ["--target", target, *extra, "-q", str(src), str(out)]).exit_code == 0
 
 
-def test_check_finite_covers_mlx_quantized_pass_through(tmp_path):
-    """An MLX-quantized source is copied byte for byte: a NaN in its float scales is counted."""
+MLX_QUANTIZED = "model.language_model.layers.2.mlp.up_proj"
+
+
+def mlx_quantized_source(path: Path, quantization: dict, nan_in_scales: bool = False) -> Path:
+    """A tiny mlx-lm checkpoint with one 4-bit, group-32 module (MLX_QUANTIZED)."""
     from tests.checkpoints import checkpoint_tensors, full_config, tiny_text_config, write_tensors
 
     tc = tiny_text_config()
     tensors = checkpoint_tensors(tc, "mlx-lm", dtype=mx.bfloat16)
-    module = "model.language_model.layers.2.mlp.up_proj"
-    w, scales, biases = mx.quantize(tensors[module + ".weight"], group_size=32, bits=4)
-    scales[1, 1] = float("nan")
-    tensors.update({module + ".weight": w, module + ".scales": scales, module + ".biases": biases})
-    src = tmp_path / "src"
-    src.mkdir()
-    config = dict(full_config(tc, "mlx-lm"), quantization={"group_size": 32, "bits": 4, "mode": "affine"})
-    (src / "config.json").write_text(json.dumps(config))
-    write_tensors(src, tensors)
+    w, scales, biases = mx.quantize(tensors[MLX_QUANTIZED + ".weight"], group_size=32, bits=4)
+    if nan_in_scales:
+        scales[1, 1] = float("nan")
+    tensors.update({MLX_QUANTIZED + ".weight": w, MLX_QUANTIZED + ".scales": scales,
+                    MLX_QUANTIZED + ".biases": biases})
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(dict(full_config(tc, "mlx-lm"), quantization=quantization)))
+    write_tensors(path, tensors)
+    return path
+
+
+def test_a_quantization_block_mlx_cannot_compute_with_is_refused(tmp_path):
+    """The same rule as a manifest record's (manifests/config.py check_quantization)."""
+    src = mlx_quantized_source(tmp_path / "src", {"group_size": 32, "bits": 4, "mode": "fp3"})
+    result = CliRunner().invoke(command, ["--target", "generic", str(src), str(tmp_path / "out")])
+    refused(result, [f"{src}/model.safetensors", f"tensor '{MLX_QUANTIZED}.weight'",
+                     "config.json's quantization: mode 'fp3' is not one MLX quantizes with"], tmp_path / "out")
+
+
+def test_check_finite_covers_mlx_quantized_pass_through(tmp_path):
+    """An MLX-quantized source is copied byte for byte: a NaN in its float scales is counted."""
+    module = MLX_QUANTIZED
+    src = mlx_quantized_source(tmp_path / "src", {"group_size": 32, "bits": 4, "mode": "affine"}, nan_in_scales=True)
     out = tmp_path / "out"
     result = CliRunner().invoke(command, ["--target", "generic", "--check-finite", str(src), str(out)])
     refused(result, [f"{src}/model.safetensors", f"tensor '{module}.scales'", "1 NaN and 0 infinite values"], out)
