@@ -41,8 +41,7 @@ from hypothesis import strategies as st
 
 from manifests import manifest_digest_line
 from manifests.config import DEFAULTS, REQUIRED
-from tests.checkpoints import make_checkpoint, write_tokenizer
-from tests.runtime_helpers import convert
+from tests.runtime_helpers import convert, text_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
@@ -209,8 +208,7 @@ def worker():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("config-fuzz")
-    src = make_checkpoint(root / "src", "hf", extra_files=False)
-    write_tokenizer(src)
+    src = text_checkpoint(root / "src")
     # the manifest's records are quantized ones, whose bits, group size and mode the runtime reads too
     return {"src": src, "bundle": convert(src, root / "bundle", "generic", "--quantize", "4", "--group-size", "32")}
 

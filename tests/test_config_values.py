@@ -24,8 +24,8 @@ from convert.cli import command
 from manifests import ManifestError, manifest_digest_line
 from manifests.config import DEFAULTS, MAX_DIM, MAX_LAYERS, MAX_WINDOW, REQUIRED, checked_text_config
 from runtime.model import TextConfig
-from tests.checkpoints import make_checkpoint, tiny_text_config, write_tokenizer
-from tests.runtime_helpers import convert
+from tests.checkpoints import make_checkpoint, tiny_text_config
+from tests.runtime_helpers import convert, text_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,9 +134,7 @@ def test_bad_config_values_through_convert(tmp_path):
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("config-values")
-    src = make_checkpoint(root / "src", "hf", extra_files=False)
-    write_tokenizer(src)
-    return convert(src, root / "bundle", "generic")
+    return convert(text_checkpoint(root / "src"), root / "bundle", "generic")
 
 
 def edit_manifest(bundle: Path, edit) -> None:

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from manifests.files import FileRefused, read_limited
-from tests.checkpoints import make_checkpoint, write_tokenizer
-from tests.runtime_helpers import convert, load_quietly
+from tests.runtime_helpers import convert, load_quietly, text_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,9 +54,7 @@ def replace_with(path: Path, kind: str) -> str:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    src = make_checkpoint(tmp_path_factory.mktemp("doors") / "src", "hf")
-    write_tokenizer(src)
-    return src
+    return text_checkpoint(tmp_path_factory.mktemp("doors") / "src")
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ from convert.cli import command as convert_command
 from runtime.generate import ChatSession, generate_step, stream_generate
 from runtime.sampling import SamplingParams
 from runtime.verify import verify_bundle
-from tests.checkpoints import make_checkpoint, tiny_text_config, write_tokenizer
-from tests.runtime_helpers import convert, load_quietly
+from tests.checkpoints import make_checkpoint, tiny_text_config
+from tests.runtime_helpers import convert, load_quietly, text_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = tiny_text_config()["vocab_size"]  # 320
@@ -43,9 +43,7 @@ def _no_saved_profiles(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    src = make_checkpoint(tmp_path_factory.mktemp("inputs") / "src", "hf")
-    write_tokenizer(src)
-    return src
+    return text_checkpoint(tmp_path_factory.mktemp("inputs") / "src")
 
 
 @pytest.fixture(scope="module")
