@@ -84,7 +84,11 @@ def quant_spec(bits: int | None, group_size: int | None = None, mode: str | None
             given = "--group-size" if group_size is not None else "--quant-mode"
             raise ConvertError(f"{given} applies only with --quantize 4 or --quantize 8")
         return None
-    bits, group_size, mode = int(bits), int(group_size or DEFAULT_GROUP_SIZE), mode or "affine"
+    try:
+        bits, group_size, mode = int(bits), int(group_size or DEFAULT_GROUP_SIZE), mode or "affine"
+    except (TypeError, ValueError):
+        raise ConvertError(f"--quantize {bits!r} --group-size {group_size!r}: use integers, --quantize one of "
+                           f"{', '.join(map(str, BITS))}") from None
     if bits not in BITS:
         raise ConvertError(f"--quantize {bits}: use one of {', '.join(map(str, BITS))}")
     if group_size not in GROUP_SIZES:

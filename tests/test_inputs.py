@@ -262,3 +262,18 @@ def test_verify_reports_a_tokenizer_with_ids_past_the_vocabulary(bundle, tmp_pat
             "model's vocabulary [0, 320): the model has no embedding for it") in problems, problems
     r = run_runtime("verify", str(b))
     assert r.returncode == 1 and b"outside the model's vocabulary" in r.stderr
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(quantize="four"), "--quantize 'four' --group-size None: use integers"),
+    (dict(dtype=5), "--dtype 5: use one of keep, bfloat16, float16, float32"),
+    (dict(max_shard_size=-5), "--max-shard-size -5: must be positive"),
+])
+def test_the_converter_api_refuses_bad_values_with_a_value_error(source, tmp_path, kwargs, says):
+    """convert_checkpoint's ConvertError is a ValueError too, so API callers catch it as one."""
+    from convert import convert_checkpoint
+
+    with pytest.raises(ValueError) as e:
+        convert_checkpoint(source, tmp_path / "out", target="generic", **kwargs)
+    assert str(e.value).endswith(says) or says in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()
