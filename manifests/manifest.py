@@ -17,11 +17,11 @@ from manifests.format import (
     MANIFEST_DIGEST_NAME,
     MANIFEST_LIMIT,
     MANIFEST_NAME,
-    PRETRANSPOSED,
     ManifestError,
 )
 from manifests.config import check_quantization, checked_text_config
 from manifests.files import FileRefused, read_limited
+from manifests.records import Storage
 from manifests.schema import SchemaError, validate
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -50,12 +50,12 @@ def validate_manifest(manifest: object, where: str = MANIFEST_NAME) -> dict:
         validate(manifest, manifest_schema())
     except SchemaError as e:  # folded: a key or value may hold a newline, the message stays one line
         raise ManifestError(f"{where}: {' '.join(str(e).split())}") from None
-    check_fused(manifest["projections"], where)
-    checked_text_config(manifest["model"]["text_config"], f"{where}: model.text_config")
-    for section in ("projections", "embeddings"):
+    for section in ("projections", "embeddings"):  # before anything computes with bits or group size
         for name, record in manifest[section].items():
             if record.get("quantized") is not None:
                 check_quantization(record["quantized"], f"{where}: {section}.{name}.quantized")
+    check_fused(manifest["projections"], where)
+    checked_text_config(manifest["model"]["text_config"], f"{where}: model.text_config")
     return manifest
 
 
@@ -101,7 +101,7 @@ def check_fused(projections: dict, where: str = MANIFEST_NAME) -> None:
         shape = list(record["shape"])
         if len(shape) != 2:
             raise ManifestError(f"{at}: fused weight shape {shape} is not a matrix")
-        rows = shape[1] if record["layout"] == PRETRANSPOSED else shape[0]
+        rows = Storage.of(record, at).dims(shape)[0]
         total = sum(m["out"] for m in members)
         if total != rows:
             raise ManifestError(f"{at}: member outs {[m['out'] for m in members]} sum to {total}, but the "
@@ -175,10 +175,3 @@ def load_manifest(path: str | os.PathLike) -> dict:
 
 def read_manifest(bundle: str | os.PathLike) -> dict:
     return load_manifest(Path(bundle) / MANIFEST_NAME)
-
-
-def tensor_records(manifest: dict) -> list[tuple[str, str, dict]]:
-    """(where, module, record) for every projection and embedding record: what load and verify
-    both check against the stored tensors. `where` names the record for one-line messages."""
-    return [(f"{MANIFEST_NAME}: {section}.{module}", module, record)
-            for section in ("projections", "embeddings") for module, record in manifest[section].items()]

@@ -14,7 +14,7 @@ from pathlib import Path
 import tokenizers
 
 from manifests.files import CONFIG_LIMIT, TOKENIZER_LIMIT
-from runtime.bundle_files import read_bundle_file
+from runtime.bundle import read_bundle_file
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
