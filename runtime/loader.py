@@ -10,6 +10,7 @@ tests/test_loader.py holds the check.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from pathlib import Path
 

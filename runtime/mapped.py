@@ -31,6 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from manifests.files import open_regular_file
 from manifests.records import MAPPED_EMBEDDINGS, Quantization, Storage
 from manifests.safetensors_header import Entry
 
@@ -67,7 +68,7 @@ class MappedTable:
         storage = Storage.of(record, where)
         self.quantized: Quantization | None = storage.quantized
         self.num, self.dims = storage.dims(record["shape"])
-        with open(self.file, "rb") as f:
+        with open_regular_file(self.file) as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the descriptor
         if hasattr(self._map, "madvise"):  # rows are read in no order: read-ahead would read what is not used
             self._map.madvise(mmap.MADV_RANDOM)

@@ -245,7 +245,6 @@ def manifest_text(tmp_path_factory) -> str:
         doc[section] = {k: doc[section][k] for k in names}
     doc["dropped"] = doc["dropped"][:2]
     doc["source"]["files"] = dict(list(doc["source"]["files"].items())[:2])
-    doc["model"]["text_config"] = {k: doc["model"]["text_config"][k] for k in ("hidden_size", "layer_types")}
     return dump_manifest(_still_valid(doc))
 
 
@@ -262,7 +261,7 @@ def _check_manifest(data: bytes):
         assert isinstance(result, ManifestError), repr(result)
         assert "\n" not in str(result), str(result)
     else:
-        assert isinstance(result, dict) and result["format_version"] == 1
+        assert isinstance(result, dict) and result["format_version"] in (1, 2)  # 2: a mutated "1" still reads
     # YAML builds many small objects; still bounded by the text, not by anything it claims
     assert peak <= 256 * 1024 + 200 * len(data), (peak, len(data))
     return result
