@@ -2,6 +2,8 @@
 
     # two (or more) bundles of one source, differing in `convert --ple`: each in fresh children, alternating
     python3 benchmarks/bench_ple.py decode RESIDENT MAPPED [--rounds 3] [--prompt 64] [--tokens 64] [--json F]
+    # the resident twin of a mapped bundle: the same files (hard links), the table loaded as a shard
+    python3 benchmarks/bench_ple.py twin MAPPED OUT
     # the token embedding gathered as rows of [vocab, hidden] vs columns of the head's [hidden, vocab]
     python3 benchmarks/bench_ple.py head [--size e2b] [--dtype float32 --dtype bfloat16]
 
@@ -21,6 +23,12 @@ device time, not a cost) apart from the gather proper (numpy rows -> one MLX arr
 The table's bytes are in accelerator memory only when resident; the goals (E2B 4-bit at most
 1.6 GB, E4B 4-bit at most 3.0 GB peak; mapped decode at least 0.9x resident) are checked at the
 end, with the peak split into weights and working set where a goal is missed.
+
+`twin`: one conversion (`--ple mapped`) serves both placements, byte for byte: the twin hard-links
+every file of the mapped bundle (no disk used) and lists the table's file in its index as one more
+shard, its record under `embeddings`, so the runtime loads the table into accelerator memory like
+any weight, exactly as a `--ple resident` bundle (whose table shares a shard with other tensors)
+does. `verify` passes on it.
 
 `head`: `m5` bundles read the token embedding from the pretransposed LM head (`lm_head.weight_t`,
 [hidden, vocab]) instead of storing the table twice; this times that column gather against the
@@ -280,6 +288,44 @@ def bench_decode(a) -> None:
         Path(a.json).write_text(json.dumps({"facts": machine_facts(), "results": results}, indent=2))
 
 
+def make_twin(mapped: Path, out: Path) -> None:
+    """The resident twin of a mapped bundle (see the module docstring)."""
+    import hashlib
+    import shutil
+
+    from manifests import read_manifest, write_manifest
+    from manifests.format import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME
+    from manifests.manifest import needed_version
+    from manifests.safetensors_header import read_header_file
+
+    manifest = read_manifest(mapped)
+    tables = manifest.pop("mapped_embeddings", None) or {}
+    if not tables:
+        raise SystemExit(f"{mapped}: no mapped table (convert it with --ple mapped)")
+    out.mkdir(parents=True)
+    for f in mapped.iterdir():
+        if f.name not in (MANIFEST_NAME, MANIFEST_DIGEST_NAME, INDEX_NAME):
+            try:
+                os.link(f, out / f.name)
+            except OSError:
+                shutil.copy2(f, out / f.name)
+    index = {"metadata": {}, "weight_map": {}}
+    if (mapped / INDEX_NAME).exists():
+        index = json.loads((mapped / INDEX_NAME).read_text())
+    else:  # one shard: the index the twin now needs lists it too
+        index["weight_map"] = {e.name: "model.safetensors" for e in read_header_file(mapped / "model.safetensors")[0]}
+    for path, record in tables.items():
+        file = record.pop("file")
+        manifest["embeddings"][path] = record
+        index["weight_map"].update({e.name: file for e in read_header_file(mapped / file)[0]})
+    text = (json.dumps(index, indent=2) + "\n").encode()
+    (out / INDEX_NAME).write_bytes(text)
+    manifest["files"][INDEX_NAME] = {"sha256": hashlib.sha256(text).hexdigest(), "bytes": len(text)}
+    manifest["files"] = dict(sorted(manifest["files"].items()))
+    manifest["format_version"] = needed_version(manifest)
+    write_manifest(manifest, out)
+
+
 def bench_head(a) -> None:
     res, _ = child(["head", "--size", a.size, *sum((["--dtype", d] for d in a.dtype), []),
                     *sum((["--count", str(n)] for n in a.count), []), "--repeats", str(a.repeats)])
@@ -305,6 +351,9 @@ def main(argv=None) -> int:
     pd.add_argument("--rounds", type=int, default=2)
     pd.add_argument("--seed", type=int, default=0)
     pd.add_argument("--json", default=None)
+    pt = sub.add_parser("twin", help="the resident twin of a mapped bundle (hard links)")
+    pt.add_argument("mapped")
+    pt.add_argument("out")
     ph = sub.add_parser("head", help="row gather vs the m5 head's column gather")
     ph.add_argument("--size", default="e2b", choices=["e2b", "e4b"])
     ph.add_argument("--dtype", action="append", default=None, choices=["float32", "bfloat16", "float16"])
@@ -330,6 +379,9 @@ def main(argv=None) -> int:
         else:
             out = worker_head(a.size, a.dtype or ["float32", "bfloat16"], a.count or [1, 64, 512], a.repeats)
         print(json.dumps(out))
+        return 0
+    if a.cmd == "twin":
+        make_twin(Path(a.mapped), Path(a.out))
         return 0
     if a.cmd == "head":
         a.dtype, a.count = a.dtype or ["float32", "bfloat16"], a.count or [1, 64, 512]
