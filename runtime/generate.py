@@ -5,6 +5,14 @@ The decode loop overlaps graph building with evaluation: while step n is being e
 only then waits for step n's token to hand it out. The price is one step computed past a stop
 token, which is fed to the cache (what a chat turn wants anyway: <end_of_turn> stays in context).
 
+With the per-layer embedding table placed `mapped` (runtime/mapped.py), step n + 1 needs the
+row of step n's token, gathered on the host, so it cannot be built before that token exists:
+building it waits for step n (inside the gather), gathers (a few microseconds), then builds and
+dispatches it, and only then hands token n out, so the caller's work on it (detokenizing,
+streaming) still overlaps step n + 1. Everything else stays lazy; every layer's input depends on
+the gathered row, so no part of a step could run ahead of the gather. What this costs is the
+host's build of a step no longer hiding behind the device (`benchmarks/bench_ple.py` measures it).
+
 Works with any model shaped like mlx-lm's: `model(ids[batch, len], cache=...) -> logits
 [batch, len, vocab]` and `model.make_cache()`.
 """
