@@ -9,9 +9,11 @@ With the per-layer embedding table placed `mapped` (runtime/mapped.py), step n +
 row of step n's token, gathered on the host, so it cannot be built before that token exists:
 building it waits for step n (inside the gather), gathers (a few microseconds), then builds and
 dispatches it, and only then hands token n out, so the caller's work on it (detokenizing,
-streaming) still overlaps step n + 1. Everything else stays lazy; every layer's input depends on
-the gathered row, so no part of a step could run ahead of the gather. What this costs is the
-host's build of a step no longer hiding behind the device (`benchmarks/bench_ple.py` measures it).
+streaming) still overlaps step n + 1. Everything else stays lazy. The row is first used at the end
+of the first layer and every later layer depends on it, so at most the embedding and the first
+layer (about 1/30 of a step) could run ahead of the gather; what mapped decoding costs is the
+host's build and dispatch of a step no longer hiding behind the device
+(`benchmarks/bench_ple.py` measures both).
 
 Works with any model shaped like mlx-lm's: `model(ids[batch, len], cache=...) -> logits
 [batch, len, vocab]` and `model.make_cache()`.
