@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from common import dir_bytes, machine_facts, median, print_facts, run_child, table  # noqa: E402
+from common import dir_bytes, json_child, machine_facts, median, print_facts, table  # noqa: E402
 
 GOALS_GB = {("E2B", True): 1.6, ("E4B", True): 3.0}  # peak accelerator memory of 4-bit bundles, mapped
 DECODE_GOAL = 0.9  # mapped decode at least this fraction of resident
@@ -229,11 +229,7 @@ def drop_from_page_cache(path: Path) -> None:
 
 
 def child(args: list[str]) -> tuple[dict, object]:
-    run = run_child([sys.executable, str(Path(__file__).resolve()), "worker", *args], sync=False,
-                    capture_stdout=True)
-    if run.returncode != 0:
-        raise SystemExit(f"worker {' '.join(args)} failed ({run.returncode}):\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1]), run
+    return json_child(__file__, args)
 
 
 def goal_lines(results: dict, labels: list[str]) -> list[str]:
@@ -382,39 +378,38 @@ def bench_head(a) -> None:
         Path(a.json).write_text(json.dumps({"facts": machine_facts(), **res}, indent=2))
 
 
+def decode_options(parser) -> None:
+    """What a decode run takes, in the parent and in its children alike."""
+    for name, default in (("prompt", 64), ("tokens", 64), ("reps", 2), ("warmup", 1), ("seed", 0)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+
+
+def head_options(parser) -> None:
+    parser.add_argument("--size", default="e2b", choices=["e2b", "e4b"])
+    parser.add_argument("--dtype", action="append", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--count", action="append", type=int, default=None, help="tokens gathered at once (repeatable)")
+    parser.add_argument("--repeats", type=int, default=15)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pd = sub.add_parser("decode", help="bundles differing in placement: memory, TTFT, decode tok/s")
     pd.add_argument("bundles", nargs="+")
-    pd.add_argument("--prompt", type=int, default=64)
-    pd.add_argument("--tokens", type=int, default=64)
-    pd.add_argument("--reps", type=int, default=2)
-    pd.add_argument("--warmup", type=int, default=1)
+    decode_options(pd)
     pd.add_argument("--rounds", type=int, default=2)
-    pd.add_argument("--seed", type=int, default=0)
     pd.add_argument("--json", default=None)
     pt = sub.add_parser("twin", help="the resident twin of a mapped bundle (hard links)")
     pt.add_argument("mapped")
     pt.add_argument("out")
     ph = sub.add_parser("head", help="row gather vs the m5 head's column gather")
-    ph.add_argument("--size", default="e2b", choices=["e2b", "e4b"])
-    ph.add_argument("--dtype", action="append", default=None, choices=["float32", "bfloat16", "float16"])
-    ph.add_argument("--count", action="append", type=int, default=None, help="tokens gathered at once (repeatable)")
-    ph.add_argument("--repeats", type=int, default=15)
+    head_options(ph)
     ph.add_argument("--json", default=None)
     pw = sub.add_parser("worker", help=argparse.SUPPRESS)
     pw.add_argument("what", choices=["decode", "head"])
     pw.add_argument("path", nargs="?")
-    pw.add_argument("--prompt", type=int, default=64)
-    pw.add_argument("--tokens", type=int, default=64)
-    pw.add_argument("--reps", type=int, default=2)
-    pw.add_argument("--warmup", type=int, default=1)
-    pw.add_argument("--seed", type=int, default=0)
-    pw.add_argument("--size", default="e2b")
-    pw.add_argument("--dtype", action="append", default=None)
-    pw.add_argument("--count", action="append", type=int, default=None)
-    pw.add_argument("--repeats", type=int, default=15)
+    decode_options(pw)
+    head_options(pw)
     a = p.parse_args(argv)
     if a.cmd == "worker":
         if a.what == "decode":

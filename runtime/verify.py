@@ -106,19 +106,10 @@ def stored_tensors(path: Path, manifest: dict) -> tuple[dict[str, tuple[str, dic
                 problems.append(f"{f}: named in {INDEX_NAME} but missing")
             unreadable.add(name)  # a missing listed file was reported by check_files
             continue
-        try:
-            header = read_header(f)
-        except (OSError, ValueError) as e:
-            problems.append(f"{f}: malformed safetensors header ({e})")
-            unreadable.add(name)
+        header = _add_header(f, name, tensors, problems, unreadable)
+        if header is None:
             continue
-        misplaced = []
-        for key, info in header.items():
-            if key in tensors:
-                problems.append(f"{f}: tensor {key} is also in {tensors[key][0]}")
-            elif index is not None and index.get(key) != name:
-                misplaced.append(key)
-            tensors.setdefault(key, (name, info))
+        misplaced = [key for key in header if index is not None and index.get(key) != name and tensors[key][0] == name]
         if misplaced:  # one line per shard: a swapped or renamed shard misplaces all of its tensors
             more = f" (and {len(misplaced) - 1} more of its tensors)" if len(misplaced) > 1 else ""
             problems.append(f"{f}: tensor {misplaced[0]} is not where {INDEX_NAME} says "
@@ -134,17 +125,24 @@ def stored_tensors(path: Path, manifest: dict) -> tuple[dict[str, tuple[str, dic
                 problems.append(f"{path / INDEX_NAME}: maps tensors to {name}, the file of a mapped table")
             unreadable.add(name)
             continue
-        try:
-            header = read_header(f)
-        except (OSError, ValueError) as e:
-            problems.append(f"{f}: malformed safetensors header ({e})")
-            unreadable.add(name)
-            continue
-        for key, info in header.items():
-            if key in tensors:
-                problems.append(f"{f}: tensor {key} is also in {tensors[key][0]}")
-            tensors.setdefault(key, (name, info))
+        _add_header(f, name, tensors, problems, unreadable)
     return tensors, index, problems, unreadable
+
+
+def _add_header(f: Path, name: str, tensors: dict, problems: list[str], unreadable: set) -> dict | None:
+    """The header of the bundle file `name` (at `f`), its tensors added to `tensors` (one that another
+    file holds already is a problem); None, and `name` unreadable, when it cannot be read."""
+    try:
+        header = read_header(f)
+    except (OSError, ValueError) as e:
+        problems.append(f"{f}: malformed safetensors header ({e})")
+        unreadable.add(name)
+        return None
+    for key, info in header.items():
+        if key in tensors:
+            problems.append(f"{f}: tensor {key} is also in {tensors[key][0]}")
+        tensors.setdefault(key, (name, info))
+    return header
 
 
 def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]], index: dict | None = None,
