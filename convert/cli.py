@@ -51,12 +51,15 @@ def _size(ctx, param, value):
 @click.option("--force", is_flag=True, help="Replace OUT if it is a bundle (only once the new one is complete).")
 @click.option("--check-finite", is_flag=True,
               help="Refuse a tensor holding NaN or infinite values, naming it (checked while streaming).")
+@click.option("--known-answers", is_flag=True,
+              help="Record what the written weights compute on a fixed prompt (a float32 reference), for "
+                   "`runtime verify --numeric`; `convert known-answers BUNDLE` adds them later.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--read-block-size", default=None, callback=_size, hidden=True)
 @click.option("--band-size", default=None, callback=_size, hidden=True)
 def command(source, out, target, target_profile, dtype, quantize, group_size, quant_mode, fuse, revision,
-            max_shard_size, force, check_finite, dry_run, quiet, read_block_size, band_size):
+            max_shard_size, force, check_finite, known_answers, dry_run, quiet, read_block_size, band_size):
     """Convert the Gemma3n checkpoint SOURCE (a directory or a hub repo id like org/name) into a
     bundle at OUT whose projections have the layout TARGET decodes fastest."""
     started = time.perf_counter()
@@ -72,16 +75,17 @@ def command(source, out, target, target_profile, dtype, quantize, group_size, qu
         return
     preflight(p, out, force=force)
     if quiet:
-        execute(p, out, force=force, check_finite=check_finite)
+        execute(p, out, force=force, check_finite=check_finite, known_answers=known_answers)
         return
     if not sys.stderr.isatty():  # a log file gets the summary line, not a frozen bar
-        done = execute(p, out, force=force, check_finite=check_finite)
+        done = execute(p, out, force=force, check_finite=check_finite, known_answers=known_answers)
         click.echo(run_report(p, done, time.perf_counter() - started))
         return
     with click.progressbar(length=p.tensor_bytes_out, label=f"converting to {p.profile.name}", file=sys.stderr,
                            show_eta=True, show_percent=True,
                            item_show_func=lambda _: None) as bar:
-        done = execute(p, out, force=force, on_write=bar.update, check_finite=check_finite)
+        done = execute(p, out, force=force, on_write=bar.update, check_finite=check_finite,
+                       known_answers=known_answers)
     click.echo(run_report(p, done, time.perf_counter() - started))
 
 
@@ -90,6 +94,14 @@ def _terminated(signum, frame):
 
 
 def main(args=None, prog_name: str | None = None):
+    """`convert [OPTIONS] SOURCE OUT`, or `convert known-answers BUNDLE` (convert/known_answers.py;
+    a SOURCE directory named `known-answers` is reached as `./known-answers`)."""
+    args = sys.argv[1:] if args is None else list(args)
+    if args[:1] == ["known-answers"]:
+        from convert.known_answers import command as known_answers_command
+
+        known_answers_command.main(args=args[1:], prog_name=f"{prog_name or 'convert'} known-answers")
+        return
     command.main(args=args, prog_name=prog_name or "convert")
 
 

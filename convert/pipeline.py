@@ -38,6 +38,7 @@ from convert.planning import (
     peak_rss,
 )
 from convert.quantize import quant_spec
+from convert.reference import known_answers as reference_answers
 from convert.safetensors_io import ITEMSIZE, NonFiniteError
 from convert.source import Source, open_source
 from convert.write import write_bundle
@@ -52,6 +53,7 @@ from manifests import (
     target_for_device,
     write_manifest,
 )
+from manifests.known_answers import SECTION
 from manifests.profiles import saved_profile_for_device
 
 
@@ -323,19 +325,21 @@ def preflight(p: Plan, out: str | os.PathLike, *, force: bool = False) -> Path:
 
 
 def execute(p: Plan, out: str | os.PathLike, *, force: bool = False, on_write=None,
-            check_finite: bool = False) -> Path:
+            check_finite: bool = False, known_answers: bool = False) -> Path:
     """Write the planned bundle to OUT atomically; return OUT.
 
     `check_finite`: refuse a tensor holding NaN or infinite values (counted as it is written).
+    `known_answers`: run the float32 reference over the written tensors and record its answers
+    in the manifest (convert/reference.py), before the bundle is renamed into place.
     """
     with os_errors(out):
         out = preflight(p, out, force=force)
         out.parent.mkdir(parents=True, exist_ok=True)
     with destination_lock(out):
-        return _execute_locked(p, out, force, on_write, check_finite)
+        return _execute_locked(p, out, force, on_write, check_finite, known_answers)
 
 
-def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: bool) -> Path:
+def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: bool, known_answers: bool) -> Path:
     with os_errors(out):
         preflight(p, out, force=force)  # again: another run may have finished OUT before we locked
         parent = out.parent
@@ -347,8 +351,11 @@ def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: boo
             files, source_files = write_bundle(p, tmp, on_write=on_write, check_finite=check_finite)
         except NonFiniteError as e:
             raise ConvertError(nonfinite_message(p, e, out)) from None
+        manifest = build_manifest(p, files, source_files)
+        if known_answers:
+            manifest[SECTION] = reference_answers(tmp, manifest)
         try:
-            write_manifest(build_manifest(p, files, source_files), tmp)
+            write_manifest(manifest, tmp)
         except ManifestError as e:  # a bug of ours, not bad input; still one line
             raise ConvertError(f"internal error, manifest does not validate: {e}") from None
         _fsync_dir(tmp)
@@ -381,7 +388,7 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
                        force: bool = False, device_info: dict | None = None, on_write=None,
                        read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES, quantize: int | None = None,
                        group_size: int | None = None, quant_mode: str | None = None,
-                       check_finite: bool = False, fuse: bool | None = None) -> Path:
+                       check_finite: bool = False, fuse: bool | None = None, known_answers: bool = False) -> Path:
     """Convert SOURCE (directory or hub repo id) into a prepared bundle at OUT; return OUT.
 
     Every refusal is a `ConvertError` (a `click.ClickException`, exit code 2) with one line naming
@@ -391,7 +398,7 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
              max_shard_size=max_shard_size, device_info=device_info, read_block=read_block,
              band_bytes=band_bytes, quantize=quantize, group_size=group_size, quant_mode=quant_mode,
              fuse=fuse)
-    return execute(p, out, force=force, on_write=on_write, check_finite=check_finite)
+    return execute(p, out, force=force, on_write=on_write, check_finite=check_finite, known_answers=known_answers)
 
 
 def run_report(p: Plan, out: Path, seconds: float) -> str:
