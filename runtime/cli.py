@@ -235,11 +235,18 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
 
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
-def verify(bundle):
+@click.option("--numeric", is_flag=True, help="then run the bundle's known answers on this device, eager and "
+              "compiled, twice each (exit 1 if they differ; 2 if it has none)")
+def verify(bundle, numeric):
     """Check the bundle's files and tensors against its manifest (hashes, shapes, dtypes)."""
     from runtime.verify import verify_command
 
-    sys.exit(verify_command(bundle))
+    code = verify_command(bundle)
+    if numeric and code == 0:
+        from runtime.numeric import numeric_command
+
+        code = numeric_command(bundle)
+    sys.exit(code)
 
 
 def _add_calibrate():

@@ -403,6 +403,10 @@ def rescale_to(x: mx.array, target_rms: mx.array) -> mx.array:
 class LanguageModel(nn.Module):
     """`model.language_model`: embeddings, per-layer inputs, AltUp planes, layers, final norm."""
 
+    # When set, called with (stage, planes [n, b, t, hidden]) for the planes entering layer 0
+    # (stage -1) and after each layer: `verify --numeric` (runtime/numeric.py) reads them there.
+    layer_hook = None
+
     def __init__(self, c: TextConfig, p: Projections):
         super().__init__()
         self.config = c
@@ -444,6 +448,8 @@ class LanguageModel(nn.Module):
         per_layer = self.per_layer_inputs(ids, embeds)
 
         planes = self.altup_planes(embeds)
+        if self.layer_hook is not None:
+            self.layer_hook(-1, planes)
 
         offset = cache[0].offset if cache is not None else 0
         kv_of_layer: dict[int, tuple] = {}
@@ -451,6 +457,8 @@ class LanguageModel(nn.Module):
             shared = kv_of_layer[self._kv_producers[i]] if i in self._kv_producers else None
             layer_cache = None if cache is None or shared is not None else cache[i]
             planes, kv_of_layer[i] = layer(planes, per_layer[:, :, i, :], offset, layer_cache, shared)
+            if self.layer_hook is not None:
+                self.layer_hook(i, planes)
 
         target = mx.sqrt(mx.mean(planes[0] * planes[0], axis=-1, keepdims=True))
         unembedded = [planes[0]] + [rescale_to(proj(planes[i + 1]), target)
