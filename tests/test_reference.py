@@ -144,7 +144,7 @@ def test_blocks_change_nothing(tmp_path, sources, ids, monkeypatch):
     whole, _ = reference_run(bundle, ids[0])
     monkeypatch.setattr(reference, "BLOCK_BYTES", 4096)
     blocked, _ = reference_run(bundle, ids[0])
-    assert relative_error(blocked, whole) < 1e-6
+    assert relative_error(blocked, whole) < 1e-5  # float32 summation order only
 
 
 def test_only_the_prompts_embedding_rows_are_read(tmp_path, sources, ids, monkeypatch):
