@@ -99,11 +99,13 @@ def add_known_answers(bundle: str | os.PathLike) -> dict:
     """Compute the known answers of BUNDLE (a bundle of ours, intact) and record them in its
     manifest; return the section. Every refusal is a one-line ConvertError."""
     bundle = Path(bundle).absolute()
-    if bundle.is_symlink() or not bundle.is_dir():
+    if not bundle.parent.is_dir():
         raise ConvertError(f"{bundle}: not a bundle directory")
     with destination_lock(bundle):
         with os_errors(bundle):
-            clean_stale(bundle)
+            clean_stale(bundle)  # first: a killed rewrite's bundle is put back
+            if bundle.is_symlink() or not bundle.is_dir():
+                raise ConvertError(f"{bundle}: not a bundle directory")
             try:
                 manifest = read_manifest(bundle)
             except ManifestError as e:

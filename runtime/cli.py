@@ -237,15 +237,18 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--numeric", is_flag=True, help="then run the bundle's known answers on this device, eager and "
               "compiled, twice each (exit 1 if they differ; 2 if it has none)")
-def verify(bundle, numeric):
+@click.option("--runs", type=click.IntRange(2), default=None, help="with --numeric: runs of each path  [default: 2]")
+def verify(bundle, numeric, runs):
     """Check the bundle's files and tensors against its manifest (hashes, shapes, dtypes)."""
     from runtime.verify import verify_command
 
+    if runs is not None and not numeric:
+        raise UserError("--runs applies only with --numeric")
     code = verify_command(bundle)
     if numeric and code == 0:
         from runtime.numeric import numeric_command
 
-        code = numeric_command(bundle)
+        code = numeric_command(bundle, runs or 2)
     sys.exit(code)
 
 

@@ -6,17 +6,18 @@ that is wrong for one shape). The bundle's known answers (manifests/known_answer
 at convert time by an independent float32 reference over the stored weights, can: this runs
 their prompt here and compares.
 
-Four runs: the eager forward (a prefill, as generation does) twice, with each layer's AltUp
-planes captured (`LanguageModel.layer_hook`); then the compiled decode twice (an eager prefill
-up to the first recorded position, then one compiled step per recorded position; only logits,
-so the compiled graph is the one generation runs). Each run is compared with the recorded
-answers within the recorded tolerance, and each second run with its first, bit for bit: the
-same input must give the same output on one device. The report names the first layer that
+Four runs (by default): the eager forward (a prefill, as generation does) twice, with each
+layer's AltUp planes captured (`LanguageModel.layer_hook`); then the compiled decode twice (an
+eager prefill up to the first recorded position, then one compiled step per recorded position;
+only logits, so the compiled graph is the one generation runs). Each first run is compared with
+the recorded answers within the recorded tolerance, and every later run with its first, bit for
+bit: the same input must give the same output on one device. The report names the first layer that
 diverges, by how much and in what.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -30,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from manifests import MANIFEST_NAME, ManifestError
-from manifests.known_answers import SECTION, check_section, checksum, checksum_error
+from manifests.known_answers import SECTION, TOLERANCES, check_section, checksum, checksum_errors
 from runtime.loader import BundleError, TargetMismatchWarning, load_model, read_bundle_manifest
 
 
@@ -81,7 +82,8 @@ class NumericReport:
     def lines(self) -> list[str]:
         t = self.tolerance
         out = [f"numeric check of {self.bundle} on {self.device}, MLX {self.mlx}",
-               f"tolerance ({t['activations']} activations): logits {t['logits']:g}, hidden {t['hidden']:g} of RMS"]
+               f"tolerance ({t['activations']} activations): logits {t['logits']:g}; hidden aggregates "
+               f"{t['hidden']:g} and values {t['values']:g} of RMS"]
         width = max(len(c.name) for c in self.checks)
         out += [f"  {c.name:<{width}}  {'pass' if c.passed else 'FAIL'}  {c.detail}" for c in self.checks]
         memory = f"peak memory {_size(self.peak_memory)} (MLX), {_size(self.peak_rss)} (process)"
@@ -95,6 +97,19 @@ class NumericReport:
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
+
+    def card_lines(self, section: dict) -> list[str]:
+        """The model card's account of a passed check: what was compared, where and when."""
+        t = self.tolerance
+        return [
+            f"`runtime verify --numeric` passed on **{self.device}** with MLX {self.mlx} on {self.date}: the "
+            f"bundle's known answers (an independent float32 reference's top-{len(section['logits'][0]['ids'])} "
+            f"logits at {len(section['positions'])} positions of a {len(section['prompt'])}-token prompt and a "
+            f"checksum of every layer's hidden state, recorded when it was converted) were reproduced by the eager "
+            f"and the compiled decoder, twice each, within tolerance ({t['activations']} activations: logits "
+            f"±{t['logits']:g}) and bit for bit from run to run.",
+            "Check a download on your own device with `runtime verify --numeric FOLDER`.",
+        ]
 
 
 def device_description() -> str:
@@ -111,6 +126,16 @@ def _size(n: int) -> str:
 def _peak_rss() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def tolerance_here(section: dict) -> dict:
+    """The recorded tolerance that applies on this device: a float32 bundle's `tf32` one where
+    float32 matmuls run in TF32 (MLX's default on GPUs, unless MLX_ENABLE_TF32=0)."""
+    tolerance = section["tolerance"]
+    tf32 = tolerance.get("tf32")
+    if tf32 and mx.default_device().type == mx.gpu and os.environ.get("MLX_ENABLE_TF32", "1") != "0":
+        return {"activations": "float32 (TF32 matmuls)", **tf32}
+    return {k: tolerance[k] for k in ("activations", *TOLERANCES)}
 
 
 def known_answers_of(path: Path, manifest: dict) -> dict:
@@ -185,18 +210,20 @@ def compare_logits(run: Run, section: dict, tolerance: float) -> tuple[bool, str
     return True, summary
 
 
-def compare_stages(run: Run, section: dict, tolerance: float) -> tuple[bool, str]:
-    """The first stage whose checksum is off by more than `tolerance` of its RMS, or the worst one."""
+def compare_stages(run: Run, section: dict, tolerance: dict) -> tuple[bool, str]:
+    """The first stage whose checksum is off by more than the tolerance (aggregates: `hidden`,
+    single values: `values`, both of the reference's RMS), or the worst one of each kind."""
     recorded = {-1: section["hidden"]["input"], **dict(enumerate(section["hidden"]["layers"]))}
-    worst = (0.0, "", -1)
+    worst = {kind: (0.0, -1) for kind in ("hidden", "values")}
     for stage in sorted(recorded):
-        error, what = checksum_error(run.stages[stage], recorded[stage], section["coordinates"])
-        if not error <= tolerance:  # NaN fails too
-            return False, (f"{stage_name(stage)} diverges first: {what} off by {error:.2g} of the reference's "
-                           f"RMS (tolerance {tolerance:g})")
-        if error > worst[0]:
-            worst = (error, what, stage)
-    return True, f"{len(recorded)} stages within tolerance (worst {stage_name(worst[2])}: {worst[0]:.2g} of RMS)"
+        for kind, (error, what) in checksum_errors(run.stages[stage], recorded[stage], section["coordinates"]).items():
+            if not error <= tolerance[kind]:  # NaN fails too
+                return False, (f"{stage_name(stage)} diverges first: {what} off by {error:.2g} of the reference's "
+                               f"RMS (tolerance {tolerance[kind]:g})")
+            worst[kind] = max(worst[kind], (error, stage))
+    (agg, agg_at), (val, val_at) = worst["hidden"], worst["values"]
+    return True, (f"{len(recorded)} stages within tolerance (worst of RMS: aggregates {agg:.2g} at "
+                  f"{stage_name(agg_at)}, values {val:.2g} at {stage_name(val_at)})")
 
 
 def compare_runs(second: Run, first: Run) -> tuple[bool, str]:
@@ -210,16 +237,19 @@ def compare_runs(second: Run, first: Run) -> tuple[bool, str]:
     return True, f"identical to {first.name}"
 
 
-def verify_numeric(bundle: str | Path) -> NumericReport:
-    """Run BUNDLE's known answers on this device (eager and compiled, twice each) and report.
+def verify_numeric(bundle: str | Path, runs: int = 2) -> NumericReport:
+    """Run BUNDLE's known answers on this device (eager and compiled, `runs` times each: the
+    first against the answers, the others against the first) and report.
 
     A bundle that cannot be checked (not a bundle, no known answers, a malformed section, a load
     that fails) raises a one-line BundleError (NoKnownAnswers when there are none)."""
+    if not isinstance(runs, int) or isinstance(runs, bool) or runs < 2:
+        raise ValueError(f"runs must be an integer of at least 2 (the second checks the first), not {runs!r}")
     path = Path(bundle)
     started = time.perf_counter()
     manifest = read_bundle_manifest(path)
     section = known_answers_of(path, manifest)
-    tolerance = section["tolerance"]
+    tolerance = tolerance_here(section)
     mx.reset_peak_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TargetMismatchWarning)  # the check is of this device, whatever the target
@@ -227,14 +257,16 @@ def verify_numeric(bundle: str | Path) -> NumericReport:
     load_seconds = time.perf_counter() - started
     checks = []
     for kind, run in (("eager", eager_run), ("compiled", compiled_run)):
-        first, second = (run(model, section, f"{kind} run {i}") for i in (1, 2))
+        first = run(model, section, f"{kind} run 1")
         ok, detail = compare_logits(first, section, tolerance["logits"])
         if first.stages:
-            ok_stages, stages = compare_stages(first, section, tolerance["hidden"])
+            ok_stages, stages = compare_stages(first, section, tolerance)
             ok, detail = ok and ok_stages, (stages if not ok_stages else f"{stages}; {detail}")
         checks.append(Check(first.name, ok, f"{detail} [{first.seconds:.2f} s]"))
-        ok, detail = compare_runs(second, first)
-        checks.append(Check(second.name, ok, f"{detail} [{second.seconds:.2f} s]"))
+        for i in range(2, runs + 1):
+            again = run(model, section, f"{kind} run {i}")
+            ok, detail = compare_runs(again, first)
+            checks.append(Check(again.name, ok, f"{detail} [{again.seconds:.2f} s]"))
     return NumericReport(
         bundle=str(path), device=device_description(), mlx=metadata.version("mlx"), tolerance=tolerance,
         checks=checks, seconds=time.perf_counter() - started, load_seconds=load_seconds,
@@ -242,10 +274,21 @@ def verify_numeric(bundle: str | Path) -> NumericReport:
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
 
 
-def numeric_command(bundle) -> int:
+def passed_numeric_check(bundle: str | Path) -> NumericReport:
+    """`verify_numeric`'s report if the check passed; otherwise a one-line BundleError naming the
+    machine and the first failed check (or why the bundle cannot be checked)."""
+    report = verify_numeric(bundle)
+    if not report.passed:
+        failed = report.first_failure
+        raise BundleError(f"the numeric check failed on this machine ({report.device}, MLX {report.mlx}): "
+                          f"{failed.name}: {failed.detail}")
+    return report
+
+
+def numeric_command(bundle, runs: int = 2) -> int:
     """The CLI's `verify --numeric`: the report on stdout; 0 passed, 1 failed, 2 not checkable."""
     try:
-        report = verify_numeric(bundle)
+        report = verify_numeric(bundle, runs)
     except (ManifestError, ValueError, OSError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
@@ -253,4 +296,4 @@ def numeric_command(bundle) -> int:
     return 0 if report.passed else 1
 
 
-__all__ = ["NoKnownAnswers", "NumericReport", "verify_numeric", "numeric_command"]
+__all__ = ["NoKnownAnswers", "NumericReport", "numeric_command", "passed_numeric_check", "verify_numeric"]
