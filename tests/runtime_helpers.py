@@ -7,6 +7,7 @@ with the converter or the runtime.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import mlx.core as mx
 
 from convert.gemma3n import expected_tensors
+from manifests.safetensors_header import read_header_file
 from tests.checkpoints import PREFIXES, make_checkpoint
 
 
@@ -112,6 +114,40 @@ def check_compiled_steps(model, seq: np.ndarray, ref: np.ndarray, prefill: int, 
         step = decoder(mx.array(seq[:, t]))
         assert relative_error(step[:, None, :], ref[:, t : t + 1]) < bound, f"{label}compiled step at position {t}"
     return decoder
+
+
+def edit_manifest(bundle: Path, edit) -> None:
+    """Edit the manifest and re-record its digest, so that only the edited records disagree
+    (an edit without the new digest is caught on its own: tests/test_hardening.py)."""
+    import yaml
+
+    from manifests import manifest_digest_line
+
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    edit(manifest)
+    text = yaml.safe_dump(manifest, sort_keys=False)
+    (bundle / "manifest.yaml").write_text(text)
+    (bundle / "manifest.sha256").write_text(manifest_digest_line(text.encode()))
+
+
+def nudge(bundle: Path, key: str, index: tuple[int, int], delta: float) -> None:
+    """Add `delta` to one float32 element of a stored tensor, then re-record the shard's size and
+    sha256 and the manifest's digest, so that plain `verify` finds nothing."""
+    for shard in bundle.glob("*.safetensors"):
+        entries, _, start = read_header_file(shard)
+        entry = next((e for e in entries if e.name == key), None)
+        if entry is None:
+            continue
+        assert entry.dtype == "F32"
+        data = bytearray(shard.read_bytes())
+        at = start + entry.begin + 4 * (index[0] * entry.shape[1] + index[1])
+        value = np.frombuffer(data[at:at + 4], np.float32)[0]
+        data[at:at + 4] = np.float32(value + delta).tobytes()
+        shard.write_bytes(bytes(data))
+        record = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        edit_manifest(bundle, lambda m: m["files"].__setitem__(shard.name, record))
+        return
+    raise KeyError(key)
 
 
 def make_sources(root: Path, seed: int = 0) -> dict[str, Path]:
