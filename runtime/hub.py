@@ -52,8 +52,10 @@ def _fused_modules(manifest: dict) -> list[str]:
     return sorted({path.rsplit(".", 1)[-1] for path, p in manifest["projections"].items() if p.get("fused")})
 
 
-def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], base_model: str | None = None) -> str:
-    """The README.md of a bundle repo: hub metadata first, then what each variant is and how to run it."""
+def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], base_model: str | None = None,
+               numeric=None) -> str:
+    """The README.md of a bundle repo: hub metadata first, then what each variant is and how to run it.
+    `numeric`: the `NumericReport` of the check that passed on the publishing machine."""
     import yaml
 
     source = manifest["source"]
@@ -107,6 +109,8 @@ def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], 
     versions = manifest["versions"]
     lines.append(f"- Made with mlx-prepared {manifest['tool']['version']}, MLX {versions.get('mlx')}, "
                  f"Python {versions.get('python')}")
+    if numeric is not None:
+        lines += ["", "## Numeric check", "", *numeric.card_lines(manifest["known_answers"])]
     lines += [
         "",
         "## Run",
@@ -134,12 +138,17 @@ def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | No
     """Verify a finished bundle, then upload it as `variant/` of `repo_id` in one commit with the card."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    from runtime.numeric import passed_numeric_check
     from runtime.verify import verify_bundle
 
     bundle = Path(bundle)
     problems = verify_bundle(bundle)
     if problems:
         raise HubError(f"{bundle}: refusing to publish, verify failed: {problems[0]}")
+    try:
+        report = passed_numeric_check(bundle)
+    except ManifestError as e:
+        raise HubError(f"{bundle}: refusing to publish: {e}") from None
     manifest = load_manifest(bundle / MANIFEST_NAME)
     variant = variant or manifest["target"]["name"]
     api = api or HfApi(token=token)
@@ -149,7 +158,7 @@ def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | No
     except Exception:  # a repo created just now may have no revision yet
         existing = []
     variants = sorted(set(_variants_in(existing)) | {variant})
-    card = model_card(manifest, repo_id, variant, variants, base_model=base_model)
+    card = model_card(manifest, repo_id, variant, variants, base_model=base_model, numeric=report)
     digest = [MANIFEST_DIGEST_NAME] if (bundle / MANIFEST_DIGEST_NAME).is_file() else []
     names = [MANIFEST_NAME] + digest + sorted(manifest["files"])
     ops = [CommitOperationAdd(path_in_repo=f"{variant}/{name}", path_or_fileobj=str(bundle / name)) for name in names]
@@ -224,7 +233,8 @@ def resolve_bundle(ref: str, *, revision: str | None = None, variant: str | None
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--revision", help="Branch to commit to (default: main).")
 def publish_command(bundle, repo_id, variant, base_model, private, revision):
-    """Verify BUNDLE, then upload it to REPO_ID as one variant folder with a model card.
+    """Verify BUNDLE (files, then its known answers on this machine: `verify --numeric`), then
+    upload it to REPO_ID as one variant folder with a model card.
 
     One repo per model, one folder per device class: `runtime generate REPO_ID` later downloads
     only the variant for the device it runs on.

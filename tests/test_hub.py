@@ -11,7 +11,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 
+import mlx.core as mx
 import pytest
 import yaml
 
@@ -19,6 +21,7 @@ from convert import convert_checkpoint
 from manifests import read_manifest
 from runtime.hub import HubError, choose_variant, is_hub_id, model_card, publish_bundle, resolve_bundle
 from tests.checkpoints import make_checkpoint, write_tokenizer
+from tests.runtime_helpers import nudge
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "acme/gemma-3n-tiny-prepared"
@@ -29,8 +32,8 @@ def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub-bundles")
     src = write_tokenizer(make_checkpoint(root / "src", "hf"))
     return {
-        "m5": convert_checkpoint(src, root / "m5", target="m5", dtype="float32"),
-        "generic": convert_checkpoint(src, root / "generic", target="generic", dtype="float32"),
+        "m5": convert_checkpoint(src, root / "m5", target="m5", dtype="float32", known_answers=True),
+        "generic": convert_checkpoint(src, root / "generic", target="generic", dtype="float32", known_answers=True),
     }
 
 
@@ -203,6 +206,29 @@ def test_publish_uploads_verified_bundle_with_card(bundles):
     assert "lm_head, mlp.gate_proj, mlp.up_proj" in card  # what the layout means here
     assert manifest["versions"]["mlx"] in card
     assert f"runtime generate {REPO}:m5" in card
+    numeric = card.split("## Numeric check", 1)[1].split("##", 1)[0]  # where it passed, with what, when
+    assert "`runtime verify --numeric` passed on **cpu (" in numeric
+    assert f"with MLX {mx.__version__} on {datetime.now(timezone.utc):%Y-%m-%d}" in numeric
+
+
+def test_publish_refuses_a_bundle_whose_numeric_check_fails_here(bundles, tmp_path):
+    """A weight nudged with every hash recomputed passes `verify`, not the numeric check."""
+    nudged = shutil.copytree(bundles["generic"], tmp_path / "nudged")
+    nudge(nudged, "model.language_model.layers.2.mlp.up_proj.weight", (3, 4), 0.05)
+    api = FakeApi()
+    with pytest.raises(HubError, match="refusing to publish: the numeric check failed on this machine .*cpu.* "
+                                       "eager run 1: layer 2 diverges first"):
+        publish_bundle(nudged, REPO, api=api)
+    assert api.commits == [] and api.created == []
+
+
+def test_publish_refuses_a_bundle_without_known_answers(tmp_path):
+    src = make_checkpoint(tmp_path / "src", "hf")
+    bundle = convert_checkpoint(src, tmp_path / "b", target="generic", dtype="float32")
+    api = FakeApi()
+    with pytest.raises(HubError, match=f"records no known answers; add them with: python -m convert known-answers {bundle}"):
+        publish_bundle(bundle, REPO, api=api)
+    assert api.commits == []
 
 
 def test_publish_refuses_a_bundle_that_fails_verify(bundles, tmp_path):
