@@ -5,9 +5,10 @@
     python benchmarks/bench_known_answers.py matrix --work DIR
 
 `cost`: converts SOURCE twice in child processes, without and with `--known-answers` (the
-known answers computed on the bundle just written, in the same process), and prints wall time
-and peak RSS of each, the difference and its share of the plain conversion. Each output is
-deleted after it is measured (`--keep B` moves the one with known answers to B instead).
+known answers computed on the bundle just written, in the same process), and prints the wall
+time, CPU time (user + system: what a loaded machine distorts least) and peak RSS of each, and
+the difference and its share of the plain conversion. Each output is deleted after it is
+measured (`--keep B` moves the one with known answers to B instead).
 
 `diffs`: for each bundle (which must hold known answers), runs the prompt through the runtime
 here, eager and compiled, and prints the raw differences from the recorded answers (largest
@@ -59,17 +60,19 @@ def cost(a) -> int:
             import yaml
 
             seconds = yaml.safe_load(manifest)["known_answers"]["reference"]["seconds"]
-        rows.append([label, f"{run.wall_s:.1f}", f"{run.synced_s:.1f}", f"{run.max_rss_bytes / 1e9:.2f}",
-                     "" if seconds is None else f"{seconds:.1f}"])
+        rows.append([label, f"{run.wall_s:.1f}", f"{run.synced_s:.1f}", f"{run.cpu_s:.1f}",
+                     f"{run.max_rss_bytes / 1e9:.2f}", "" if seconds is None else f"{seconds:.1f}"])
         if extra and a.keep:
             shutil.rmtree(a.keep, ignore_errors=True)
             shutil.move(str(out), a.keep)
         shutil.rmtree(out, ignore_errors=True)
     plain, with_answers = float(rows[0][2]), float(rows[1][2])
+    cpu_plain, cpu_with = float(rows[0][3]), float(rows[1][3])
     print_facts(machine_facts())
     print(f"source {a.source}, target {a.target}, --dtype {a.dtype}" + (f", --quantize {a.quantize}" if a.quantize else ""))
-    print(table(["run", "wall s", "wall+sync s", "peak RSS GB", "reference s (in manifest)"], rows))
-    print(f"known answers add {with_answers - plain:.1f} s, {100 * (with_answers - plain) / plain:.0f} % of the conversion")
+    print(table(["run", "wall s", "wall+sync s", "CPU s", "peak RSS GB", "reference s (in manifest)"], rows))
+    print(f"known answers add {with_answers - plain:.1f} s wall ({100 * (with_answers - plain) / plain:.0f} % of the "
+          f"conversion), {cpu_with - cpu_plain:.1f} s CPU ({100 * (cpu_with - cpu_plain) / cpu_plain:.0f} %)")
     return 0
 
 

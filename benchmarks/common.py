@@ -27,6 +27,7 @@ class ChildRun:
     returncode: int
     stderr: str
     stdout: str = ""
+    cpu_s: float = 0.0  # user + system CPU time of the child (what a loaded machine distorts least)
 
 
 def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None,
@@ -47,7 +48,7 @@ def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None,
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return ChildRun(wall, synced, rss, proc.returncode, stderr, stdout)
+    return ChildRun(wall, synced, rss, proc.returncode, stderr, stdout, usage.ru_utime + usage.ru_stime)
 
 
 # MLX's CUDA graph settings (benchmarks/bench_graphs.py): a worker reports what it ran with.
