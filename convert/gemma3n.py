@@ -1,8 +1,9 @@
 """What a Gemma3n text decoder checkpoint holds: tensor names, shapes and projection roles.
 
 Names here are relative to the decoder (`layers.0.mlp.gate_proj.weight`); the bundle prefixes
-them with `manifests.PREFIX`. This is the converter's single description of the architecture:
-planning, validation, the tests' checkpoint builder and the benchmark generator all read it.
+them with `manifests.PREFIX`. This is the converter's single description of the architecture
+(convert/architectures.py lists what an architecture's module provides): planning, validation,
+the tests' checkpoint builder and the benchmark generator all read it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-ARCHITECTURES = ("gemma3n", "gemma3n_text")
+from manifests.config import DEFAULTS
+from manifests.gemma3n import ARCHITECTURE, MODEL_TYPES, TEXT_MODEL_TYPE
+
+ARCHITECTURES = MODEL_TYPES  # the config model_types source reading accepts
+NAME = "Gemma3n"  # in messages
+__all__ = ["ARCHITECTURE", "ARCHITECTURES", "EMBEDDINGS", "MODEL_TYPES", "NAME", "NEVER_QUANTIZED", "NEVER_QUANTIZED_BECAUSE",
+           "TEXT_MODEL_TYPE", "TextShapes", "expected_tensors", "kv_shared_layers", "kv_shared_unused",
+           "projection_role", "text_shapes"]
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,9 @@ class TextShapes:
 
 
 def text_shapes(text_config: dict) -> TextShapes:
-    """Read the shape-bearing fields of a Gemma3n text config; KeyError names a missing one."""
-    c = text_config
+    """Read the shape-bearing fields of a Gemma3n text config (checked at the door, convert/source.py:
+    manifests/config.py, whose defaults fill what it lacks); KeyError names a missing one."""
+    c = {**DEFAULTS, **text_config}
     layers = int(c["num_hidden_layers"])
     inter = c["intermediate_size"]
     inter = tuple(int(x) for x in inter) if isinstance(inter, (list, tuple)) else (int(inter),) * layers
@@ -43,17 +52,17 @@ def text_shapes(text_config: dict) -> TextShapes:
         raise ValueError(f"intermediate_size has {len(inter)} entries for {layers} layers")
     return TextShapes(
         vocab_size=int(c["vocab_size"]),
-        vocab_size_per_layer_input=int(c.get("vocab_size_per_layer_input", c["vocab_size"])),
+        vocab_size_per_layer_input=int(c["vocab_size_per_layer_input"]),
         hidden_size=int(c["hidden_size"]),
         hidden_size_per_layer_input=int(c["hidden_size_per_layer_input"]),
         intermediate_sizes=inter,
         num_hidden_layers=layers,
         num_attention_heads=int(c["num_attention_heads"]),
         num_key_value_heads=int(c["num_key_value_heads"]),
-        head_dim=int(c.get("head_dim", int(c["hidden_size"]) // int(c["num_attention_heads"]))),
-        num_kv_shared_layers=int(c.get("num_kv_shared_layers", 0)),
-        laurel_rank=int(c.get("laurel_rank", 64)),
-        altup_num_inputs=int(c.get("altup_num_inputs", 4)),
+        head_dim=int(c["head_dim"]),
+        num_kv_shared_layers=int(c["num_kv_shared_layers"]),
+        laurel_rank=int(c["laurel_rank"]),
+        altup_num_inputs=int(c["altup_num_inputs"]),
     )
 
 
@@ -105,6 +114,13 @@ def expected_tensors(text_config: dict) -> dict[str, tuple[int, ...]]:
     return t
 
 
+def kv_shared_layers(text_config: dict) -> list[bool]:
+    """Per decoder layer, whether it is KV-shared: the last `num_kv_shared_layers` reuse an earlier
+    layer's K/V cache and have no k/v projections of their own."""
+    s = text_shapes(text_config)
+    return [i >= s.first_kv_shared_layer for i in range(s.num_hidden_layers)]
+
+
 def kv_shared_unused(text_config: dict) -> list[str]:
     """K/V tensors some checkpoints carry for KV-shared layers, which the model never reads."""
     s = text_shapes(text_config)
@@ -133,3 +149,8 @@ def projection_role(module: str) -> str | None:
 
 
 EMBEDDINGS = ("embed_tokens", "embed_tokens_per_layer")
+
+# Linear modules never quantized (convert/quantize.py says why in full): AltUp's coefficient
+# matrices and router are tiny, shape every plane's mixture, and run in float32 on purpose.
+NEVER_QUANTIZED = ("altup.correction_coefs", "altup.prediction_coefs", "altup.modality_router")
+NEVER_QUANTIZED_BECAUSE = "AltUp coefficients and router stay float"

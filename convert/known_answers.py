@@ -3,7 +3,8 @@
 `convert --known-answers` records them while converting; this adds (or renews) them on a bundle
 converted without, with the same reference (convert/reference.py). The answers vouch for the
 weights they were computed from, so the bundle must first be exactly what its manifest says:
-its manifest digest, and every file's size and sha256, with no file the manifest does not list.
+provably one this tool wrote (its manifest digest, nothing unlisted: convert/ownership.py), and
+every file of the recorded size and sha256.
 
 The new manifest goes in the way a conversion's output does, so nothing is half-written: a copy
 of the bundle is made beside it from hard links (no byte of a weight is copied), the new
@@ -16,17 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
 
 import click
 
 from convert.errors import ConvertError
+from convert.ownership import PARTIAL_MARKER, bundle_entries, marker_text, remove_if_ours, remove_replaced
 from convert.pipeline import _fsync_dir, clean_stale, destination_lock, os_errors
 from convert.planning import human, peak_rss
 from convert.reference import known_answers
-from manifests import MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, read_manifest, recorded_manifest_digest
+from manifests import MANIFEST_NAME, ManifestError, read_manifest
 from manifests.known_answers import SECTION
 from manifests.manifest import write_manifest
 
@@ -42,41 +43,40 @@ def _sha256(path: Path) -> str:
 
 
 def check_intact(bundle: Path, manifest: dict) -> None:
-    """Refuse (one line) a bundle that is not exactly what its manifest describes."""
+    """Refuse (one line) a bundle that is not exactly what its manifest describes: provably one
+    this tool wrote (convert/ownership.py: the manifest's digest matches, nothing unlisted), and
+    every listed file of the recorded size and sha256."""
     refuse = "known answers vouch for the weights as converted; convert the bundle again"
-    want = recorded_manifest_digest(bundle)
-    if want is not None and _sha256(bundle / MANIFEST_NAME) != want:
-        raise ConvertError(f"{bundle / MANIFEST_NAME}: sha256 differs from {MANIFEST_DIGEST_NAME}; {refuse}")
-    listed = manifest["files"]
-    for name, record in listed.items():
+    _, why = bundle_entries(bundle)
+    if why:
+        raise ConvertError(f"{bundle}: not as converted ({why}); {refuse}")
+    for name, record in manifest["files"].items():
         path = bundle / name
-        if os.path.isabs(name) or ".." in Path(name).parts or path.is_symlink() or not path.is_file():
+        if path.is_symlink() or not path.is_file():
             raise ConvertError(f"{path}: listed in {MANIFEST_NAME} but not a file inside the bundle; {refuse}")
         if path.stat().st_size != record["bytes"] or _sha256(path) != record["sha256"]:
             raise ConvertError(f"{path}: differs from {MANIFEST_NAME} (size or sha256); {refuse}")
-    for path in sorted(p for p in bundle.rglob("*") if not p.is_dir()):
-        name = path.relative_to(bundle).as_posix()
-        if name not in (MANIFEST_NAME, MANIFEST_DIGEST_NAME) and name not in listed:
-            raise ConvertError(f"{path}: not listed in {MANIFEST_NAME}; {refuse}")
 
 
 def replace_manifest(bundle: Path, manifest: dict) -> None:
     """Put `manifest` in place of BUNDLE's manifest.yaml and manifest.sha256 together (see the
-    module docstring): hard links into `.BUNDLE.tmp-<pid>`, the manifest written there, renames."""
+    module docstring): hard links into `.BUNDLE.tmp-<pid>` (marked as a conversion marks its
+    partial bundle, convert/ownership.py), the manifest written there, then two renames."""
     parent = bundle.parent
     tmp = parent / f".{bundle.name}.tmp-{os.getpid()}"
     with os_errors(bundle):
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_ours(tmp, os.getpid())
         tmp.mkdir()
     try:
+        (tmp / PARTIAL_MARKER).write_bytes(marker_text(os.getpid()))
         for name in manifest["files"]:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(bundle / name, tmp / name)
             except OSError as e:
                 raise ConvertError(f"{bundle / name}: cannot be hard-linked ({e.strerror or e}); convert the "
                                    "bundle again with --known-answers instead") from None
         write_manifest(manifest, tmp)
+        (tmp / PARTIAL_MARKER).unlink()
         _fsync_dir(tmp)
         old = parent / f".{bundle.name}.old-{os.getpid()}"
         os.rename(bundle, old)
@@ -85,13 +85,13 @@ def replace_manifest(bundle: Path, manifest: dict) -> None:
         except BaseException:
             os.rename(old, bundle)
             raise
-        shutil.rmtree(old, ignore_errors=True)  # links only: every weight lives on in the new bundle
+        remove_replaced(old)  # links only: every weight lives on in the new bundle
         _fsync_dir(parent)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_ours(tmp, os.getpid())
         raise ConvertError(f"{e.filename or bundle}: {e.strerror or e}; {bundle} was left as it was") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_ours(tmp, os.getpid())
         raise
 
 

@@ -6,7 +6,8 @@ against that. This is a third forward pass beside the runtime's two (eager and c
 independently of both: plain numpy, float32, transformers' `Gemma3nForCausalLM` step by step
 (tests/test_reference.py holds it to transformers the way the runtime is held).
 
-It reads the bundle's tensors as they are stored, through one adapter (`StoredTensors.weight`):
+It reads the bundle's tensors as they are stored, through one adapter (`StoredTensors.weight`,
+which asks manifests/records.py what each record stores):
 4/8-bit MLX affine weights dequantized here, pretransposed ones read back as `[out, in]`, fused
 ones cut into their recorded members. So the answers describe the stored weights, and a
 difference at verify time is the device's execution, not quantization error.
@@ -33,6 +34,7 @@ from convert.errors import ConvertError
 from convert.gemma3n import TextShapes, text_shapes
 from manifests.format import EMBED_TOKENS, LM_HEAD, PREFIX, PRETRANSPOSED
 from manifests.known_answers import checksum
+from manifests.records import BIASES, SCALES, WEIGHT, WEIGHT_T, Storage, fused_members, records
 from manifests.safetensors_header import DTYPE_NAMES, read_header_file
 
 PROMPT_LENGTH = 12
@@ -122,14 +124,16 @@ class StoredTensors:
                 entries, _, start = read_header_file(self.directory / name)
                 for e in entries:
                     self.tensors[e.name] = (self.directory / name, start + e.begin, e)
-        self.records = {**manifest["projections"], **manifest["embeddings"]}
-        # A fused record's members: path -> (fused record, first row, rows).
-        self.members: dict[str, tuple[dict, int, int]] = {}
-        for record in manifest["projections"].values():
+        # Module path -> (where, kind, record, first row, rows): every record, and each fused
+        # record's members at their rows (manifests/records.py says what a record stores).
+        self.modules: dict[str, tuple] = {}
+        for where, kind, path, record in records(manifest):
+            out = Storage.of(record, where).dims(record["shape"])[0]
+            self.modules[path] = (where, kind, record, 0, out)
             first = 0
-            for m in record.get("fused") or []:
-                self.members[m["path"]] = (record, first, m["out"])
-                first += m["out"]
+            for member, rows in fused_members(record):
+                self.modules[member] = (where, kind, record, first, rows)
+                first += rows
         self._fds: dict[Path, int] = {}
 
     def close(self) -> None:
@@ -177,45 +181,43 @@ class StoredTensors:
         _read_into(fd, raw, start)
         return to_float32(raw, e.dtype)
 
-    def _locate(self, path: str) -> tuple[dict, int, int]:
-        """(the record storing module `path`, its first row there, its rows)."""
-        if path in self.records:
-            record = self.records[path]
-            return record, 0, record["source_shape"][0] if "source_shape" in record else record["shape"][0]
-        if path in self.members:
-            return self.members[path]
-        raise ConvertError(f"known answers: no manifest record stores {path}")
-
     def out_dim(self, path: str) -> int:
-        return self._locate(path)[2]
+        return self._locate(path)[4]
+
+    def _locate(self, path: str) -> tuple:
+        if path not in self.modules:
+            raise ConvertError(f"known answers: no manifest record stores {path}")
+        return self.modules[path]
 
     def weight(self, path: str, rows: range | np.ndarray | None = None) -> np.ndarray:
         """The adapter: float32 `[out, in]` of the projection or embedding at module `path` (or
         `rows` of it), whatever its record says about how it is stored."""
-        record, first, count = self._locate(path)
+        where, kind, record, first, count = self._locate(path)
         rows = range(count) if rows is None else rows
         want = range(first + rows.start, first + rows.stop) if isinstance(rows, range) else np.asarray(rows) + first
-        key, q = record["key"], record.get("quantized")
+        storage = Storage.of(record, where)
+        stored = {t.part: t.key for t in kind.stored(record, where)}
+        q = storage.quantized
+        if storage.bias or (q and q.mode != "affine"):
+            raise ConvertError(f"known answers: {where}: {'a bias' if storage.bias else f'{q.mode} quantization'} "
+                               "is not supported by the reference")
         if q:
-            if q["mode"] != "affine":
-                raise ConvertError(f"known answers: {path}: quantization mode {q['mode']!r} is not supported "
-                                   "(affine only)")
-            base = key[: -len(".weight")]
-            packed, _ = self.rows(key, want)
-            scales, biases = (to_float32(*self.rows(f"{base}.{part}", want)) for part in ("scales", "biases"))
-            return dequantize(packed, scales, biases, int(q["bits"]), int(q["group_size"]))
-        if record.get("layout") == PRETRANSPOSED:
+            packed, _ = self.rows(stored[WEIGHT], want)
+            scales, biases = (to_float32(*self.rows(stored[part], want)) for part in (SCALES, BIASES))
+            return dequantize(packed, scales, biases, q.bits, q.group_size)
+        if storage.layout == PRETRANSPOSED:
             if not isinstance(want, range):
-                raise ConvertError(f"known answers: {path}: rows of a pretransposed weight must be a range")
-            return np.ascontiguousarray(to_float32(*self.columns(key, want)).T)
-        return to_float32(*self.rows(key, want))
+                raise ConvertError(f"known answers: {where}: rows of a pretransposed weight must be a range")
+            return np.ascontiguousarray(to_float32(*self.columns(stored[WEIGHT_T], want)).T)
+        return to_float32(*self.rows(stored[WEIGHT], want))
 
     def activation_dtype(self) -> str:
         """The dtype the runtime computes in: the embedding's, or its scales' when quantized."""
-        record = self.records[EMBED_TOKENS]
+        where, kind, record, _, _ = self._locate(EMBED_TOKENS)
         if not record.get("quantized"):
             return record["dtype"]
-        return DTYPE_NAMES[self._entry(record["key"][: -len(".weight")] + ".scales")[2].dtype]
+        scales = next(t.key for t in kind.stored(record, where) if t.part == SCALES)
+        return DTYPE_NAMES[self._entry(scales)[2].dtype]
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ import numpy as np
 
 from manifests import MANIFEST_NAME, ManifestError
 from manifests.known_answers import SECTION, TOLERANCES, check_section, checksum, checksum_errors
-from runtime.loader import BundleError, TargetMismatchWarning, load_model, read_bundle_manifest
+from runtime.bundle import BundleError, read_bundle_manifest
+from runtime.loader import TargetMismatchWarning, load_model
 
 
 class NoKnownAnswers(BundleError):
@@ -101,12 +102,14 @@ class NumericReport:
     def card_lines(self, section: dict) -> list[str]:
         """The model card's account of a passed check: what was compared, where and when."""
         t = self.tolerance
+        runs = len(self.checks) // 2  # per path
         return [
             f"`runtime verify --numeric` passed on **{self.device}** with MLX {self.mlx} on {self.date}: the "
             f"bundle's known answers (an independent float32 reference's top-{len(section['logits'][0]['ids'])} "
             f"logits at {len(section['positions'])} positions of a {len(section['prompt'])}-token prompt and a "
             f"checksum of every layer's hidden state, recorded when it was converted) were reproduced by the eager "
-            f"and the compiled decoder, twice each, within tolerance ({t['activations']} activations: logits "
+            f"and the compiled decoder, {'twice' if runs == 2 else f'{runs} times'} each, within tolerance "
+            f"({t['activations']} activations: logits "
             f"±{t['logits']:g}) and bit for bit from run to run.",
             "Check a download on your own device with `runtime verify --numeric FOLDER`.",
         ]

@@ -19,7 +19,8 @@ import yaml
 
 from convert import convert_checkpoint
 from manifests import read_manifest
-from runtime.hub import HubError, choose_variant, is_hub_id, model_card, publish_bundle, resolve_bundle
+from runtime.hub import HubError, choose_variant, is_hub_id, resolve_bundle
+from runtime.publish import model_card, publish_bundle
 from tests.checkpoints import make_checkpoint, write_tokenizer
 from tests.runtime_helpers import nudge
 

@@ -77,10 +77,10 @@ def test_a_bundle_that_is_not_what_its_manifest_says_is_refused(bundles, tmp_pat
         said = f"{shard}: differs from manifest.yaml (size or sha256)"
     elif damage == "stray file":
         (bundle / "notes.txt").write_text("mine")
-        said = f"{bundle / 'notes.txt'}: not listed in manifest.yaml"
+        said = f"{bundle}: not as converted ({bundle / 'notes.txt'} is not listed in its manifest.yaml)"
     else:
         (bundle / "manifest.yaml").write_text((bundle / "manifest.yaml").read_text() + "# edited\n")
-        said = f"{bundle / 'manifest.yaml'}: sha256 differs from manifest.sha256"
+        said = f"{bundle}: not as converted ({bundle / 'manifest.yaml'} differs from manifest.sha256 (edited after conversion))"
     before = (bundle / "manifest.yaml").read_bytes()
     done = add(bundle)
     assert done.returncode == 2

@@ -14,7 +14,7 @@ import pytest
 
 import mlx.core as mx
 
-from convert import reference
+from convert import gemma3n, reference
 from convert.quantize import QuantSpec, not_quantized_because
 from convert.reference import Forward, StoredTensors, dequantize
 from manifests import PREFIX, read_manifest
@@ -105,7 +105,7 @@ def _dequantized(tensors: dict, spec: QuantSpec, text_config: dict) -> tuple[dic
     for key, w in tensors.items():
         path = key[len(PREFIX):]
         module = path[: -len(".weight")] if path.endswith(".weight") else None
-        if module and not_quantized_because(module, w.shape, spec) is None:
+        if module and not_quantized_because(gemma3n, module, w.shape, spec) is None:
             q, scales, biases = mx.quantize(w, group_size=spec.group_size, bits=spec.bits)
             stored.update({key: q, f"{PREFIX}{module}.scales": scales, f"{PREFIX}{module}.biases": biases})
             w = mx.dequantize(q, scales, biases, group_size=spec.group_size, bits=spec.bits)
