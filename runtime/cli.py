@@ -26,6 +26,7 @@ from runtime.generate import (
     GenerationResponse,
     stream_generate,
 )
+from runtime.chat import user_and_system
 from runtime.sampling import SamplingParams
 
 
@@ -122,13 +123,17 @@ def main():
     """Run Gemma3n text generation from a prepared bundle (see `python -m convert`)."""
 
 
+SYSTEM_HELP = "a system prompt; Gemma has no system role, so it opens the first user turn"
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--prompt", required=True, help="the prompt text; '-' reads it from stdin")
 @click.option("--chat", is_flag=True, help="wrap the prompt in Gemma's chat turn format")
+@click.option("--system", default=None, help=SYSTEM_HELP + " (implies --chat)")
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @sampling_options
-def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
+def generate(bundle, prompt, chat, system, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
              prefill_step_size, strict_target):
     """Stream a continuation of --prompt to stdout; speeds and peak memory go to stderr."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
@@ -137,8 +142,9 @@ def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p
     mx.reset_peak_memory()
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "generate")
-    last = _stream_to_stdout(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=params,
-                                             chat=chat, prefill_step_size=prefill_step_size))
+    text = {"messages": user_and_system(prompt, system)} if chat or system is not None else {"prompt": prompt}
+    last = _stream_to_stdout(stream_generate(model, tokenizer, **text, max_tokens=max_tokens, sampling=params,
+                                             prefill_step_size=prefill_step_size))
     sys.stdout.write("\n")
     sys.stdout.flush()
     if last is None:
@@ -150,16 +156,17 @@ def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p
 
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--system", default=None, help=SYSTEM_HELP)
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @sampling_options
-def chat(bundle, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, prefill_step_size,
+def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, prefill_step_size,
          strict_target):
     """Chat on stdin, one message per line; the cache is kept across turns. End with EOF (Ctrl-D)."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "chat")
     session = ChatSession(model, tokenizer, max_tokens=max_tokens, sampling=params,
-                          prefill_step_size=prefill_step_size)
+                          prefill_step_size=prefill_step_size, system=system)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
