@@ -184,6 +184,45 @@ def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetiti
             click.echo(_stats_line(last), err=True)
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; the default answers this machine only (there is no authentication)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port")
+@click.option("--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True,
+              help="tokens to generate for a request that does not say")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True,
+              help="largest request body accepted (larger ones get 413)")
+@click.option("--no-cache-reuse", is_flag=True, help="prefill every request from scratch (for measurements)")
+@click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
+@click.option("--strict-target", is_flag=True,
+              help="refuse a bundle prepared for another device class instead of warning")
+def serve(bundle, host, port, max_tokens, max_body_bytes, no_cache_reuse, verify, strict_target):
+    """Serve BUNDLE over an OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions,
+    /v1/completions (streamed or not). One generation at a time, in arrival order."""
+    from runtime.server import make_server
+
+    model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
+    _need_tokenizer(tokenizer, bundle, "serve")
+    model_id = bundle.rstrip("/")
+    try:
+        server = make_server(model, tokenizer, model_id, host, port, default_max_tokens=max_tokens,
+                             max_body_bytes=max_body_bytes, reuse_cache=not no_cache_reuse)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}: anyone who can reach it can use the model "
+                   "(there is no authentication)", err=True)
+    bound_host, bound_port = server.server_address[:2]
+    click.echo(f"serving {model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def _median(values):
     return statistics.median(values) if values else float("nan")
 
