@@ -200,7 +200,7 @@ def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetiti
 def serve(bundle, host, port, max_tokens, max_body_bytes, no_cache_reuse, verify, strict_target):
     """Serve BUNDLE over an OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions,
     /v1/completions (streamed or not). One generation at a time, in arrival order."""
-    from runtime.server import make_server
+    from runtime.server import make_server, serve as serve_until_stopped
 
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "serve")
@@ -216,11 +216,9 @@ def serve(bundle, host, port, max_tokens, max_body_bytes, no_cache_reuse, verify
     bound_host, bound_port = server.server_address[:2]
     click.echo(f"serving {model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
     try:
-        server.serve_forever()
+        serve_until_stopped(server)
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
 
 
 def _median(values):

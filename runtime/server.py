@@ -6,10 +6,12 @@ per token (one small write) is nothing beside a decode step (benchmarks/bench_se
 measures the difference against the Python API).
 
 Threads: each connection has one, which reads the request, checks it (runtime/openai_api.py:
-every field, once) and queues it; one engine thread runs the generations, one at a time, in
-arrival order (`queue.Queue` is first in, first out), so all MLX work happens on one thread.
-Tokens come back to the connection's thread through the request's own queue, which writes them
-out, as server-sent events when streamed. A client that goes away is noticed on the next write
+every field, once) and queues it; the engine runs the generations one at a time, in arrival
+order (`queue.Queue` is first in, first out), on the thread that called `serve` (the one that
+loaded the model), so all MLX work happens on one thread: MLX's streams belong to a thread, and
+a compiled step or a lazy cache made on one cannot be evaluated on another. Tokens come back to
+the connection's thread through the request's own queue, which writes them out, as server-sent
+events when streamed. A client that goes away is noticed on the next write
 (or, while it waits, by a peek at its socket), and its generation stops at the next token.
 
 The engine keeps the KV cache of the last request: a request whose tokens extend the cached
@@ -106,7 +108,7 @@ def bias_processor(bias: dict[int, float], vocab_size: int):
 
 
 class Engine:
-    """Runs queued requests one after another on its own thread, keeping the last KV cache."""
+    """Runs queued requests one after another (`run_forever`), keeping the last KV cache."""
 
     def __init__(self, model, tokenizer, *, reuse_cache: bool = True, log: Callable[[str], None] | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -116,11 +118,6 @@ class Engine:
         self.jobs: queue.Queue = queue.Queue()
         self.cache = None
         self.cached_ids: list[int] = []
-        self.thread = threading.Thread(target=self._work, name="engine", daemon=True)
-
-    def start(self) -> Engine:
-        self.thread.start()
-        return self
 
     def submit(self, request: Request) -> Job:
         job = Job(request)
@@ -128,10 +125,11 @@ class Engine:
         return job
 
     def stop(self) -> None:
+        """Make `run_forever` return once the requests queued before this one are done."""
         self.jobs.put(None)
-        self.thread.join()
 
-    def _work(self) -> None:
+    def run_forever(self) -> None:
+        """Run requests as they come, on this thread, until `stop`."""
         while (job := self.jobs.get()) is not None:
             if job.cancelled.is_set():
                 continue
@@ -394,13 +392,22 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
                 default_max_tokens: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                 reuse_cache: bool = True, log: Callable[[str], None] | None = None) -> Server:
-    """A server bound to (host, port) with its engine started; `serve_forever()` it, `shutdown()`
-    and `server_close()` it, then `engine.stop()`."""
+    """A server bound to (host, port), not yet serving: see `serve`."""
     if tokenizer is None:
         raise ValueError("serving needs a tokenizer; this bundle has no tokenizer.json")
     served = Served(model_id=model_id, tokenizer=tokenizer, vocab_size=model.config.vocab_size,
                     context_length=context_length(model), default_max_tokens=default_max_tokens)
     engine = Engine(model, tokenizer, reuse_cache=reuse_cache, log=log)
-    server = Server((host, port), engine, served, max_body_bytes)
-    engine.start()
-    return server
+    return Server((host, port), engine, served, max_body_bytes)
+
+
+def serve(server: Server) -> None:
+    """Answer HTTP on a background thread and generate on this one until interrupted (Ctrl-C)
+    or `server.engine.stop()`; then close the socket."""
+    http = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    http.start()
+    try:
+        server.engine.run_forever()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -347,3 +347,16 @@ def test_a_client_that_goes_away_stops_its_generation(server, client):
     # the next request is answered at once, not after the 900 tokens
     assert_still_serving(client, server.model_id)
     assert time.monotonic() - gone_at < 3.0
+
+
+def test_ctrl_c_stops_the_server_cleanly(bundle):
+    import signal
+
+    live = LiveServer(bundle, "--host", "127.0.0.1")
+    assert_still_serving(live.client(), live.model_id)
+    live.proc.send_signal(signal.SIGINT)
+    assert live.proc.wait(timeout=30) == 0
+    time.sleep(0.2)  # the reader thread drains stderr
+    assert not any("Traceback" in line for line in live.lines), live.lines
+    with pytest.raises(ConnectionRefusedError):
+        http.client.HTTPConnection("127.0.0.1", live.port, timeout=5).connect()
