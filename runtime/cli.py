@@ -7,6 +7,7 @@ output can be piped. Errors a user can fix are one line and exit code 2.
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import sys
 import time
@@ -215,10 +216,15 @@ def serve(bundle, host, port, max_tokens, max_body_bytes, no_cache_reuse, verify
                    "(there is no authentication)", err=True)
     bound_host, bound_port = server.server_address[:2]
     click.echo(f"serving {model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean exit as Ctrl-C
     try:
         serve_until_stopped(server)
     except KeyboardInterrupt:
         pass
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _median(values):

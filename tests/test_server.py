@@ -349,12 +349,13 @@ def test_a_client_that_goes_away_stops_its_generation(server, client):
     assert time.monotonic() - gone_at < 3.0
 
 
-def test_ctrl_c_stops_the_server_cleanly(bundle):
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_term_stops_the_server_cleanly(bundle, how):
     import signal
 
     live = LiveServer(bundle, "--host", "127.0.0.1")
     assert_still_serving(live.client(), live.model_id)
-    live.proc.send_signal(signal.SIGINT)
+    live.proc.send_signal(getattr(signal, how))
     assert live.proc.wait(timeout=30) == 0
     time.sleep(0.2)  # the reader thread drains stderr
     assert not any("Traceback" in line for line in live.lines), live.lines
