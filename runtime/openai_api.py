@@ -241,7 +241,7 @@ def _stream(f: Fields) -> tuple[bool, bool]:
     return stream, usage
 
 
-def _max_tokens(f: Fields, served: Served, prompt_tokens: int, names: tuple[str, ...]) -> int:
+def _max_tokens(f: Fields, served: Served, prompt_tokens: int, names: tuple[str, ...], prompt_field: str) -> int:
     """The requested budget (at least 1), cut to what the context has room for; a prompt that
     leaves no room is refused."""
     given = [n for n in names if f.get(n) is not None]
@@ -250,8 +250,8 @@ def _max_tokens(f: Fields, served: Served, prompt_tokens: int, names: tuple[str,
         wanted = f.integer(name, None, 1)
     if prompt_tokens >= served.context_length:
         raise bad(f"the prompt is {prompt_tokens} tokens; this model's context is {served.context_length} tokens "
-                  f"and generating needs room for at least one more", param="messages" if "max_completion_tokens"
-                  in names else "prompt", code="context_length_exceeded")
+                  f"and generating needs room for at least one more", param=prompt_field,
+                  code="context_length_exceeded")
     return min(wanted, served.context_length - prompt_tokens)
 
 
@@ -284,7 +284,7 @@ def chat_request(raw: bytes, served: Served) -> Request:
     except MessageError as e:
         raise bad(str(e), param=e.param, code="invalid_value") from None
     ids = served.tokenizer.encode(text)
-    max_tokens = _max_tokens(f, served, len(ids), ("max_tokens", "max_completion_tokens"))
+    max_tokens = _max_tokens(f, served, len(ids), ("max_tokens", "max_completion_tokens"), "messages")
     return Request(kind="chat", prompt_ids=ids, max_tokens=max_tokens, sampling=sampling,
                    eos_ids=served.tokenizer.chat_stop_ids(), stop=stop, logit_bias=bias, stream=stream,
                    include_usage=usage, logprobs=(top or 0) if logprobs else None,
@@ -323,7 +323,7 @@ def completion_request(raw: bytes, served: Served) -> Request:
         raise bad("suffix: not supported by this server", param="suffix", code="unsupported_value")
     logprobs = f.integer("logprobs", None, 0, MAX_TOP_LOGPROBS["completion"])
     ids = _prompt_ids(f, served)
-    max_tokens = _max_tokens(f, served, len(ids), ("max_tokens",))
+    max_tokens = _max_tokens(f, served, len(ids), ("max_tokens",), "prompt")
     return Request(kind="completion", prompt_ids=ids, max_tokens=max_tokens, sampling=sampling,
                    eos_ids=served.tokenizer.eos_token_ids, stop=stop, logit_bias=bias, stream=stream,
                    include_usage=usage, logprobs=logprobs, id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()))
