@@ -6,10 +6,10 @@ time to first token of a conversation's tenth turn with and without the server's
     python benchmarks/bench_server.py /work/bench-data/narrow-server --make e2b-narrow
 
 decode: the same greedy request (a prompt of random words, fixed seed, checked beforehand to run
-`--tokens` tokens without a stop token) through `stream_generate` in this process and through a
-`python -m runtime serve` child (completions, streamed, read with http.client so the client's
+`--tokens` tokens without a stop token) through `stream_generate` in a child process and through
+a `python -m runtime serve` child (completions, streamed, read with http.client so the client's
 own parsing costs next to nothing), alternating, order rotating each round, after one warm-up of
-each. Both rates are the same quantity: text pieces after the first over the time between the
+each; each child loads the bundle once and idles while the other runs. Both rates are the same quantity: text pieces after the first over the time between the
 first and the last piece, as each side sees them (the server's: as the client receives them).
 
 turn 10: a conversation of `--turns` turns (user messages of `--words` random words, replies of
@@ -82,12 +82,25 @@ def make_bundle(out: Path, size: str) -> Path:
 
 # --- the server ----------------------------------------------------------------------------------
 
-class Server:
-    """`python -m runtime serve BUNDLE --port 0` in a child process."""
+def start_ticker(ms: float) -> None:
+    """A thread that wakes every `ms` milliseconds and does nothing else (see --ticker)."""
+    def tick():
+        while True:
+            time.sleep(ms / 1000)
 
-    def __init__(self, bundle: Path, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", str(bundle), "--port", "0", *args],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
+    if ms:
+        threading.Thread(target=tick, daemon=True, name="ticker").start()
+
+
+class Server:
+    """`python -m runtime serve BUNDLE --port 0` in a child process (with `ticker`, the same
+    command run through this script, which starts the ticker first)."""
+
+    def __init__(self, bundle: Path, *args: str, ticker: float = 0.0):
+        serve = ["serve", str(bundle), "--port", "0", *args]
+        argv = ([sys.executable, __file__, str(bundle), "--ticker", str(ticker), "--serve-child", json.dumps(serve)]
+                if ticker else [sys.executable, "-m", "runtime", *serve])
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
         self.log: list[str] = []
         ready = threading.Event()
 
@@ -172,6 +185,34 @@ def api_run(model, tokenizer, ids: list[int], tokens: int) -> tuple[float, int]:
     return rate(times), n
 
 
+def api_worker(bundle: str) -> None:
+    """The Python API side in a child process of its own, like the server's: one line of JSON
+    `{"ids": [...], "tokens": n}` in, one line `[tok/s, tokens]` out, until end of input."""
+    import runtime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, tokenizer = runtime.load(bundle)
+    for line in sys.stdin:
+        job = json.loads(line)
+        print(json.dumps(api_run(model, tokenizer, job["ids"], job["tokens"])), flush=True)
+
+
+class ApiWorker:
+    def __init__(self, bundle: Path, ticker: float = 0.0):
+        self.proc = subprocess.Popen([sys.executable, __file__, str(bundle), "--api-worker", "--ticker", str(ticker)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def run(self, ids: list[int], tokens: int) -> tuple[float, int]:
+        self.proc.stdin.write(json.dumps({"ids": ids, "tokens": tokens}) + "\n")
+        self.proc.stdin.flush()
+        return tuple(json.loads(self.proc.stdout.readline()))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
 def server_run(server: Server, ids: list[int], tokens: int) -> tuple[float, int]:
     times, _, usage, _ = server.stream("/v1/completions", {"prompt": ids, "max_tokens": tokens, "temperature": 0})
     return rate(times), usage["completion_tokens"]
@@ -184,21 +225,22 @@ def bench_decode(bundle: Path, args) -> dict:
         warnings.simplefilter("ignore")
         model, tokenizer = runtime.load(bundle)
     ids = pick_prompt(model, tokenizer, args.prompt, args.tokens, args.seed)
-    server = Server(bundle)
+    del model, tokenizer
+    server, api = Server(bundle, ticker=args.ticker), ApiWorker(bundle, ticker=args.ticker)
     samples = {"api": [], "server": []}
     try:
-        api_run(model, tokenizer, ids, args.tokens)  # warm-ups: compiled steps traced on both sides
+        api.run(ids, args.tokens)  # warm-ups: compiled steps traced on both sides
         server_run(server, ids, args.tokens)
         for r in range(args.rounds):
             order = ["api", "server"] if r % 2 == 0 else ["server", "api"]
             for side in order:
-                tps, n = api_run(model, tokenizer, ids, args.tokens) if side == "api" else \
-                    server_run(server, ids, args.tokens)
+                tps, n = api.run(ids, args.tokens) if side == "api" else server_run(server, ids, args.tokens)
                 assert n == args.tokens, (side, n)
                 samples[side].append(tps)
                 print(f"  round {r + 1} {side}: {tps:.2f} tok/s", file=sys.stderr)
     finally:
         server.close()
+        api.close()
     return samples
 
 
@@ -253,15 +295,30 @@ def main(argv=None) -> int:
     p.add_argument("--conversations", type=int, default=3, help="conversations per mode (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the samples here")
+    p.add_argument("--ticker", type=float, default=0.0, metavar="MS",
+                   help="decode: in both children, a thread that wakes every MS milliseconds (0: none); on a "
+                        "virtual machine whose idle CPU is slow to wake, the server's own HTTP thread has this "
+                        "effect, so this compares the two under the same wake-ups")
+    p.add_argument("--api-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--serve-child", type=json.loads, help=argparse.SUPPRESS)  # runtime's arguments, as JSON
     args = p.parse_args(argv)
+    if args.api_worker or args.serve_child is not None:
+        start_ticker(args.ticker)
+        if args.api_worker:
+            api_worker(str(args.bundle))
+            return 0
+        from runtime.cli import main as runtime_main
+
+        return runtime_main(args.serve_child)
     bundle = make_bundle(args.bundle, args.make) if args.make else args.bundle
     facts = machine_facts()
     decode = bench_decode(bundle, args)
     turns = bench_turns(bundle, args) if args.conversations else {}
     facts["loadavg_end"] = machine_facts()["loadavg"]
     print_facts(facts)
+    ticker = f", a {args.ticker:g} ms ticker in both" if args.ticker else ""
     print(f"\nbundle: {bundle}; decode: {args.prompt} prompt tokens, {args.tokens} generated, greedy, "
-          f"{args.rounds} runs per side (median; min-max)\n")
+          f"{args.rounds} runs per side (median; min-max){ticker}\n")
     api, served = median(decode["api"]), median(decode["server"])
     print(table(["path", "decode tok/s", "min-max", "x Python API"], [
         ["Python API (stream_generate)", api, f"{min(decode['api']):.3g}-{max(decode['api']):.3g}", 1.0],

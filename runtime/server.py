@@ -173,13 +173,13 @@ class Engine:
         stops = StopStrings(req.stop)
         processors = [bias_processor(req.logit_bias, self.model.config.vocab_size)] if req.logit_bias else None
         tracker = _Released(self.tokenizer, req.logprobs)
-        fed, n, finish, first_at = [], 0, None, None
+        fed, n, finish, first_at, tps = [], 0, None, None, 0.0
         tic = time.perf_counter()
         steps = stream_generate(self.model, self.tokenizer, ids[cached:], cache=cache, max_tokens=max_tokens,
                                 sampling=req.sampling, eos_token_ids=req.eos_ids, logits_processors=processors)
         try:
             for r in steps:
-                n += 1
+                n, tps = n + 1, r.generation_tps
                 first_at = first_at or time.perf_counter()
                 if r.cached:
                     fed.append(r.token)
@@ -208,8 +208,8 @@ class Engine:
             return
         job.events.put(Done(finish or "length", len(ids), n, cached))
         ttft = (first_at or time.perf_counter()) - tic
-        self.log(f"{req.id}: prompt {len(ids)} tokens ({cached} from cache), {n} generated, {finish}, "
-                 f"first token {ttft * 1000:.0f} ms")
+        self.log(f"{req.id}: prompt {len(ids)} tokens ({cached} from cache), first token {ttft * 1000:.0f} ms, "
+                 f"{n} generated at {tps:.1f} tok/s, {finish}")
 
 
 class _Released:
