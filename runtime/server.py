@@ -57,6 +57,7 @@ from runtime.stops import StopStrings
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DRAIN_BYTES = 64 << 20  # an oversized body up to this is read (and dropped) before the 413 goes out
 GEMMA3N_CONTEXT = 32768  # max_position_embeddings of every Gemma3n, for configs that omit it
 CLIENT_POLL_S = 0.2
 
@@ -298,7 +299,13 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"Content-Length: not a byte count: {length!r}", code="invalid_header")
         n, limit = int(length), self.server.max_body_bytes
         if n > limit:
-            self.close_connection = True  # the body is not read: the connection cannot carry another request
+            # Read and drop a body up to DRAIN_BYTES, so the client, still sending, gets to read the
+            # answer (closing on it mid-send makes it see a broken pipe instead); close on a larger one.
+            if n <= max(DRAIN_BYTES, limit):
+                for left in range(n, 0, -(1 << 16)):
+                    self.rfile.read(min(left, 1 << 16))
+            else:
+                self.close_connection = True
             raise ApiError(413, f"the body is {n} bytes; this server accepts at most {limit}",
                            code="request_too_large")
         return self.rfile.read(n)
