@@ -136,6 +136,9 @@ class Engine:
                 continue
             try:
                 self.run(job)
+            except (ValueError, TypeError) as e:  # the runtime's own input checks: the request's fault
+                self.cache, self.cached_ids = None, []
+                job.events.put(Failed(ApiError(400, str(e).splitlines()[0] if str(e) else type(e).__name__)))
             except Exception as e:  # a bug, not a bad request: say so, drop the cache, keep serving
                 self.cache, self.cached_ids = None, []
                 self.log("error: " + "".join(traceback.format_exception_only(type(e), e)).strip())

@@ -361,3 +361,32 @@ def test_ctrl_c_or_term_stops_the_server_cleanly(bundle, how):
     assert not any("Traceback" in line for line in live.lines), live.lines
     with pytest.raises(ConnectionRefusedError):
         http.client.HTTPConnection("127.0.0.1", live.port, timeout=5).connect()
+
+
+def test_the_runtimes_own_value_errors_are_a_400_and_the_engine_goes_on(bundle):
+    """In process: a request that slipped past the door but that generation refuses (an empty
+    prompt) comes back as a 400; the next one is served."""
+    from runtime.openai_api import Request
+    from runtime.sampling import SamplingParams
+    from runtime.server import Delta, Done, Failed, make_server, serve
+
+    model, tokenizer = load_quietly(bundle)  # used on the engine's thread only (MLX streams are per thread)
+    server = make_server(model, tokenizer, "demo", port=0, log=lambda line: None)
+    thread = threading.Thread(target=serve, args=(server,), daemon=True)
+    thread.start()
+
+    def run(ids):
+        job = server.engine.submit(Request(kind="completion", prompt_ids=ids, max_tokens=4,
+                                           sampling=SamplingParams(), eos_ids=[]))
+        events = [job.events.get(timeout=60)]
+        while not isinstance(events[-1], (Done, Failed)):
+            events.append(job.events.get(timeout=60))
+        return events
+
+    failed = run([])[-1]
+    assert isinstance(failed, Failed) and failed.error.status == 400 and "empty prompt" in failed.error.message
+    events = run(tokenizer.encode(ZEN))
+    assert isinstance(events[-1], Done) and "".join(e.text for e in events if isinstance(e, Delta))
+    server.engine.stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
