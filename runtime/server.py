@@ -11,19 +11,23 @@ order (`queue.Queue` is first in, first out), on the thread that called `serve` 
 loaded the model), so all MLX work happens on one thread: MLX's streams belong to a thread, and
 a compiled step or a lazy cache made on one cannot be evaluated on another. Tokens come back to
 the connection's thread through the request's own queue, which writes them out, as server-sent
-events when streamed. A client that goes away is noticed on the next write
-(or, while it waits, by a peek at its socket), and its generation stops at the next token.
+events when streamed. A client that goes away is noticed on the next write (or, while it
+waits, by a peek at its socket), and its generation stops at the next token.
 
-The engine keeps the KV cache of the last request: a request whose tokens extend the cached
-ones (a conversation's next turn) prefills only the new tokens. Replies are re-tokenized when a
-client sends them back, and a tokenizer does not always split a text the way the model produced
-it, so a request whose *text* extends the cached text is extended too: the cached tokens, then
-the rest of the text tokenized. Either way the model sees its own tokens followed by the new
-ones, and `usage.prompt_tokens_details.cached_tokens` says how many came from the cache.
+The engine keeps the KV cache of the last request twice: as it ended, and as it was after the
+prompt (a snapshot: views of the same buffers). A request whose tokens extend either one (a
+conversation's next turn) prefills only its new tokens; the snapshot serves when the reply came
+back changed (the chat format trims it, a stop string cut it, another stop token ended it).
+Replies are re-tokenized when a client sends them back, and a tokenizer does not always split a
+text the way the model produced it, so a request whose *text* extends the cached text counts as
+an extension too: the cached tokens, then the rest of the text tokenized. Either way the model
+sees its own tokens followed by the new ones; `usage.prompt_tokens_details.cached_tokens` says
+how many came from the cache.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import queue
 import select
@@ -38,7 +42,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from runtime.generate import stream_generate
+from runtime.generate import prefill, stream_generate
 from runtime.openai_api import (
     ApiError,
     Request,
@@ -108,8 +112,34 @@ def bias_processor(bias: dict[int, float], vocab_size: int):
     return add
 
 
+def snapshot(cache: list) -> list:
+    """A copy of `cache` that later updates of it cannot change: new views of the same arrays (no
+    bytes copied until the live cache writes into a shared buffer) and the same counters; layers
+    that share one cache object (KV-shared layers) still share one in the copy."""
+    copies: dict[int, object] = {}
+    for entry in cache:
+        if id(entry) not in copies:
+            twin = copy.copy(entry)
+            for name, value in vars(twin).items():
+                if isinstance(value, mx.array):
+                    setattr(twin, name, value[...])
+            copies[id(entry)] = twin
+    return [copies[id(entry)] for entry in cache]
+
+
+@dataclass
+class Kept:
+    """A KV cache the engine kept, and the token ids it holds."""
+
+    ids: list[int]
+    cache: list
+
+
 class Engine:
-    """Runs queued requests one after another (`run_forever`), keeping the last KV cache."""
+    """Runs queued requests one after another (`run_forever`), keeping two KV caches: the last
+    request's as it ended (prompt and reply), and a snapshot of it after its prompt, which the
+    next turn of a conversation extends whatever became of the reply (trimmed by the chat
+    format, cut by a stop string, ended by another stop token than the format's)."""
 
     def __init__(self, model, tokenizer, *, reuse_cache: bool = True, log: Callable[[str], None] | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -117,8 +147,7 @@ class Engine:
         self.context = context_length(model)
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.jobs: queue.Queue = queue.Queue()
-        self.cache = None
-        self.cached_ids: list[int] = []
+        self.kept: list[Kept] = []  # the longest first
 
     def submit(self, request: Request) -> Job:
         job = Job(request)
@@ -137,49 +166,63 @@ class Engine:
             try:
                 self.run(job)
             except (ValueError, TypeError) as e:  # the runtime's own input checks: the request's fault
-                self.cache, self.cached_ids = None, []
+                self.kept = []
                 job.events.put(Failed(ApiError(400, str(e).splitlines()[0] if str(e) else type(e).__name__)))
             except Exception as e:  # a bug, not a bad request: say so, drop the cache, keep serving
-                self.cache, self.cached_ids = None, []
+                self.kept = []
                 self.log("error: " + "".join(traceback.format_exception_only(type(e), e)).strip())
                 traceback.print_exc(file=sys.stderr)
                 job.events.put(Failed(ApiError(500, f"generation failed: {e}", kind="server_error")))
 
     # The cache ----------------------------------------------------------------------------------
 
-    def _extension(self, ids: list[int]) -> list[int] | None:
-        """`ids` continued from the cached tokens, when they (or their text) extend the cache's."""
-        cached = self.cached_ids
-        if len(ids) > len(cached) and ids[:len(cached)] == cached:
+    def _extension(self, known: list[int], ids: list[int]) -> list[int] | None:
+        """`ids` continued from `known`, when they (or their text) extend it: the known tokens, then
+        the rest of the text tokenized."""
+        if len(ids) > len(known) and ids[:len(known)] == known:
             return ids
         decode = self.tokenizer.decode
-        old, new = decode(cached, skip_special_tokens=False), decode(ids, skip_special_tokens=False)
+        old, new = decode(known, skip_special_tokens=False), decode(ids, skip_special_tokens=False)
         if len(new) <= len(old) or not new.startswith(old):
             return None
-        extended = cached + self.tokenizer.encode(new[len(old):], add_special_tokens=False)
+        extended = known + self.tokenizer.encode(new[len(old):], add_special_tokens=False)
         return extended if decode(extended, skip_special_tokens=False) == new else None
 
     def _prepare(self, ids: list[int]) -> tuple[list[int], list, int]:
         """(the ids to run, the cache to run them on, how many of them it holds already)."""
-        if self.reuse_cache and self.cache is not None and self.tokenizer is not None:
-            extended = self._extension(ids)
+        kept, self.kept = self.kept, []  # this request keeps its own
+        for k in kept:
+            extended = self._extension(k.ids, ids)
             if extended is not None and len(extended) < self.context:
-                return extended, self.cache, len(self.cached_ids)
-        self.cache, self.cached_ids = None, []
+                return extended, k.cache, len(k.ids)
         return ids, self.model.make_cache(), 0
+
+    def _prefill_all_but_last(self, ids: list[int], cache: list, cached: int) -> None:
+        """Prefill the new prompt tokens but the last (generation starts from that one) and keep
+        a snapshot of the cache at that point."""
+        if len(ids) - cached > 1:
+            prefill(self.model, mx.array(ids[cached:-1]), cache)
+            mx.eval([entry.state for entry in cache])
+        self.kept = [Kept(ids[:-1], snapshot(cache))]
 
     # One request --------------------------------------------------------------------------------
 
     def run(self, job: Job) -> None:
         req = job.request
-        ids, cache, cached = self._prepare(req.prompt_ids)
+        ids, cache, cached = self._prepare(req.prompt_ids) if self.reuse_cache else \
+            (req.prompt_ids, self.model.make_cache(), 0)
+        if self.reuse_cache:
+            self._prefill_all_but_last(ids, cache, cached)
+            start = len(ids) - 1
+        else:
+            start = 0
         max_tokens = min(req.max_tokens, self.context - len(ids))
         stops = StopStrings(req.stop)
         processors = [bias_processor(req.logit_bias, self.model.config.vocab_size)] if req.logit_bias else None
         tracker = _Released(self.tokenizer, req.logprobs)
         fed, n, finish, first_at, tps = [], 0, None, None, 0.0
         tic = time.perf_counter()
-        steps = stream_generate(self.model, self.tokenizer, ids[cached:], cache=cache, max_tokens=max_tokens,
+        steps = stream_generate(self.model, self.tokenizer, ids[start:], cache=cache, max_tokens=max_tokens,
                                 sampling=req.sampling, eos_token_ids=req.eos_ids, logits_processors=processors)
         try:
             for r in steps:
@@ -204,9 +247,7 @@ class Engine:
         finally:
             steps.close()  # hands the cache back from the compiled decoder
         if self.reuse_cache:
-            self.cache, self.cached_ids = cache, ids + fed
-        else:
-            self.cache, self.cached_ids = None, []
+            self.kept.insert(0, Kept(ids + fed, cache))
         if finish == "cancelled":
             self.log(f"{req.id}: client went away; stopped after {n} of at most {max_tokens} tokens")
             return

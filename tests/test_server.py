@@ -262,6 +262,20 @@ def test_chat_turns_reuse_the_cache(server, client, loaded):
     assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens
 
 
+def test_a_reply_cut_short_still_leaves_its_prompt_cached(server, client, loaded):
+    """A stop string cut the reply, so the next turn does not extend the cache as it ended; it
+    extends the snapshot kept after the first turn's prompt."""
+    model, tokenizer = loaded
+    messages = chat("Beautiful is better than")
+    r = client.chat.completions.create(model=server.model_id, messages=messages, max_tokens=30, stop="better")
+    assert r.choices[0].finish_reason == "stop"
+    messages += [{"role": "assistant", "content": r.choices[0].message.content},
+                 {"role": "user", "content": "Flat is better than"}]
+    r2 = client.chat.completions.create(model=server.model_id, messages=messages, max_tokens=10)
+    assert r2.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+    assert r2.choices[0].message.content == generate(model, tokenizer, messages=messages, max_tokens=10)
+
+
 # Bad requests: each a 4xx with OpenAI's error body, and the server keeps serving -------------
 
 def assert_still_serving(client, model_id):
