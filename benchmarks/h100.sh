@@ -3,7 +3,8 @@
 #   bash .mlxcuda/a/stage.sh                                   # first call
 #   source .mlxcuda/b/activate.sh && bash benchmarks/h100.sh e2b decode   # second call, right after
 # Steps: decode (runtime eager and compiled vs mlx-lm, same weights), fast (compiled only vs
-# mlx-lm), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), graphs / graphs-q4
+# mlx-lm), probe / sanitize (where a 4-bit prefill stops being deterministic), coldstart (time to
+# first token with empty vs warm kernel caches), profile (device time per kernel class of a step), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), graphs / graphs-q4
 # (MLX's CUDA graph settings tried on either side vs its defaults, bench_graphs.py), calibrate (GEMV
 # layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
 # (every layer at tiny widths: launch cost alone, made in seconds).
@@ -28,7 +29,7 @@ bundles() {  # the bf16 bundles (the q4 and calibrate steps need neither)
   [ -d "$data/$size-generic" ] || python3 -m convert --target generic --quiet "$data/$size" "$data/$size-generic"
 }
 for step in $steps; do
-  case $step in q4|graphs-q4|calibrate) ;; *) bundles ;; esac
+  case $step in q4|graphs-q4|calibrate|probe|sanitize) ;; *) bundles ;; esac
   case $step in
     decode)
       python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --compiled \
@@ -75,6 +76,34 @@ for step in $steps; do
     graph)
       python3 benchmarks/bench_graph.py "$data/$size-generic" --top 20
       python3 benchmarks/bench_graph.py "$data/$size-cuda" --no-mlx-lm --top 20 ;;
+    probe)
+      # Where a 4-bit prefill stops being deterministic (cuda_q4_probe.py: the culprit module, alone,
+      # fresh and with a poisoned buffer cache), then MLX's quantized matmul shape by shape.
+      [ -d "$data/$size-generic-q4" ] || python3 -m convert --target generic --quantize 4 --quiet "$data/$size" "$data/$size-generic-q4"
+      python3 benchmarks/cuda_q4_probe.py "$data/$size-generic-q4" --mlx-lm --repeats "${REPEATS:-8}" \
+        --phases "${PHASES:-repeat,stages,ops,memory,isolate}" --json "$out/probe-$size.json" --save-npz "$out/probe-$size-op.npz"
+      python3 benchmarks/cuda_qmm_sweep.py --json "$out/qmm-sweep.json" | grep -v "^ok " || true ;;
+    sanitize)
+      # compute-sanitizer over the smallest repro (initcheck: reads of memory nothing wrote; racecheck:
+      # shared-memory races) and over one 4-token prefill of the model.
+      cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+      [ -d "$data/$size-generic-q4" ] || python3 -m convert --target generic --quantize 4 --quiet "$data/$size" "$data/$size-generic-q4"
+      for tool in initcheck racecheck; do
+        timeout 150 "$cs" --tool $tool --print-limit 3 python3 benchmarks/cuda_qmm_repro.py --repeats 1 2>&1 | head -40 || true
+      done
+      timeout 240 "$cs" --tool initcheck --print-limit 3 python3 benchmarks/cuda_q4_probe.py "$data/$size-generic-q4" \
+        --phases repeat --lengths 4 --repeats 2 2>&1 | head -40 || true ;;
+    coldstart)
+      # Time to first token from a process start with MLX's kernel caches empty vs warm, vs mlx-lm.
+      python3 benchmarks/bench_coldstart.py "$data/$size-cuda" "$data/$size-generic" --rounds "${ROUNDS:-1}" \
+        --json "$out/coldstart-$size.json" ;;
+    profile)
+      # Device time per kernel class of one compiled decode step (Nsight Compute) against its wall time.
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      wall=$(python3 benchmarks/profile_step.py time "$data/$size-cuda" | tee /dev/stderr | awk '/wall ms/{print $5}')
+      timeout 300 "$ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+        --log-file "$out/ncu-$size.csv" python3 benchmarks/profile_step.py kernels "$data/$size-cuda" --steps 1 || true
+      python3 benchmarks/profile_step.py parse "$out/ncu-$size.csv" --wall-ms "$wall" --steps 1 | tee "$out/profile-$size.txt" ;;
     calibrate)
       python3 -m runtime calibrate --config "$data/$size/config.json" --dtype bfloat16 --dtype float32 \
         --out "$out/cuda-$size.yaml" ;;

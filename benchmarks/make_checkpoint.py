@@ -11,8 +11,9 @@ and the files are sharded like the hub's (`model-0000i-of-0000n.safetensors` up 
 Nothing close to a whole model is ever in memory: each shard is written header first, then its
 tensors in blocks of `--block-mb`, each block drawn from numpy's generator (float32 normal
 times a per-tensor scale; bfloat16 keeps the upper 16 bits, so every value is finite). Needs
-only numpy and this repository's `convert/gemma3n.py` (no safetensors, no MLX), so it runs on
-bare benchmark machines too.
+only numpy and this repository's packages (`convert/gemma3n.py` for the tensors,
+`manifests/gemma3n.py` for the published sizes; no safetensors, no MLX), so it runs on bare
+benchmark machines too.
 
 Values are tame on purpose (DESIGN.md pitfalls): projections N(0, 1/fan_in), norm scales 1 and
 q/k norm scales head_dim^-1/4 (`--random-norms` draws them around 1 instead). Random weights
@@ -35,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from convert.gemma3n import expected_tensors, kv_shared_unused  # noqa: E402
+from manifests.gemma3n import layer_types, published_text_config  # noqa: E402
 
 PREFIX = "model.language_model."
 INDEX_NAME = "model.safetensors.index.json"
@@ -42,70 +44,13 @@ INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
-# What google/gemma-3n-E2B-it and -E4B-it ship as their text config (transformers 4.53 era),
-# plus `rope_parameters`, the spelling newer transformers write. mlx-lm reads the legacy
-# `rope_theta`/`rope_local_base_freq`, so both are present, as in a re-saved hub config.
-_SIZES = {
-    "e2b": {"layers": 30, "intermediate": 8192, "kv_shared": 10},
-    "e4b": {"layers": 35, "intermediate": 16384, "kv_shared": 15},
-}
-
-
 def text_config(size: str) -> dict:
     """The Gemma3n text config of `size` (e2b, e4b, their -narrow variants, or tiny for tests)."""
     if size == "tiny":
         return _tiny_text_config()
     if size.endswith("-narrow"):
         return _narrow_text_config(size.removesuffix("-narrow"))
-    s = _SIZES[size]
-    layers = s["layers"]
-    return {
-        "model_type": "gemma3n_text",
-        "activation_sparsity_pattern": [0.95] * 10 + [0.0] * (layers - 10),
-        "altup_active_idx": 0,
-        "altup_coef_clip": 120.0,
-        "altup_correct_scale": True,
-        "altup_lr_multiplier": 1.0,
-        "altup_num_inputs": 4,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "final_logit_softcapping": 30.0,
-        "head_dim": 256,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "hidden_size": 2048,
-        "hidden_size_per_layer_input": 256,
-        "initializer_range": 0.02,
-        "intermediate_size": [s["intermediate"]] * layers,
-        "laurel_rank": 64,
-        "layer_types": _layer_types(layers),
-        "max_position_embeddings": 32768,
-        "num_attention_heads": 8,
-        "num_hidden_layers": layers,
-        "num_key_value_heads": 2,
-        "num_kv_shared_layers": s["kv_shared"],
-        "query_pre_attn_scalar": 256,
-        "rms_norm_eps": 1e-06,
-        "rope_local_base_freq": 10000.0,
-        "rope_theta": 1000000.0,
-        "rope_scaling": None,
-        "rope_parameters": {
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
-        },
-        "sliding_window": 512,
-        "torch_dtype": "bfloat16",
-        "use_cache": True,
-        "vocab_size": 262400,
-        "vocab_size_per_layer_input": 262144,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-        "bos_token_id": 2,
-        "tie_word_embeddings": True,
-    }
-
-
-def _layer_types(layers: int) -> list[str]:
-    return ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(layers)]
+    return published_text_config(size.upper())
 
 
 def _tiny_text_config() -> dict:
@@ -119,7 +64,7 @@ def _tiny_text_config() -> dict:
         "hidden_size_per_layer_input": 16,
         "intermediate_size": [128] * 10,
         "laurel_rank": 8,
-        "layer_types": _layer_types(10),
+        "layer_types": layer_types(10),
         "max_position_embeddings": 512,
         "num_attention_heads": 2,
         "num_hidden_layers": 10,

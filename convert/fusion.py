@@ -29,33 +29,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
-from convert.gemma3n import text_shapes
+from convert.items import Item
 from convert.safetensors_io import TensorInfo
-from manifests.format import (
-    FUSED_GROUPS,
-    FUSED_KV_SHARED_ONLY,
-    FUSED_OWN_KV_ONLY,
-    FUSED_ROLES,
-    PREFIX,
-    PRETRANSPOSED,
-    PRETRANSPOSED_SUFFIX,
-)
-
-if TYPE_CHECKING:
-    from convert.planning import Item
-
-
-def stored_suffixes(record: dict) -> list[str]:
-    """The suffixes of the tensors one projection record stores (its key's, then scales/biases)."""
-    suffixes = [PRETRANSPOSED_SUFFIX if record["layout"] == PRETRANSPOSED else ".weight"]
-    q = record.get("quantized")
-    if q:
-        suffixes.append(".scales")
-        if q["mode"] == "affine":
-            suffixes.append(".biases")
-    return suffixes
+from manifests.format import FUSED_GROUPS, FUSED_ROLES, PREFIX, fused_groups_in
+from manifests.records import PROJECTIONS, Storage, Tensor
 
 
 def _why_not(paths: list[str], records: list[dict], items: dict[str, Item]) -> str | None:
@@ -77,8 +55,9 @@ def _why_not(paths: list[str], records: list[dict], items: dict[str, Item]) -> s
     reason = differ("input dims", [r["source_shape"][1] for r in records])
     if reason:
         return reason
-    for suffix in stored_suffixes(records[0]):
-        parts = [items.get(p + suffix) for p in paths]
+    for tensors in zip(*(PROJECTIONS.stored(r) for r in records)):  # the same tensor of every member
+        suffix = "." + tensors[0].part
+        parts = [items.get(t.key) for t in tensors]
         if any(it is None or it.members for it in parts):
             return f"a member's {suffix} is not a single planned tensor"
         reason = (differ(f"{suffix} transforms", [it.transform for it in parts])
@@ -89,34 +68,29 @@ def _why_not(paths: list[str], records: list[dict], items: dict[str, Item]) -> s
     return None
 
 
-def merge_items(key: str, parts: list[Item]) -> Item:
-    """One item whose source is `parts`' sources stacked along the rows (in this order)."""
+def merge_items(tensor: Tensor, parts: list[Item]) -> Item:
+    """The item writing `tensor` (a fused record's) from `parts`' sources stacked along the rows,
+    in this order."""
     first = parts[0]
     src = first.source
     rows = sum(p.source.shape[0] for p in parts)
     stacked = TensorInfo(" + ".join(p.source.name for p in parts), src.dtype, (rows, *src.shape[1:]), src.offset,
                          sum(p.source.nbytes for p in parts))
-    if first.transform == "transpose":
-        shape = (first.shape[0], sum(p.shape[1] for p in parts))
-    else:
-        shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
-    return replace(first, key=key, source=stacked, shape=shape,
+    return replace(first, key=tensor.key, source=stacked, shape=tensor.shape,
                    members=tuple((p.file, p.source) for p in parts))
 
 
 def fused_record(name: str, fused_path: str, paths: list[str], records: list[dict]) -> dict:
+    """The record of the members' rows stored as one matrix at `fused_path`, as they are stored."""
     first = records[0]
-    layout = first["layout"]
-    suffix = stored_suffixes(first)[0]
-    if layout == PRETRANSPOSED:
-        shape = [first["shape"][0], sum(r["shape"][1] for r in records)]
-    else:
-        shape = [sum(r["shape"][0] for r in records), first["shape"][1]]
+    storage = Storage.of(first)
+    out_dims = sum(r["source_shape"][0] for r in records)
+    weight = PROJECTIONS.expected(fused_path, storage, out_dims, storage.dims(first["shape"])[1])[0]
     return {
-        "role": FUSED_ROLES[name], "layout": layout, "key": fused_path + suffix,
+        "role": FUSED_ROLES[name], "layout": storage.layout, "key": weight.key,
         "source_key": first["source_key"],
-        "shape": shape,
-        "source_shape": [sum(r["source_shape"][0] for r in records), first["source_shape"][1]],
+        "shape": list(weight.shape),
+        "source_shape": [out_dims, first["source_shape"][1]],
         "dtype": first["dtype"], "bias": None, "quantized": first.get("quantized"),
         "fused": [{"path": p, "out": r["source_shape"][0], "source_key": r["source_key"],
                    "source_shape": list(r["source_shape"])} for p, r in zip(paths, records)],
@@ -124,11 +98,10 @@ def fused_record(name: str, fused_path: str, paths: list[str], records: list[dic
 
 
 def fuse(items: list[Item], projections: dict[str, dict], roles: Counter, groups: tuple[str, ...],
-         text_config: dict) -> tuple[list[Item], dict[str, dict], Counter, Counter]:
+         kv_shared: list[bool]) -> tuple[list[Item], dict[str, dict], Counter, Counter]:
     """(items, projections, fused groups per name, unfused groups per reason) after fusing
-    `groups` in every layer that has them (qkv and qkv_laurel: not in KV-shared layers, which have
-    no k/v; q_laurel: only there)."""
-    s = text_shapes(text_config)
+    `groups` in every layer they apply in (`kv_shared`: per layer, whether it is KV-shared; qkv
+    and qkv_laurel not there, having no k/v; q_laurel only there: manifests/format.py)."""
     by_key = {it.key: it for it in items}
     done: Counter = Counter()
     left: Counter = Counter()
@@ -136,10 +109,9 @@ def fuse(items: list[Item], projections: dict[str, dict], roles: Counter, groups
     dropped_items: set[str] = set()
     dropped_paths: set[str] = set()
     renamed: dict[str, tuple[str, dict]] = {}  # first member path -> (fused path, record)
-    for layer in range(s.num_hidden_layers):
+    for layer, shared in enumerate(kv_shared):
         for name in groups:
-            shared = layer >= s.first_kv_shared_layer
-            if (name in FUSED_OWN_KV_ONLY and shared) or (name in FUSED_KV_SHARED_ONLY and not shared):
+            if name not in fused_groups_in(shared):
                 continue
             module, members = FUSED_GROUPS[name]
             base = f"{PREFIX}layers.{layer}."
@@ -150,11 +122,12 @@ def fuse(items: list[Item], projections: dict[str, dict], roles: Counter, groups
                 left[f"{name}: {reason}"] += 1
                 continue
             fused_path = base + module
-            for suffix in stored_suffixes(records[0]):
-                parts = [by_key[p + suffix] for p in paths]
-                merged[parts[-1].key] = merge_items(fused_path + suffix, parts)
-                dropped_items.update(p.key for p in parts[:-1])
             record = fused_record(name, fused_path, paths, records)
+            members = zip(*(PROJECTIONS.stored(r) for r in records))
+            for tensor, tensors in zip(PROJECTIONS.stored(record), members):
+                parts = [by_key[t.key] for t in tensors]
+                merged[parts[-1].key] = merge_items(tensor, parts)
+                dropped_items.update(p.key for p in parts[:-1])
             renamed[paths[0]] = (fused_path, record)
             dropped_paths.update(paths[1:])
             for r in records:

@@ -1,8 +1,9 @@
 """What a Gemma3n text decoder checkpoint holds: tensor names, shapes and projection roles.
 
 Names here are relative to the decoder (`layers.0.mlp.gate_proj.weight`); the bundle prefixes
-them with `manifests.PREFIX`. This is the converter's single description of the architecture:
-planning, validation, the tests' checkpoint builder and the benchmark generator all read it.
+them with `manifests.PREFIX`. This is the converter's single description of the architecture
+(convert/architectures.py lists what an architecture's module provides): planning, validation,
+the tests' checkpoint builder and the benchmark generator all read it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-ARCHITECTURES = ("gemma3n", "gemma3n_text")
+from manifests.gemma3n import ARCHITECTURE, MODEL_TYPES, TEXT_MODEL_TYPE
+
+ARCHITECTURES = MODEL_TYPES  # the config model_types source reading accepts
+NAME = "Gemma3n"  # in messages
+__all__ = ["ARCHITECTURE", "ARCHITECTURES", "EMBEDDINGS", "MODEL_TYPES", "NAME", "NEVER_QUANTIZED", "NEVER_QUANTIZED_BECAUSE",
+           "TEXT_MODEL_TYPE", "TextShapes", "expected_tensors", "kv_shared_layers", "kv_shared_unused",
+           "projection_role", "text_shapes"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,13 @@ def expected_tensors(text_config: dict) -> dict[str, tuple[int, ...]]:
     return t
 
 
+def kv_shared_layers(text_config: dict) -> list[bool]:
+    """Per decoder layer, whether it is KV-shared: the last `num_kv_shared_layers` reuse an earlier
+    layer's K/V cache and have no k/v projections of their own."""
+    s = text_shapes(text_config)
+    return [i >= s.first_kv_shared_layer for i in range(s.num_hidden_layers)]
+
+
 def kv_shared_unused(text_config: dict) -> list[str]:
     """K/V tensors some checkpoints carry for KV-shared layers, which the model never reads."""
     s = text_shapes(text_config)
@@ -133,3 +147,8 @@ def projection_role(module: str) -> str | None:
 
 
 EMBEDDINGS = ("embed_tokens", "embed_tokens_per_layer")
+
+# Linear modules never quantized (convert/quantize.py says why in full): AltUp's coefficient
+# matrices and router are tiny, shape every plane's mixture, and run in float32 on purpose.
+NEVER_QUANTIZED = ("altup.correction_coefs", "altup.prediction_coefs", "altup.modality_router")
+NEVER_QUANTIZED_BECAUSE = "AltUp coefficients and router stay float"

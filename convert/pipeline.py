@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from convert.architectures import architecture
 from convert.errors import ConvertError
 from convert.planning import (
     BAND_BYTES,
@@ -247,10 +248,10 @@ def eos_token_ids(src: Source) -> list[int]:
     return sorted(ids)
 
 
-def normalized_text_config(src: Source) -> dict:
+def normalized_text_config(src: Source, arch: str) -> dict:
     text = {k: v for k, v in src.text_config.items()
             if k not in ("architectures", "quantization", "quantization_config", "transformers_version")}
-    text["model_type"] = "gemma3n_text"
+    text["model_type"] = architecture(arch).TEXT_MODEL_TYPE
     if "tie_word_embeddings" not in text and "tie_word_embeddings" in src.config:
         text["tie_word_embeddings"] = src.config["tie_word_embeddings"]
     return text
@@ -270,8 +271,8 @@ def build_manifest(p: Plan, files: dict, source_files: dict) -> dict:
         "versions": {"mlx": _version("mlx"), "python": platform.python_version(), "numpy": _version("numpy"),
                      "safetensors": _version("safetensors")},
         "source": source,
-        "model": {"architecture": "gemma3n", "model_type": src.model_type,
-                  "text_config": normalized_text_config(src), "eos_token_ids": eos_token_ids(src)},
+        "model": {"architecture": p.architecture, "model_type": src.model_type,
+                  "text_config": normalized_text_config(src, p.architecture), "eos_token_ids": eos_token_ids(src)},
         "target": {"name": p.profile.name, "profile": p.profile.content, "profile_sha256": p.profile.sha256,
                    "device": p.device},
         "dtype": p.dtype,

@@ -13,33 +13,27 @@ made of several source tensors stacked along their rows (`Item.members`), by the
 
 from __future__ import annotations
 
-import math
+import itertools
 import os
 import resource
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+from convert.architectures import architecture, architecture_of
 from convert.dtypes import CODE_FOR_OPTION, FLOATS
 from convert.errors import ConvertError
 from convert.fusion import fuse as fuse_groups
-from convert.gemma3n import EMBEDDINGS, expected_tensors, kv_shared_unused, projection_role
+from convert.items import Item
 from convert.quantize import QuantSpec, not_quantized_because, spill_bytes
 from convert.quantize import working_set as quant_working_set
-from convert.safetensors_io import DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
+from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
-from manifests.format import (
-    FUSE_ALL,
-    INDEX_NAME,
-    LM_HEAD,
-    LM_HEAD_PRETRANSPOSED_KEY,
-    PREFIX,
-    PRETRANSPOSED,
-    PRETRANSPOSED_SUFFIX,
-    STANDARD,
-)
+from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, PREFIX, PRETRANSPOSED, STANDARD
+from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.profiles import TargetProfile
+from manifests.records import BIASES, EMBEDDINGS, PROJECTIONS, SCALES, WEIGHT, Kind, Quantization, Storage
 
 DTYPE_OPTIONS = ("keep", "bfloat16", "float16", "float32")
 
@@ -82,33 +76,6 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-@dataclass(frozen=True)
-class Item:
-    """One bundle tensor and how it is made from one source tensor."""
-
-    key: str  # bundle key
-    file: str  # source file, relative to the source root
-    source: TensorInfo
-    dtype: str  # safetensors dtype code written
-    shape: tuple[int, ...]  # shape written
-    transform: str  # "copy" | "cast" | "transpose" | "quantize"
-    quant: QuantSpec | None = None  # quantize: the spec
-    part: str = ""  # quantize: "weight", "scales" or "biases" of `source`
-    quant_dtype: str = ""  # quantize: the float dtype `source` is cast to before quantizing
-    # A fused item: (file, tensor) of each member, in row order; `source` then describes their
-    # stack (the rows added up) for sizes only, and the writer reads the members.
-    members: tuple[tuple[str, TensorInfo], ...] = ()
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
-
-    @property
-    def parts(self) -> tuple[tuple[str, TensorInfo], ...]:
-        """(source file, source tensor) of what is read, in order: the members, or the one source."""
-        return self.members or ((self.file, self.source),)
-
-
 @dataclass
 class Shard:
     name: str
@@ -140,6 +107,7 @@ class Plan:
     fuse: tuple[str, ...] = ()  # the groups asked for (profile's `fuse`, or --fuse/--no-fuse)
     fused: Counter = field(default_factory=Counter)  # group -> layers fused
     unfused: Counter = field(default_factory=Counter)  # "group: reason" -> layers left unfused
+    architecture: str = GEMMA3N  # the manifest's model.architecture (convert/architectures.py)
 
     @property
     def items(self) -> list[Item]:
@@ -186,7 +154,7 @@ class Plan:
         for role in sorted({r for r, _ in self.roles}):
             lines.append(f"{role:28s} {self.roles[role, STANDARD]:9d} {self.roles[role, PRETRANSPOSED]:14d}")
         if self.quantize:
-            done = sum(1 for i in self.items if i.part == "weight")
+            done = sum(1 for i in self.items if i.part == WEIGHT)
             lines.append(f"quantize {self.quantize.describe()}: {done} tensors")
             for reason, n in sorted(self.unquantized.items()):
                 lines.append(f"  float   {n:5d}  {reason}")
@@ -194,7 +162,7 @@ class Plan:
             lines.append("fuse     " + ", ".join(f"{g} {self.fused[g]} layers" for g in self.fuse))
             for reason, n in sorted(self.unfused.items()):
                 lines.append(f"  unfused {n:5d}  {reason}")
-        transforms = Counter(i.transform for i in self.items if i.part in ("", "weight"))
+        transforms = Counter(i.transform for i in self.items if i.part in ("", WEIGHT))
         lines += [
             "writes   " + ", ".join(f"{n} {t}" for t, n in sorted(transforms.items())),
             f"bytes in   {human(src.bytes_in)}",
@@ -273,6 +241,12 @@ def quantization_of(config: dict, text_config: dict, display: str) -> dict | Non
     return None
 
 
+# The bits and group sizes an MLX-quantized checkpoint may use, where a module's are read off its
+# shapes (mixed-precision recipes that leave them out of the quantization block).
+MLX_BITS = (2, 3, 4, 5, 6, 8)
+MLX_GROUP_SIZES = (16, 32, 64, 128)
+
+
 def _quant_params(q: dict | None, module_key: str, weight: TensorInfo, scales: TensorInfo, in_dim: int,
                   where: str) -> dict:
     """{bits, group_size, mode} of one MLX-quantized module.
@@ -294,12 +268,18 @@ def _quant_params(q: dict | None, module_key: str, weight: TensorInfo, scales: T
                  "mode": str(params.get("mode", q.get("mode", "affine")))}
     except (KeyError, TypeError, ValueError):
         raise ConvertError(f"{where}: config.json's quantization block lacks bits/group_size") from None
-    if not explicit and len(weight.shape) == 2 and len(scales.shape) == 2 and scales.shape[1]:
-        bits, rest = divmod(weight.shape[1] * 32, in_dim)
-        group, rest2 = divmod(in_dim, scales.shape[1])
-        fits = weight.shape[1] * 32 == in_dim * found["bits"] and scales.shape[1] * found["group_size"] == in_dim
-        if not fits and not rest and not rest2 and bits in (2, 3, 4, 5, 6, 8) and group in (16, 32, 64, 128):
-            found.update(bits=bits, group_size=group)
+    if not explicit and len(weight.shape) == 2 and len(scales.shape) == 2:
+        def stores(q: Quantization) -> bool:  # whether `q` stores this module's weight and scales
+            if not q.packs(in_dim):
+                return False
+            described = Storage(quantized=q).tensors("", weight.shape[0], in_dim)
+            return [t.shape for t in described[:2]] == [weight.shape, scales.shape]
+
+        if not stores(Quantization(found["bits"], found["group_size"], found["mode"])):
+            for bits, group in itertools.product(MLX_BITS, MLX_GROUP_SIZES):
+                if stores(Quantization(bits, group, found["mode"])):
+                    found.update(bits=bits, group_size=group)
+                    break
     return found
 
 
@@ -311,8 +291,10 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
     if dtype not in DTYPE_OPTIONS:
         raise ConvertError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_OPTIONS)}")
     tc, cfg = source.text_config, source.config
-    shapes = expected_tensors(tc)
-    unused = set(kv_shared_unused(tc))
+    arch_name = architecture_of(source.model_type)
+    arch = architecture(arch_name)  # what the architecture's checkpoints hold (convert/architectures.py)
+    shapes = arch.expected_tensors(tc)
+    unused = set(arch.kv_shared_unused(tc))
     tied = bool(tc.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True)))
     prefix = NAMING_PREFIXES[source.naming]
     config_where = f"{source.display}/config.json"
@@ -331,7 +313,7 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
         elif key.startswith(prefix):
             path = key[len(prefix):]
             module, _, leaf = path.rpartition(".")
-            if path in unused or (leaf in ("scales", "biases") and f"{module}.weight" in unused):
+            if path in unused or (leaf in (SCALES, BIASES) and f"{module}.weight" in unused):
                 dropped.append({"key": key, "reason": "K/V of a KV-shared layer, which reuses an earlier "
                                 "layer's cache: never read"})
                 continue
@@ -342,38 +324,37 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
                                    "embed_tokens)")
             dropped.append({"key": key, "reason": "stray LM head of a tied model; the LM head is embed_tokens"})
         else:
-            raise ConvertError(f"{where(key)}: unexpected tensor (not part of the Gemma3n text decoder "
+            raise ConvertError(f"{where(key)}: unexpected tensor (not part of the {arch.NAME} text decoder "
                                f"under {prefix!r}, and not a vision/audio tower)")
 
     # 2. Quantized modules: `.weight` uint32 with `.scales` (and `.biases` in affine mode).
     quantized: dict[str, dict] = {}  # decoder module -> {bits, group_size, mode}
+    companions: set[str] = set()  # decoder paths of their scales and biases
     for path, key in decoder.items():
         module, _, leaf = path.rpartition(".")
-        if leaf == "scales":
+        if leaf == SCALES:
             wpath = f"{module}.weight"
             if wpath not in shapes or len(shapes[wpath]) != 2:
-                raise ConvertError(f"{where(key)}: unexpected tensor (not part of the Gemma3n text decoder)")
+                raise ConvertError(f"{where(key)}: unexpected tensor (not part of the {arch.NAME} text decoder)")
             if wpath not in decoder or source.tensors[decoder[wpath]][1].dtype != "U32":
                 raise ConvertError(f"{where(key)}: .scales without a uint32 {module}.weight beside it")
             out_dim, in_dim = shapes[wpath]
             winfo, sinfo = source.tensors[decoder[wpath]][1], source.tensors[key][1]
-            q = _quant_params(quant, key[: -len(".scales")], winfo, sinfo, in_dim, where(decoder[wpath]))
-            want_w = (out_dim, in_dim * q["bits"] // 32)
-            if in_dim * q["bits"] % 32 or in_dim % q["group_size"] or winfo.shape != want_w:
+            q = _quant_params(quant, key.rpartition(".")[0], winfo, sinfo, in_dim, where(decoder[wpath]))
+            storage = Storage(quantized=Quantization.of(q))
+            want_w = storage.weight_shape(out_dim, in_dim)
+            if not storage.quantized.packs(in_dim) or winfo.shape != want_w:
                 raise ConvertError(f"{where(decoder[wpath])}: shape {list(winfo.shape)} but config.json implies "
                                    f"{list(want_w)} ({q['bits']}-bit of {list(shapes[wpath])})")
-            want_s = (out_dim, in_dim // q["group_size"])
-            if sinfo.shape != want_s:
-                raise ConvertError(f"{where(key)}: shape {list(sinfo.shape)} but config.json implies {list(want_s)} "
-                                   f"(group size {q['group_size']})")
-            bpath = f"{module}.biases"
-            if q["mode"] == "affine":
-                if bpath not in decoder:
-                    raise ConvertError(f"{where(decoder[wpath])}: affine-quantized but {prefix}{bpath} is missing")
-                if source.tensors[decoder[bpath]][1].shape != want_s:
-                    raise ConvertError(f"{where(decoder[bpath])}: shape "
-                                       f"{list(source.tensors[decoder[bpath]][1].shape)} but config.json implies "
-                                       f"{list(want_s)}")
+            for t in storage.tensors(module, out_dim, in_dim)[1:]:  # scales (and biases) beside the weight
+                if t.key not in decoder:
+                    raise ConvertError(f"{where(decoder[wpath])}: {q['mode']}-quantized but {prefix}{t.key} is missing")
+                found = source.tensors[decoder[t.key]][1].shape
+                if found != t.shape:
+                    group = f" (group size {q['group_size']})" if t.part == SCALES else ""
+                    raise ConvertError(f"{where(decoder[t.key])}: shape {list(found)} but config.json implies "
+                                       f"{list(t.shape)}{group}")
+                companions.add(t.key)
             quantized[module] = q
     if quantize is not None and (quantized or quant is not None):
         first = next((decoder[m + ".weight"] for m in quantized), None)
@@ -385,10 +366,10 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
     for path, key in decoder.items():
         module, _, leaf = path.rpartition(".")
         info = source.tensors[key][1]
-        if module in quantized and leaf in ("weight", "scales", "biases"):
+        if module in quantized and (leaf == WEIGHT or path in companions):
             continue
-        if leaf == "biases" or path not in shapes:
-            raise ConvertError(f"{where(key)}: unexpected tensor (not part of the Gemma3n text decoder)")
+        if leaf == BIASES or path not in shapes:
+            raise ConvertError(f"{where(key)}: unexpected tensor (not part of the {arch.NAME} text decoder)")
         if info.dtype == "U32" and leaf == "weight":
             raise ConvertError(f"{where(key)}: uint32 weight without {prefix}{module}.scales")
         if info.dtype not in FLOATS:
@@ -416,67 +397,64 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
     unquantized: Counter = Counter()
     for path in decoder if quantize is not None else ():
         module, _, leaf = path.rpartition(".")
-        if leaf == "weight" and (projection_role(module) or module in EMBEDDINGS):
-            reason = not_quantized_because(module, shapes[path], quantize)
+        if leaf == WEIGHT and (arch.projection_role(module) or module in arch.EMBEDDINGS):
+            reason = not_quantized_because(arch, module, shapes[path], quantize)
             if reason is None:
                 requantized.add(module)
             else:
                 unquantized[reason] += 1
 
-    def add_projection(name: str, role: str, info: TensorInfo, src_key: str, file: str, module: str | None):
-        q = quantized.get(module) if module is not None else None
+    def storage_of(module: str, role: str | None, info: TensorInfo) -> tuple[Storage, str]:
+        """How the weight of `module` is stored (manifests/records.py), and the dtype code its
+        values are written in (the scales' of a quantized one)."""
         if module in requantized:
-            key = PREFIX + (module if role != "lm_head" else "embed_tokens") + ".weight"
-            projections[name] = {"role": role, "layout": STANDARD, "key": key, "source_key": src_key,
-                                 "shape": list(quantize.shape_of("weight", info.shape)),
-                                 "source_shape": list(info.shape), "dtype": "uint32", "bias": None,
-                                 "quantized": quantize.record}
-            roles[role, STANDARD] += 1
-            return
-        written = info.dtype if q else out_dtype(info)
-        layout = STANDARD if q else profile.layout_for(role, DTYPE_NAMES[written])
-        if layout == PRETRANSPOSED:
-            key = LM_HEAD_PRETRANSPOSED_KEY if role == "lm_head" else PREFIX + module + PRETRANSPOSED_SUFFIX
-            shape = info.shape[::-1]
-            items.append(Item(key, file, info, written, shape, "transpose"))
-        else:
-            key = PREFIX + (module if role != "lm_head" else "embed_tokens") + ".weight"
-            shape = info.shape
-        projections[name] = {"role": role, "layout": layout, "key": key, "source_key": src_key,
-                             "shape": list(shape), "source_shape": list(info.shape),
-                             "dtype": DTYPE_NAMES[written], "bias": None, "quantized": q}
-        roles[role, layout] += 1
+            return Storage(STANDARD, quantize), out_dtype(info)
+        if module in quantized:
+            return Storage(STANDARD, Quantization.of(quantized[module])), info.dtype
+        written = out_dtype(info)
+        return Storage(profile.layout_for(role, DTYPE_NAMES[written]) if role else STANDARD), written
+
+    def record(kind: Kind, name: str, module: str, role: str | None, info: TensorInfo) -> tuple[dict, str]:
+        """What the record `name` of `module`'s weight says is stored; the dtype code written."""
+        storage, written = storage_of(module, role, info)
+        weight = kind.expected(name, storage, *shapes[module + ".weight"], DTYPE_NAMES[written])[0]
+        return {"key": weight.key, "shape": list(weight.shape), "dtype": weight.dtype,
+                "quantized": storage.quantized and storage.quantized.record, "layout": storage.layout}, written
+
+    def add_projection(name: str, role: str, info: TensorInfo, src_key: str, file: str, module: str):
+        r, written = record(PROJECTIONS, name, module, role, info)
+        if r["layout"] == PRETRANSPOSED:  # the one tensor made here; the others are planned as they are read
+            items.append(Item(r["key"], file, info, written, tuple(r["shape"]), "transpose"))
+        projections[name] = {"role": role, "layout": r["layout"], "key": r["key"], "source_key": src_key,
+                             "shape": r["shape"], "source_shape": list(info.shape), "dtype": r["dtype"],
+                             "bias": None, "quantized": r["quantized"]}
+        roles[role, r["layout"]] += 1
 
     for path, key in decoder.items():
         file, info = source.tensors[key]
         module, _, leaf = path.rpartition(".")
-        q = quantized.get(module)
-        if module in requantized and leaf == "weight":
-            written = out_dtype(info)
-            for part in ("weight", "scales", "biases") if quantize.mode == "affine" else ("weight", "scales"):
-                items.append(Item(f"{PREFIX}{module}.{part}", file, info, "U32" if part == "weight" else written,
-                                  quantize.shape_of(part, info.shape), "quantize", quantize, part, written))
-        elif q:
+        if module in requantized and leaf == WEIGHT:
+            storage, written = storage_of(module, None, info)
+            for t in storage.tensors(PREFIX + module, *info.shape, DTYPE_NAMES[written]):
+                items.append(Item(t.key, file, info, DTYPE_CODES[t.dtype], t.shape, "quantize", quantize, t.part,
+                                  written))
+        elif module in quantized:
             items.append(Item(PREFIX + path, file, info, info.dtype, info.shape, "copy"))
         else:
             written = out_dtype(info)
-            role = projection_role(module) if leaf == "weight" else None
-            transposed = role is not None and profile.layout_for(role, DTYPE_NAMES[written]) == PRETRANSPOSED
-            if not transposed:
+            role = arch.projection_role(module) if leaf == WEIGHT else None
+            if role is None or storage_of(module, role, info)[0].layout != PRETRANSPOSED:
                 items.append(Item(PREFIX + path, file, info, written, info.shape,
                                   "copy" if written == info.dtype else "cast"))
-        if leaf != "weight":
+        if leaf != WEIGHT:
             continue
-        role = projection_role(module)
+        role = arch.projection_role(module)
         if role is not None:
             add_projection(PREFIX + module, role, info, key, file, module)
-        elif module in ("embed_tokens", "embed_tokens_per_layer"):
-            written = info.dtype if q else out_dtype(info)
-            shape = info.shape
-            if module in requantized:
-                written, shape, q = "U32", quantize.shape_of("weight", info.shape), quantize.record
-            embeddings[PREFIX + module] = {"key": PREFIX + path, "source_key": key, "shape": list(shape),
-                                           "dtype": DTYPE_NAMES[written], "quantized": q}
+        elif module in arch.EMBEDDINGS:
+            r, _ = record(EMBEDDINGS, PREFIX + module, module, None, info)
+            embeddings[PREFIX + module] = {"key": r["key"], "source_key": key, "shape": r["shape"],
+                                           "dtype": r["dtype"], "quantized": r["quantized"]}
             if module == "embed_tokens":
                 add_projection(LM_HEAD, "lm_head", info, key, file, module)
 
@@ -484,7 +462,8 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
     fuse_names = profile.fuse if fuse is None else (FUSE_ALL if fuse else ())
     fused, unfused = Counter(), Counter()
     if fuse_names:
-        items, projections, fused, unfused = fuse_groups(items, projections, roles, fuse_names, tc)
+        items, projections, fused, unfused = fuse_groups(items, projections, roles, fuse_names,
+                                                         arch.kv_shared_layers(tc))
 
     # 6. Shards: greedy in reading order, each at most `max_shard_size` of data (a bigger tensor
     # gets a shard of its own); inside a shard, larger item sizes first so every tensor stays
@@ -509,7 +488,8 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
                 projections=projections, embeddings=embeddings, dropped=dropped, tied=tied,
                 read_block=read_block, band_bytes=band_bytes,
                 baseline_rss=current_rss() if baseline_rss is None else baseline_rss, roles=roles,
-                quantize=quantize, unquantized=unquantized, fuse=fuse_names, fused=fused, unfused=unfused)
+                quantize=quantize, unquantized=unquantized, fuse=fuse_names, fused=fused, unfused=unfused,
+                architecture=arch_name)
 
 
 SHARD_METADATA = {"format": "mlx", "producer": "mlx-prepared"}

@@ -1,9 +1,10 @@
 """`convert --quantize`: MLX affine quantization of a float checkpoint, while streaming.
 
 Which tensors: the linear projections and the two embedding tables whose last dimension is a
-multiple of the group size. Never norms (1-D), nor AltUp's coefficient matrices and modality
-router: they are tiny (4x4, 16x4, 4 x hidden), they shape every plane's mixture, and AltUp runs
-them in float32 on purpose, so quantizing them saves nothing and costs accuracy.
+multiple of the group size. Never norms (1-D), nor what the architecture never quantizes
+(NEVER_QUANTIZED: Gemma3n's AltUp coefficient matrices and modality router, which are tiny (4x4,
+16x4, 4 x hidden), shape every plane's mixture, and run in float32 on purpose, so quantizing
+them saves nothing and costs accuracy).
 
 What is written is what `mx.quantize` makes of the whole tensor (cast to the output dtype first,
 so scales and biases have the source dtype or `--dtype`): `<module>.weight` packed uint32,
@@ -30,51 +31,27 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from convert.dtypes import STORAGE, cast, view
 from convert.errors import ConvertError
-from convert.gemma3n import EMBEDDINGS, projection_role
-from convert.safetensors_io import ITEMSIZE
+from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE
+from manifests.records import Quantization, Storage
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 MODES = ("affine",)
 DEFAULT_GROUP_SIZE = 64
 
-# Linear modules that are never quantized (see the module docstring).
-NEVER_QUANTIZED = ("altup.correction_coefs", "altup.prediction_coefs", "altup.modality_router")
-
 # Source bytes quantized at once: mx.quantize runs as fast on 16 MB as on 64 MB here (0.3-0.4 GB/s
 # of bfloat16 on this CPU), and MLX holds a copy of the block plus its outputs beside the read
 # buffer, so a smaller block keeps the working set small.
 QUANT_BLOCK = 16 * 1024 * 1024
 
-PARTS = ("weight", "scales", "biases")
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    bits: int
-    group_size: int
-    mode: str = "affine"
-
-    @property
-    def record(self) -> dict:
-        """What the manifest records for a quantized projection or embedding."""
-        return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode}
-
-    def shape_of(self, part: str, shape: tuple[int, ...]) -> tuple[int, int]:
-        rows, cols = shape
-        if part == "weight":
-            return rows, cols * self.bits // 32
-        return rows, cols // self.group_size
-
-    def describe(self) -> str:
-        return f"{self.bits}-bit {self.mode}, group size {self.group_size}"
+# The options of `--quantize` as a spec: bits, group size, mode, and what the manifest records.
+QuantSpec = Quantization
 
 
 def quant_spec(bits: int | None, group_size: int | None = None, mode: str | None = None) -> QuantSpec | None:
@@ -94,13 +71,14 @@ def quant_spec(bits: int | None, group_size: int | None = None, mode: str | None
     return QuantSpec(bits, group_size, mode)
 
 
-def not_quantized_because(module: str, shape: tuple[int, ...], spec: QuantSpec) -> str | None:
-    """None if the weight of `module` (decoder-relative) is quantized under `spec`, else why not."""
-    role = projection_role(module)
-    if module not in EMBEDDINGS and role is None:
+def not_quantized_because(arch, module: str, shape: tuple[int, ...], spec: QuantSpec) -> str | None:
+    """None if the weight of `module` (decoder-relative, of architecture module `arch`:
+    convert/architectures.py) is quantized under `spec`, else why not."""
+    role = arch.projection_role(module)
+    if module not in arch.EMBEDDINGS and role is None:
         return "not a linear projection or embedding"
-    if role in NEVER_QUANTIZED:
-        return "AltUp coefficients and router stay float"
+    if role in arch.NEVER_QUANTIZED:
+        return arch.NEVER_QUANTIZED_BECAUSE
     if len(shape) != 2:
         return "not a matrix"
     if shape[-1] % spec.group_size:
@@ -116,8 +94,8 @@ def working_set(item, read_block: int) -> int:
     """Bytes the writer holds for one quantize item (the plan's memory prediction).
 
     The packed weight pass holds the read block, its cast (if --dtype changes it), MLX's copy of
-    the block, mx.quantize's float32 temporaries and its outputs, and as much again in MLX's
-    buffer cache; the scales and biases passes hold one read buffer.
+    the block, mx.quantize's float32 temporaries and its outputs (manifests/records.py), and as
+    much again in MLX's buffer cache; the scales and biases passes hold one read buffer.
     """
     src = item.source
     if item.part != "weight":
@@ -128,7 +106,8 @@ def working_set(item, read_block: int) -> int:
     out_size = ITEMSIZE[item.quant_dtype]
     read = n * src.itemsize
     cast_buf = 0 if item.quant_dtype == src.dtype else n * out_size
-    mlx = n * out_size + n * 4 + n * item.quant.bits // 8 + 2 * (n // item.quant.group_size) * out_size
+    made = Storage(quantized=item.quant).tensors("", block_rows, cols, DTYPE_NAMES[item.quant_dtype])
+    mlx = n * out_size + n * 4 + sum(math.prod(t.shape) * ITEMSIZE[DTYPE_CODES[t.dtype]] for t in made)
     return read + cast_buf + 2 * mlx
 
 
@@ -193,9 +172,9 @@ def _write_weight(item, readers, writer, bufs, read_block: int, spills: Spills) 
     spec, out_dtype = item.quant, item.quant_dtype
     cols = item.source.shape[1]
     step = rows_per_block(cols, item.source.itemsize, read_block)
-    module = item.key[: -len(".weight")]
-    names = ["scales", "biases"] if spec.mode == "affine" else ["scales"]
-    files = [spills.create(f"{module}.{name}") for name in names]
+    # The tensors stored beside the packed weight (manifests/records.py), in mx.quantize's order.
+    beside = Storage(quantized=spec).tensors(item.key.rpartition(".")[0], *item.source.shape)[1:]
+    files = [spills.create(t.key) for t in beside]
     try:
         for file, src in item.parts:
             reader, rows, per_row = readers[file], src.shape[0], cols * src.itemsize
@@ -245,4 +224,4 @@ def spill_bytes(items) -> int:
 
 
 __all__ = ["QuantSpec", "quant_spec", "not_quantized_because", "write_quantized", "Spills", "BITS",
-           "GROUP_SIZES", "MODES", "DEFAULT_GROUP_SIZE", "NEVER_QUANTIZED"]
+           "GROUP_SIZES", "MODES", "DEFAULT_GROUP_SIZE"]

@@ -20,7 +20,6 @@ PREFIX = "model.language_model."
 PRETRANSPOSED_SUFFIX = ".weight_t"
 
 LM_HEAD = "lm_head"
-LM_HEAD_PRETRANSPOSED_KEY = "lm_head" + PRETRANSPOSED_SUFFIX
 EMBED_TOKENS = PREFIX + "embed_tokens"
 
 STANDARD = "standard"
@@ -55,6 +54,13 @@ FUSED_KV_SHARED_ONLY = ("q_laurel",)
 FUSED_EXCLUSIVE = (("qkv", "qkv_laurel"),)
 # What `convert --fuse` stores fused: every group, one of each exclusive set (the larger).
 FUSE_ALL = ("qkv_laurel", "q_laurel", "gate_up")
+
+
+def fused_groups_in(kv_shared: bool) -> tuple[str, ...]:
+    """The groups that apply in a layer with a KV cache of its own (`kv_shared` False) or in a
+    KV-shared one (True), in FUSED_GROUPS order: what writer and reader both go by."""
+    elsewhere = FUSED_OWN_KV_ONLY if kv_shared else FUSED_KV_SHARED_ONLY
+    return tuple(name for name in FUSED_GROUPS if name not in elsewhere)
 
 
 class ManifestError(ValueError):

@@ -17,9 +17,9 @@ from manifests.format import (
     MANIFEST_DIGEST_NAME,
     MANIFEST_LIMIT,
     MANIFEST_NAME,
-    PRETRANSPOSED,
     ManifestError,
 )
+from manifests.records import Storage
 from manifests.schema import SchemaError, validate
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -94,7 +94,7 @@ def check_fused(projections: dict, where: str = MANIFEST_NAME) -> None:
         shape = list(record["shape"])
         if len(shape) != 2:
             raise ManifestError(f"{at}: fused weight shape {shape} is not a matrix")
-        rows = shape[1] if record["layout"] == PRETRANSPOSED else shape[0]
+        rows = Storage.of(record, at).dims(shape)[0]
         total = sum(m["out"] for m in members)
         if total != rows:
             raise ManifestError(f"{at}: member outs {[m['out'] for m in members]} sum to {total}, but the "
@@ -168,10 +168,3 @@ def load_manifest(path: str | os.PathLike) -> dict:
 
 def read_manifest(bundle: str | os.PathLike) -> dict:
     return load_manifest(Path(bundle) / MANIFEST_NAME)
-
-
-def tensor_records(manifest: dict) -> list[tuple[str, str, dict]]:
-    """(where, module, record) for every projection and embedding record: what load and verify
-    both check against the stored tensors. `where` names the record for one-line messages."""
-    return [(f"{MANIFEST_NAME}: {section}.{module}", module, record)
-            for section in ("projections", "embeddings") for module, record in manifest[section].items()]

@@ -39,7 +39,12 @@ import yaml
 
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
 from manifests.format import DTYPES, PRETRANSPOSED, STANDARD
+from manifests.gemma3n import ARCHITECTURE as GEMMA3N
+from manifests.gemma3n import MODEL_TYPES, SIZES, published_text_config
 from manifests.profiles import ROLES, load_profile, profile_sha256, save_user_profile, target_for_device
+from manifests.records import Storage
+from runtime.architectures import architecture
+from runtime.projections import projection_over
 
 # Projections whose weight goes through a plain matmul. The AltUp coefficient and router tensors
 # (4x4, 16x4, 4x2048) are left out: too small for the layout to matter, and their math runs in
@@ -47,16 +52,8 @@ from manifests.profiles import ROLES, load_profile, profile_sha256, save_user_pr
 CALIBRATED_ROLES = tuple(role for role in ROLES if not role.startswith("altup."))
 DEFAULT_DTYPES = ("bfloat16", "float32")
 
-# The shape-bearing fields of google/gemma-3n-E2B-it and -E4B-it's text configs.
-_COMMON = {
-    "model_type": "gemma3n_text", "hidden_size": 2048, "hidden_size_per_layer_input": 256,
-    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256, "laurel_rank": 64,
-    "vocab_size": 262400, "vocab_size_per_layer_input": 262144,
-}
-DEFAULT_CONFIGS = {
-    "E2B": dict(_COMMON, num_hidden_layers=30, intermediate_size=8192, num_kv_shared_layers=10),
-    "E4B": dict(_COMMON, num_hidden_layers=35, intermediate_size=16384, num_kv_shared_layers=15),
-}
+# The published sizes (manifests/gemma3n.py), measured when no config is given.
+DEFAULT_CONFIGS = {size: published_text_config(size) for size in SIZES}
 
 Shape = tuple[int, int]
 Measure = Callable[[Shape, str], dict[str, list[float]]]
@@ -76,38 +73,13 @@ class Settings:
     margin: float = 0.03
 
 
-def role_shapes(text_config: dict) -> dict[str, list[Shape]]:
-    """Role -> the distinct `[out, in]` weight shapes it has in this config, in first-use order."""
-    c = text_config
+def role_shapes(text_config: dict, arch: str = GEMMA3N) -> dict[str, list[Shape]]:
+    """Role -> the distinct `[out, in]` weight shapes it has in this config, in first-use order
+    (the architecture's own table: runtime/architectures.py)."""
     try:
-        h = int(c["hidden_size"])
-        hp = int(c["hidden_size_per_layer_input"])
-        layers = int(c["num_hidden_layers"])
-        heads, kv = int(c["num_attention_heads"]), int(c["num_key_value_heads"])
-        hd = int(c.get("head_dim") or h // heads)
-        rank = int(c.get("laurel_rank", 64))
-        vocab = int(c["vocab_size"])
-        inter = c["intermediate_size"]
-    except KeyError as e:
-        raise CalibrationError(f"text config lacks {e.args[0]!r}") from None
-    inters = list(dict.fromkeys(int(x) for x in (inter if isinstance(inter, (list, tuple)) else [inter])))
-    shapes = {
-        "attn.q_proj": [(heads * hd, h)],
-        "attn.k_proj": [(kv * hd, h)],
-        "attn.v_proj": [(kv * hd, h)],
-        "attn.o_proj": [(h, heads * hd)],
-        "mlp.gate_proj": [(i, h) for i in inters],
-        "mlp.up_proj": [(i, h) for i in inters],
-        "mlp.down_proj": [(h, i) for i in inters],
-        "laurel.linear_left": [(rank, h)],
-        "laurel.linear_right": [(h, rank)],
-        "per_layer_input_gate": [(hp, h)],
-        "per_layer_projection": [(h, hp)],
-        "per_layer_model_projection": [(layers * hp, h)],
-        "altup_projections": [(h, h)],
-        "altup_unembed_projections": [(h, h)],
-        "lm_head": [(vocab, h)],
-    }
+        shapes = architecture(arch).projection_shapes(text_config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CalibrationError(f"text config: {e}") from None
     return {role: shapes[role] for role in CALIBRATED_ROLES}
 
 
@@ -144,7 +116,7 @@ def read_text_config(path: str | Path) -> tuple[dict, str, list[str]]:
         raise CalibrationError(f"{path}: not a JSON object")
     text = config.get("text_config", config)
     model_type = str(text.get("model_type", config.get("model_type", "")))
-    if model_type not in ("gemma3n", "gemma3n_text"):
+    if model_type not in MODEL_TYPES:
         raise CalibrationError(f"{path}: model_type {model_type!r} is not Gemma3n")
     try:
         role_shapes(text)
@@ -160,7 +132,7 @@ def _weights(shape: Shape, dtype: str, layout: str, settings: Settings) -> list:
     dt = getattr(mx, dtype)
     nbytes = out_f * in_f * dt.size
     copies = min(settings.max_copies, max(1, math.ceil(settings.cache_bytes / nbytes)))
-    stored = (in_f, out_f) if layout == PRETRANSPOSED else (out_f, in_f)
+    stored = Storage(layout).weight_shape(out_f, in_f)
     weights = []
     for _ in range(copies):
         w = (mx.random.normal(stored) * in_f ** -0.5).astype(dt)
@@ -182,11 +154,10 @@ def measure_gemv(shape: Shape, dtype: str, settings: Settings = Settings()) -> d
     xs = [mx.random.normal((1, in_f)).astype(dt) for _ in range(4)]
     mx.eval(xs)
 
-    def graph(layout):
-        ws = weights[layout]
-        if layout == PRETRANSPOSED:
-            return [xs[i % 4] @ ws[i % copies] for i in range(count)]
-        return [xs[i % 4] @ ws[i % copies].T for i in range(count)]
+    modules = {layout: [projection_over(layout, w) for w in ws] for layout, ws in weights.items()}
+
+    def graph(layout):  # x @ W.T over [out, in], x @ Wt over [in, out] (runtime/projections.py)
+        return [modules[layout][i % copies](xs[i % 4]) for i in range(count)]
 
     samples: dict[str, list[float]] = {STANDARD: [], PRETRANSPOSED: []}
     for r in range(settings.warmup + settings.repeats):
@@ -199,7 +170,7 @@ def measure_gemv(shape: Shape, dtype: str, settings: Settings = Settings()) -> d
             if r >= settings.warmup:
                 samples[layout].append(elapsed / count)
             del ys
-    del weights, xs
+    del weights, modules, xs
     mx.clear_cache()
     return samples
 

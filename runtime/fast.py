@@ -25,10 +25,17 @@ import mlx.core as mx
 import numpy as np
 
 from runtime.cache import KVCache, RotatingKVCache, pad_positions
-from runtime.model import gelu_tanh, rescale_to, rms_norm, softcap
-from runtime.projections import Embedding, Standard
+from runtime.model import MLP_INPUT, gelu_tanh, rescale_to, rms_norm, softcap
+from runtime.projections import transposed_view
 
 DEFAULT_CAPACITY = 1024
+
+# What a layer's projections give the step (`DecoderLayer.project` blocks): q, k and v side by
+# side (q alone in a KV-shared layer) and laurel's left from the normed input; gate and up.
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+Q = QKV[:1]
+LAUREL_LEFT = ("laurel.linear_left",)
+GATE_UP = tuple((m,) for m in MLP_INPUT)
 
 
 def cache_owners(config) -> list[int]:
@@ -43,14 +50,8 @@ def transposed_views(lm, head) -> dict[int, mx.array]:
     inside the compiled step it would be one more graph node per projection and per token.
     Every projection a layer holds is one the step uses (KV-shared layers build no k/v), so no
     weight is read that decoding would not read; a tied head's view is of the embedding table."""
-    views = {}
-    for layer in lm.layers:
-        for _, module in layer.named_modules():
-            if type(module) is Standard:
-                views[id(module)] = module.weight.T
-    for module in [*lm.altup_unembed_projections, head]:
-        if type(module) in (Standard, Embedding):
-            views[id(module)] = module.weight.T
+    modules = [m for layer in lm.layers for _, m in layer.named_modules()] + [*lm.altup_unembed_projections, head]
+    views = {id(m): view for m in modules if (view := transposed_view(m)) is not None}
     mx.eval(list(views.values()))
     return views
 
@@ -80,8 +81,8 @@ class DecodeStep:
     - a layer's q, k and v heads are normed by one unscaled norm, then scaled per head and q and
       k rotated by RoPE in one fused element-wise kernel (`_rope_tables`, `_scale_and_rotate`):
       2 kernels where the norms and RoPEs one by one are 5;
-    - a fused bundle (`qkv_proj` or `qkv_laurel_proj` / `q_laurel_proj`, and `gate_up_proj` in
-      the manifest) is one GEMV per group;
+    - a fused bundle (manifests/format.py FUSED_GROUPS) is one GEMV per group, its output cut by
+      one split (`DecoderLayer.project`);
     - the activation-sparse layers' standard deviation is one dot product of the deviations with
       themselves (5 kernels for the Gaussian top-k where two means are 6).
     """
@@ -200,19 +201,10 @@ class DecodeStep:
 
         normed = rms_norm(active, layer.input_layernorm.weight, eps)
         nq, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        in_proj = layer.in_proj
-        if in_proj is not None:  # q/k/v (or q) and laurel's left projection: one GEMV, one split
-            projected, laurel = mx.split(linear(in_proj, normed), [layer.in_splits[-1]], axis=1)
-        else:
-            laurel = linear(layer.laurel.linear_left, normed)
+        # q, k and v side by side (q alone in a KV-shared layer), and laurel's left projection:
+        # one GEMV each, or one for both where the bundle fuses them, cut by one split.
+        qkv, laurel = layer.project(normed, (QKV if own_kv else Q, LAUREL_LEFT), linear)
         if own_kv:
-            if in_proj is not None:
-                qkv = projected
-            elif "qkv_proj" in attn:
-                qkv = linear(attn.qkv_proj, normed)
-            else:
-                qkv = mx.concatenate([linear(attn.q_proj, normed), linear(attn.k_proj, normed),
-                                      linear(attn.v_proj, normed)], axis=1)
             # q, k and v heads normed at once, then scaled per head (v by 1) and q and k rotated
             # (v by angle 0) in one kernel: 2 kernels where the norms and RoPEs one by one are 5.
             heads = rms_norm(qkv.reshape(1, nq + 2 * nkv, 1, d), None, eps)
@@ -222,8 +214,7 @@ class DecodeStep:
             slot = (position % kv.shape[2]).reshape(1)
             kv = mx.slice_update(kv, heads[:, nq:], slot, axes=(2,))
         else:
-            q = projected if in_proj is not None else linear(attn.q_proj, normed)
-            q = self._scale_and_rotate(rms_norm(q.reshape(1, nq, 1, d), None, eps), position, rope_table)
+            q = self._scale_and_rotate(rms_norm(qkv.reshape(1, nq, 1, d), None, eps), position, rope_table)
         keys, values = kv[:, :nkv], kv[:, nkv:]
         # Attention scale is 1; mask + q @ k^T in one kernel.
         scores = mx.addmm(masks[keys.shape[2]], q.reshape(1, nkv, nq // nkv, d), keys.swapaxes(-1, -2))
@@ -233,10 +224,7 @@ class DecodeStep:
         attn_laurel = ((active + attn_out) + laurel) * (2.0**-0.5)
 
         x = rms_norm(attn_laurel, layer.pre_feedforward_layernorm.weight, eps)
-        if "gate_up_proj" in mlp:
-            gate, up = mx.split(linear(mlp.gate_up_proj, x), [mlp.gate_up_split], axis=1)
-        else:
-            gate, up = linear(mlp.gate_proj, x), linear(mlp.up_proj, x)
+        gate, up = layer.project(x, GATE_UP, linear)
         if mlp.std_multiplier is not None:
             # Gaussian top-k: keep what lies `std_multiplier` standard deviations above the mean.
             # The same two-pass statistics as the model in 5 kernels where two means are 6: a sum,

@@ -23,7 +23,9 @@ from pathlib import Path
 import click
 
 from manifests import MANIFEST_NAME, ManifestError, load_manifest, target_for_device
-from manifests.format import MANIFEST_DIGEST_NAME
+from manifests.format import MANIFEST_DIGEST_NAME, PRETRANSPOSED
+from manifests.records import Storage, fused_members
+from runtime.bundle import read_bundle_manifest
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
 
@@ -44,12 +46,12 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 
 
 def _pretransposed_roles(manifest: dict) -> list[str]:
-    return sorted({p["role"] for p in manifest["projections"].values() if p["layout"] == "pretransposed"})
+    return sorted({p["role"] for p in manifest["projections"].values() if Storage.of(p).layout == PRETRANSPOSED})
 
 
 def _fused_modules(manifest: dict) -> list[str]:
     """Fused modules by their last path part (qkv_proj, gate_up_proj, qkv_laurel_proj, ...), each once."""
-    return sorted({path.rsplit(".", 1)[-1] for path, p in manifest["projections"].items() if p.get("fused")})
+    return sorted({path.rsplit(".", 1)[-1] for path, p in manifest["projections"].items() if fused_members(p)})
 
 
 def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], base_model: str | None = None) -> str:
@@ -58,7 +60,7 @@ def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], 
 
     source = manifest["source"]
     base_model = base_model or source.get("repo_id")
-    quantized = any(p["quantized"] for p in manifest["projections"].values())
+    quantized = any(Storage.of(p).quantized for p in manifest["projections"].values())
     meta = {
         "library_name": "mlx",
         "pipeline_tag": "text-generation",
@@ -137,10 +139,10 @@ def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | No
     from runtime.verify import verify_bundle
 
     bundle = Path(bundle)
-    problems = verify_bundle(bundle)
+    manifest = read_bundle_manifest(bundle)
+    problems = verify_bundle(bundle, manifest)
     if problems:
         raise HubError(f"{bundle}: refusing to publish, verify failed: {problems[0]}")
-    manifest = load_manifest(bundle / MANIFEST_NAME)
     variant = variant or manifest["target"]["name"]
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)

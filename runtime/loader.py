@@ -14,41 +14,14 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from manifests import INDEX_NAME, MANIFEST_NAME, ManifestError, read_manifest, target_for_device
-from manifests.manifest import tensor_records
-from manifests.safetensors_header import HeaderError, read_header_file
-from runtime.model import Model
-from runtime.verify import outside_bundle, read_index
-
-
-class BundleError(ManifestError):
-    """A bundle that cannot be loaded as it is; the message is one line a user can act on."""
+from manifests import MANIFEST_NAME, ManifestError, target_for_device
+from manifests.records import records
+from runtime.architectures import architecture
+from runtime.bundle import BundleError, convert_command, read_bundle_manifest, shard_files
 
 
 class TargetMismatchWarning(UserWarning):
     """The bundle was prepared for another device class than this one."""
-
-
-def convert_command(source: str, target: str) -> str:
-    """The command that prepares `source` for `target`, into a sibling directory."""
-    out = str(source).rstrip("/") + "-" + target
-    return f"python -m convert --target {target} {source} {out}"
-
-
-def device_target() -> str:
-    return target_for_device(mx.device_info())
-
-
-def read_bundle_manifest(path: Path) -> dict:
-    """The manifest, or one line saying what to run when `path` is not a prepared bundle."""
-    if not path.is_dir():
-        raise BundleError(f"{path}: no such bundle directory")
-    if not (path / MANIFEST_NAME).exists():
-        what = "a model checkpoint, not a prepared bundle" if (path / "config.json").exists() else "not a prepared bundle"
-        raise BundleError(
-            f"{path}: no {MANIFEST_NAME} ({what}); prepare it first: {convert_command(str(path), device_target())}"
-        )
-    return read_manifest(path)
 
 
 def made_for_this_device(profile: dict, info: dict, here: str) -> bool:
@@ -75,44 +48,6 @@ def check_target(manifest: dict, path: Path, strict: bool, device_info: dict | N
     warnings.warn(message, TargetMismatchWarning, stacklevel=stacklevel)
 
 
-def shard_files(path: Path, manifest: dict) -> list[str]:
-    """The safetensors files of the bundle, as its index (or the single file) names them."""
-    index = path / INDEX_NAME
-    if index.exists():
-        try:
-            names = sorted(set(read_index(path).values()))
-        except OSError as e:
-            raise BundleError(f"{index}: unreadable index ({e.strerror or e})") from None
-        except ValueError as e:
-            raise BundleError(str(e)) from None
-    else:
-        names = [n for n in manifest["files"] if n.endswith(".safetensors")]
-    for name in names:
-        escape = outside_bundle(path, name, INDEX_NAME if index.exists() else MANIFEST_NAME)
-        if escape:
-            raise BundleError(escape)
-        if name not in manifest["files"]:
-            raise BundleError(f"{path / name}: shard not listed in {MANIFEST_NAME}")
-        if not (path / name).is_file():
-            raise BundleError(f"{path / name}: shard missing")
-        check_shard(path, name)
-    if not names:
-        raise BundleError(f"{path}: no safetensors shard in the bundle")
-    return names
-
-
-def check_shard(path: Path, name: str) -> None:
-    """The shard's header only (no weight is read). mx.load maps a shard lazily and accepts a
-    header whose tensors overlap, leave holes or are followed by stray bytes; refuse those here,
-    by file and tensor, with the converter's own rules (manifests.safetensors_header)."""
-    try:
-        read_header_file(path / name)
-    except HeaderError as e:
-        raise BundleError(f"{path / name}: malformed safetensors header ({e})") from None
-    except OSError as e:
-        raise BundleError(f"{path / name}: unreadable ({e.strerror or e})") from None
-
-
 def read_shards(path: Path, names: list[str]) -> tuple[dict[str, mx.array], dict[str, str]]:
     """Every tensor of the bundle as a lazy `mx.load` array, and the shard each came from."""
     arrays: dict[str, mx.array] = {}
@@ -135,8 +70,9 @@ def dtype_name(dtype: mx.Dtype) -> str:
 
 
 def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str, str]) -> None:
-    """Each manifest record must describe the tensor it names exactly; say both when not."""
-    for where, _, record in tensor_records(manifest):
+    """Each manifest record must describe the tensor it names exactly, and every other tensor it
+    stores (manifests/records.py: scales, biases, a bias) must be there; say both when not."""
+    for where, kind, _, record in records(manifest):
         key = record["key"]
         if key not in arrays:
             raise BundleError(f"{where} names tensor {key}, which no shard holds")
@@ -147,16 +83,12 @@ def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str,
             raise BundleError(
                 f"{where} says {key} is {said[1]} {said[0]}, but {origin[key]} holds {found[1]} {found[0]}"
             )
-        extras = [record["bias"]] if record.get("bias") else []
-        if record.get("quantized"):
-            base = key[: -len(".weight")]
-            extras += [base + ".scales"] + ([base + ".biases"] if record["quantized"]["mode"] == "affine" else [])
-        for extra in extras:
-            if extra not in arrays:
-                raise BundleError(f"{where} needs tensor {extra}, which no shard holds")
+        for extra in kind.stored(record, where)[1:]:
+            if extra.key not in arrays:
+                raise BundleError(f"{where} needs tensor {extra.key}, which no shard holds")
 
 
-def put_weights(model: Model, arrays: dict[str, mx.array], path: Path) -> None:
+def put_weights(model, arrays: dict[str, mx.array], path: Path) -> None:
     """The arrays go into the modules as they are, by their own names; nothing else."""
     wanted = {k for k, _ in tree_flatten(model.parameters())}
     missing, extra = sorted(wanted - arrays.keys()), sorted(arrays.keys() - wanted)
@@ -184,7 +116,7 @@ def load_tokenizer(path: Path):
 
 
 def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bool = False,
-               _stacklevel: int = 2) -> Model:
+               _stacklevel: int = 2):
     """The model alone; see `load`."""
     path = Path(path)
     manifest = read_bundle_manifest(path)
@@ -197,9 +129,15 @@ def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bo
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise BundleError(problems[0] + more)
     arrays, origin = read_shards(path, shard_files(path, manifest))
-    check_records(manifest, arrays, origin)
     try:
-        model = Model(manifest["model"]["text_config"], manifest["projections"], manifest["embeddings"])
+        check_records(manifest, arrays, origin)
+    except BundleError:
+        raise
+    except ManifestError as e:  # a record no writer makes (manifests/records.py), like those Model refuses
+        raise BundleError(f"{path / MANIFEST_NAME}: {str(e).removeprefix(MANIFEST_NAME + ': ')}") from None
+    try:
+        model = architecture(manifest["model"]["architecture"]).Model(
+            manifest["model"]["text_config"], manifest["projections"], manifest["embeddings"])
     except ManifestError as e:
         raise BundleError(f"{path / MANIFEST_NAME}: {str(e).removeprefix(MANIFEST_NAME + ': ')}") from None
     except (ValueError, KeyError, TypeError) as e:

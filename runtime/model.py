@@ -19,9 +19,9 @@ from statistics import NormalDist
 import mlx.core as mx
 import mlx.nn as nn
 
-from manifests.format import EMBED_TOKENS, FUSED_GROUPS, LM_HEAD, PREFIX, PRETRANSPOSED, ManifestError
+from manifests.format import EMBED_TOKENS, FUSED_GROUPS, LM_HEAD, PREFIX, ManifestError, fused_groups_in
 from runtime.cache import KVCache, RotatingKVCache
-from runtime.projections import build_embedding, build_fused, build_projection
+from runtime.projections import build_embedding, build_fused, build_head, build_projection
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 DEFAULT_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}
@@ -151,6 +151,76 @@ def attention_mask(q_start: int, q_len: int, k_start: int, k_len: int, window: i
     return mask
 
 
+def layer_projections(c: TextConfig, layer: int) -> dict[str, tuple[int, int]]:
+    """`(in, out)` of every linear projection of decoder layer `layer`, by its path in the layer,
+    as the text config implies them (a KV-shared layer has no k/v: it reads its producer's cache)."""
+    h, hp, n = c.hidden_size, c.hidden_size_per_layer_input, c.altup_num_inputs
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    inter, rank = c.intermediate_size[layer], c.laurel_rank
+    dims = {
+        "self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+        "self_attn.o_proj": (q, h),
+        "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter), "mlp.down_proj": (inter, h),
+        "laurel.linear_left": (h, rank), "laurel.linear_right": (rank, h),
+        "altup.correction_coefs": (n, n), "altup.prediction_coefs": (n, n * n), "altup.modality_router": (h, n),
+        "per_layer_input_gate": (h, hp), "per_layer_projection": (hp, h),
+    }
+    if layer >= c.first_kv_shared_layer:
+        del dims["self_attn.k_proj"], dims["self_attn.v_proj"]
+    return dims
+
+
+def model_projections(c: TextConfig) -> dict[str, tuple[int, int]]:
+    """`(in, out)` of every linear projection outside the decoder layers, by its path (the LM
+    head's is `lm_head`)."""
+    h, layers = c.hidden_size, c.num_hidden_layers
+    dims = {f"{PREFIX}per_layer_model_projection": (h, layers * c.hidden_size_per_layer_input)}
+    for name in ("altup_projections", "altup_unembed_projections"):
+        dims.update({f"{PREFIX}{name}.{i}": (h, h) for i in range(c.altup_num_inputs - 1)})
+    dims[LM_HEAD] = (h, c.vocab_size)
+    return dims
+
+
+def projection_role(path: str) -> str:
+    """The target-profile role (manifests/profiles.py ROLES) of the projection at `path`: its path
+    in a layer (`attn.` for `self_attn.`), else its name without an index."""
+    path = path.removeprefix(PREFIX)
+    if path.startswith("layers."):
+        return path.split(".", 2)[2].replace("self_attn.", "attn.")
+    return path.split(".")[0]
+
+
+def projection_shapes(text_config: dict) -> dict[str, list[tuple[int, int]]]:
+    """Role -> the distinct `[out, in]` weight shapes of its projections under `text_config`, in
+    first-use order: what `runtime calibrate` measures. Raises what TextConfig raises."""
+    c = TextConfig.from_dict(text_config)
+    dims = [(f"{PREFIX}layers.{i}.{rel}", d) for i in range(c.num_hidden_layers)
+            for rel, d in layer_projections(c, i).items()]
+    shapes: dict[str, list[tuple[int, int]]] = {}
+    for path, (in_dims, out_dims) in dims + list(model_projections(c).items()):
+        seen = shapes.setdefault(projection_role(path), [])
+        if (out_dims, in_dims) not in seen:
+            seen.append((out_dims, in_dims))
+    return shapes
+
+
+# The projections that read each input of a decoder layer, by path in the layer: a fused group
+# (manifests/format.py FUSED_GROUPS) joins projections of one input, so these are what the
+# forward passes ask `DecoderLayer.project` for.
+ATTENTION_INPUT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "laurel.linear_left")
+MLP_INPUT = ("mlp.gate_proj", "mlp.up_proj")
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A fused module of a layer: its path in the layer, and its members' paths and output sizes
+    in row order (its output is theirs side by side)."""
+
+    path: str
+    members: tuple[str, ...]
+    outs: tuple[int, ...]
+
+
 class Projections:
     """Looks up manifest records by module path while the tree is being built."""
 
@@ -160,41 +230,75 @@ class Projections:
     def linear(self, path: str, input_dims: int, output_dims: int) -> nn.Module:
         return build_projection(path, self.records.get(path), input_dims, output_dims)
 
-    def fused(self, path: str, input_dims: int, members: list[tuple[str, int]]) -> nn.Module | None:
-        """The fused projection recorded at `path` over `members` ((path, out) in row order), or
-        None when the manifest stores the members apart."""
-        record = self.records.get(path)
-        if record is None:
-            return None
-        if not record.get("fused"):
-            raise ManifestError(f"manifest.yaml: projections.{path}: a fused module's record needs its `fused` members")
-        return build_fused(path, record, input_dims, members)
-
     def embedding(self, path: str, num: int, dims: int) -> nn.Module:
         return build_embedding(path, self.embeddings.get(path), num, dims)
 
+    def fused_groups(self, path: str, layer: int, kv_shared: bool,
+                     dims: dict[str, tuple[int, int]]) -> list[tuple[Fused, nn.Module]]:
+        """The fused modules the manifest records in the layer at `path` (FUSED_GROUPS), built and
+        checked against the config's `dims`; a group recorded in the wrong kind of layer is named."""
+        here = fused_groups_in(kv_shared)
+        built = []
+        for name, (module, members) in FUSED_GROUPS.items():
+            record = self.records.get(f"{path}.{module}")
+            if record is None:
+                continue
+            if name not in here:
+                raise ManifestError(f"manifest.yaml: projections.{path}.{module}: layer {layer} "
+                                    f"{'is KV-shared (no k/v of its own)' if kv_shared else 'has k/v of its own'}, "
+                                    f"so it needs {self._instead(members, here, dims)}")
+            if not record.get("fused"):
+                raise ManifestError(f"manifest.yaml: projections.{path}.{module}: a fused module's record needs its "
+                                    "`fused` members")
+            outs = [(f"{path}.{m}", dims[m][1]) for m in members]
+            fused = Fused(module, members, tuple(o for _, o in outs))
+            built.append((fused, build_fused(f"{path}.{module}", record, dims[members[0]][0], outs)))
+        return built
+
+    @staticmethod
+    def _instead(members: tuple[str, ...], here: tuple[str, ...], dims: dict) -> str:
+        """What a layer of this kind stores of `members` instead: a group that applies here and
+        holds the ones it has, or those alone."""
+        have = [m for m in members if m in dims]
+        groups = [module for name, (module, group) in FUSED_GROUPS.items() if name in here and set(have) <= set(group)]
+        return " or ".join(groups + [", ".join(m.rsplit(".", 1)[-1] for m in have) + " unfused"])
+
+
+class LayerProjections:
+    """The projections of one decoder layer: its fused modules first, then every projection no
+    fused module holds, each built from its record and set on the module that owns it."""
+
+    def __init__(self, c: TextConfig, p: Projections, layer: int):
+        self.path = f"{PREFIX}layers.{layer}"
+        self.p, self.dims = p, layer_projections(c, layer)
+        self.fused = p.fused_groups(self.path, layer, layer >= c.first_kv_shared_layer, self.dims)
+        self.in_fused = {m for f, _ in self.fused for m in f.members}
+
+    def attach(self, owner: nn.Module, path: str) -> None:
+        """Build the projection at `path` (in the layer) on `owner` under its last name, unless a
+        fused module holds it or the layer has none there (a KV-shared layer's k/v)."""
+        if path in self.dims and path not in self.in_fused:
+            setattr(owner, path.rsplit(".", 1)[-1], self.p.linear(f"{self.path}.{path}", *self.dims[path]))
+
 
 class LaurelBlock(nn.Module):
-    """Learned augmented residual: a rank-r bypass, normed, added back. `left=False`: the bundle
-    fuses `linear_left` into the layer's q/k/v projection, which passes its output in."""
+    """Learned augmented residual: a rank-r bypass, normed, added back. The layer projects its
+    input (`linear_left`, maybe fused with q/k/v) and passes `left` in."""
 
-    def __init__(self, c: TextConfig, p: Projections, path: str, left: bool = True):
+    def __init__(self, c: TextConfig, lp: LayerProjections):
         super().__init__()
-        if left:
-            self.linear_left = p.linear(f"{path}.linear_left", c.hidden_size, c.laurel_rank)
-        self.linear_right = p.linear(f"{path}.linear_right", c.laurel_rank, c.hidden_size)
+        lp.attach(self, "laurel.linear_left")
+        lp.attach(self, "laurel.linear_right")
         self.post_laurel_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def __call__(self, x: mx.array, left: mx.array | None = None) -> mx.array:
-        left = self.linear_left(x) if left is None else left
+    def __call__(self, x: mx.array, left: mx.array) -> mx.array:
         return x + self.post_laurel_norm(self.linear_right(left))
 
 
 class Attention(nn.Module):
-    """`projected=True`: the bundle fuses q/k/v with laurel's left projection at the layer
-    (`qkv_laurel_proj`, `q_laurel_proj`), which passes q (and k, v) in; no projections here."""
+    """Attention over q, k and v, which the layer projects (maybe fused) and passes in."""
 
-    def __init__(self, c: TextConfig, p: Projections, path: str, layer: int, projected: bool = False):
+    def __init__(self, c: TextConfig, lp: LayerProjections, layer: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.eps = c.rms_norm_eps
@@ -202,43 +306,20 @@ class Attention(nn.Module):
         self.window = c.sliding_window if kind == SLIDING else None
         self.theta = c.rope_thetas[kind]
         self.is_kv_shared = layer >= c.first_kv_shared_layer
-        h, q_dims, kv_dims = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        # A fused bundle stores q/k/v as one `qkv_proj` (rows q, k, v); its output is split at
-        # `qkv_splits` (cumulative) here (runtime/fast.py reshapes it into heads instead). KV-shared
-        # layers have no k/v. `projected`: the layer holds them (with laurel's left) instead.
-        qkv = None if projected else p.fused(f"{path}.qkv_proj", h, [
-            (f"{path}.q_proj", q_dims), (f"{path}.k_proj", kv_dims), (f"{path}.v_proj", kv_dims)])
-        if qkv is not None:
-            if self.is_kv_shared:
-                raise ManifestError(f"manifest.yaml: projections.{path}.qkv_proj: layer {layer} is KV-shared "
-                                    "(it has no k/v of its own), so it needs a lone q_proj")
-            self.qkv_proj = qkv
-            object.__setattr__(self, "qkv_splits", [q_dims, q_dims + kv_dims])  # not a parameter
-        elif not projected:
-            self.q_proj = p.linear(f"{path}.q_proj", h, q_dims)
-            if not self.is_kv_shared:
-                self.k_proj = p.linear(f"{path}.k_proj", h, kv_dims)
-                self.v_proj = p.linear(f"{path}.v_proj", h, kv_dims)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):  # KV-shared layers have no k/v
+            lp.attach(self, f"self_attn.{name}")
         if not self.is_kv_shared:
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
-        self.o_proj = p.linear(f"{path}.o_proj", q_dims, h)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
     def rope(self, x: mx.array, offset: int) -> mx.array:
         return mx.fast.rope(x, self.head_dim, traditional=False, base=self.theta, scale=1.0, offset=offset)
 
-    def __call__(self, x: mx.array, offset: int, cache, shared_kv: tuple | None, projected: tuple | None = None):
-        """`shared_kv`: (keys, values, mask) of this layer's producer, for a KV-shared layer.
-        `projected`: (q, k, v), or (q,) in a KV-shared layer, already projected from `x`."""
-        b, n, _ = x.shape
-        if projected is not None:
-            q, k, v = projected if len(projected) == 3 else (projected[0], None, None)
-        elif "qkv_proj" in self:
-            q, k, v = mx.split(self.qkv_proj(x), self.qkv_splits, axis=-1)
-        else:
-            q = self.q_proj(x)
-            if not self.is_kv_shared:
-                k, v = self.k_proj(x), self.v_proj(x)
+    def __call__(self, q: mx.array, k: mx.array | None, v: mx.array | None, offset: int, cache,
+                 shared_kv: tuple | None):
+        """`q`, `k`, `v`: `[b, n, heads * head_dim]` (k and v None in a KV-shared layer).
+        `shared_kv`: (keys, values, mask) of this layer's producer, for a KV-shared layer."""
+        b, n, _ = q.shape
         q = self.q_norm(q.reshape(b, n, self.n_heads, self.head_dim))
         q = self.rope(q.transpose(0, 2, 1, 3), offset)
         if self.is_kv_shared:
@@ -261,29 +342,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: TextConfig, p: Projections, path: str, layer: int):
+    """The gated feed-forward block over gate and up, which the layer projects (maybe fused)."""
+
+    def __init__(self, c: TextConfig, lp: LayerProjections, layer: int):
         super().__init__()
-        h, inter = c.hidden_size, c.intermediate_size[layer]
-        # A fused bundle stores gate/up as one `gate_up_proj` (rows gate, then up), split at
-        # `gate_up_split` (this layer's intermediate size).
-        gate_up = p.fused(f"{path}.gate_up_proj", h, [(f"{path}.gate_proj", inter), (f"{path}.up_proj", inter)])
-        if gate_up is not None:
-            self.gate_up_proj = gate_up
-            self.gate_up_split = inter
-        else:
-            self.gate_proj = p.linear(f"{path}.gate_proj", h, inter)
-            self.up_proj = p.linear(f"{path}.up_proj", h, inter)
-        self.down_proj = p.linear(f"{path}.down_proj", inter, h)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lp.attach(self, f"mlp.{name}")
         sparsity = c.activation_sparsity_pattern[layer]
         # Gaussian top-k: keep what lies above the `sparsity` quantile of a normal fitted to the
         # activations. NormalDist().inv_cdf(p) is sqrt(2) * erfinv(2p - 1), in double precision.
         self.std_multiplier = NormalDist().inv_cdf(sparsity) if sparsity > 0 else None
 
-    def __call__(self, x: mx.array) -> mx.array:
-        if "gate_up_proj" in self:
-            gate, up = mx.split(self.gate_up_proj(x), [self.gate_up_split], axis=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+    def __call__(self, gate: mx.array, up: mx.array) -> mx.array:
         if self.std_multiplier is not None:
             mean = mx.mean(gate, axis=-1, keepdims=True)
             std = mx.std(gate, axis=-1, keepdims=True)
@@ -294,14 +364,13 @@ class MLP(nn.Module):
 class AltUp(nn.Module):
     """Alternating updates over `altup_num_inputs` planes: predict before a layer, correct after."""
 
-    def __init__(self, c: TextConfig, p: Projections, path: str):
+    def __init__(self, c: TextConfig, lp: LayerProjections):
         super().__init__()
         n, h = c.altup_num_inputs, c.hidden_size
         self.n, self.active, self.hidden = n, c.altup_active_idx, h
         self.correct_output_scale = mx.zeros((h,))
-        self.correction_coefs = p.linear(f"{path}.correction_coefs", n, n)
-        self.prediction_coefs = p.linear(f"{path}.prediction_coefs", n, n * n)
-        self.modality_router = p.linear(f"{path}.modality_router", h, n)
+        for name in ("correction_coefs", "prediction_coefs", "modality_router"):
+            lp.attach(self, f"altup.{name}")
         self.router_norm = RMSNorm(h, c.rms_norm_eps)
 
     def router_modalities(self, x: mx.array) -> mx.array:
@@ -327,63 +396,85 @@ class AltUp(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, c: TextConfig, p: Projections, layer: int):
         super().__init__()
-        path = f"{PREFIX}layers.{layer}"
         h = c.hidden_size
         self.active = c.altup_active_idx
         self.correct_scale = c.altup_correct_scale
-        # A bundle may fuse q/k/v (q in KV-shared layers) with laurel's left projection: one
-        # layer-level module over the same input (manifests/format.py `qkv_laurel`, `q_laurel`).
-        shared = layer >= c.first_kv_shared_layer
-        q_dims, kv_dims = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        outs = {"self_attn.q_proj": q_dims, "self_attn.k_proj": kv_dims, "self_attn.v_proj": kv_dims,
-                "laurel.linear_left": c.laurel_rank}
-        group, other_group = ("q_laurel", "qkv_laurel") if shared else ("qkv_laurel", "q_laurel")
-        name, member_paths = FUSED_GROUPS[group]
-        members = [(f"{path}.{m}", outs[m]) for m in member_paths]
-        other = FUSED_GROUPS[other_group][0]
-        if f"{path}.{other}" in p.records:
-            raise ManifestError(f"manifest.yaml: projections.{path}.{other}: layer {layer} "
-                                f"{'is KV-shared (no k/v)' if shared else 'has k/v of its own'}, so it needs {name}")
-        in_proj = p.fused(f"{path}.{name}", h, members)
-        if in_proj is not None:
-            setattr(self, name, in_proj)
-            object.__setattr__(self, "in_splits", list(itertools.accumulate(o for _, o in members[:-1])))
-        self.self_attn = Attention(c, p, f"{path}.self_attn", layer, projected=in_proj is not None)
-        self.mlp = MLP(c, p, f"{path}.mlp", layer)
+        # Fused groups (manifests/format.py FUSED_GROUPS: q/k/v, gate/up, either with laurel's left)
+        # are built first; their members are then not built apart, and `project` cuts their output.
+        lp = LayerProjections(c, p, layer)
+        self.self_attn = Attention(c, lp, layer)
+        self.mlp = MLP(c, lp, layer)
         self.input_layernorm = RMSNorm(h, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, c.rms_norm_eps)
         self.pre_feedforward_layernorm = RMSNorm(h, c.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(h, c.rms_norm_eps)
-        self.altup = AltUp(c, p, f"{path}.altup")
-        self.laurel = LaurelBlock(c, p, f"{path}.laurel", left=in_proj is None)
-        self.per_layer_input_gate = p.linear(f"{path}.per_layer_input_gate", h, c.hidden_size_per_layer_input)
-        self.per_layer_projection = p.linear(f"{path}.per_layer_projection", c.hidden_size_per_layer_input, h)
+        self.altup = AltUp(c, lp)
+        self.laurel = LaurelBlock(c, lp)
+        lp.attach(self, "per_layer_input_gate")
+        lp.attach(self, "per_layer_projection")
         self.post_per_layer_input_norm = RMSNorm(h, c.rms_norm_eps)
+        for fused, module in lp.fused:
+            *owners, name = fused.path.split(".")
+            setattr(self.module_at(owners), name, module)
+        # Not parameters: what `project` reads (fused path -> Fused, member path -> Fused).
+        object.__setattr__(self, "fused", {f.path: f for f, _ in lp.fused})
+        object.__setattr__(self, "fused_of", {m: f for f, _ in lp.fused for m in f.members})
+        object.__setattr__(self, "attention_input", tuple(m for m in ATTENTION_INPUT if m in lp.dims))
 
-    @property
-    def in_proj(self) -> nn.Module | None:
-        """The fused q/k/v (q in a KV-shared layer) + laurel-left projection, if the bundle has one."""
-        for group in ("qkv_laurel", "q_laurel"):
-            name = FUSED_GROUPS[group][0]
-            if name in self:
-                return self[name]
-        return None
+    def module_at(self, path) -> nn.Module:
+        """The module at `path` (dotted, or its parts) in this layer."""
+        module = self
+        for name in path.split(".") if isinstance(path, str) else path:
+            module = module[name]
+        return module
+
+    def project(self, x: mx.array, blocks, linear=None) -> list[mx.array]:
+        """The outputs on `x` of the projections in `blocks` (tuples of paths in the layer, all
+        reading `x`), one array per block: its members' outputs side by side, in order.
+
+        One matmul per module; a fused module's output is cut by one split where it holds more
+        than one block (and not at all where it is one block), and only a block whose members
+        live in several modules is concatenated. `linear(module, x)` multiplies (default
+        `module(x)`; the compiled decode step passes its own, through transposed views)."""
+        linear = linear or (lambda module, v: module(v))
+        place = {m: (b, i) for b, block in enumerate(blocks) for i, m in enumerate(block)}
+        pieces: list[dict[int, mx.array]] = [{} for _ in blocks]
+        for member, (b, i) in place.items():
+            if i in pieces[b]:
+                continue
+            fused = self.fused_of.get(member)
+            if fused is None:
+                pieces[b][i] = linear(self.module_at(member), x)
+                continue
+            # Runs of members that follow each other both in the module's rows and in one block.
+            runs: list[list] = []  # [block, first position, width]
+            for m, out in zip(fused.members, fused.outs):
+                at = place.get(m, (None, None))
+                last = runs[-1] if runs else None
+                if last and last[0] is not None and at[0] == last[0] and at[1] == last[1] + last[3]:
+                    last[2] += out
+                    last[3] += 1
+                else:
+                    runs.append([at[0], at[1], out, 1])
+            y = linear(self.module_at(fused.path), x)
+            cuts = list(itertools.accumulate(width for _, _, width, _ in runs[:-1]))
+            for (rb, ri, _, _), part in zip(runs, mx.split(y, cuts, axis=-1) if cuts else [y]):
+                if rb is not None:
+                    pieces[rb][ri] = part
+        return [p[0] if len(p) == 1 else mx.concatenate([p[i] for i in sorted(p)], axis=-1) for p in pieces]
 
     def __call__(self, planes: mx.array, per_layer_input: mx.array, offset: int, cache, shared_kv):
         predictions = self.altup.predict(planes)
         active = predictions[self.active]
         normed = self.input_layernorm(active)
-        in_proj = self.in_proj
-        if in_proj is not None:
-            *projected, left = mx.split(in_proj(normed), self.in_splits, axis=-1)
-            laurel = self.laurel(normed, left)
-            attn, kv = self.self_attn(normed, offset, cache, shared_kv, projected=tuple(projected))
-        else:
-            laurel = self.laurel(normed)
-            attn, kv = self.self_attn(normed, offset, cache, shared_kv)
+        projected = dict(zip(self.attention_input, self.project(normed, [(m,) for m in self.attention_input])))
+        laurel = self.laurel(normed, projected["laurel.linear_left"])
+        attn, kv = self.self_attn(projected["self_attn.q_proj"], projected.get("self_attn.k_proj"),
+                                  projected.get("self_attn.v_proj"), offset, cache, shared_kv)
         attn = self.post_attention_layernorm(attn)
         attn_laurel = ((active + attn) + laurel) * (2.0**-0.5)
-        ffw = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(attn_laurel)))
+        gate, up = self.project(self.pre_feedforward_layernorm(attn_laurel), [(m,) for m in MLP_INPUT])
+        ffw = self.post_feedforward_layernorm(self.mlp(gate, up))
         corrected = self.altup.correct(predictions, attn_laurel + ffw)
 
         first = corrected[self.active]
@@ -411,12 +502,13 @@ class LanguageModel(nn.Module):
         self.embed_tokens_per_layer = p.embedding(
             f"{PREFIX}embed_tokens_per_layer", c.vocab_size_per_layer_input, n_layers * hp
         )
-        self.per_layer_model_projection = p.linear(f"{PREFIX}per_layer_model_projection", h, n_layers * hp)
+        dims = model_projections(c)
+        path = f"{PREFIX}per_layer_model_projection"
+        self.per_layer_model_projection = p.linear(path, *dims[path])
         self.per_layer_projection_norm = RMSNorm(hp, c.rms_norm_eps)
-        self.altup_projections = [p.linear(f"{PREFIX}altup_projections.{i}", h, h) for i in range(c.altup_num_inputs - 1)]
-        self.altup_unembed_projections = [
-            p.linear(f"{PREFIX}altup_unembed_projections.{i}", h, h) for i in range(c.altup_num_inputs - 1)
-        ]
+        for name in ("altup_projections", "altup_unembed_projections"):
+            paths = [f"{PREFIX}{name}.{i}" for i in range(c.altup_num_inputs - 1)]
+            setattr(self, name, [p.linear(path, *dims[path]) for path in paths])
         self.layers = [DecoderLayer(c, p, i) for i in range(n_layers)]
         self.norm = RMSNorm(h, c.rms_norm_eps)
         self._kv_producers = c.kv_producers()
@@ -475,13 +567,11 @@ class Model(nn.Module):
         self.config = c
         p = Projections(projections, embeddings)
         self.model = Gemma3nWrapper(c, p)
-        head = projections.get(LM_HEAD)
-        if head is None:
-            raise ValueError(f"manifest.yaml: no projection entry for {LM_HEAD}")
-        # The tied head reads the embedding table as it is; a separate table is a module of its own.
-        self.tied_head = head["layout"] != PRETRANSPOSED and head["key"] == EMBED_TOKENS + ".weight"
-        if not self.tied_head:
-            self.lm_head = build_projection(LM_HEAD, head, c.hidden_size, c.vocab_size)
+        # The tied head reads the embedding table as it is; a pretransposed one is a module of its own.
+        head = build_head(projections.get(LM_HEAD), *model_projections(c)[LM_HEAD])
+        self.tied_head = head is None
+        if head is not None:
+            self.lm_head = head
 
     @property
     def layers(self) -> list:

@@ -1,11 +1,14 @@
 """Linear projections built from the manifest: the one place a stored layout is interpreted.
 
-A manifest record (`projections[<module path>]`) says how the converter stored one weight:
+A manifest record (`projections[<module path>]`) says how the converter stored one weight, and
+manifests/records.py says which tensors that means; here each record becomes the module that
+multiplies by them:
 
 - `standard`: `[out, in]` under `<module>.weight` (the Hugging Face layout), plain or quantized
   (`<module>.scales`/`.biases` beside it, with the recorded bits, group size and mode). `x @ W.T`.
 - `pretransposed`: contiguous `[in, out]` under `<module>.weight_t`. `x @ Wt`, a plain matmul
   that MLX runs as `gemv_t`, which is faster for some shapes on some devices.
+- the LM head: tied, it is the embedding table (`Embedding.as_linear`); pretransposed, a module.
 
 A fused record (`fused: [{path, out}, ...]`, manifests/format.py FUSED_GROUPS) is one of these
 over its members' rows concatenated; `build_fused` checks the members against the config, and the
@@ -20,50 +23,50 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from manifests.format import PRETRANSPOSED, PRETRANSPOSED_SUFFIX, STANDARD, ManifestError
+from manifests.format import EMBED_TOKENS, LM_HEAD, STANDARD, ManifestError
+from manifests.records import (
+    EMBEDDINGS,
+    PACKED_DTYPE,
+    PROJECTIONS,
+    Quantization,
+    Storage,
+    Tensor,
+    fused_members,
+    head_base,
+)
+
+
+def _placeholders(module: nn.Module, tensors: list[Tensor]) -> None:
+    """Each stored tensor (manifests/records.py) as a lazy `mx.zeros` of its shape, under its own
+    name: what `load_weights` replaces with the shard's array of the same name."""
+    for t in tensors:
+        setattr(module, t.part, mx.zeros(t.shape, mx.uint32 if t.dtype == PACKED_DTYPE else mx.float32))
 
 
 class Standard(nn.Linear):
     """`x @ W.T (+ b)` over a weight stored `[out, in]`."""
 
-    def __init__(self, input_dims: int, output_dims: int, bias: bool = False):
+    def __init__(self, tensors: list[Tensor]):
         nn.Module.__init__(self)
-        self.weight = mx.zeros((output_dims, input_dims))
-        if bias:
-            self.bias = mx.zeros((output_dims,))
-
-
-def _quantized_placeholders(module: nn.Module, rows: int, cols: int, bits: int, group_size: int, mode: str):
-    """The parameters mx.quantize makes for a [rows, cols] matrix, as shapes only (every mode:
-    packed uint32 weight, one scale per group; per-group biases for `affine` alone)."""
-    if (cols * bits) % 32 or cols % group_size:
-        raise ManifestError(f"quantized {rows}x{cols} with bits={bits}, group_size={group_size} does not pack")
-    module.weight = mx.zeros((rows, cols * bits // 32), mx.uint32)
-    module.scales = mx.zeros((rows, cols // group_size))
-    if mode == "affine":
-        module.biases = mx.zeros((rows, cols // group_size))
+        _placeholders(self, tensors)
 
 
 class QuantizedStandard(nn.QuantizedLinear):
     """MLX-quantized `[out, in]` weight with its scales (and biases), as the manifest records."""
 
-    def __init__(self, input_dims: int, output_dims: int, bias: bool, bits: int, group_size: int, mode: str):
+    def __init__(self, tensors: list[Tensor], quantized: Quantization):
         nn.Module.__init__(self)
-        self.group_size, self.bits, self.mode = group_size, bits, mode
-        _quantized_placeholders(self, output_dims, input_dims, bits, group_size, mode)
-        if bias:
-            self.bias = mx.zeros((output_dims,))
+        self.group_size, self.bits, self.mode = quantized.group_size, quantized.bits, quantized.mode
+        _placeholders(self, tensors)
         self.freeze()
 
 
 class Pretransposed(nn.Module):
     """`x @ Wt (+ b)` over a weight stored contiguous `[in, out]` under `weight_t`."""
 
-    def __init__(self, input_dims: int, output_dims: int, bias: bool = False):
+    def __init__(self, tensors: list[Tensor]):
         super().__init__()
-        self.weight_t = mx.zeros((input_dims, output_dims))
-        if bias:
-            self.bias = mx.zeros((output_dims,))
+        _placeholders(self, tensors)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = x @ self.weight_t
@@ -76,10 +79,25 @@ class Pretransposed(nn.Module):
         return f"input_dims={i}, output_dims={o}, bias={'bias' in self}"
 
 
-def expected_key(path: str, record: dict) -> str:
-    """The tensor key a record must point at for the module at `path`: no renaming at load."""
-    suffix = PRETRANSPOSED_SUFFIX if record["layout"] == PRETRANSPOSED else ".weight"
-    return path + suffix
+def _checked(path: str, record: dict, input_dims: int, output_dims: int) -> tuple[Storage, list[Tensor]]:
+    """The record's storage and the tensors it stores, once its key, shape and bias are where the
+    config says an `[out, in]` projection at `path` keeps them: no renaming at load, no guess."""
+    where = f"manifest.yaml: projections.{path}"
+    storage = Storage.of(record, where)
+    layout = storage.layout
+    key = PROJECTIONS.weight_key(path, layout)
+    if record["key"] != key:
+        raise ManifestError(f"{where}: key {record['key']!r} is not where a {layout} projection at {path} lives ({key!r})")
+    tensors = PROJECTIONS.expected(path, storage, output_dims, input_dims)
+    want = list(tensors[0].shape)
+    if list(record["shape"]) != want:
+        raise ManifestError(
+            f"{where}: {layout} shape {list(record['shape'])} disagrees with "
+            f"the model config, which implies {want} for in={input_dims}, out={output_dims}"
+        )
+    if storage.bias and record["bias"] != tensors[-1].key:
+        raise ManifestError(f"{where}: bias {record['bias']!r} is not where the bias of {path} lives ({tensors[-1].key!r})")
+    return storage, tensors
 
 
 def build_projection(path: str, record: dict | None, input_dims: int, output_dims: int) -> nn.Module:
@@ -90,41 +108,28 @@ def build_projection(path: str, record: dict | None, input_dims: int, output_dim
     """
     if record is None:
         raise ManifestError(f"manifest.yaml: no projection entry for {path}")
-    layout = record["layout"]
-    key = expected_key(path, record)
-    if record["key"] != key:
-        raise ManifestError(
-            f"manifest.yaml: projections.{path}: key {record['key']!r} is not where a {layout} "
-            f"projection at {path} lives ({key!r})"
-        )
-    has_bias = bool(record.get("bias"))
-    quantized = record.get("quantized")
-    if quantized:
-        if layout != STANDARD:
-            raise ManifestError(f"manifest.yaml: projections.{path}: a quantized projection must be standard")
-        module = QuantizedStandard(input_dims, output_dims, has_bias, int(quantized["bits"]),
-                                   int(quantized["group_size"]), str(quantized["mode"]))
-        want = list(module.weight.shape)
-    else:
-        want = [output_dims, input_dims] if layout == STANDARD else [input_dims, output_dims]
-    if list(record["shape"]) != want:
-        raise ManifestError(
-            f"manifest.yaml: projections.{path}: {layout} shape {list(record['shape'])} disagrees with "
-            f"the model config, which implies {want} for in={input_dims}, out={output_dims}"
-        )
-    if quantized:
-        return module
-    if layout == STANDARD:
-        return Standard(input_dims, output_dims, has_bias)
-    if layout == PRETRANSPOSED:
-        return Pretransposed(input_dims, output_dims, has_bias)
-    raise ManifestError(f"manifest.yaml: projections.{path}: unknown layout {layout!r}")
+    return _module(*_checked(path, record, input_dims, output_dims))
+
+
+def _module(storage: Storage, tensors: list[Tensor]) -> nn.Module:
+    if storage.quantized:
+        return QuantizedStandard(tensors, storage.quantized)
+    return Standard(tensors) if storage.layout == STANDARD else Pretransposed(tensors)
+
+
+def build_head(record: dict | None, input_dims: int, output_dims: int) -> nn.Module | None:
+    """The LM head's module, or None where it is tied: its record then names the embedding
+    table's tensors, which the model multiplies by through `Embedding.as_linear`."""
+    if record is None:
+        raise ManifestError(f"manifest.yaml: no projection entry for {LM_HEAD}")
+    storage, tensors = _checked(LM_HEAD, record, input_dims, output_dims)
+    return None if head_base(storage.layout) == EMBED_TOKENS else _module(storage, tensors)
 
 
 def build_fused(path: str, record: dict, input_dims: int, members: list[tuple[str, int]]) -> nn.Module:
     """The module for a fused record whose members the config says are `members` ((path, out)
     in row order): one projection over their summed output, built like any other."""
-    recorded = [(m["path"], int(m["out"])) for m in record.get("fused") or []]
+    recorded = fused_members(record)
     if recorded != list(members):
         raise ManifestError(
             f"manifest.yaml: projections.{path}: fused members {[f'{p} ({o})' for p, o in recorded]} disagree "
@@ -133,39 +138,54 @@ def build_fused(path: str, record: dict, input_dims: int, members: list[tuple[st
     return build_projection(path, record, input_dims, sum(out for _, out in members))
 
 
+def projection_over(layout: str, weight: mx.array) -> nn.Module:
+    """The float projection a bundle of `layout` builds, over `weight` as that layout stores it:
+    how `runtime calibrate` times each layout."""
+    storage = Storage(layout)
+    module = _module(storage, storage.tensors("", *storage.dims(weight.shape)))
+    setattr(module, storage.weight_part, weight)
+    return module
+
+
+def transposed_view(module: nn.Module) -> mx.array | None:
+    """`W.T` for a module whose float weight is stored `[out, in]` (a standard projection, an
+    embedding table as the tied head): the `[in, out]` operand of `x @ W.T`, as a view (strides
+    over the same buffer, no copy). None where the stored weight already is `[in, out]`
+    (pretransposed) or is not a plain matrix (quantized)."""
+    return module.weight.T if type(module) in (Standard, Embedding) else None
+
+
 class Embedding(nn.Embedding):
     """A lookup table `[num, dims]`; `as_linear` is the tied head's `x @ E.T`."""
 
-    def __init__(self, num_embeddings: int, dims: int):
+    def __init__(self, tensors: list[Tensor]):
         nn.Module.__init__(self)
-        self.weight = mx.zeros((num_embeddings, dims))
+        _placeholders(self, tensors)
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
-    def __init__(self, num_embeddings: int, dims: int, bits: int, group_size: int, mode: str):
+    def __init__(self, tensors: list[Tensor], quantized: Quantization, num_embeddings: int, dims: int):
         nn.Module.__init__(self)
-        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.group_size, self.bits, self.mode = quantized.group_size, quantized.bits, quantized.mode
         self.num_embeddings, self.dims = num_embeddings, dims
-        _quantized_placeholders(self, num_embeddings, dims, bits, group_size, mode)
+        _placeholders(self, tensors)
         self.freeze()
 
 
 def build_embedding(path: str, record: dict | None, num_embeddings: int, dims: int) -> nn.Module:
     if record is None:
         raise ManifestError(f"manifest.yaml: no embeddings entry for {path}")
-    if record["key"] != path + ".weight":
+    where = f"manifest.yaml: embeddings.{path}"
+    key = EMBEDDINGS.weight_key(path)
+    if record["key"] != key:
+        raise ManifestError(f"{where}: key {record['key']!r} is not {key!r}")
+    storage = Storage.of(record, where)
+    tensors = EMBEDDINGS.expected(path, storage, num_embeddings, dims)
+    if list(record["shape"]) != list(tensors[0].shape):
         raise ManifestError(
-            f"manifest.yaml: embeddings.{path}: key {record['key']!r} is not {path + '.weight'!r}"
+            f"{where}: shape {list(record['shape'])} disagrees with the "
+            f"model config, which implies {list(tensors[0].shape)}"
         )
-    quantized = record.get("quantized")
-    if quantized:
-        module = QuantizedEmbedding(num_embeddings, dims, int(quantized["bits"]),
-                                    int(quantized["group_size"]), str(quantized["mode"]))
-    else:
-        module = Embedding(num_embeddings, dims)
-    if list(record["shape"]) != list(module.weight.shape):
-        raise ManifestError(
-            f"manifest.yaml: embeddings.{path}: shape {list(record['shape'])} disagrees with the "
-            f"model config, which implies {list(module.weight.shape)}"
-        )
-    return module
+    if storage.quantized:
+        return QuantizedEmbedding(tensors, storage.quantized, num_embeddings, dims)
+    return Embedding(tensors)

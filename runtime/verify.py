@@ -2,11 +2,13 @@
 
 Re-hashes every file the manifest lists (size and sha256), flags files it does not list, and
 checks every projection and embedding against the safetensors headers: the key is where the
-index says, the stored dtype and shape are the recorded ones, and the shape fits the layout
+index says, the stored dtype and shape are the recorded ones, the shape fits the layout
 (`standard` keeps the source shape, `pretransposed` stores it reversed, `--quantize` packs its
-rows). A fused record (q/k/v, gate/up) is checked like any other against its members' stacked
-source shape; that its members add up was checked when the manifest was read. Only headers are read
-for that; the weights themselves are only hashed. The manifest itself is checked against the
+rows), and the tensors stored beside it (a quantized one's scales and biases) are there with
+their shapes (manifests/records.py). A fused record (q/k/v, gate/up) is checked like any other
+against its members' stacked source shape; that its members add up was checked when the
+manifest was read. Only headers are read for that (runtime/bundle.py); the weights themselves
+are only hashed. The manifest itself is checked against the
 digest recorded beside it (manifest.sha256), and no file the manifest or the index names may lead
 outside the bundle (absolute, `..`, or a symlink to elsewhere).
 """
@@ -14,15 +16,13 @@ outside the bundle (absolute, `..`, or a symlink to elsewhere).
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import sys
 from pathlib import Path
 
 from manifests import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, recorded_manifest_digest
-from manifests.format import MANIFEST_LIMIT, PRETRANSPOSED, STANDARD
-from manifests.manifest import tensor_records
-from manifests.safetensors_header import DTYPE_NAMES, HeaderError, read_header_file  # noqa: F401  (HeaderError: what read_header raises)
+from manifests.records import Storage, records
+from manifests.safetensors_header import DTYPE_NAMES
+from runtime.bundle import outside_bundle, read_bundle_manifest, read_header, read_index, shard_names
 
 _CHUNK = 8 << 20
 
@@ -33,53 +33,6 @@ def sha256_of(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def read_header(path: Path) -> dict[str, dict]:
-    """key -> {dtype, shape, data_offsets} of one safetensors file, checked as strictly as the
-    converter checks a source (manifests.safetensors_header): HeaderError (a ValueError) naming
-    the tensor if malformed, OSError if unreadable."""
-    entries, _, _ = read_header_file(path)
-    return {e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.begin + e.nbytes]}
-            for e in entries}
-
-
-def containment(bundle: Path) -> str:
-    """The directory every file of `bundle` must resolve inside: the bundle itself, or, for a
-    bundle in the hub cache (`models--org--name/snapshots/<commit>/...`, whose files are symlinks
-    into the repo's `blobs/`), that repo's cache folder."""
-    for parent in [bundle, *bundle.parents]:
-        if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
-            return os.path.realpath(parent.parent)
-    return os.path.realpath(bundle)
-
-
-def outside_bundle(bundle: Path, name: object, where: str) -> str | None:
-    """A one-line problem if the file `name` (as `where` lists it) leads outside the bundle: an
-    absolute path, a `..`, or a symlink to elsewhere; None if it stays inside."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
-        return f"{bundle}: {where} lists file {name!r}, which is outside the bundle"
-    path = bundle / name
-    if os.path.lexists(path):
-        real, root = os.path.realpath(path), containment(bundle)
-        if not real.startswith(root.rstrip(os.sep) + os.sep):
-            return f"{path}: a symlink to {real}, outside the bundle ({where} lists it)"
-    return None
-
-
-def read_index(path: Path) -> dict[str, str]:
-    """The weight map of the bundle's index file; ValueError (one line) if it is not one."""
-    try:
-        with open(path / INDEX_NAME, "rb") as f:
-            raw = f.read(MANIFEST_LIMIT + 1)
-        if len(raw) > MANIFEST_LIMIT:
-            raise ValueError(f"more than {MANIFEST_LIMIT} bytes")
-        weight_map = json.loads(raw)["weight_map"]
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise ValueError(f"{path / INDEX_NAME}: unreadable index ({(str(e).splitlines() or [type(e).__name__])[0][:80]})") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ValueError(f"{path / INDEX_NAME}: weight_map does not map tensor names to file names")
-    return weight_map
 
 
 def check_manifest_digest(path: Path) -> tuple[list[str], bool]:
@@ -129,7 +82,7 @@ def stored_tensors(path: Path, manifest: dict) -> tuple[dict[str, tuple[str, dic
             index = read_index(path)
         except ValueError as e:
             problems.append(str(e))
-    shards = sorted(set(index.values())) if index else [n for n in manifest["files"] if n.endswith(".safetensors")]
+    shards = shard_names(manifest, index)
     tensors: dict[str, tuple[str, dict]] = {}
     unreadable = set()
     for name in shards:
@@ -171,34 +124,51 @@ def stored_tensors(path: Path, manifest: dict) -> tuple[dict[str, tuple[str, dic
 
 def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]], index: dict | None = None,
                   unreadable: set = frozenset()) -> list[str]:
-    """Each manifest record against the stored header; a record whose shard could not be read
-    (already reported) is skipped rather than reported again."""
+    """Each manifest record against the stored headers (manifests/records.py says which tensors
+    it stores); a tensor whose shard could not be read (already reported) is skipped rather than
+    reported again."""
     problems = []
-    for where, _, record in tensor_records(manifest):
-        key = record["key"]
+
+    def lookup(where: str, key: str) -> tuple[str, list[int], str] | None:
+        """(shard, shape, dtype) of a stored tensor, or None (reported once, unless unreadable)."""
         if key not in tensors:
-            if unreadable and (index.get(key) in unreadable if index else True):
-                continue
-            problems.append(f"{where}: tensor {key} is in no shard")
-            continue
+            if not (unreadable and (index.get(key) in unreadable if index else True)):
+                problems.append(f"{where}: tensor {key} is in no shard")
+            return None
         shard, info = tensors[key]
-        shape, dtype = list(info["shape"]), DTYPE_NAMES.get(info["dtype"], info["dtype"])
+        return shard, list(info["shape"]), DTYPE_NAMES.get(info["dtype"], info["dtype"])
+
+    for where, kind, _, record in records(manifest):
+        key = record["key"]
+        found = lookup(where, key)
+        if found is None:
+            continue
+        shard, shape, dtype = found
         if shape != list(record["shape"]) or dtype != record["dtype"]:
             problems.append(f"{where}: {shard} holds {key} as {dtype} {shape}, "
                             f"the manifest says {record['dtype']} {list(record['shape'])}")
             continue
-        if "layout" in record:  # a projection (embedding records have no layout)
+        try:
+            storage = Storage.of(record, where)
+            stored = kind.stored(record, where)
+        except ManifestError as e:
+            problems.append(str(e))
+            continue
+        if kind.laid_out:  # a projection: its stored shape follows from its source's [out, in]
             source = list(record["source_shape"])
-            layout = record["layout"]
-            want = source[::-1] if layout == PRETRANSPOSED else source
-            quantized = record.get("quantized")
-            if quantized and shape != source and len(source) == 2:  # --quantize packed a float source
-                want = [source[0], source[1] * int(quantized["bits"]) // 32]
-            if layout not in (STANDARD, PRETRANSPOSED):
-                problems.append(f"{where}: unknown layout {layout!r}")
-            elif shape != want:
-                problems.append(f"{where}: {layout} {key} in {shard} is {shape}; "
+            want = list(storage.weight_shape(*source)) if len(source) == 2 else source
+            passed_through = storage.quantized is not None and shape == source  # an MLX-quantized source
+            if shape != want and not passed_through:
+                problems.append(f"{where}: {storage.layout} {key} in {shard} is {shape}; "
                                 f"source shape {source} means it should be {want}")
+                continue
+        for tensor in stored[1:]:  # the first that differs: scales and biases follow one rule
+            found = lookup(where, tensor.key)
+            if found is not None and found[1] != list(tensor.shape):
+                problems.append(f"{where}: {found[0]} holds {tensor.key} as {found[1]}, where the record means "
+                                f"{list(tensor.shape)}")
+            if found is None or found[1] != list(tensor.shape):
+                break
     return problems
 
 
@@ -210,8 +180,6 @@ def verify_bundle(path, manifest: dict | None = None) -> list[str]:
     """
     path = Path(path)
     if manifest is None:
-        from runtime.loader import read_bundle_manifest
-
         manifest = read_bundle_manifest(path)
     problems = check_manifest_digest(path)[0] + check_files(path, manifest)
     tensors, index, header_problems, unreadable = stored_tensors(path, manifest)
@@ -220,8 +188,6 @@ def verify_bundle(path, manifest: dict | None = None) -> list[str]:
 
 def verify_command(path) -> int:
     """The CLI's `verify BUNDLE`: one line per problem on stderr; 0 clean, 1 differs, 2 not a bundle."""
-    from runtime.loader import read_bundle_manifest
-
     try:
         manifest = read_bundle_manifest(Path(path))
         problems = verify_bundle(path, manifest)

@@ -137,7 +137,7 @@ def test_bundle_without_tokenizer(tmp_path):
 
 
 def test_strict_target_refuses_a_foreign_bundle(bundle):
-    from runtime.loader import device_target
+    from runtime.bundle import device_target
     if device_target() == "generic":
         pytest.skip("this device's target is generic")
     r = run("runtime", "generate", str(bundle), "--prompt", "x", "--strict-target")

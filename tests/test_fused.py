@@ -195,12 +195,14 @@ def test_the_model_has_fused_modules_and_split_points(bundles, name, cls):
     model, _ = load_quietly(bundles[name])
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        assert type(mlp.gate_up_proj) is cls and mlp.gate_up_split == CFG["intermediate_size"][i]
+        inter = CFG["intermediate_size"][i]
+        assert type(mlp.gate_up_proj) is cls and layer.fused["mlp.gate_up_proj"].outs == (inter, inter)
         assert "gate_proj" not in mlp and "up_proj" not in mlp
         if i >= FIRST_SHARED:
             assert type(attn.q_proj) is cls and "qkv_proj" not in attn
+            assert list(layer.fused) == ["mlp.gate_up_proj"]
             continue
-        assert type(attn.qkv_proj) is cls and attn.qkv_splits == [Q_OUT, Q_OUT + KV_OUT]
+        assert type(attn.qkv_proj) is cls and layer.fused["self_attn.qkv_proj"].outs == (Q_OUT, KV_OUT, KV_OUT)
         assert not any(m in attn for m in ("q_proj", "k_proj", "v_proj"))
 
 
@@ -525,8 +527,8 @@ def test_the_model_takes_q_k_v_and_laurel_left_from_one_module(bundles):
     model, _ = load_quietly(bundles["laurel"])
     for i, layer in enumerate(model.layers):
         module, members = laurel_groups(i)
-        assert type(layer[module]) is Standard and layer.in_proj is layer[module]
-        assert layer.in_splits == list(np.cumsum([o for _, o in members[:-1]]))
+        assert type(layer[module]) is Standard
+        assert (layer.fused[module].members, layer.fused[module].outs) == tuple(zip(*members))
         assert not any(p in layer.self_attn for p in ("q_proj", "k_proj", "v_proj", "qkv_proj"))
         assert "linear_left" not in layer.laurel and "linear_right" in layer.laurel
 
@@ -585,3 +587,33 @@ def test_a_projection_in_two_fused_records_is_named(bundles, tmp_path):
     with pytest.raises(ManifestError, match=f"projections.{L}0.self_attn.q_proj: covered twice, as a member of "
                                             f"{first} and of {L}0.self_attn.qkv_proj"):
         load_quietly(bundle)
+
+
+def test_a_new_group_is_a_change_of_data_alone(source, reference, ids, monkeypatch, tmp_path):
+    """k and v as one `self_attn.kv_proj`, added to manifests/format.py's tables and nowhere else:
+    convert writes it (in layers with their own K/V only), the manifest reader checks it, and the
+    eager model and the compiled step read it (q on its own, k and v from one GEMV) and still
+    match transformers."""
+    import manifests.format as fmt
+    from convert import convert_checkpoint
+
+    monkeypatch.setitem(fmt.FUSED_GROUPS, "kv", ("self_attn.kv_proj", ("self_attn.k_proj", "self_attn.v_proj")))
+    monkeypatch.setitem(fmt.FUSED_ROLES, "kv", "attn.kv_proj")
+    monkeypatch.setattr(fmt, "FUSED_OWN_KV_ONLY", (*fmt.FUSED_OWN_KV_ONLY, "kv"))
+    profile = tmp_path / "kv.yaml"
+    profile.write_text("name: kv-test\nfuse: [kv]\n")
+    bundle = convert_checkpoint(source, tmp_path / "kv", target_profile=profile, dtype="float32")
+    projections = read_manifest(bundle)["projections"]
+    for i in range(LAYERS):
+        kv = projections.get(f"{L}{i}.self_attn.kv_proj")
+        if i >= FIRST_SHARED:
+            assert kv is None
+            continue
+        assert [(m["path"], m["out"]) for m in kv["fused"]] == [(f"{L}{i}.self_attn.k_proj", KV_OUT),
+                                                               (f"{L}{i}.self_attn.v_proj", KV_OUT)]
+        assert f"{L}{i}.self_attn.k_proj" not in projections and f"{L}{i}.self_attn.q_proj" in projections
+    model, _ = load_quietly(bundle)
+    attn = model.layers[0].self_attn
+    assert type(attn.kv_proj) is Standard and "k_proj" not in attn and "v_proj" not in attn and "q_proj" in attn
+    assert relative_error(model(mx.array(ids)), reference) < BOUND
+    check_compiled_steps(model, ids[:1], reference[:1], PREFILL, LENGTH, BOUND, 16)

@@ -385,13 +385,13 @@ def test_runtime_refuses_a_damaged_bundle(bundle, kind, monkeypatch):
         assert any(all(part in p for part in parts) for p in problems), (parts, problems)
 
     # load(verify=True): refused before a model is built
-    import runtime.loader as loader
+    import runtime.model
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built from a bundle that fails verification")
 
     with monkeypatch.context() as m:
-        m.setattr(loader, "Model", no_model)
+        m.setattr(runtime.model, "Model", no_model)
         with pytest.raises(ManifestError) as e:
             load_quietly(bundle, verify=True)
     assert "\n" not in str(e.value)

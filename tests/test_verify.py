@@ -9,7 +9,7 @@ import yaml
 
 from manifests import manifest_digest_line
 from runtime.verify import verify_bundle, verify_command
-from tests.runtime_helpers import source_and_bundles
+from tests.runtime_helpers import convert, load_quietly, source_and_bundles
 
 GATE = "model.language_model.layers.1.mlp.gate_proj"
 
@@ -101,6 +101,22 @@ def test_a_key_missing_from_the_index(m5):
 def test_a_recorded_key_that_no_shard_holds(m5):
     edit_manifest(m5, lambda m: m["projections"][GATE].update(key=GATE + ".weight"))
     assert verify_bundle(m5) == [f"manifest.yaml: projections.{GATE}: tensor {GATE}.weight is in no shard"]
+
+
+@pytest.fixture(scope="module")
+def q4(bundles, tmp_path_factory) -> Path:
+    return convert(bundles["src"], tmp_path_factory.mktemp("verify-q4") / "q4", "generic", "--quantize", "4")
+
+
+def test_scales_that_do_not_fit_the_recorded_quantization(q4, tmp_path):
+    """The packed weight's shape does not show the group size; its scales do. A record that says
+    32 where 64 was written is named by verify at the scales, and refused by load."""
+    bundle = Path(shutil.copytree(q4, tmp_path / "q4"))
+    edit_manifest(bundle, lambda m: m["projections"][GATE]["quantized"].update(group_size=32))
+    assert verify_bundle(bundle) == [f"manifest.yaml: projections.{GATE}: model.safetensors holds {GATE}.scales "
+                                     "as [128, 1], where the record means [128, 2]"]
+    with pytest.raises(ValueError, match=f"{GATE}.scales"):
+        load_quietly(bundle)
 
 
 def test_not_a_bundle(bundles, capsys):

@@ -1,0 +1,169 @@
+"""Where a compiled decode step's time goes on a CUDA GPU, by kernel class.
+
+    # the step's wall time (no profiler): ms per token over --steps compiled steps
+    python3 benchmarks/profile_step.py time BUNDLE [--steps 64]
+    # the kernels of --steps steps under Nsight Compute (only those steps are profiled)
+    ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file K.csv \
+        python3 benchmarks/profile_step.py kernels BUNDLE --steps 1
+    python3 benchmarks/profile_step.py parse K.csv [--wall-ms MS] [--steps 1]
+
+`kernels` warms the compiled decoder up (so compilation stays out), then brackets the profiled
+steps with cudaProfilerStart/Stop. `parse` sums the kernels' device time per class (GEMV and
+quantized matmuls, attention, fused element-wise chains, reductions and norms, copies and
+updates, other) and per kernel name; with the step's wall time it says how much of a step the
+device is busy and how much is left to the host (graph building, launches, gaps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import re
+import sys
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CLASSES = [  # first match wins
+    ("quantized matmul", r"qmv|qmm|quantized|affine_dequant|dequant"),
+    ("gemv / gemm", r"gemv|gemm|cutlass|cublas|sm90_xmma|ampere|matmul|Matmul"),
+    ("attention", r"sdpa|attention|softmax|Softmax"),
+    ("norm / reduction", r"rms|RMS|norm|reduce|Reduce|all_reduce|row_reduce|col_reduce"),
+    ("copy / update / gather", r"copy|Copy|scatter|Scatter|gather|Gather|slice|Slice|concat|update"),
+    ("fused element-wise", r"Compiled|compiled|fused|Fused|Multiply|Add|Tanh|Exp|Sigmoid|binary|unary|ternary|Binary|Unary"),
+]
+
+
+def classify(name: str) -> str:
+    for label, pattern in CLASSES:
+        if re.search(pattern, name):
+            return label
+    return "other"
+
+
+def decoder_for(bundle: str):
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime.fast import CompiledDecoder
+    from runtime.loader import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(bundle)
+    c = model.config
+    prompt = mx.array(np.random.default_rng(0).integers(3, min(c.vocab_size, c.vocab_size_per_layer_input), 64),
+                      dtype=mx.int32)
+    cache = model.make_cache()
+    logits = model(prompt[None], cache=cache)[:, -1, :]
+    token = mx.argmax(logits, axis=-1)
+    mx.eval(token)
+    decoder = CompiledDecoder(model, cache, capacity=1024)
+    return decoder, token
+
+
+def run_steps(decoder, token, steps: int):
+    import mlx.core as mx
+
+    for _ in range(steps):
+        token = mx.argmax(decoder(token), axis=-1)
+        mx.async_eval(token)
+    mx.eval(token)
+    return token
+
+
+def cmd_time(bundle: str, steps: int) -> None:
+    decoder, token = decoder_for(bundle)
+    token = run_steps(decoder, token, 8)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        token = run_steps(decoder, token, steps)
+        times.append((time.perf_counter() - t0) / steps * 1e3)
+    print(f"wall ms per step: {sorted(times)[1]:.3f} (runs: {', '.join(f'{t:.3f}' for t in times)})")
+
+
+def profiler(start: bool) -> None:
+    for lib, fn in (("libcudart.so.13", "cudaProfilerStart" if start else "cudaProfilerStop"),
+                    ("libcudart.so", "cudaProfilerStart" if start else "cudaProfilerStop"),
+                    ("libcuda.so.1", "cuProfilerStart" if start else "cuProfilerStop")):
+        try:
+            getattr(ctypes.CDLL(lib), fn)()
+            return
+        except OSError:
+            continue
+    raise SystemExit("no CUDA runtime or driver library to start the profiler with")
+
+
+def cmd_kernels(bundle: str, steps: int) -> None:
+    import mlx.core as mx
+
+    decoder, token = decoder_for(bundle)
+    token = run_steps(decoder, token, 8)
+    mx.synchronize()
+    profiler(True)
+    token = run_steps(decoder, token, steps)
+    mx.synchronize()
+    profiler(False)
+    print(f"profiled {steps} step(s)")
+
+
+def cmd_parse(path: str, wall_ms: float | None, steps: int, top: int) -> None:
+    rows = []
+    with open(path, newline="") as f:
+        lines = [line for line in f if line.startswith('"')]  # ncu's CSV rows; skip its log lines
+    for row in csv.DictReader(lines):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        value = float(row["Metric Value"].replace(",", ""))
+        unit = row.get("Metric Unit", "nsecond")
+        scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0}.get(unit, 1e-6)
+        rows.append((row["Kernel Name"], value * scale))
+    if not rows:
+        raise SystemExit(f"{path}: no gpu__time_duration.sum rows")
+    per_class, per_name, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for name, ms in rows:
+        per_class[classify(name)] += ms
+        short = name.split("(")[0][:90]
+        per_name[short] += ms
+        count[short] += 1
+    total = sum(ms for _, ms in rows)
+    print(f"{len(rows) / steps:.0f} kernels per step, {total / steps:.3f} ms of device time per step")
+    if wall_ms:
+        print(f"wall {wall_ms:.3f} ms per step: the device is busy {100 * total / steps / wall_ms:.0f} % of it")
+    print("| kernel class | ms per step | share | kernels per step |")
+    print("| --- | ---: | ---: | ---: |")
+    n_class = defaultdict(int)
+    for name, _ in rows:
+        n_class[classify(name)] += 1
+    for label, ms in sorted(per_class.items(), key=lambda kv: -kv[1]):
+        print(f"| {label} | {ms / steps:.3f} | {100 * ms / total:.1f} % | {n_class[label] / steps:.0f} |")
+    print(f"\ntop {top} kernels by device time:")
+    for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {ms / steps:8.3f} ms  x{count[name] / steps:5.0f}  {name}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=["time", "kernels", "parse"])
+    ap.add_argument("path")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--wall-ms", type=float)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    if args.command == "time":
+        cmd_time(args.path, args.steps or 64)
+    elif args.command == "kernels":
+        cmd_kernels(args.path, args.steps or 1)
+    else:
+        cmd_parse(args.path, args.wall_ms, args.steps or 1, args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

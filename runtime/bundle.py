@@ -1,0 +1,139 @@
+"""Reading a bundle's own files: its manifest, its index, its shards' headers, and the rule
+that no file it names leads outside it.
+
+Loading (runtime/loader.py), verifying (runtime/verify.py) and publishing (runtime/hub.py) all
+read bundles this way, so the rules live here, below the three of them, and each says the same
+thing about the same defect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+from manifests import INDEX_NAME, MANIFEST_NAME, ManifestError, read_manifest, target_for_device
+from manifests.format import MANIFEST_LIMIT
+from manifests.safetensors_header import HeaderError, read_header_file
+
+
+class BundleError(ManifestError):
+    """A bundle that cannot be loaded as it is; the message is one line a user can act on."""
+
+
+def convert_command(source: str, target: str) -> str:
+    """The command that prepares `source` for `target`, into a sibling directory."""
+    out = str(source).rstrip("/") + "-" + target
+    return f"python -m convert --target {target} {source} {out}"
+
+
+def device_target() -> str:
+    return target_for_device(mx.device_info())
+
+
+def read_bundle_manifest(path: Path) -> dict:
+    """The manifest, or one line saying what to run when `path` is not a prepared bundle."""
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle directory")
+    if not (path / MANIFEST_NAME).exists():
+        what = "a model checkpoint, not a prepared bundle" if (path / "config.json").exists() else "not a prepared bundle"
+        raise BundleError(
+            f"{path}: no {MANIFEST_NAME} ({what}); prepare it first: {convert_command(str(path), device_target())}"
+        )
+    return read_manifest(path)
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """key -> {dtype, shape, data_offsets} of one safetensors file, checked as strictly as the
+    converter checks a source (manifests.safetensors_header): HeaderError (a ValueError) naming
+    the tensor if malformed, OSError if unreadable."""
+    entries, _, _ = read_header_file(path)
+    return {e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.begin + e.nbytes]}
+            for e in entries}
+
+
+def containment(bundle: Path) -> str:
+    """The directory every file of `bundle` must resolve inside: the bundle itself, or, for a
+    bundle in the hub cache (`models--org--name/snapshots/<commit>/...`, whose files are symlinks
+    into the repo's `blobs/`), that repo's cache folder."""
+    for parent in [bundle, *bundle.parents]:
+        if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
+            return os.path.realpath(parent.parent)
+    return os.path.realpath(bundle)
+
+
+def outside_bundle(bundle: Path, name: object, where: str) -> str | None:
+    """A one-line problem if the file `name` (as `where` lists it) leads outside the bundle: an
+    absolute path, a `..`, or a symlink to elsewhere; None if it stays inside."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        return f"{bundle}: {where} lists file {name!r}, which is outside the bundle"
+    path = bundle / name
+    if os.path.lexists(path):
+        real, root = os.path.realpath(path), containment(bundle)
+        if not real.startswith(root.rstrip(os.sep) + os.sep):
+            return f"{path}: a symlink to {real}, outside the bundle ({where} lists it)"
+    return None
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The weight map of the bundle's index file; ValueError (one line) if it is not one."""
+    try:
+        with open(path / INDEX_NAME, "rb") as f:
+            raw = f.read(MANIFEST_LIMIT + 1)
+        if len(raw) > MANIFEST_LIMIT:
+            raise ValueError(f"more than {MANIFEST_LIMIT} bytes")
+        weight_map = json.loads(raw)["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ValueError(f"{path / INDEX_NAME}: unreadable index ({(str(e).splitlines() or [type(e).__name__])[0][:80]})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{path / INDEX_NAME}: weight_map does not map tensor names to file names")
+    if not weight_map:
+        raise ValueError(f"{path / INDEX_NAME}: weight_map is empty")
+    return weight_map
+
+
+def shard_names(manifest: dict, index: dict[str, str] | None) -> list[str]:
+    """The safetensors files of a bundle: those its index maps tensors to, or (a bundle of one
+    shard has no index) those its manifest lists."""
+    if index is not None:
+        return sorted(set(index.values()))
+    return [n for n in manifest["files"] if n.endswith(".safetensors")]
+
+
+def shard_files(path: Path, manifest: dict) -> list[str]:
+    """The safetensors files of the bundle, as its index (or the single file) names them."""
+    index = None
+    if (path / INDEX_NAME).exists():
+        try:
+            index = read_index(path)
+        except OSError as e:
+            raise BundleError(f"{path / INDEX_NAME}: unreadable index ({e.strerror or e})") from None
+        except ValueError as e:
+            raise BundleError(str(e)) from None
+    names = shard_names(manifest, index)
+    for name in names:
+        escape = outside_bundle(path, name, INDEX_NAME if index is not None else MANIFEST_NAME)
+        if escape:
+            raise BundleError(escape)
+        if name not in manifest["files"]:
+            raise BundleError(f"{path / name}: shard not listed in {MANIFEST_NAME}")
+        if not (path / name).is_file():
+            raise BundleError(f"{path / name}: shard missing")
+        check_shard(path, name)
+    if not names:
+        raise BundleError(f"{path}: no safetensors shard in the bundle")
+    return names
+
+
+def check_shard(path: Path, name: str) -> None:
+    """The shard's header only (no weight is read). mx.load maps a shard lazily and accepts a
+    header whose tensors overlap, leave holes or are followed by stray bytes; refuse those here,
+    by file and tensor, with the converter's own rules (manifests.safetensors_header)."""
+    try:
+        read_header_file(path / name)
+    except HeaderError as e:
+        raise BundleError(f"{path / name}: malformed safetensors header ({e})") from None
+    except OSError as e:
+        raise BundleError(f"{path / name}: unreadable ({e.strerror or e})") from None
