@@ -87,8 +87,8 @@ REFUSED = {
     "prompt_cache_retention": "not supported", "prompt_cache_options": "not supported",
     "moderation": "not supported",
 }
-IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-           "parallel_tool_calls"}
+IGNORED = {"user": str, "metadata": dict, "store": bool, "service_tier": str, "safety_identifier": str,
+           "prompt_cache_key": str, "parallel_tool_calls": bool}  # and the type each must have
 
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -255,8 +255,15 @@ def _max_tokens(f: Fields, served: Served, prompt_tokens: int, names: tuple[str,
     return min(wanted, served.context_length - prompt_tokens)
 
 
+_TYPE_NAMES = {str: "a string", dict: "an object", bool: "true or false"}
+
+
 def _common(f: Fields, served: Served):
-    """The fields both endpoints share (IGNORED ones are accepted and change nothing)."""
+    """The fields both endpoints share, and the IGNORED ones (checked for type, then unused)."""
+    for name, kind in IGNORED.items():
+        value = f.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise bad(f"{name}: expected {_TYPE_NAMES[kind]}, got {json.dumps(value)}", param=name, code="invalid_type")
     _model(f, served)
     f.neutral("n", 1)
     for name in ("presence_penalty", "frequency_penalty"):
