@@ -22,6 +22,7 @@ import mlx.core as mx
 from runtime.chat import chat_turn, render_messages, user_and_system
 from runtime.compat import from_mlx_lm
 from runtime.fast import CompiledDecoder
+from runtime.inputs import BadType, check_count, check_text, check_token_ids, vocab_size_of
 from runtime.model import Model
 from runtime.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from runtime.tokenizer import END_OF_TURN, Tokenizer
@@ -151,6 +152,8 @@ class _Picker:
         self.ours = isinstance(self.sampler, Sampler)
         self.params = self.sampler.params if self.ours else SamplingParams()
         self.processors = list(processors or [])
+        if not all(callable(p) for p in self.processors):
+            raise BadType("logits_processors must be callables (token ids, logits) -> logits")
         needs_history = self.params.repetition_penalty != 1.0 or bool(self.processors)
         self.history = prompt.reshape(1, -1) if needs_history else None
 
@@ -183,7 +186,13 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
     `compiled` (default: on for this runtime's model) decodes through one compiled step over
     fixed-shape caches (runtime/fast.py); the eager caches are brought up to date at the end.
     `sampler`: a `Sampler`, or mlx-lm's kind (`sampler(logprobs) -> ids`); `logits_processors`:
-    mlx-lm's hook, `processor(ids so far, logits) -> logits`, applied in order before sampling."""
+    mlx-lm's hook, `processor(ids so far, logits) -> logits`, applied in order before sampling.
+
+    Every id must lie in [0, vocab_size): the model reads its tables by id (TypeError/ValueError
+    otherwise, runtime/inputs.py), as must `max_tokens` >= 0 and `prefill_step_size` >= 1."""
+    max_tokens = check_count(max_tokens, "max_tokens", 0)
+    prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
+    prompt = check_token_ids(prompt, vocab_size_of(model))
     steps = _steps(prompt, model, cache=cache, sampler=sampler, max_tokens=max_tokens,
                    prefill_step_size=prefill_step_size, capture=capture, compiled=compiled,
                    logits_processors=logits_processors, progress=prompt_progress_callback)
@@ -196,7 +205,10 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
 
 def _steps(prompt, model, *, cache, sampler, max_tokens, prefill_step_size, capture, compiled, logits_processors,
            progress) -> Iterator[tuple[int, bool, mx.array]]:
-    """generate_step's loop, also yielding each token's processed logits `[vocab]` (lazy)."""
+    """generate_step's loop, also yielding each token's processed logits `[vocab]` (lazy); its
+    callers have checked the ids and counts."""
+    if progress is not None and not callable(progress):
+        raise BadType(f"prompt_progress_callback must be callable, not {type(progress).__name__}")
     if max_tokens < 1:
         return
     cache = model.make_cache() if cache is None else cache
@@ -258,6 +270,14 @@ def _first(y: mx.array, n: int, prompt: mx.array, progress) -> int:
     return token
 
 
+def _sampling(sampling: SamplingParams | None, kwargs: dict) -> SamplingParams:
+    if sampling is not None and kwargs:
+        raise TypeError("pass either sampling= or sampling keyword arguments, not both")
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise BadType(f"sampling must be a SamplingParams, not {type(sampling).__name__}")
+    return sampling if sampling is not None else SamplingParams(**kwargs)
+
+
 def _sampler(sampling: SamplingParams | None, sampler, kwargs: dict, where: str):
     """One way of choosing tokens: `sampling=`, its fields as keywords, or a `sampler=` callable."""
     known = {f.name for f in fields(SamplingParams)}
@@ -271,21 +291,25 @@ def _sampler(sampling: SamplingParams | None, sampler, kwargs: dict, where: str)
         if not callable(sampler):
             raise TypeError(f"{where}(): sampler must be callable (logprobs -> token ids), not {type(sampler).__name__}")
         return sampler
-    return Sampler(sampling if sampling is not None else SamplingParams(**kwargs))
+    return Sampler(_sampling(sampling, kwargs))
 
 
-def _prompt_ids(tokenizer: Tokenizer | None, prompt, messages, chat: bool, where: str) -> tuple[list[int], bool]:
-    """The prompt's token ids, and whether it is a chat (whose replies end at <end_of_turn>)."""
+def _prompt_ids(model, tokenizer: Tokenizer | None, prompt, messages, chat: bool,
+                where: str) -> tuple[list[int], bool]:
+    """The prompt's token ids (checked against the vocabulary), and whether it is a chat (whose
+    replies end at <end_of_turn>)."""
     if (prompt is None) == (messages is None):
         raise TypeError(f"{where}(): pass either prompt or messages")
     if messages is not None and chat:
         raise TypeError(f"{where}(): messages are always a chat; chat=True is for a text prompt")
     if messages is not None or isinstance(prompt, str):
+        text = check_text(render_messages(messages) if messages is not None else prompt,
+                          "messages" if messages is not None else "prompt")
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; this bundle has none (pass token ids)")
-        text = render_messages(messages) if messages is not None else chat_turn(prompt) if chat else prompt
-        return tokenizer.encode(text), chat or messages is not None
-    return [int(t) for t in prompt], chat
+        return tokenizer.encode(chat_turn(text) if chat else text), chat or messages is not None
+    ids = check_token_ids(prompt, vocab_size_of(model))
+    return (ids.reshape(-1).tolist() if isinstance(ids, mx.array) else ids), chat
 
 
 def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[int] | None = None, *,
@@ -318,10 +342,12 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
     choose = _sampler(sampling, sampler, kwargs, "stream_generate")
     if capture is None:
         capture = DecodeCapture.from_env()
-    ids, chat = _prompt_ids(tokenizer, prompt, messages, chat, "stream_generate")
+    max_tokens = check_count(max_tokens, "max_tokens", 0)
+    prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
+    ids, chat = _prompt_ids(model, tokenizer, prompt, messages, chat, "stream_generate")
     if eos_token_ids is None:
         eos_token_ids = [] if tokenizer is None else (tokenizer.chat_stop_ids() if chat else tokenizer.eos_token_ids)
-    stop = set(int(t) for t in eos_token_ids)
+    stop = set(check_token_ids(eos_token_ids, None))
     detok = tokenizer.detokenizer() if tokenizer is not None else None
 
     tic = time.perf_counter()
@@ -393,11 +419,13 @@ class ChatSession:
                  system: str | None = None):
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer; this bundle has none")
-        if system is not None and not isinstance(system, str):
-            raise TypeError(f"system must be a string, not {type(system).__name__}")
+        if system is not None:
+            check_text(system, "system")
         self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.max_tokens = check_count(max_tokens, "max_tokens", 0)
+        self.prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
+        self.sampling = _sampling(sampling, {}) if sampling is not None else None
         self.cache = model.make_cache()
-        self.max_tokens, self.sampling, self.prefill_step_size = max_tokens, sampling, prefill_step_size
         self._turns = 0
         self._last_token: int | None = None
         self._last_cached = True
@@ -413,7 +441,7 @@ class ChatSession:
 
     def send(self, message: str, **kwargs) -> Iterator[GenerationResponse]:
         """Stream the reply to `message`; the session is ready for the next turn once exhausted."""
-        ids = self._turn_ids(message)
+        ids = check_token_ids(self._turn_ids(check_text(message, "message")), vocab_size_of(self.model))
         self._turns += 1
         kwargs.setdefault("max_tokens", self.max_tokens)
         kwargs.setdefault("prefill_step_size", self.prefill_step_size)

@@ -8,6 +8,7 @@ that very array into the module the manifest named. tests/test_loader.py holds t
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from pathlib import Path
 

@@ -18,7 +18,7 @@ import numpy as np
 import mlx.core as mx
 
 from convert.gemma3n import expected_tensors
-from tests.checkpoints import PREFIXES, make_checkpoint
+from tests.checkpoints import PREFIXES, make_checkpoint, write_tokenizer
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "zen-gemma3n"
 
@@ -138,3 +138,10 @@ def demo_bundle(root: Path, target: str = "generic") -> Path:
     """The embedded demo checkpoint (a trained tiny Gemma3n with Gemma's tokenizer files and chat
     template), converted by the real CLI."""
     return convert(DEMO, Path(root) / f"demo-{target}", target)
+
+
+def text_checkpoint(path: Path) -> Path:
+    """A tiny Hugging Face checkpoint with a tokenizer.json, for tests that generate from text."""
+    src = make_checkpoint(path, "hf")
+    write_tokenizer(src)
+    return src
