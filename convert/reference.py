@@ -7,9 +7,9 @@ independently of both: plain numpy, float32, transformers' `Gemma3nForCausalLM` 
 (tests/test_reference.py holds it to transformers the way the runtime is held).
 
 It reads the bundle's tensors as they are stored, through one adapter (`StoredTensors.weight`,
-which asks manifests/records.py what each record stores):
-4/8-bit MLX affine weights dequantized here, pretransposed ones read back as `[out, in]`, fused
-ones cut into their recorded members. So the answers describe the stored weights, and a
+which asks manifests/records.py what each record stores): MLX affine weights (2 to 8 bits)
+dequantized here, pretransposed ones read back as `[out, in]`, fused ones cut into their
+recorded members. So the answers describe the stored weights, and a
 difference at verify time is the device's execution, not quantization error.
 
 Memory stays within the conversion's own bound: a weight is read and multiplied a block of rows
