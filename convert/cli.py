@@ -85,7 +85,7 @@ def command(source, out, target, target_profile, dtype, quantize, group_size, qu
 def main(args=None, prog_name: str | None = None):
     """The `convert` program: one-line errors, and Ctrl-C unwinds like SIGTERM (the temporary
     directory and the lock are removed on the way out) and exits 130 (manifests/cli.py)."""
-    sys.exit(run_program(command, args, prog_name or "convert", "Error: "))
+    sys.exit(run_program(command, args, prog_name or "convert"))
 
 
 __all__ = ["command", "main", "human"]

@@ -38,6 +38,7 @@ import mlx.core as mx
 import yaml
 
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
+from manifests.cli import CommandError
 from manifests.format import DTYPES, PRETRANSPOSED, STANDARD
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.gemma3n import MODEL_TYPES, SIZES, published_text_config
@@ -295,8 +296,8 @@ def layout_table(profile: dict) -> str:
     return "\n".join(lines)
 
 
-class BadInput(click.ClickException):
-    exit_code = 2
+class BadInput(CommandError):
+    """One `error:` line, exit 2 (manifests/cli.py)."""
 
 
 @click.command("calibrate")

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from manifests import ManifestError
-from manifests.cli import run_program
+from manifests.cli import CommandError, run_program
 from runtime.generate import (
     CAPTURE_PATH_ENV,
     DEFAULT_MAX_TOKENS,
@@ -31,11 +31,8 @@ from runtime.inputs import BadType, BadValue, check_text, decode_text
 from runtime.sampling import SamplingParams
 
 
-class UserError(click.ClickException):
-    exit_code = 2
-
-    def show(self, file=None):
-        click.echo(f"error: {self.format_message()}", err=True)
+class UserError(CommandError):
+    """Bad input: one `error:` line, exit 2 (manifests/cli.py)."""
 
 
 def _load(bundle: str, strict_target: bool = False, verify: bool = False):
@@ -289,4 +286,4 @@ _add_publish()
 
 def run(args=None, prog_name: str | None = None):
     """The `runtime` program: one-line errors, Ctrl-C exits 130 after unwinding (manifests/cli.py)."""
-    sys.exit(run_program(main, args, prog_name or "runtime", "error: "))
+    sys.exit(run_program(main, args, prog_name or "runtime"))

@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from manifests import MANIFEST_NAME, ManifestError, load_manifest, target_for_device
+from manifests.cli import CommandError
 from manifests.format import MANIFEST_DIGEST_NAME, PRETRANSPOSED
 from manifests.records import Storage, fused_members
 from runtime.bundle import read_bundle_manifest
@@ -30,8 +31,8 @@ from runtime.bundle import read_bundle_manifest
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
 
 
-class HubError(click.ClickException):
-    exit_code = 2
+class HubError(CommandError):
+    """One `error:` line, exit 2 (manifests/cli.py)."""
 
 
 def is_hub_id(ref: str | os.PathLike) -> bool:
