@@ -45,3 +45,33 @@ def test_both_programs_spell_an_error_the_same_way(tmp_path, args):
     args = [str(src) if a == "SRC" else str(tmp_path / "out") if a == "OUT" else a for a in args]
     args = [str(tmp_path / "b") if a == "B" else a for a in args]
     one_error(run(*args))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny checkpoint and its generic bundle, made by the real CLI."""
+    root = tmp_path_factory.mktemp("user-view")
+    src = make_checkpoint(root / "src")
+    from tests.test_tokenizer import byte_level_tokenizer
+
+    byte_level_tokenizer().save(str(src / "tokenizer.json"))
+    r = run("convert", "--target", "generic", src, root / "bundle")
+    assert r.returncode == 0, r.stderr
+    return src, root / "bundle"
+
+
+def test_a_bundle_given_to_convert_is_named_as_one(tiny, tmp_path):
+    src, bundle = tiny
+    line = one_error(run("convert", "--target", "generic", bundle, tmp_path / "again"))
+    assert line == (f"error: {bundle}: a prepared bundle (manifest.yaml), not a checkpoint: convert wants the "
+                    f"original checkpoint it was made from ({src.resolve()}); a bundle runs as it is: "
+                    f"python -m runtime generate {bundle} --prompt ...")
+    assert not (tmp_path / "again").exists()
+    # A bundle whose manifest cannot be read is still named a bundle (without its origin).
+    import shutil
+
+    broken = shutil.copytree(bundle, tmp_path / "broken")
+    (broken / "manifest.yaml").write_text("not: [a manifest")
+    line = one_error(run("convert", "--target", "generic", broken, tmp_path / "again"))
+    assert line.startswith(f"error: {broken}: a prepared bundle (manifest.yaml), not a checkpoint: convert wants "
+                           "the original checkpoint; ")
