@@ -308,7 +308,8 @@ class BadInput(CommandError):
               help="dtype to measure (repeatable; default: the bundle's, else bfloat16 and float32)")
 @click.option("--role", "roles", multiple=True, type=click.Choice(CALIBRATED_ROLES),
               help="measure only this role (repeatable; default: every projection role)")
-@click.option("--repeats", type=click.IntRange(1), default=Settings.repeats, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=Settings.repeats, show_default=True,
+              help="timed samples per layout and shape (their median counts)")
 @click.option("--margin", type=click.FloatRange(0.0, 0.5), default=Settings.margin, show_default=True,
               help="how much faster pretransposed must be to be chosen")
 @click.option("--cache-mb", type=click.IntRange(1), default=Settings.cache_bytes >> 20, show_default=True,

@@ -77,11 +77,14 @@ def sampling_options(f):
                      help="most tokens to generate"),
         click.option("--temp", type=click.FloatRange(0.0), default=0.0, show_default=True,
                      help="sampling temperature; 0 is greedy"),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+                     help="keep the fewest most likely tokens whose probabilities reach this; 1: off"),
         click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0: off"),
-        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True),
+        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+                     help="drop tokens less likely than this fraction of the most likely one; 0: off"),
         click.option("--repetition-penalty", type=click.FloatRange(0.0, min_open=True), default=1.0,
-                     show_default=True),
+                     show_default=True, help="penalize tokens among the last 64 by this factor "
+                                            "(above 1 repeats less); 1: off"),
         click.option("--seed", type=int, default=None, help="seed for sampling (reproducible runs)"),
         click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP,
                      show_default=True, help="prompt tokens per prefill chunk"),
@@ -204,11 +207,15 @@ def _median(values):
 
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--generation-tokens", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True,
+              help="length of the prompt (random token ids) each run prefills")
+@click.option("--generation-tokens", type=click.IntRange(2), default=64, show_default=True,
+              help="tokens each run generates (the decode rate needs several)")
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="steady-state runs after the first")
-@click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP, show_default=True)
-@click.option("--strict-target", is_flag=True)
+@click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP, show_default=True,
+              help="prompt tokens per prefill chunk")
+@click.option("--strict-target", is_flag=True,
+              help="refuse a bundle prepared for another device class instead of warning")
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading "
               "(not counted in the load time)")
 def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, strict_target, verify):

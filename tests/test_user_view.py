@@ -75,3 +75,29 @@ def test_a_bundle_given_to_convert_is_named_as_one(tiny, tmp_path):
     line = one_error(run("convert", "--target", "generic", broken, tmp_path / "again"))
     assert line.startswith(f"error: {broken}: a prepared bundle (manifest.yaml), not a checkpoint: convert wants "
                            "the original checkpoint; ")
+
+
+def _commands(command, path=()):
+    """(path, command) for a click command and, for a group, every command under it."""
+    import click
+
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _commands(sub, path + (name,))
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import click
+
+    from convert.cli import command as convert_command
+    from runtime.cli import main as runtime_main
+
+    silent = []
+    for program, root in (("convert", convert_command), ("runtime", runtime_main)):
+        for path, command in _commands(root, (program,)):
+            for param in command.params:
+                if isinstance(param, click.Option) and not param.hidden and not (param.help or "").strip():
+                    silent.append(" ".join(path) + " " + "/".join(param.opts))
+    assert silent == [], f"options without help text: {silent}"
+    assert len(list(_commands(runtime_main))) >= 7  # generate, chat, bench, verify, calibrate, publish: walked
