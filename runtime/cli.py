@@ -6,6 +6,7 @@ output can be piped. Errors a user can fix are one line and exit code 2.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -68,6 +69,23 @@ def _verified(bundle: str) -> None:
 def _need_tokenizer(tokenizer, bundle: str, what: str):
     if tokenizer is None:
         raise UserError(f"{bundle}: no tokenizer.json in the bundle; {what} needs one to encode text")
+
+
+def bundle_argument(f):
+    """BUNDLE, the command's first argument; `--model BUNDLE`, mlx-lm's spelling, is taken for it too."""
+    @functools.wraps(f)
+    def command(*args, bundle=None, model=None, **kwargs):
+        if bundle is not None and model is not None:
+            raise UserError(f"the bundle is given twice ({bundle} and --model {model}); give it once")
+        if bundle is None and model is None:
+            raise click.UsageError("missing BUNDLE: a bundle directory or a hub id (org/name), first after "
+                                   "the command")
+        return f(*args, bundle=model if bundle is None else bundle, **kwargs)
+
+    kind = click.Path(file_okay=False)
+    command = click.option("--model", type=kind, metavar="BUNDLE",
+                           help="the bundle, as mlx-lm spells it (the same as BUNDLE)")(command)
+    return click.argument("bundle", type=kind, required=False, metavar="BUNDLE")(command)
 
 
 def sampling_options(f):
@@ -146,7 +164,7 @@ def main():
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
+@bundle_argument
 @click.option("--prompt", required=True, help="the prompt text; '-' reads it from stdin")
 @click.option("--chat", is_flag=True, help="wrap the prompt in Gemma's chat turn format")
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
@@ -171,7 +189,7 @@ def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
+@bundle_argument
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @sampling_options
 def chat(bundle, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, prefill_step_size,
@@ -206,7 +224,7 @@ def _median(values):
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
+@bundle_argument
 @click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True,
               help="length of the prompt (random token ids) each run prefills")
 @click.option("--generation-tokens", type=click.IntRange(2), default=64, show_default=True,
@@ -262,7 +280,7 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
+@bundle_argument
 def verify(bundle):
     """Check the bundle's files and tensors against its manifest (hashes, shapes, dtypes)."""
     from runtime.verify import verify_command

@@ -101,3 +101,17 @@ def test_every_option_of_every_command_says_what_it_does():
                     silent.append(" ".join(path) + " " + "/".join(param.opts))
     assert silent == [], f"options without help text: {silent}"
     assert len(list(_commands(runtime_main))) >= 7  # generate, chat, bench, verify, calibrate, publish: walked
+
+
+def test_model_option_is_taken_for_the_bundle_as_mlx_lm_users_type_it(tiny):
+    _, bundle = tiny
+    plain = run("runtime", "generate", bundle, "--prompt", "abc", "--max-tokens", "5")
+    habit = run("runtime", "generate", "--model", bundle, "--prompt", "abc", "--max-tokens", "5")
+    assert plain.returncode == habit.returncode == 0, (plain.stderr, habit.stderr)
+    assert habit.stdout == plain.stdout
+    r = run("runtime", "verify", "--model", bundle)
+    assert r.returncode == 0 and r.stdout.startswith(f"ok: {bundle}: "), r.stderr
+    assert one_error(run("runtime", "generate", "--model", bundle, bundle, "--prompt", "abc")) == (
+        f"error: the bundle is given twice ({bundle} and --model {bundle}); give it once")
+    assert one_error(run("runtime", "bench", "--runs", "1")) == (
+        "error: missing BUNDLE: a bundle directory or a hub id (org/name), first after the command")
