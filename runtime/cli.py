@@ -140,6 +140,13 @@ def _text(value: str | bytes, what: str) -> str:
         raise UserError(str(e)) from None
 
 
+def _stdin_prompt() -> str:
+    """`--prompt -`: stdin without the one final newline (`\n` or `\r\n`) that `echo` or a file's
+    last line adds, so a piped prompt is the one typed; any newlines before it are kept."""
+    text = _text(sys.stdin.buffer.read(), "--prompt - (stdin)")
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def _stats_line(last: GenerationResponse) -> str:
     return (f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
             f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
@@ -165,7 +172,7 @@ def main():
 
 @main.command()
 @bundle_argument
-@click.option("--prompt", required=True, help="the prompt text; '-' reads it from stdin")
+@click.option("--prompt", required=True, help="the prompt text; '-' reads it from stdin (less one final newline)")
 @click.option("--chat", is_flag=True, help="wrap the prompt in Gemma's chat turn format")
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @sampling_options
@@ -173,7 +180,7 @@ def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p
              prefill_step_size, strict_target):
     """Stream a continuation of --prompt to stdout; speeds and peak memory go to stderr."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
-    prompt = _text(sys.stdin.buffer.read(), "--prompt - (stdin)") if prompt == "-" else _text(prompt, "--prompt")
+    prompt = _stdin_prompt() if prompt == "-" else _text(prompt, "--prompt")
     mx.reset_peak_memory()
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "generate")

@@ -115,3 +115,20 @@ def test_model_option_is_taken_for_the_bundle_as_mlx_lm_users_type_it(tiny):
         f"error: the bundle is given twice ({bundle} and --model {bundle}); give it once")
     assert one_error(run("runtime", "bench", "--runs", "1")) == (
         "error: missing BUNDLE: a bundle directory or a hub id (org/name), first after the command")
+
+
+def _prompt_tokens(r) -> int:
+    stats = r.stderr.splitlines()[-1]
+    assert stats.startswith("prompt: "), r.stderr
+    return int(stats.split()[1])
+
+
+def test_prompt_from_stdin_loses_one_final_newline(tiny):
+    _, bundle = tiny
+    typed = run("runtime", "generate", bundle, "--prompt", "abc", "--max-tokens", "6")
+    for stdin in ("abc\n", "abc\r\n", "abc"):  # `echo abc |`, a file from Windows, `printf abc |`
+        piped = run("runtime", "generate", bundle, "--prompt", "-", "--max-tokens", "6", stdin=stdin)
+        assert piped.returncode == 0, piped.stderr
+        assert (piped.stdout, _prompt_tokens(piped)) == (typed.stdout, _prompt_tokens(typed)), repr(stdin)
+    two = run("runtime", "generate", bundle, "--prompt", "-", "--max-tokens", "6", stdin="abc\n\n")
+    assert _prompt_tokens(two) == _prompt_tokens(typed) + 1  # only one newline is the shell's
