@@ -230,12 +230,28 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
+# The decode rate is (tokens - 1) steps over their time: fewer steps than this are a sample or
+# a few, not a rate (one step has read five times the rate eight steps give).
+MIN_DECODE_STEPS = 4
+
+
+def _decode_cells(first, steady, generation_tokens: int) -> tuple[str, str]:
+    """The decode row's two figures, or n/a (and one warning saying why) for too few steps."""
+    steps = generation_tokens - 1
+    if steps < MIN_DECODE_STEPS:
+        click.echo(f"warning: --generation-tokens {generation_tokens} decodes {steps} step{'s' if steps > 1 else ''} "
+                   f"after the prefill: {'one sample' if steps == 1 else 'a few samples'}, not a rate; "
+                   f"give {MIN_DECODE_STEPS + 1} or more for a decode rate", err=True)
+        return "n/a", "n/a"
+    return f"{first.generation_tps:.1f}", f"{_median([r.generation_tps for r, _ in steady]):.1f}"
+
+
 @main.command()
 @bundle_argument
 @click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True,
               help="length of the prompt (random token ids) each run prefills")
 @click.option("--generation-tokens", type=click.IntRange(2), default=64, show_default=True,
-              help="tokens each run generates (the decode rate needs several)")
+              help=f"tokens each run generates (a decode rate needs {MIN_DECODE_STEPS + 1} or more)")
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="steady-state runs after the first")
 @click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP, show_default=True,
               help="prompt tokens per prefill chunk")
@@ -274,8 +290,7 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
         ("load to ready (s)", f"{load_s:.3f}", ""),
         (f"prompt tok/s ({prompt_tokens} tokens)", f"{first.prompt_tps:.1f}",
          f"{_median([r.prompt_tps for r, _ in steady]):.1f}"),
-        (f"decode tok/s ({generation_tokens} tokens)", f"{first.generation_tps:.1f}",
-         f"{_median([r.generation_tps for r, _ in steady]):.1f}"),
+        (f"decode tok/s ({generation_tokens} tokens)", *_decode_cells(first, steady, generation_tokens)),
         ("generation wall time (s)", f"{first_s:.3f}", f"{_median([s for _, s in steady]):.3f}"),
         ("peak memory (GB)", f"{load_peak:.3f} at load", f"{mx.get_peak_memory() / 1e9:.3f} overall"),
     ]

@@ -132,3 +132,21 @@ def test_prompt_from_stdin_loses_one_final_newline(tiny):
         assert (piped.stdout, _prompt_tokens(piped)) == (typed.stdout, _prompt_tokens(typed)), repr(stdin)
     two = run("runtime", "generate", bundle, "--prompt", "-", "--max-tokens", "6", stdin="abc\n\n")
     assert _prompt_tokens(two) == _prompt_tokens(typed) + 1  # only one newline is the shell's
+
+
+def _decode_row(r) -> list[str]:
+    return next(line for line in r.stdout.splitlines() if line.startswith("decode tok/s")).split()[-2:]
+
+
+def test_bench_gives_no_decode_rate_from_one_step(tiny):
+    _, bundle = tiny
+    args = ("runtime", "bench", bundle, "--prompt-tokens", "8", "--runs", "1")
+    one = run(*args, "--generation-tokens", "2")
+    assert one.returncode == 0, one.stderr
+    assert _decode_row(one) == ["n/a", "n/a"]
+    warned = [line for line in one.stderr.splitlines() if line.startswith("warning: --generation-tokens")]
+    assert warned == ["warning: --generation-tokens 2 decodes 1 step after the prefill: one sample, not a rate; "
+                      "give 5 or more for a decode rate"]
+    enough = run(*args, "--generation-tokens", "5")
+    assert enough.returncode == 0, enough.stderr
+    assert all(float(x) > 0 for x in _decode_row(enough)) and "--generation-tokens" not in enough.stderr
