@@ -16,3 +16,7 @@ class ConvertError(CommandError, ValueError):
     def __init__(self, message: str):
         # One line, always: a multi-line message from a lower layer is folded.
         super().__init__(" ".join(str(message).split()))
+
+
+class Float16Warning(UserWarning):
+    """`--dtype float16` for a model family whose activations overflow float16."""

@@ -131,10 +131,13 @@ def names_all(line: str, parts) -> None:
     assert not missing, (missing, line)
 
 
-def refused(result, parts, out: Path) -> str:
+def refused(result, parts, out: Path, warned: int = 0) -> str:
+    """One error line naming `parts` (after `warned` warning lines), exit 2, nothing left at OUT."""
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     lines = result.output.strip().splitlines()
+    assert all(line.startswith("warning: ") for line in lines[:warned]), result.output
+    lines = lines[warned:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     names_all(lines[0], parts)
     no_leftovers(out.parent, out.name)
@@ -263,7 +266,8 @@ def test_check_finite_catches_overflow_of_a_narrowing_cast(tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(command, ["--target", "generic", "--dtype", "float16", "--check-finite",
                                           str(src), str(out)])
-    refused(result, [f"tensor {UP!r}", "0 NaN and 1 infinite values after narrowing F32 to F16"], out)
+    refused(result, [f"tensor {UP!r}", "0 NaN and 1 infinite values after narrowing F32 to F16"], out,
+            warned=1)  # --dtype float16's warning, then the error
 
 
 def test_out_whose_parent_is_a_file(tmp_path):

@@ -150,3 +150,24 @@ def test_bench_gives_no_decode_rate_from_one_step(tiny):
     enough = run(*args, "--generation-tokens", "5")
     assert enough.returncode == 0, enough.stderr
     assert all(float(x) > 0 for x in _decode_row(enough)) and "--generation-tokens" not in enough.stderr
+
+
+def test_float16_is_warned_once_with_the_advice_to_use_bfloat16(tiny, tmp_path):
+    import warnings
+
+    from convert import plan
+    from convert.errors import Float16Warning
+
+    src, _ = tiny
+    r = run("convert", "--target", "generic", "--dtype", "float16", src, tmp_path / "f16")
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert warned == ["warning: --dtype float16: Gemma models can overflow float16 (activations past its largest "
+                      "value, 65504, turn infinite, then NaN); use --dtype bfloat16, the same size"]
+    r = run("convert", "--target", "generic", "--dtype", "bfloat16", "--dry-run", src, tmp_path / "bf16")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    with pytest.warns(Float16Warning, match="use --dtype bfloat16"):  # the API's category
+        plan(src, target="generic", dtype="float16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Float16Warning)
+        plan(src, target="generic", dtype="bfloat16")
