@@ -6,6 +6,7 @@ output can be piped. Errors a user can fix are one line and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import statistics
@@ -18,13 +19,14 @@ import mlx.core as mx
 import numpy as np
 
 from manifests import ManifestError
-from manifests.cli import CommandError, run_program
+from manifests.cli import WARNING_PREFIX, CommandError, run_program
 from runtime.generate import (
     CAPTURE_PATH_ENV,
     DEFAULT_MAX_TOKENS,
     DEFAULT_PREFILL_STEP,
     CaptureError,
     ChatSession,
+    ContextLengthWarning,
     GenerationResponse,
     stream_generate,
 )
@@ -36,8 +38,46 @@ class UserError(CommandError):
     """Bad input: one `error:` line, exit 2 (manifests/cli.py)."""
 
 
+def _set_strict(ctx, param, value):
+    ctx.meta["runtime.strict"] = ctx.meta.get("runtime.strict", False) or value
+
+
+def _strict() -> bool:
+    """Whether --strict was given: every warning refuses instead (see strict_option)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get("runtime.strict"))
+
+
+strict_option = click.option(
+    "--strict", is_flag=True, expose_value=False, callback=_set_strict,
+    help="refuse instead of warning: a bundle prepared for another device class (as --strict-target), "
+         "a prompt plus the tokens to generate past the model's context")
+
+
+@contextlib.contextmanager
+def _generation_warnings():
+    """Generation's warnings (a prompt past the model's context) each one `warning:` line as they
+    come, once; with --strict, the error instead."""
+    shown = set()
+
+    def show(message, *args, **kwargs):
+        if str(message) not in shown:
+            shown.add(str(message))
+            click.echo(f"{WARNING_PREFIX}{message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if _strict() else "always", ContextLengthWarning)
+        warnings.showwarning = show
+        try:
+            yield
+        except ContextLengthWarning as e:
+            raise UserError(f"{e} (--strict)") from None
+
+
 def _load(bundle: str, strict_target: bool = False, verify: bool = False):
     from runtime.loader import load
+
+    strict_target = strict_target or _strict()
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -108,6 +148,7 @@ def sampling_options(f):
                      show_default=True, help="prompt tokens per prefill chunk"),
         click.option("--strict-target", is_flag=True,
                      help="refuse a bundle prepared for another device class instead of warning"),
+        strict_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -141,8 +182,8 @@ def _text(value: str | bytes, what: str) -> str:
 
 
 def _stdin_prompt() -> str:
-    """`--prompt -`: stdin without the one final newline (`\n` or `\r\n`) that `echo` or a file's
-    last line adds, so a piped prompt is the one typed; any newlines before it are kept."""
+    """`--prompt -`: stdin without the one final newline (LF or CRLF) that `echo` or a file's last
+    line adds, so a piped prompt is the one typed; any newlines before it are kept."""
     text = _text(sys.stdin.buffer.read(), "--prompt - (stdin)")
     return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
@@ -156,10 +197,11 @@ def _stats_line(last: GenerationResponse) -> str:
 def _stream_to_stdout(responses) -> GenerationResponse | None:
     last = None
     try:
-        for last in responses:
-            if last.text:
-                sys.stdout.write(last.text)
-                sys.stdout.flush()
+        with _generation_warnings():
+            for last in responses:
+                if last.text:
+                    sys.stdout.write(last.text)
+                    sys.stdout.flush()
     except (CaptureError, BadValue, BadType) as e:  # e.g. a token id the tokenizer made outside the vocabulary
         raise UserError(str(e)) from None
     return last
@@ -257,6 +299,7 @@ def _decode_cells(first, steady, generation_tokens: int) -> tuple[str, str]:
               help="prompt tokens per prefill chunk")
 @click.option("--strict-target", is_flag=True,
               help="refuse a bundle prepared for another device class instead of warning")
+@strict_option
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading "
               "(not counted in the load time)")
 def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, strict_target, verify):
@@ -284,8 +327,9 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
             pass
         return last, time.perf_counter() - t
 
-    first, first_s = run()
-    steady = [run() for _ in range(runs)]
+    with _generation_warnings():
+        first, first_s = run()
+        steady = [run() for _ in range(runs)]
     rows = [
         ("load to ready (s)", f"{load_s:.3f}", ""),
         (f"prompt tok/s ({prompt_tokens} tokens)", f"{first.prompt_tps:.1f}",

@@ -171,3 +171,55 @@ def test_float16_is_warned_once_with_the_advice_to_use_bfloat16(tiny, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", Float16Warning)
         plan(src, target="generic", dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """A bundle of a model whose context (max_position_embeddings) is 24 tokens."""
+    from tests.checkpoints import tiny_text_config
+    from tests.test_tokenizer import byte_level_tokenizer
+
+    root = tmp_path_factory.mktemp("short-context")
+    src = make_checkpoint(root / "src", text_config=tiny_text_config(max_position_embeddings=24))
+    byte_level_tokenizer().save(str(src / "tokenizer.json"))
+    r = run("convert", "--target", "auto", src, root / "bundle")  # this device's: --strict refuses no target
+    assert r.returncode == 0, r.stderr
+    return root / "bundle"
+
+
+def test_a_prompt_past_the_context_is_warned_or_refused_with_strict(short_context):
+    bundle = short_context
+    within = run("runtime", "generate", bundle, "--prompt", "abcdef", "--max-tokens", "8")
+    assert within.returncode == 0 and "warning" not in within.stderr, within.stderr  # nor a target warning
+    prompt_tokens = _prompt_tokens(within)
+    args = ("runtime", "generate", bundle, "--prompt", "abcdef", "--max-tokens", str(25 - prompt_tokens))
+    past = run(*args)
+    assert past.returncode == 0, past.stderr
+    warned = [line for line in past.stderr.splitlines() if line.startswith("warning: a prompt")]
+    assert warned == [f"warning: a prompt of {prompt_tokens} tokens plus up to {25 - prompt_tokens} generated is 25 "
+                      "tokens, past the model's context of 24 (max_position_embeddings), where its text is unreliable"]
+    refused = one_error(run(*args, "--strict"))
+    assert refused == warned[0].replace("warning: ", "error: ", 1) + " (--strict)"
+    # bench prefills and generates the same counts run after run: warned once, not once per run
+    r = run("runtime", "bench", bundle, "--prompt-tokens", "20", "--generation-tokens", "5", "--runs", "2")
+    assert r.returncode == 0 and r.stderr.count("past the model's context of 24") == 1, r.stderr
+
+
+def test_the_api_warns_with_a_category_that_can_refuse(short_context):
+    import warnings
+
+    from runtime import load
+    from runtime.generate import ChatSession, ContextLengthWarning, generate
+
+    model, tokenizer = load(short_context)
+    with pytest.warns(ContextLengthWarning, match="is 30 tokens, past the model's context of 24"):
+        generate(model, tokenizer, list(range(3, 13)), max_tokens=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContextLengthWarning)
+        with pytest.raises(ContextLengthWarning):
+            generate(model, tokenizer, list(range(3, 13)), max_tokens=20)
+        generate(model, tokenizer, list(range(3, 13)), max_tokens=14)  # 24: within
+        session = ChatSession(model, tokenizer, max_tokens=4)
+        "".join(r.text for r in session.send("ab"))
+        with pytest.raises(ContextLengthWarning, match="in the cache"):  # what the cache holds counts
+            "".join(r.text for r in session.send("abcdefgh"))
