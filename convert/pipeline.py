@@ -433,7 +433,8 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
 
 def run_report(p: Plan, out: Path, seconds: float) -> str:
     moved = p.tensor_bytes_out
-    return (f"wrote {out}: {len(p.items)} tensors in {len(p.shards)} shard{'s' if len(p.shards) != 1 else ''}, "
+    return (f"wrote {out}: {len(p.items)} tensors ({p.records} manifest records) in {len(p.shards)} "
+            f"shard{'s' if len(p.shards) != 1 else ''}, "
             f"{human(moved)} in {seconds:.1f} s ({moved / max(seconds, 1e-9) / 1e9:.2f} GB/s), "
             f"peak memory {human(peak_rss())} (predicted {human(p.predicted_peak)})")
 

@@ -31,7 +31,7 @@ from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInf
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
 from manifests.config import check_quantization
-from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, PREFIX, PRETRANSPOSED, STANDARD, ManifestError
+from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, NAMINGS, PREFIX, PRETRANSPOSED, STANDARD, ManifestError
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.profiles import TargetProfile
 from manifests.records import BIASES, EMBEDDINGS, PROJECTIONS, SCALES, WEIGHT, Kind, Quantization, Storage
@@ -124,6 +124,11 @@ class Plan:
         return sum(s.nbytes for s in self.shards) + self.index_bytes + copied
 
     @property
+    def records(self) -> int:
+        """The manifest's projection and embedding records (`runtime verify` counts the same)."""
+        return len(self.projections) + len(self.embeddings)
+
+    @property
     def tensor_bytes_out(self) -> int:
         return sum(i.nbytes for i in self.items)
 
@@ -141,12 +146,13 @@ class Plan:
     def summary(self) -> str:
         src = self.source
         lines = [
-            f"source   {src.display} ({src.kind}, naming {src.naming}, {len(src.headers)} safetensors "
+            f"source   {src.display} ({src.kind}, {len(src.headers)} safetensors "
             f"file{'s' if len(src.headers) != 1 else ''}, {len(src.tensors)} tensors)",
+            f"naming   {NAMINGS[src.naming]}",
             f"target   {self.profile.name} (profile sha256 {self.profile.sha256[:12]})"
             + (f", device {self.device.get('architecture')}" if self.device else ""),
             f"dtype    {self.dtype}",
-            f"tensors  {len(self.items)} written, {len(self.dropped)} dropped",
+            f"tensors  {len(self.items)} written ({self.records} manifest records), {len(self.dropped)} dropped",
         ]
         reasons = Counter(d["reason"] for d in self.dropped)
         for reason, n in sorted(reasons.items()):

@@ -24,7 +24,7 @@ import click
 
 from manifests import MANIFEST_NAME, ManifestError, load_manifest, target_for_device
 from manifests.cli import CommandError
-from manifests.format import MANIFEST_DIGEST_NAME, PRETRANSPOSED
+from manifests.format import MANIFEST_DIGEST_NAME, NAMINGS, PRETRANSPOSED
 from manifests.records import Storage, fused_members
 from runtime.bundle import convert_command, device_target, read_bundle_manifest
 
@@ -106,7 +106,8 @@ def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], 
         lines.append(f"- Source: `{source['repo_id']}` at revision `{source.get('revision') or 'main'}` "
                      f"(commit `{source.get('commit')}`)")
     else:
-        lines.append(f"- Source: a local checkpoint ({source.get('naming')} naming); per-file sha256 in `manifest.yaml`")
+        naming = NAMINGS.get(source.get("naming"), source.get("naming"))
+        lines.append(f"- Source: a local checkpoint (naming: {naming}); per-file sha256 in `manifest.yaml`")
     versions = manifest["versions"]
     lines.append(f"- Made with mlx-prepared {manifest['tool']['version']}, MLX {versions.get('mlx')}, "
                  f"Python {versions.get('python')}")

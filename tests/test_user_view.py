@@ -223,3 +223,28 @@ def test_the_api_warns_with_a_category_that_can_refuse(short_context):
         "".join(r.text for r in session.send("ab"))
         with pytest.raises(ContextLengthWarning, match="in the cache"):  # what the cache holds counts
             "".join(r.text for r in session.send("abcdefgh"))
+
+
+def test_convert_and_verify_count_a_bundle_in_the_same_words(tmp_path):
+    import re
+
+    src = make_checkpoint(tmp_path / "src", "mlx-lm")
+    plan = run("convert", "--target", "m5", "--dry-run", src, tmp_path / "b")
+    assert plan.returncode == 0, plan.stderr
+    naming = next(line for line in plan.stdout.splitlines() if line.startswith("naming "))
+    # The README's words for this naming (Hugging Face's, without the towers), not an internal code.
+    assert naming == ("naming   Hugging Face, model.language_model.*, without the vision/audio towers "
+                      "(as mlx-lm saves it)")
+    planned = re.search(r"tensors  (\d+) written \((\d+) manifest records\)", plan.stdout).groups()
+    wrote = run("convert", "--target", "m5", src, tmp_path / "b")
+    assert wrote.returncode == 0, wrote.stderr
+    converted = re.search(rf"wrote {tmp_path / 'b'}: (\d+) tensors \((\d+) manifest records\) in 1 shard",
+                          wrote.stdout).groups()
+    ok = run("runtime", "verify", tmp_path / "b")
+    verified = re.fullmatch(rf"ok: {tmp_path / 'b'}: \d+ files, (\d+) tensors and (\d+) manifest records match "
+                            r"manifest.yaml; manifest.yaml matches manifest.sha256\n", ok.stdout).groups()
+    assert planned == converted == verified
+    import safetensors
+
+    with safetensors.safe_open(tmp_path / "b" / "model.safetensors", "np") as f:
+        assert int(verified[0]) == len(list(f.keys()))  # tensors: what the shards hold
