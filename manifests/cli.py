@@ -21,6 +21,7 @@ import click
 
 ERROR_PREFIX = "error: "
 WARNING_PREFIX = "warning: "
+NOTE_PREFIX = "note: "  # what a user may want to know while waiting: not a problem
 
 
 def show_error(message: str) -> None:

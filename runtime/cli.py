@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from manifests import ManifestError
-from manifests.cli import WARNING_PREFIX, CommandError, run_program
+from manifests.cli import NOTE_PREFIX, WARNING_PREFIX, CommandError, run_program
 from runtime.generate import (
     CAPTURE_PATH_ENV,
     DEFAULT_MAX_TOKENS,
@@ -31,6 +31,7 @@ from runtime.generate import (
     stream_generate,
 )
 from runtime.inputs import BadType, BadValue, check_text, decode_text
+from runtime.kernels import noting_compilation
 from runtime.sampling import SamplingParams
 
 
@@ -208,8 +209,11 @@ def _stream_to_stdout(responses) -> GenerationResponse | None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
+@click.pass_context
+def main(ctx):
     """Run Gemma3n text generation from a prepared bundle (see `python -m convert`)."""
+    # A first run on a machine stalls while MLX compiles kernels: say so once, as it happens.
+    ctx.with_resource(noting_compilation(lambda note: click.echo(f"{NOTE_PREFIX}{note}", err=True)))
 
 
 @main.command()

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run(*args, stdin=None, env=None, cwd=None):
     full_env = {k: v for k, v in os.environ.items() if k not in ("MTL_CAPTURE_ENABLED", "MLX_PREPARED_CAPTURE_DECODE")}
     full_env.update(env or {})
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset
     return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, input=stdin,
                           env=full_env, cwd=cwd or REPO, timeout=300)
 
@@ -248,3 +249,23 @@ def test_convert_and_verify_count_a_bundle_in_the_same_words(tmp_path):
 
     with safetensors.safe_open(tmp_path / "b" / "model.safetensors", "np") as f:
         assert int(verified[0]) == len(list(f.keys()))  # tensors: what the shards hold
+
+
+def test_a_first_run_says_kernels_are_compiling_and_a_warm_one_does_not(tiny, tmp_path):
+    """MLX writes the kernels it compiles under $TMPDIR/mlx/<version>/: an empty TMPDIR is a
+    machine where this model never ran (a real compilation, tens of seconds on 2 cores)."""
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        pytest.skip("Metal compiles in-process and caches nothing under TMPDIR")
+    _, bundle = tiny
+    env = {"TMPDIR": str(tmp_path), "MLX_PTX_CACHE_DIR": None}  # CUDA's cache under TMPDIR too
+    args = ("runtime", "generate", bundle, "--prompt", "abc", "--max-tokens", "2")
+    cold, warm = run(*args, env=env), run(*args, env=env)
+    assert cold.returncode == warm.returncode == 0, (cold.stderr, warm.stderr)
+    cache = tmp_path / "mlx" / mx.__version__ / ("cpu" if mx.default_device() == mx.cpu else "ptx")
+    notes = [line for line in cold.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: MLX is compiling kernels this model needs for the first time on this machine (up to a "
+                     f"minute, once: they are cached in {cache})"]
+    assert any(cache.iterdir())  # what the note rests on
+    assert "note:" not in warm.stderr and warm.stdout == cold.stdout
