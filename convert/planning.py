@@ -228,6 +228,16 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
+    """This process's peak resident memory: the memory map's high-water mark on Linux (ru_maxrss
+    there keeps the parent's size across fork and exec: a conversion started by a large Python
+    process would report that process's peak), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
