@@ -436,7 +436,7 @@ def run_report(p: Plan, out: Path, seconds: float) -> str:
     return (f"wrote {out}: {len(p.items)} tensors ({p.records} manifest records) in {len(p.shards)} "
             f"shard{'s' if len(p.shards) != 1 else ''}, "
             f"{human(moved)} in {seconds:.1f} s ({moved / max(seconds, 1e-9) / 1e9:.2f} GB/s), "
-            f"peak memory {human(peak_rss())} (predicted {human(p.predicted_peak)})")
+            f"peak memory {human(peak_rss())} (planned: at most {human(p.predicted_peak)})")
 
 
 __all__ = ["plan", "convert_checkpoint", "execute", "preflight", "resolve_target", "clean_stale", "run_report"]

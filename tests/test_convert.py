@@ -252,7 +252,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(checkpoints, tmp_path):
     assert rows["mlp.gate_proj"] == ["0", "10"] and rows["mlp.up_proj"] == ["0", "10"]
     assert rows["lm_head"] == ["0", "1"] and rows["attn.q_proj"] == ["10", "0"]
     assert rows["attn.k_proj"] == ["6", "0"]  # the 4 KV-shared layers have none
-    for field in ("bytes in", "bytes out", "predicted peak memory", "disk needed"):
+    for field in ("bytes in", "bytes out", "peak memory at most", "disk needed"):
         assert field in r.stdout
     assert list(tmp_path.iterdir()) == []
 
