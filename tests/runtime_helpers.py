@@ -20,6 +20,8 @@ import mlx.core as mx
 from convert.gemma3n import expected_tensors
 from tests.checkpoints import PREFIXES, make_checkpoint, write_tokenizer
 
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "zen-gemma3n"
+
 
 def convert(source: Path, out: Path, target: str, *extra: str) -> Path:
     """The real CLI, as a user runs it."""
@@ -130,6 +132,12 @@ def source_and_bundles(root: Path, seed: int) -> dict[str, Path]:
         "m5": convert(src, root / "m5", "m5", "--max-shard-size", "700KB"),
         "generic": convert(src, root / "generic", "generic"),
     }
+
+
+def demo_bundle(root: Path, target: str = "generic") -> Path:
+    """The embedded demo checkpoint (a trained tiny Gemma3n with Gemma's tokenizer files and chat
+    template), converted by the real CLI."""
+    return convert(DEMO, Path(root) / f"demo-{target}", target)
 
 
 def text_checkpoint(path: Path) -> Path:
