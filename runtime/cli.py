@@ -328,7 +328,7 @@ def _decode_cells(first, steady, generation_tokens: int) -> tuple[str, str]:
     """The decode row's two figures, or n/a (and one warning saying why) for too few steps."""
     steps = generation_tokens - 1
     if steps < MIN_DECODE_STEPS:
-        click.echo(f"warning: --generation-tokens {generation_tokens} decodes {steps} step{'s' if steps > 1 else ''} "
+        click.echo(f"{WARNING_PREFIX}--generation-tokens {generation_tokens} decodes {steps} step{'s' if steps > 1 else ''} "
                    f"after the prefill: {'one sample' if steps == 1 else 'a few samples'}, not a rate; "
                    f"give {MIN_DECODE_STEPS + 1} or more for a decode rate", err=True)
         return "n/a", "n/a"
