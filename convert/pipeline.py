@@ -23,12 +23,13 @@ import platform
 import re
 import shutil
 import stat
+import warnings
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 from convert.architectures import architecture
-from convert.errors import ConvertError
+from convert.errors import ConvertError, Float16Warning
 from convert.ownership import (
     PARTIAL_MARKER,
     within,
@@ -100,6 +101,10 @@ def resolve_target(target: str | None = None, target_profile: str | os.PathLike 
         raise ConvertError(str(e)) from None
 
 
+FLOAT16_ADVICE = ("--dtype float16: Gemma models can overflow float16 (activations past its largest value, "
+                  "65504, turn infinite, then NaN); use --dtype bfloat16, the same size")
+
+
 def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = None, *, target: str | None = "auto",
          target_profile: str | os.PathLike | None = None, dtype: str = "keep", revision: str | None = None,
          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, device_info: dict | None = None,
@@ -112,6 +117,8 @@ def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = Non
     the groups the profile's `fuse` lists, True every group, False none (convert/fusion.py).
     """
     spec = quant_spec(quantize, group_size, quant_mode)
+    if dtype == "float16":
+        warnings.warn(FLOAT16_ADVICE, Float16Warning, stacklevel=2)
     with os_errors(source):
         src = source if isinstance(source, Source) else open_source(source, revision)
         if out is not None:
@@ -433,9 +440,10 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
 
 def run_report(p: Plan, out: Path, seconds: float) -> str:
     moved = p.tensor_bytes_out
-    return (f"wrote {out}: {len(p.items)} tensors in {len(p.shards)} shard{'s' if len(p.shards) != 1 else ''}, "
+    return (f"wrote {out}: {len(p.items)} tensors ({p.records} manifest records) in {len(p.shards)} "
+            f"shard{'s' if len(p.shards) != 1 else ''}, "
             f"{human(moved)} in {seconds:.1f} s ({moved / max(seconds, 1e-9) / 1e9:.2f} GB/s), "
-            f"peak memory {human(peak_rss())} (predicted {human(p.predicted_peak)})")
+            f"peak memory {human(peak_rss())} (planned: at most {human(p.predicted_peak)})")
 
 
 __all__ = ["plan", "convert_checkpoint", "execute", "preflight", "resolve_target", "clean_stale", "run_report"]

@@ -26,12 +26,12 @@ from convert.errors import ConvertError
 from convert.fusion import fuse as fuse_groups
 from convert.items import Item
 from convert.quantize import QuantSpec, not_quantized_because, spill_bytes
-from convert.quantize import working_set as quant_working_set
+from convert.quantize import buffers as quant_buffers
 from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
 from manifests.config import check_quantization
-from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, PREFIX, PRETRANSPOSED, STANDARD, ManifestError
+from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, NAMINGS, PREFIX, PRETRANSPOSED, STANDARD, ManifestError
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.profiles import TargetProfile
 from manifests.records import BIASES, EMBEDDINGS, PROJECTIONS, SCALES, WEIGHT, Kind, Quantization, Storage
@@ -124,6 +124,11 @@ class Plan:
         return sum(s.nbytes for s in self.shards) + self.index_bytes + copied
 
     @property
+    def records(self) -> int:
+        """The manifest's projection and embedding records (`runtime verify` counts the same)."""
+        return len(self.projections) + len(self.embeddings)
+
+    @property
     def tensor_bytes_out(self) -> int:
         return sum(i.nbytes for i in self.items)
 
@@ -135,18 +140,24 @@ class Plan:
 
     @property
     def predicted_peak(self) -> int:
-        work = max((working_set(i, self.read_block, self.band_bytes) for i in self.items), default=0)
-        return self.baseline_rss + HASH_SCRATCH + CAST_SLACK + work
+        """A bound on the run's peak resident memory: what the process held when it planned, the
+        hash scratch and slack, the writer's buffers at their largest (each is kept from item to
+        item and only grows, so their largest sizes add up), and the most MLX holds for one item."""
+        sizes = [buffer_sizes(i, self.read_block, self.band_bytes) for i in self.items]
+        kept = sum(max((s.get(name, 0) for s in sizes), default=0) for name in WRITER_BUFFERS)
+        mlx = max((s.get("mlx", 0) for s in sizes), default=0)
+        return self.baseline_rss + HASH_SCRATCH + CAST_SLACK + kept + mlx
 
     def summary(self) -> str:
         src = self.source
         lines = [
-            f"source   {src.display} ({src.kind}, naming {src.naming}, {len(src.headers)} safetensors "
+            f"source   {src.display} ({src.kind}, {len(src.headers)} safetensors "
             f"file{'s' if len(src.headers) != 1 else ''}, {len(src.tensors)} tensors)",
+            f"naming   {NAMINGS[src.naming]}",
             f"target   {self.profile.name} (profile sha256 {self.profile.sha256[:12]})"
             + (f", device {self.device.get('architecture')}" if self.device else ""),
             f"dtype    {self.dtype}",
-            f"tensors  {len(self.items)} written, {len(self.dropped)} dropped",
+            f"tensors  {len(self.items)} written ({self.records} manifest records), {len(self.dropped)} dropped",
         ]
         reasons = Counter(d["reason"] for d in self.dropped)
         for reason, n in sorted(reasons.items()):
@@ -169,7 +180,7 @@ class Plan:
             f"bytes in   {human(src.bytes_in)}",
             f"bytes out  {human(self.bytes_out)} in {len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}"
             + (" + index" if len(self.shards) > 1 else ""),
-            f"predicted peak memory  {human(self.predicted_peak)}",
+            f"peak memory at most  {human(self.predicted_peak)}",
             f"disk needed  {human(self.disk_needed)}",
         ]
         return "\n".join(lines)
@@ -195,20 +206,24 @@ def block_bytes(item: Item, read_block: int) -> int:
     return max(size, min(item.source.nbytes, read_block) // size * size)
 
 
-def working_set(item: Item, read_block: int, band_bytes: int) -> int:
-    """Bytes of buffers the writer allocates for `item` (the plan's memory prediction)."""
+# The writer's named buffers (convert/write.py), each kept and grown from item to item.
+WRITER_BUFFERS = ("read", "cast", "band", "spill")
+
+
+def buffer_sizes(item: Item, read_block: int, band_bytes: int) -> dict[str, int]:
+    """Bytes of each buffer the writer needs for `item`, by its name in convert/write.py (and
+    `mlx`: what MLX holds while a quantized item is written)."""
     src, out_size = item.source, ITEMSIZE[item.dtype]
     if item.transform == "quantize":
-        return quant_working_set(item, read_block)
+        return quant_buffers(item, read_block)
     if item.transform == "transpose":
         rows, cols = src.shape
         read = rows_per_block(item, read_block) * cols * src.itemsize
         band = band_rows(item, band_bytes) * rows * src.itemsize
         cast = 0 if item.dtype == src.dtype else block_bytes(item, read_block) // src.itemsize * out_size
-        return read + band + cast
+        return {"read": read, "band": band, "cast": cast}
     read = block_bytes(item, read_block)
-    cast = 0 if item.transform == "copy" else read // src.itemsize * out_size
-    return read + cast
+    return {"read": read, "cast": 0 if item.transform == "copy" else read // src.itemsize * out_size}
 
 
 def current_rss() -> int:
@@ -222,6 +237,16 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
+    """This process's peak resident memory: the memory map's high-water mark on Linux (ru_maxrss
+    there keeps the parent's size across fork and exec: a conversion started by a large Python
+    process would report that process's peak), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

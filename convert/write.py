@@ -15,6 +15,7 @@ them back to back (rows concatenated); a transpose fills each band's columns mem
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from convert.planning import (
 )
 from convert.quantize import Spills, write_quantized
 from convert.safetensors_io import HashingReader, SafetensorsWriter
+from convert.safetensors_io import _wait_pending as wait_for_hashes
 from convert.transpose import transpose_into
 from manifests.files import open_regular_file
 from manifests.format import INDEX_NAME
@@ -48,8 +50,11 @@ class _Buffers:
     def get(self, name: str, nbytes: int) -> memoryview:
         buf = self._named.get(name)
         if buf is None or len(buf) < nbytes:
-            self._named.pop(name, None)  # free the old one before allocating the larger
-            buf = self._named[name] = bytearray(nbytes)
+            wait_for_hashes()  # a source hash may still read the old one: it must go before the larger comes
+            self._named.pop(name, None)
+            # Mapped, not malloc'd: an outgrown buffer goes back to the system when dropped (malloc
+            # may keep one of up to 32 MiB for reuse), so the plan's memory bound holds.
+            buf = self._named[name] = mmap.mmap(-1, max(nbytes, 1))
         return memoryview(buf)[:nbytes]
 
     def release(self) -> None:

@@ -24,9 +24,9 @@ class BundleError(ManifestError):
     """A bundle that cannot be loaded as it is; the message is one line a user can act on."""
 
 
-def convert_command(source: str, target: str) -> str:
-    """The command that prepares `source` for `target`, into a sibling directory."""
-    out = str(source).rstrip("/") + "-" + target
+def convert_command(source: str, target: str, out: str | None = None) -> str:
+    """The command that prepares `source` for `target`, into `out` (default: a sibling directory)."""
+    out = out or str(source).rstrip("/") + "-" + target
     return f"python -m convert --target {target} {source} {out}"
 
 

@@ -6,6 +6,8 @@ output can be piped. Errors a user can fix are one line and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -17,30 +19,67 @@ import mlx.core as mx
 import numpy as np
 
 from manifests import ManifestError
-from manifests.cli import run_program
+from manifests.cli import NOTE_PREFIX, WARNING_PREFIX, CommandError, run_program
 from runtime.generate import (
     CAPTURE_PATH_ENV,
     DEFAULT_MAX_TOKENS,
     DEFAULT_PREFILL_STEP,
     CaptureError,
     ChatSession,
+    ContextLengthWarning,
     GenerationResponse,
     stream_generate,
 )
 from runtime.chat import user_and_system
 from runtime.inputs import BadType, BadValue, check_text, decode_text
+from runtime.kernels import noting_compilation
 from runtime.sampling import SamplingParams
 
 
-class UserError(click.ClickException):
-    exit_code = 2
+class UserError(CommandError):
+    """Bad input: one `error:` line, exit 2 (manifests/cli.py)."""
 
-    def show(self, file=None):
-        click.echo(f"error: {self.format_message()}", err=True)
+
+def _set_strict(ctx, param, value):
+    ctx.meta["runtime.strict"] = ctx.meta.get("runtime.strict", False) or value
+
+
+def _strict() -> bool:
+    """Whether --strict was given: every warning refuses instead (see strict_option)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get("runtime.strict"))
+
+
+strict_option = click.option(
+    "--strict", is_flag=True, expose_value=False, callback=_set_strict,
+    help="refuse instead of warning: a bundle prepared for another device class (as --strict-target), "
+         "a prompt plus the tokens to generate past the model's context")
+
+
+@contextlib.contextmanager
+def _generation_warnings():
+    """Generation's warnings (a prompt past the model's context) each one `warning:` line as they
+    come, once; with --strict, the error instead."""
+    shown = set()
+
+    def show(message, *args, **kwargs):
+        if str(message) not in shown:
+            shown.add(str(message))
+            click.echo(f"{WARNING_PREFIX}{message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if _strict() else "always", ContextLengthWarning)
+        warnings.showwarning = show
+        try:
+            yield
+        except ContextLengthWarning as e:
+            raise UserError(f"{e} (--strict)") from None
 
 
 def _load(bundle: str, strict_target: bool = False, verify: bool = False):
     from runtime.loader import load
+
+    strict_target = strict_target or _strict()
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -74,6 +113,23 @@ def _need_tokenizer(tokenizer, bundle: str, what: str):
         raise UserError(f"{bundle}: no tokenizer.json in the bundle; {what} needs one to encode text")
 
 
+def bundle_argument(f):
+    """BUNDLE, the command's first argument; `--model BUNDLE`, mlx-lm's spelling, is taken for it too."""
+    @functools.wraps(f)
+    def command(*args, bundle=None, model=None, **kwargs):
+        if bundle is not None and model is not None:
+            raise UserError(f"the bundle is given twice ({bundle} and --model {model}); give it once")
+        if bundle is None and model is None:
+            raise click.UsageError("missing BUNDLE: a bundle directory or a hub id (org/name), first after "
+                                   "the command")
+        return f(*args, bundle=model if bundle is None else bundle, **kwargs)
+
+    kind = click.Path(file_okay=False)
+    command = click.option("--model", type=kind, metavar="BUNDLE",
+                           help="the bundle, as mlx-lm spells it (the same as BUNDLE)")(command)
+    return click.argument("bundle", type=kind, required=False, metavar="BUNDLE")(command)
+
+
 def sampling_options(f):
     """The options every generating command shares."""
     options = [
@@ -81,16 +137,20 @@ def sampling_options(f):
                      help="most tokens to generate"),
         click.option("--temp", type=click.FloatRange(0.0), default=0.0, show_default=True,
                      help="sampling temperature; 0 is greedy"),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+                     help="keep the fewest most likely tokens whose probabilities reach this; 1: off"),
         click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0: off"),
-        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True),
+        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+                     help="drop tokens less likely than this fraction of the most likely one; 0: off"),
         click.option("--repetition-penalty", type=click.FloatRange(0.0, min_open=True), default=1.0,
-                     show_default=True),
+                     show_default=True, help="penalize tokens among the last 64 by this factor "
+                                            "(above 1 repeats less); 1: off"),
         click.option("--seed", type=int, default=None, help="seed for sampling (reproducible runs)"),
         click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP,
                      show_default=True, help="prompt tokens per prefill chunk"),
         click.option("--strict-target", is_flag=True,
                      help="refuse a bundle prepared for another device class instead of warning"),
+        strict_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -123,6 +183,13 @@ def _text(value: str | bytes, what: str) -> str:
         raise UserError(str(e)) from None
 
 
+def _stdin_prompt() -> str:
+    """`--prompt -`: stdin without the one final newline (LF or CRLF) that `echo` or a file's last
+    line adds, so a piped prompt is the one typed; any newlines before it are kept."""
+    text = _text(sys.stdin.buffer.read(), "--prompt - (stdin)")
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def _stats_line(last: GenerationResponse) -> str:
     return (f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
             f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
@@ -132,26 +199,30 @@ def _stats_line(last: GenerationResponse) -> str:
 def _stream_to_stdout(responses) -> GenerationResponse | None:
     last = None
     try:
-        for last in responses:
-            if last.text:
-                sys.stdout.write(last.text)
-                sys.stdout.flush()
+        with _generation_warnings():
+            for last in responses:
+                if last.text:
+                    sys.stdout.write(last.text)
+                    sys.stdout.flush()
     except (CaptureError, BadValue, BadType) as e:  # e.g. a token id the tokenizer made outside the vocabulary
         raise UserError(str(e)) from None
     return last
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
+@click.pass_context
+def main(ctx):
     """Run Gemma3n text generation from a prepared bundle (see `python -m convert`)."""
+    # A first run on a machine stalls while MLX compiles kernels: say so once, as it happens.
+    ctx.with_resource(noting_compilation(lambda note: click.echo(f"{NOTE_PREFIX}{note}", err=True)))
 
 
 SYSTEM_HELP = "a system prompt; Gemma has no system role, so it opens the first user turn"
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--prompt", required=True, help="the prompt text; '-' reads it from stdin")
+@bundle_argument
+@click.option("--prompt", required=True, help="the prompt text; '-' reads it from stdin (less one final newline)")
 @click.option("--chat", is_flag=True, help="wrap the prompt in Gemma's chat turn format")
 @click.option("--system", default=None, help=SYSTEM_HELP + " (implies --chat)")
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
@@ -160,7 +231,7 @@ def generate(bundle, prompt, chat, system, verify, max_tokens, temp, top_p, top_
              prefill_step_size, strict_target):
     """Stream a continuation of --prompt to stdout; speeds and peak memory go to stderr."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
-    prompt = _text(sys.stdin.buffer.read(), "--prompt - (stdin)") if prompt == "-" else _text(prompt, "--prompt")
+    prompt = _stdin_prompt() if prompt == "-" else _text(prompt, "--prompt")
     system = None if system is None else _text(system, "--system")
     mx.reset_peak_memory()
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
@@ -178,7 +249,7 @@ def generate(bundle, prompt, chat, system, verify, max_tokens, temp, top_p, top_
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
+@bundle_argument
 @click.option("--system", default=None, help=SYSTEM_HELP)
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @sampling_options
@@ -211,7 +282,7 @@ def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetiti
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
+@bundle_argument
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on; the default answers this machine only (there is no authentication)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port")
@@ -248,13 +319,34 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
+# The decode rate is (tokens - 1) steps over their time: fewer steps than this are a sample or
+# a few, not a rate (one step has read five times the rate eight steps give).
+MIN_DECODE_STEPS = 4
+
+
+def _decode_cells(first, steady, generation_tokens: int) -> tuple[str, str]:
+    """The decode row's two figures, or n/a (and one warning saying why) for too few steps."""
+    steps = generation_tokens - 1
+    if steps < MIN_DECODE_STEPS:
+        click.echo(f"{WARNING_PREFIX}--generation-tokens {generation_tokens} decodes {steps} step{'s' if steps > 1 else ''} "
+                   f"after the prefill: {'one sample' if steps == 1 else 'a few samples'}, not a rate; "
+                   f"give {MIN_DECODE_STEPS + 1} or more for a decode rate", err=True)
+        return "n/a", "n/a"
+    return f"{first.generation_tps:.1f}", f"{_median([r.generation_tps for r, _ in steady]):.1f}"
+
+
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--generation-tokens", type=click.IntRange(2), default=64, show_default=True)
+@bundle_argument
+@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True,
+              help="length of the prompt (random token ids) each run prefills")
+@click.option("--generation-tokens", type=click.IntRange(2), default=64, show_default=True,
+              help=f"tokens each run generates (a decode rate needs {MIN_DECODE_STEPS + 1} or more)")
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="steady-state runs after the first")
-@click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP, show_default=True)
-@click.option("--strict-target", is_flag=True)
+@click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP, show_default=True,
+              help="prompt tokens per prefill chunk")
+@click.option("--strict-target", is_flag=True,
+              help="refuse a bundle prepared for another device class instead of warning")
+@strict_option
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading "
               "(not counted in the load time)")
 def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, strict_target, verify):
@@ -282,14 +374,14 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
             pass
         return last, time.perf_counter() - t
 
-    first, first_s = run()
-    steady = [run() for _ in range(runs)]
+    with _generation_warnings():
+        first, first_s = run()
+        steady = [run() for _ in range(runs)]
     rows = [
         ("load to ready (s)", f"{load_s:.3f}", ""),
         (f"prompt tok/s ({prompt_tokens} tokens)", f"{first.prompt_tps:.1f}",
          f"{_median([r.prompt_tps for r, _ in steady]):.1f}"),
-        (f"decode tok/s ({generation_tokens} tokens)", f"{first.generation_tps:.1f}",
-         f"{_median([r.generation_tps for r, _ in steady]):.1f}"),
+        (f"decode tok/s ({generation_tokens} tokens)", *_decode_cells(first, steady, generation_tokens)),
         ("generation wall time (s)", f"{first_s:.3f}", f"{_median([s for _, s in steady]):.3f}"),
         ("peak memory (GB)", f"{load_peak:.3f} at load", f"{mx.get_peak_memory() / 1e9:.3f} overall"),
     ]
@@ -301,7 +393,7 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
+@bundle_argument
 @click.option("--numeric", is_flag=True, help="then run the bundle's known answers on this device, eager and "
               "compiled, twice each (exit 1 if they differ; 2 if it has none)")
 @click.option("--runs", type=click.IntRange(2), default=None, help="with --numeric: runs of each path  [default: 2]")
@@ -342,4 +434,4 @@ _add_publish()
 
 def run(args=None, prog_name: str | None = None):
     """The `runtime` program: one-line errors, Ctrl-C exits 130 after unwinding (manifests/cli.py)."""
-    sys.exit(run_program(main, args, prog_name or "runtime", "error: "))
+    sys.exit(run_program(main, args, prog_name or "runtime"))

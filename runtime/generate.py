@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ import mlx.core as mx
 from runtime.chat import chat_turn, render_messages, user_and_system
 from runtime.compat import from_mlx_lm
 from runtime.fast import CompiledDecoder
-from runtime.inputs import BadType, check_count, check_text, check_token_ids, vocab_size_of
+from runtime.inputs import BadType, check_count, check_text, check_token_ids, context_length_of, vocab_size_of
 from runtime.model import Model
 from runtime.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from runtime.tokenizer import END_OF_TURN, Tokenizer
@@ -35,6 +36,23 @@ DEFAULT_PREFILL_STEP = 512
 
 CAPTURE_ENABLE_ENV = "MTL_CAPTURE_ENABLED"
 CAPTURE_PATH_ENV = "MLX_PREPARED_CAPTURE_DECODE"
+
+
+class ContextLengthWarning(UserWarning):
+    """The prompt plus the tokens asked for run past the model's context (max_position_embeddings),
+    where its text is unreliable. `warnings.simplefilter("error", ContextLengthWarning)` refuses instead."""
+
+
+def warn_past_context(model, cached: int, prompt: int, max_tokens: int, stacklevel: int = 3) -> None:
+    """A ContextLengthWarning when `cached` + `prompt` + `max_tokens` tokens exceed the model's context."""
+    context = context_length_of(model)
+    total = cached + prompt + max_tokens
+    if context is None or total <= context:
+        return
+    after = f" after {cached} in the cache" if cached else ""
+    warnings.warn(f"a prompt of {prompt} tokens{after} plus up to {max_tokens} generated is {total} tokens, past "
+                  f"the model's context of {context} (max_position_embeddings), where its text is unreliable",
+                  ContextLengthWarning, stacklevel=stacklevel)
 
 
 class CaptureError(RuntimeError):
@@ -348,6 +366,7 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
     if eos_token_ids is None:
         eos_token_ids = [] if tokenizer is None else (tokenizer.chat_stop_ids() if chat else tokenizer.eos_token_ids)
     stop = set(check_token_ids(eos_token_ids, None))
+    warn_past_context(model, cache[0].offset if cache else 0, len(ids), max_tokens)
     detok = tokenizer.detokenizer() if tokenizer is not None else None
 
     tic = time.perf_counter()

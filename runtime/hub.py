@@ -24,13 +24,15 @@ from pathlib import Path
 import click
 
 from manifests import MANIFEST_NAME, ManifestError, load_manifest, target_for_device
+from manifests.cli import CommandError
 from manifests.format import MANIFEST_DIGEST_NAME
+from runtime.bundle import convert_command, device_target
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
 
 
-class HubError(click.ClickException):
-    exit_code = 2
+class HubError(CommandError):
+    """One `error:` line, exit 2 (manifests/cli.py)."""
 
 
 def is_hub_id(ref: str | os.PathLike) -> bool:
@@ -52,11 +54,19 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], cache_dir
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         raise HubError(
-            f"{repo_id}: bundle not in the local hub cache and the hub is unreachable or HF_HUB_OFFLINE is set; "
-            f"download it once online (`runtime generate {repo_id} ...` or `hf download {repo_id}`)"
+            f"{repo_id}: not in the local hub cache, and the hub is unreachable or HF_HUB_OFFLINE is set; once "
+            f"online, `runtime generate {repo_id} ...` downloads a bundle, and an original checkpoint needs "
+            f"preparing first: {prepare_command(repo_id, revision)}"
         ) from None
     except Exception as e:  # RepositoryNotFoundError, RevisionNotFoundError, HTTP errors
         raise HubError(f"{repo_id}: cannot download from the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def prepare_command(repo_id: str, revision: str | None = None) -> str:
+    """The `convert` command that makes a runnable bundle of a hub checkpoint for this device."""
+    target = device_target()
+    command = convert_command(repo_id, target, f"{repo_id.rsplit('/', 1)[-1]}-{target}")
+    return f"{command} --revision {revision}" if revision else command
 
 
 def choose_variant(variants: dict[str, str], device_info: dict, wanted: str | None = None) -> str:
@@ -84,7 +94,8 @@ def resolve_bundle(ref: str, *, revision: str | None = None, variant: str | None
 
     repo_id, named = split_ref(ref)
     variant = variant or named
-    root = _snapshot(repo_id, revision, [MANIFEST_NAME, f"*/{MANIFEST_NAME}"], cache_dir)
+    # config.json too: a repo with one but no manifest holds a checkpoint to convert, not a bundle.
+    root = _snapshot(repo_id, revision, [MANIFEST_NAME, f"*/{MANIFEST_NAME}", "config.json"], cache_dir)
     variants = {}
     for path in sorted(root.glob(f"*/{MANIFEST_NAME}")) + ([root / MANIFEST_NAME] if (root / MANIFEST_NAME).exists() else []):
         folder = "" if path.parent == root else path.parent.name
@@ -93,7 +104,11 @@ def resolve_bundle(ref: str, *, revision: str | None = None, variant: str | None
         except ManifestError as e:
             raise HubError(f"{repo_id}: {e}") from None
     if not variants:
-        raise HubError(f"{repo_id}: no mlx-prepared bundle (no manifest.yaml) at revision {revision or 'main'}")
+        at = f"at revision {revision or 'main'}"
+        if (root / "config.json").is_file():  # a model's own repo: its checkpoint is convert's input
+            raise HubError(f"{repo_id}: a model checkpoint {at}, not an mlx-prepared bundle (no manifest.yaml); "
+                           f"prepare it first: {prepare_command(repo_id, revision)}")
+        raise HubError(f"{repo_id}: no mlx-prepared bundle (no manifest.yaml) {at}")
     folder = choose_variant(variants, device_info if device_info is not None else mx.device_info(), variant)
     prefix = f"{folder}/" if folder else ""
     manifest = load_manifest(root / prefix / MANIFEST_NAME)

@@ -46,18 +46,28 @@ def _shown(value: object) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
 
 
-def vocab_size_of(model) -> int | None:
-    """The number of rows of the model's embedding table: this runtime's `config.vocab_size`, or an
-    mlx-lm model's `args` (its text config for multimodal ones); None if the model does not say."""
+def _config_int(model, name: str) -> int | None:
+    """An integer of the model's config: this runtime's `config`, or an mlx-lm model's `args` (its
+    text config for multimodal ones); None if the model does not say."""
     config = getattr(model, "config", None)
-    size = getattr(config, "vocab_size", None)
+    size = getattr(config, name, None)
     if size is None:
         args = getattr(model, "args", None)
-        size = getattr(args, "vocab_size", None)
+        size = getattr(args, name, None)
         text = getattr(args, "text_config", None)
         if size is None and isinstance(text, dict):
-            size = text.get("vocab_size")
+            size = text.get(name)
     return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def vocab_size_of(model) -> int | None:
+    """The number of rows of the model's embedding table, or None if the model does not say."""
+    return _config_int(model, "vocab_size")
+
+
+def context_length_of(model) -> int | None:
+    """The positions the model was trained for (`max_position_embeddings`), or None."""
+    return _config_int(model, "max_position_embeddings")
 
 
 def _index(value, position: int) -> int:

@@ -57,6 +57,7 @@ class TextConfig:
     rope_local_base_freq: float | None = None  # old configs: sliding-attention base
     rope_scaling: dict | None = None
     attention_bias: bool = False
+    max_position_embeddings: int = 32_768  # the context the model was trained for (generation warns past it)
     rope_thetas: dict = field(default_factory=dict, init=False)
 
     @classmethod

@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from manifests import MANIFEST_NAME, ManifestError
-from manifests.format import MANIFEST_DIGEST_NAME, PRETRANSPOSED
+from manifests.format import MANIFEST_DIGEST_NAME, NAMINGS, PRETRANSPOSED
 from manifests.records import Storage, fused_members
 from runtime.bundle import read_bundle_manifest
 from runtime.hub import HubError
@@ -89,7 +89,8 @@ def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], 
         lines.append(f"- Source: `{source['repo_id']}` at revision `{source.get('revision') or 'main'}` "
                      f"(commit `{source.get('commit')}`)")
     else:
-        lines.append(f"- Source: a local checkpoint ({source.get('naming')} naming); per-file sha256 in `manifest.yaml`")
+        naming = NAMINGS.get(source.get("naming"), source.get("naming"))
+        lines.append(f"- Source: a local checkpoint (naming: {naming}); per-file sha256 in `manifest.yaml`")
     versions = manifest["versions"]
     lines.append(f"- Made with mlx-prepared {manifest['tool']['version']}, MLX {versions.get('mlx')}, "
                  f"Python {versions.get('python')}")

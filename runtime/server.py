@@ -43,6 +43,7 @@ from typing import Callable
 import mlx.core as mx
 
 from runtime.generate import prefill, stream_generate
+from runtime.inputs import context_length_of
 from runtime.openai_api import (
     ApiError,
     Request,
@@ -97,8 +98,8 @@ class Job:
 
 
 def context_length(model) -> int:
-    text_config = getattr(model, "manifest", {}).get("model", {}).get("text_config", {})
-    return int(text_config.get("max_position_embeddings") or GEMMA3N_CONTEXT)
+    """The model's max_position_embeddings (checked where the config entered, manifests/config.py)."""
+    return context_length_of(model) or GEMMA3N_CONTEXT
 
 
 def bias_processor(bias: dict[int, float], vocab_size: int):

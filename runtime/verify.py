@@ -220,8 +220,11 @@ def verify_command(path) -> int:
         print(problem, file=sys.stderr)
     if problems:
         return 1
-    tensors = len(manifest["projections"]) + len(manifest["embeddings"])
+    # The words `convert` reports a bundle in: its tensors, and the manifest records among them.
+    tensors = len(stored_tensors(Path(path), manifest)[0])
+    records = len(manifest["projections"]) + len(manifest["embeddings"])
     signed = (f"{MANIFEST_NAME} matches {MANIFEST_DIGEST_NAME}" if check_manifest_digest(Path(path))[1]
               else f"no {MANIFEST_DIGEST_NAME}: {MANIFEST_NAME} itself is unchecked")
-    print(f"ok: {path}: {len(manifest['files'])} files and {tensors} tensor records match {MANIFEST_NAME}; {signed}")
+    print(f"ok: {path}: {len(manifest['files'])} files, {tensors} tensors and {records} manifest records match "
+          f"{MANIFEST_NAME}; {signed}")
     return 0

@@ -252,7 +252,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(checkpoints, tmp_path):
     assert rows["mlp.gate_proj"] == ["0", "10"] and rows["mlp.up_proj"] == ["0", "10"]
     assert rows["lm_head"] == ["0", "1"] and rows["attn.q_proj"] == ["10", "0"]
     assert rows["attn.k_proj"] == ["6", "0"]  # the 4 KV-shared layers have none
-    for field in ("bytes in", "bytes out", "predicted peak memory", "disk needed"):
+    for field in ("bytes in", "bytes out", "peak memory at most", "disk needed"):
         assert field in r.stdout
     assert list(tmp_path.iterdir()) == []
 
@@ -515,7 +515,7 @@ def test_bad_input_is_refused_in_one_line(tmp_path, kind):
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for part in parts:
         assert part in lines[0], (part, lines[0])
     if before is None:
@@ -530,7 +530,7 @@ def test_bad_input_through_the_real_cli(tmp_path):
     r = run_cli("--target", "generic", src, tmp_path / "out")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
-        f"Error: {src}/model.safetensors: tensor 'language_model.model.norm.weight': unknown dtype 'Q4' "
+        f"error: {src}/model.safetensors: tensor 'language_model.model.norm.weight': unknown dtype 'Q4' "
         "(known: BOOL, U8, I8, F8_E4M3, F8_E5M2, I16, U16, F16, BF16, I32, U32, F32, I64, U64, F64)"]
     _no_leftovers(tmp_path, "out")
 

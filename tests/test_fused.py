@@ -467,7 +467,7 @@ def test_check_finite_names_the_members_of_a_fused_tensor(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True)
     assert done.returncode == 2 and not (tmp_path / "out").exists()
     assert done.stderr.splitlines() == [
-        f"Error: {src}/model.safetensors: one of tensors '{L}1.self_attn.q_proj.weight', '{k}', "
+        f"error: {src}/model.safetensors: one of tensors '{L}1.self_attn.q_proj.weight', '{k}', "
         f"'{L}1.self_attn.v_proj.weight', '{L}1.laurel.linear_left.weight' (fused into {L}1.qkv_laurel_proj.weight): "
         f"1 NaN and 0 infinite values (--check-finite); {tmp_path / 'out'} was left as it was"]
 

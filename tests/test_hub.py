@@ -120,7 +120,7 @@ def test_resolve_asks_only_for_the_chosen_variant(offline_cache, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
     resolve_bundle(REPO, device_info={"architecture": "applegpu_g17s"})
     first, second = asked
-    assert all("manifest.yaml" in p for p in first)
+    assert all("manifest.yaml" in p or p == "config.json" for p in first)  # small files only, first
     assert second and all(p.startswith("m5/") for p in second)
     manifest = read_manifest(offline_cache[1] / "m5")
     assert sorted(second) == sorted(["m5/manifest.yaml", "m5/manifest.sha256"] + [f"m5/{f}" for f in manifest["files"]])
@@ -277,3 +277,32 @@ def test_card_names_fused_modules(tmp_path):
     row = lambda card: next(line for line in card.splitlines() if line.startswith("| `v/`"))  # noqa: E731
     assert "| gate_up_proj, q_laurel_proj, qkv_laurel_proj |" in row(model_card(fused, REPO, "v", ["v"]))
     assert "| none | float32 |" in row(model_card(plain, REPO, "v", ["v"]))
+
+
+def test_a_hub_checkpoint_is_answered_with_the_convert_command(tmp_path, monkeypatch):
+    """No network: the real hub client (HF_HUB_OFFLINE=1) reads a cache laid out as `hf download`
+    of a model's own repo leaves it, a checkpoint without manifest.yaml; the real CLI runs on it."""
+    import os
+
+    from runtime.bundle import device_target
+
+    cache = tmp_path / "hub"
+    repo_dir = cache / "models--acme--raw-gemma"
+    make_checkpoint(repo_dir / "snapshots" / COMMIT, "hf")
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    target = device_target()
+    r = subprocess.run([sys.executable, "-m", "runtime", "generate", "acme/raw-gemma", "--prompt", "x"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: acme/raw-gemma: a model checkpoint at revision main, not an mlx-prepared bundle (no manifest.yaml); "
+        f"prepare it first: python -m convert --target {target} acme/raw-gemma raw-gemma-{target}"]
+    # Offline and not in the cache at all: the hint is the command that makes a bundle, not `hf download`.
+    r = subprocess.run([sys.executable, "-m", "runtime", "generate", "acme/absent", "--prompt", "x"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: acme/absent: not in the local hub cache, and the hub is unreachable or HF_HUB_OFFLINE is set; once "
+        "online, `runtime generate acme/absent ...` downloads a bundle, and an original checkpoint needs preparing "
+        f"first: python -m convert --target {target} acme/absent absent-{target}"]
+    assert "hf download" not in r.stderr

@@ -84,7 +84,7 @@ def test_a_bundle_that_is_not_what_its_manifest_says_is_refused(bundles, tmp_pat
     before = (bundle / "manifest.yaml").read_bytes()
     done = add(bundle)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [f"Error: {said}; known answers vouch for the weights as converted; "
+    assert done.stderr.strip().splitlines() == [f"error: {said}; known answers vouch for the weights as converted; "
                                                 "convert the bundle again"]
     assert (bundle / "manifest.yaml").read_bytes() == before
 

@@ -379,7 +379,7 @@ def test_requantizing_a_quantized_source_is_refused(tmp_path):
                         str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
     [line] = r.stderr.strip().splitlines()
-    assert line.startswith(f"Error: {src}/model-0000") and "tensor 'language_model.model." in line
+    assert line.startswith(f"error: {src}/model-0000") and "tensor 'language_model.model." in line
     assert "already MLX-quantized" in line and "--quantize" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
@@ -391,7 +391,7 @@ def test_requantizing_a_quantized_source_is_refused(tmp_path):
 def test_quantization_options_without_quantize_are_refused(source, tmp_path, args, message):
     result = CliRunner().invoke(command, ["--target", "m5", *args, str(source), str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [f"Error: {message} 4 or --quantize 8"]
+    assert result.output.strip().splitlines() == [f"error: {message} 4 or --quantize 8"]
     assert list(tmp_path.iterdir()) == []
 
 
