@@ -38,12 +38,6 @@ NAMINGS = ("hf", "mlx-lm", "mlx-vlm", "hf-text")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    # `--target auto` prefers a profile calibrated on this machine; tests must not see the user's.
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 def run_cli(*args, env=None, timeout=120):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "convert", *map(str, args)], capture_output=True, text=True,

@@ -53,11 +53,6 @@ HIDDEN = CFG["hidden_size"]
 L = PREFIX + "layers."
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("fused") / "src", "hf", seed=11)

@@ -47,11 +47,6 @@ FLOAT_ONLY = ("altup.correction_coefs", "altup.prediction_coefs", "altup.modalit
 BUNDLES = [("generic", 4, 32), ("m5", 8, 64), ("m5", 4, 128)]
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 def should_quantize(name: str, shape: tuple[int, ...], group: int) -> bool:
     """This test's own rule: every matrix of the decoder (linear weights and embedding tables)
     but AltUp's coefficients and router, when its rows split into whole groups."""

@@ -21,11 +21,6 @@ from tests.runtime_helpers import convert
 GATE = "model.language_model.layers.0.mlp.gate_proj"
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 @pytest.mark.parametrize("mode,bits,group_size", [("affine", 4, 32), ("affine", 4, 64), ("affine", 8, 128),
                                                   ("mxfp4", 4, 32), ("mxfp8", 8, 32)])
 def test_quantized_tensors_are_what_mx_quantize_makes(mode, bits, group_size):
