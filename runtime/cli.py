@@ -203,9 +203,7 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
     model, _ = _load(bundle, strict_target=strict_target)
     load_s = time.perf_counter() - t0
     load_peak = mx.get_peak_memory() / 1e9
-    text_config = getattr(model, "manifest", {}).get("model", {}).get("text_config", {})
-    high = int(text_config.get("vocab_size", 256))
-    prompt = np.random.default_rng(0).integers(3, high, size=prompt_tokens).tolist()
+    prompt = np.random.default_rng(0).integers(3, model.config.vocab_size, size=prompt_tokens).tolist()
 
     def run():
         t = time.perf_counter()
@@ -242,21 +240,13 @@ def verify(bundle):
     sys.exit(verify_command(bundle))
 
 
-def _add_calibrate():
-    try:
-        from runtime.calibrate import calibrate_command
-    except ImportError:
-        return
-    main.add_command(calibrate_command, "calibrate")
-
-
-_add_calibrate()
-
-
-def _add_publish():
+def _add_commands():
+    """Commands defined beside the code they drive."""
+    from runtime.calibrate import calibrate_command
     from runtime.hub import publish_command
 
+    main.add_command(calibrate_command, "calibrate")
     main.add_command(publish_command, "publish")
 
 
-_add_publish()
+_add_commands()

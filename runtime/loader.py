@@ -7,7 +7,6 @@ that very array into the module the manifest named. tests/test_loader.py holds t
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from manifests import MANIFEST_NAME, ManifestError, target_for_device
 from manifests.records import records
 from runtime.architectures import architecture
 from runtime.bundle import BundleError, convert_command, read_bundle_manifest, shard_files
+from runtime.tokenizer import load_tokenizer
 
 
 class TargetMismatchWarning(UserWarning):
@@ -103,16 +103,6 @@ def put_weights(model, arrays: dict[str, mx.array], path: Path) -> None:
         model.load_weights(list(arrays.items()), strict=True)
     except ValueError as e:
         raise BundleError(f"{path}: {str(e).splitlines()[0]}") from None
-
-
-def load_tokenizer(path: Path):
-    try:
-        module = importlib.import_module("runtime.tokenizer")
-    except ModuleNotFoundError as e:
-        if e.name != "runtime.tokenizer":
-            raise
-        return None
-    return module.load_tokenizer(path)
 
 
 def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bool = False,
