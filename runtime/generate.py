@@ -113,7 +113,14 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
     the caller stops iterating. The last token of a `max_tokens` run is not fed to the cache.
 
     `compiled` (default: on for this runtime's model) decodes through one compiled step over
-    fixed-shape caches (runtime/fast.py); the eager caches are brought up to date at the end."""
+    fixed-shape caches (runtime/fast.py); the eager caches are brought up to date at the end.
+    `compiled=False` decodes eagerly, through the model itself."""
+    if compiled is None:
+        compiled = isinstance(model, Model)
+    elif not isinstance(compiled, bool):
+        raise TypeError(f"compiled must be True, False or None (the default), not {compiled!r}")
+    elif compiled and not isinstance(model, Model):
+        raise ValueError("compiled decoding needs this runtime's model (runtime.load); pass compiled=False")
     if max_tokens < 1:
         return
     cache = model.make_cache() if cache is None else cache
@@ -121,8 +128,6 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
     prompt = mx.array(prompt, dtype=mx.int32) if not isinstance(prompt, mx.array) else prompt.astype(mx.int32)
     use_history = sampler.params.repetition_penalty != 1.0
     history = prompt.reshape(1, -1) if use_history else None
-    if compiled is None:
-        compiled = isinstance(model, Model)
     decoder = None
 
     def decode(token: mx.array):
@@ -180,7 +185,7 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
                     max_tokens: int = DEFAULT_MAX_TOKENS, sampling: SamplingParams | None = None,
                     eos_token_ids: Sequence[int] | None = None, chat: bool = False, cache=None,
                     prefill_step_size: int = DEFAULT_PREFILL_STEP, capture: DecodeCapture | None = None,
-                    **sampling_kwargs) -> Iterator[GenerationResponse]:
+                    compiled: bool | None = None, **sampling_kwargs) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text, or token ids), yielding one response per new token.
 
     Stops at any EOS id (by default the tokenizer's: every one the bundle declares; with `chat`,
@@ -188,7 +193,8 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
     prompt in Gemma's turn format. `cache` continues an existing cache (a chat session); without
     one a fresh cache is made. Sampling: `sampling=SamplingParams(...)` or its fields as keywords
     (temperature, top_k, top_p, min_p, repetition_penalty, seed). The decode capture is taken
-    from the environment unless `capture` is given (see DecodeCapture.from_env).
+    from the environment unless `capture` is given (see DecodeCapture.from_env). `compiled`: see
+    generate_step (`compiled=False` decodes eagerly).
     """
     params = _sampling(sampling, sampling_kwargs)
     if capture is None:
@@ -209,7 +215,7 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
     prompt_tps = 0.0
     n = 0
     for token, cached in generate_step(ids, model, cache=cache, sampler=Sampler(params), max_tokens=max_tokens,
-                                       prefill_step_size=prefill_step_size, capture=capture):
+                                       prefill_step_size=prefill_step_size, capture=capture, compiled=compiled):
         now = time.perf_counter()
         n += 1
         if first_at is None:
