@@ -37,7 +37,7 @@ class UserError(click.ClickException):
 
 
 def _load(bundle: str, strict_target: bool = False, verify: bool = False):
-    from runtime.loader import load
+    from runtime.loader import TargetMismatchWarning, load
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -46,7 +46,8 @@ def _load(bundle: str, strict_target: bool = False, verify: bool = False):
         except (ManifestError, ValueError, OSError) as e:
             raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     for w in caught:
-        click.echo(f"warning: {w.message}", err=True)
+        note = issubclass(w.category, TargetMismatchWarning)  # about speed: the bundle runs correctly
+        click.echo(f"{'note' if note else 'warning'}: {w.message}", err=True)
     return model, tokenizer
 
 
@@ -87,7 +88,7 @@ def sampling_options(f):
         click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP,
                      show_default=True, help="prompt tokens per prefill chunk"),
         click.option("--strict-target", is_flag=True,
-                     help="refuse a bundle prepared for another device class instead of warning"),
+                     help="refuse a bundle prepared for another device class instead of noting it"),
     ]
     for option in reversed(options):
         f = option(f)

@@ -16,12 +16,14 @@ from mlx.utils import tree_flatten
 from manifests import MANIFEST_NAME, ManifestError, target_for_device
 from manifests.records import records
 from runtime.architectures import architecture
-from runtime.bundle import BundleError, convert_command, read_bundle_manifest, shard_files
+from runtime.bundle import BundleError, read_bundle_manifest, shard_files, source_command
 from runtime.tokenizer import load_tokenizer
 
 
 class TargetMismatchWarning(UserWarning):
-    """The bundle was prepared for another device class than this one."""
+    """The bundle was prepared for another device class than this one: a note about speed, not a
+    fault (every bundle computes the same logits on every device; only its weights' layouts were
+    chosen for another one). The CLI prints it as a note."""
 
 
 def made_for_this_device(profile: dict, info: dict, here: str) -> bool:
@@ -38,10 +40,9 @@ def check_target(manifest: dict, path: Path, strict: bool, device_info: dict | N
     prepared_for = manifest["target"]["name"]
     if prepared_for == here or made_for_this_device(manifest["target"].get("profile") or {}, info, here):
         return
-    source = manifest["source"].get("path") or manifest["source"].get("repo_id") or "SOURCE"
     message = (
-        f"{path}: prepared for target {prepared_for!r}, but this device ({info.get('architecture', '?')}) "
-        f"is {here!r}; for this device run: {convert_command(source, here)}"
+        f"{path} is laid out for target {prepared_for!r} and runs correctly here; for weights laid out for "
+        f"this device ({here!r}, {info.get('architecture', '?')}): {source_command(manifest['source'], here)}"
     )
     if strict:
         raise BundleError(message)
@@ -146,7 +147,8 @@ def load(path, strict_target: bool = False, verify: bool = False, lazy: bool = F
 
     `path` is a bundle folder or a hub id (`org/name`, `org/name:variant`): a hub bundle is
     downloaded (only the chosen variant's files, at `revision`) and always verified.
-    `strict_target`: a bundle prepared for another device class is an error, not a warning.
+    `strict_target`: a bundle prepared for another device class is an error, not a note
+    (TargetMismatchWarning).
     `verify`: re-hash every file against the manifest first. `lazy`: leave the weights mapped
     but unread until first use (by default they are read before `load` returns).
     """

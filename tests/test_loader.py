@@ -239,8 +239,36 @@ def test_target_mismatch_warns_with_the_command_for_this_device(bundles, monkeyp
     with pytest.warns(TargetMismatchWarning) as record:
         runtime.load(bundles["m5"])
     message = str(record[0].message)
-    assert "'m5'" in message and f"python -m convert --target generic {bundles['src']}" in message
+    assert "'m5'" in message and "runs correctly here" in message
+    assert f"python -m convert --target generic {bundles['src']} src-generic" in message  # OUT in the current dir
     assert record[0].filename == __file__  # the warning points at the caller's line
+
+
+@pytest.mark.parametrize("source,command", [
+    ({"kind": "hub", "repo_id": "org/gemma-x", "revision": "main", "commit": "c0ffee", "path": "/cache/snapshots/c0"},
+     "python -m convert --target generic org/gemma-x --revision c0ffee gemma-x-generic"),
+    ({"kind": "local", "path": "/the/publishers/own/gemma-x"},
+     "python -m convert --target generic CHECKPOINT OUT, CHECKPOINT being a copy of the checkpoint it was "
+     "converted from (/the/publishers/own/gemma-x, not on this machine)"),
+], ids=["hub-source", "source-elsewhere"])
+def test_the_proposed_command_works_for_where_the_source_is(copy_of, monkeypatch, tmp_path, source, command):
+    """A bundle converted from a hub repo names the repo at its commit, not the hub cache's folder
+    (OUT would land inside the cache); one converted from a folder of another machine (a bundle
+    from the hub) does not name that folder as if it were here. OUT is in the current directory."""
+    bundle = copy_of("m5")
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    manifest["source"] = dict(source, naming="hf", files={})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BundleError) as e:
+        loader.check_target(manifest, bundle, strict=True, device_info=M1_DEVICE)
+    assert str(e.value).endswith("for weights laid out for this device ('generic', applegpu_g13s): " + command)
+
+
+def test_the_proposed_out_is_beside_the_source_when_run_inside_it(bundles, monkeypatch):
+    from runtime.bundle import convert_command
+
+    monkeypatch.chdir(bundles["src"])
+    assert convert_command(".", "m5") == f"python -m convert --target m5 . {bundles['src'].parent / 'src-m5'}"
 
 
 def test_strict_target_makes_the_mismatch_an_error(bundles, monkeypatch):
