@@ -344,10 +344,33 @@ def test_a_tensor_the_model_has_no_place_for_is_an_error(copy_of):
     bundle = copy_of("generic")
     shard = bundle / "model.safetensors"
     arrays = mx.load(str(shard))
-    arrays["model.language_model.layers.9.self_attn.k_proj.weight"] = mx.zeros((32, 64))
+    arrays["model.language_model.layers.9.self_attn.x_proj.weight"] = mx.zeros((32, 64))
     mx.save_safetensors(str(shard), arrays)
-    with pytest.raises(BundleError, match="no place for .*layers.9.self_attn.k_proj.weight"):
+    with pytest.raises(BundleError, match="no place for .*layers.9.self_attn.x_proj.weight"):
         load_quietly(bundle)
+
+
+def test_tensors_kept_for_mlx_lm_stay_out_of_the_model_and_are_checked(bundles, copy_of):
+    """A generic bundle keeps the KV-shared layers' K/V for mlx-lm's loader (the manifest's
+    `unread`): they are stored as recorded, never reach the model, and a stored one that differs
+    from its entry is refused by load and reported by verify."""
+    from runtime.verify import verify_bundle
+
+    manifest = yaml.safe_load((bundles["generic"] / "manifest.yaml").read_text())
+    unread = manifest["unread"]
+    model, _ = load_quietly(bundles["generic"])
+    params = {k for k, _ in tree_flatten(model.parameters())}
+    assert len(unread) == 3 * model.config.num_kv_shared_layers and not set(unread) & params
+    assert not yaml.safe_load((bundles["m5"] / "manifest.yaml").read_text()).get("unread")
+
+    bundle = copy_of("generic")
+    key = next(k for k in unread if k.endswith("v_proj.weight"))
+    arrays = mx.load(str(bundle / "model.safetensors"))
+    arrays[key] = arrays[key][:-1]
+    mx.save_safetensors(str(bundle / "model.safetensors"), arrays)
+    with pytest.raises(BundleError, match=f"unread.{re.escape(key)} says {key} is float32 "):
+        load_quietly(bundle)
+    assert any(f"unread.{key}:" in p and "the manifest says" in p for p in verify_bundle(bundle))
 
 
 def test_a_missing_shard_is_named(copy_of):
