@@ -246,17 +246,18 @@ def make_checkpoint(out: str | os.PathLike, size: str = "e2b", *, dtype: str = "
     (out / "config.json").write_text(json.dumps(full_config(text, dtype), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0, "do_sample": False}, indent=2) + "\n")
-    _write_tokenizer(out)
+    _write_tokenizer(out, int(text["vocab_size"]))
     return out
 
 
-def _write_tokenizer(out: Path) -> None:
+def _write_tokenizer(out: Path, vocab_size: int) -> None:
     """A small word-level tokenizer, so tools that insist on one (mlx_lm.convert) can run.
 
-    Its ids cover only a sliver of the 262 400-entry vocabulary; benchmarks feed token ids.
+    Its ids cover only a sliver of the 262 400-entry vocabulary (benchmarks feed token ids), and
+    never reach past the model's `vocab_size` (the converter refuses a tokenizer that does).
     """
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    words = specials + [f"w{i}" for i in range(1000)]
+    words = specials + [f"w{i}" for i in range(min(1000, vocab_size - len(specials)))]
     words[105], words[106] = "<start_of_turn>", "<end_of_turn>"  # Gemma's turn markers' ids
     vocab = {w: i for i, w in enumerate(words)}
     tokenizer = {

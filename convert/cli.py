@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from convert.errors import ConvertError
 from convert.pipeline import execute, plan, preflight, run_report
 from convert.planning import BAND_BYTES, DTYPE_OPTIONS, READ_BLOCK, human, parse_size
 from manifests import known_targets
+from manifests.cli import run_program
 
 
 def _size(ctx, param, value):
@@ -60,9 +60,6 @@ def command(source, out, target, target_profile, dtype, quantize, group_size, qu
     """Convert the Gemma3n checkpoint SOURCE (a directory or a hub repo id like org/name) into a
     bundle at OUT whose projections have the layout TARGET decodes fastest."""
     started = time.perf_counter()
-    # SIGTERM unwinds like Ctrl-C, so the temporary directory is removed on the way out (SIGKILL
-    # cannot be caught: the next run removes what it leaves).
-    signal.signal(signal.SIGTERM, _terminated)
     p = plan(source, out, target=target, target_profile=target_profile, dtype=dtype, revision=revision,
              max_shard_size=max_shard_size, read_block=read_block_size or READ_BLOCK,
              band_bytes=band_size or BAND_BYTES, quantize=quantize and int(quantize),
@@ -85,12 +82,10 @@ def command(source, out, target, target_profile, dtype, quantize, group_size, qu
     click.echo(run_report(p, done, time.perf_counter() - started))
 
 
-def _terminated(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main(args=None, prog_name: str | None = None):
-    command.main(args=args, prog_name=prog_name or "convert")
+    """The `convert` program: one-line errors, and Ctrl-C unwinds like SIGTERM (the temporary
+    directory and the lock are removed on the way out) and exits 130 (manifests/cli.py)."""
+    sys.exit(run_program(command, args, prog_name or "convert", "Error: "))
 
 
 __all__ = ["command", "main", "human"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import click
 
 
-class ConvertError(click.ClickException):
+class ConvertError(click.ClickException, ValueError):
     """Bad input (or a destination we must not touch). The CLI prints one line and exits 2.
 
     It is a `click.ClickException` so the command line shows `Error: <message>` without a
-    traceback; library callers catch it like any exception.
+    traceback, and a ValueError so library callers catch it as the bad value it reports.
     """
 
     exit_code = 2

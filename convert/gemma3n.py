@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from manifests.config import DEFAULTS
 from manifests.gemma3n import ARCHITECTURE, MODEL_TYPES, TEXT_MODEL_TYPE
 
 ARCHITECTURES = MODEL_TYPES  # the config model_types source reading accepts
@@ -41,8 +42,9 @@ class TextShapes:
 
 
 def text_shapes(text_config: dict) -> TextShapes:
-    """Read the shape-bearing fields of a Gemma3n text config; KeyError names a missing one."""
-    c = text_config
+    """Read the shape-bearing fields of a Gemma3n text config (checked at the door, convert/source.py:
+    manifests/config.py, whose defaults fill what it lacks); KeyError names a missing one."""
+    c = {**DEFAULTS, **text_config}
     layers = int(c["num_hidden_layers"])
     inter = c["intermediate_size"]
     inter = tuple(int(x) for x in inter) if isinstance(inter, (list, tuple)) else (int(inter),) * layers
@@ -50,17 +52,17 @@ def text_shapes(text_config: dict) -> TextShapes:
         raise ValueError(f"intermediate_size has {len(inter)} entries for {layers} layers")
     return TextShapes(
         vocab_size=int(c["vocab_size"]),
-        vocab_size_per_layer_input=int(c.get("vocab_size_per_layer_input", c["vocab_size"])),
+        vocab_size_per_layer_input=int(c["vocab_size_per_layer_input"]),
         hidden_size=int(c["hidden_size"]),
         hidden_size_per_layer_input=int(c["hidden_size_per_layer_input"]),
         intermediate_sizes=inter,
         num_hidden_layers=layers,
         num_attention_heads=int(c["num_attention_heads"]),
         num_key_value_heads=int(c["num_key_value_heads"]),
-        head_dim=int(c.get("head_dim", int(c["hidden_size"]) // int(c["num_attention_heads"]))),
-        num_kv_shared_layers=int(c.get("num_kv_shared_layers", 0)),
-        laurel_rank=int(c.get("laurel_rank", 64)),
-        altup_num_inputs=int(c.get("altup_num_inputs", 4)),
+        head_dim=int(c["head_dim"]),
+        num_kv_shared_layers=int(c["num_kv_shared_layers"]),
+        laurel_rank=int(c["laurel_rank"]),
+        altup_num_inputs=int(c["altup_num_inputs"]),
     )
 
 

@@ -22,12 +22,22 @@ import os
 import platform
 import re
 import shutil
+import stat
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 from convert.architectures import architecture
 from convert.errors import ConvertError
+from convert.ownership import (
+    PARTIAL_MARKER,
+    within,
+    bundle_entries,
+    check_replaceable,
+    marker_text,
+    remove_if_ours,
+    remove_replaced,
+)
 from convert.planning import (
     BAND_BYTES,
     DEFAULT_MAX_SHARD_SIZE,
@@ -44,7 +54,6 @@ from convert.source import Source, open_source
 from convert.write import write_bundle
 from manifests import (
     FORMAT_VERSION,
-    MANIFEST_NAME,
     ManifestError,
     ProfileError,
     TargetProfile,
@@ -136,13 +145,37 @@ def os_errors(where):
         raise ConvertError(os_message(e, where)) from None
 
 
+def _open_lock(lock: Path) -> int:
+    """The lock file, created or one a run of this tool left: never through a symlink, never a
+    file of someone else's (it is truncated and removed), refused in one line otherwise."""
+    in_the_way = ConvertError(f"{lock}: in the way of this conversion's lock, and not a lock this tool left "
+                              "(one holds a process id and nothing else); remove it or choose another OUT")
+    try:
+        if not stat.S_ISREG(os.lstat(lock).st_mode):  # a symlink, a FIFO, a device: never opened
+            raise in_the_way
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # became a symlink since the lstat
+            raise in_the_way from None
+        raise
+    st = os.fstat(fd)
+    held = os.pread(fd, 32, 0).strip() if stat.S_ISREG(st.st_mode) else b""
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 20 or (held and not held.isdigit()):
+        os.close(fd)
+        raise in_the_way
+    return fd
+
+
 @contextmanager
 def destination_lock(out: Path):
     """Hold `.OUT.lock` beside OUT for the rest of a run; refuse at once if another run holds it."""
     lock = out.parent / f".{out.name}.lock"
     with os_errors(lock):
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock(lock)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -175,8 +208,9 @@ def nonfinite_message(p: Plan, e: NonFiniteError, out: Path) -> str:
     item = next((i for i in p.items if i.key == e.tensor), None)
     if item is None:
         return f"{e.message}; {out} was left as it was"
-    narrowed = ITEMSIZE[item.dtype] < ITEMSIZE[item.source.dtype]  # a narrowing cast can overflow to infinity
-    cast = f" after narrowing {item.source.dtype} to {item.dtype}" if narrowed else ""
+    written = item.quant_dtype or item.dtype  # a quantized weight: the float dtype it was quantized from
+    narrowed = ITEMSIZE[written] < ITEMSIZE[item.source.dtype]  # a narrowing cast can overflow to infinity
+    cast = f" after narrowing {item.source.dtype} to {written}" if narrowed else ""
     what = f"tensor {item.source.name!r}"
     if item.members:  # fused: the values may be in any member
         what = "one of tensors " + ", ".join(repr(src.name) for _, src in item.members) + f" (fused into {e.tensor})"
@@ -184,16 +218,17 @@ def nonfinite_message(p: Plan, e: NonFiniteError, out: Path) -> str:
             f"values{cast} (--check-finite); {out} was left as it was")
 
 
-def _within(inner: str, outer: str) -> bool:
-    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+def source_roots(src: Source) -> list[str]:
+    """The real directories SOURCE occupies (its folder, and the hub cache folder it reads)."""
+    return sorted({os.path.realpath(src.root), str(src.containment or os.path.realpath(src.root))})
 
 
 def check_destination(src: Source, out: Path) -> None:
     out_real = os.path.realpath(out)
-    for root in {os.path.realpath(src.root), str(src.containment or os.path.realpath(src.root))}:
-        if _within(out_real, root):
+    for root in source_roots(src):
+        if within(out_real, root):
             raise ConvertError(f"{out}: OUT is inside SOURCE ({src.display}); write the bundle elsewhere")
-        if _within(root, out_real):
+        if within(root, out_real):
             raise ConvertError(f"{out}: SOURCE ({src.display}) is inside OUT; write the bundle elsewhere")
 
 
@@ -208,7 +243,8 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(out: Path) -> list[Path]:
-    """Remove what runs for `out` that died left behind; return what was removed or restored."""
+    """Remove what runs for `out` that died left behind, where it is provably theirs
+    (convert/ownership.py); return what was removed or restored. Anything else stays."""
     parent = out.parent
     if not parent.is_dir():
         return []
@@ -218,23 +254,14 @@ def clean_stale(out: Path) -> list[Path]:
         m = pattern.fullmatch(entry.name)
         if not m or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
             continue
-        if m.group(1) == "old" and not out.exists() and (entry / MANIFEST_NAME).is_file():
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if m.group(1) == "old" and not os.path.lexists(out) and bundle_entries(entry)[0] is not None:
             os.rename(entry, out)  # killed between the two renames of --force: put the old one back
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
-        handled.append(entry)
+            handled.append(entry)
+        elif remove_if_ours(entry, int(m.group(2))):
+            handled.append(entry)
     return handled
-
-
-def _check_replaceable(out: Path, force: bool) -> None:
-    if not os.path.lexists(out):
-        return
-    if not force:
-        raise ConvertError(f"{out}: OUT already exists; pass --force to replace it")
-    if out.is_symlink() or not out.is_dir():
-        raise ConvertError(f"{out}: OUT exists and is not a directory; refusing to replace it")
-    if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise ConvertError(f"{out}: OUT exists and is not a bundle (no {MANIFEST_NAME}); refusing to replace it")
 
 
 def eos_token_ids(src: Source) -> list[int]:
@@ -316,7 +343,7 @@ def preflight(p: Plan, out: str | os.PathLike, *, force: bool = False) -> Path:
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConvertError(f"{out}: cannot be created, {existing} is not writable")
         clean_stale(out)
-        _check_replaceable(out, force)
+        check_replaceable(out, force, source_roots(p.source))
         free = _free_space(out.parent)
         if free < p.disk_needed:
             raise ConvertError(f"{out.parent}: not enough free disk space for the bundle (needs "
@@ -342,9 +369,10 @@ def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: boo
         preflight(p, out, force=force)  # again: another run may have finished OUT before we locked
         parent = out.parent
         tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_ours(tmp, os.getpid())  # a dead run's that had this pid; anything else stays in the way
         tmp.mkdir()
     try:
+        (tmp / PARTIAL_MARKER).write_bytes(marker_text(os.getpid()))  # what proves it ours to clean_stale
         try:
             files, source_files = write_bundle(p, tmp, on_write=on_write, check_finite=check_finite)
         except NonFiniteError as e:
@@ -353,9 +381,10 @@ def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: boo
             write_manifest(build_manifest(p, files, source_files), tmp)
         except ManifestError as e:  # a bug of ours, not bad input; still one line
             raise ConvertError(f"internal error, manifest does not validate: {e}") from None
+        (tmp / PARTIAL_MARKER).unlink()  # complete: from here on it proves itself a bundle
         _fsync_dir(tmp)
         if os.path.lexists(out):
-            _check_replaceable(out, force)
+            check_replaceable(out, force, source_roots(p.source))
             old = parent / f".{out.name}.old-{os.getpid()}"
             os.rename(out, old)
             try:
@@ -364,15 +393,15 @@ def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: boo
                 if not os.path.lexists(out):
                     os.rename(old, out)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            remove_replaced(old)
         else:
             os.rename(tmp, out)
         _fsync_dir(parent)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_ours(tmp, os.getpid())
         raise ConvertError(os_message(e, out, tmp, out)) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_ours(tmp, os.getpid())
         raise
     return out
 

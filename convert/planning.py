@@ -33,7 +33,8 @@ from convert.quantize import working_set as quant_working_set
 from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
-from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, PREFIX, PRETRANSPOSED, STANDARD
+from manifests.config import check_quantization
+from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, PREFIX, PRETRANSPOSED, STANDARD, ManifestError
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.profiles import TargetProfile
 from manifests.records import BIASES, EMBEDDINGS, PROJECTIONS, SCALES, WEIGHT, Kind, Quantization, Storage
@@ -281,7 +282,7 @@ def _quant_params(q: dict | None, module_key: str, weight: TensorInfo, scales: T
     try:
         found = {"bits": int(params["bits"]), "group_size": int(params["group_size"]),
                  "mode": str(params.get("mode", q.get("mode", "affine")))}
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise ConvertError(f"{where}: config.json's quantization block lacks bits/group_size") from None
     if not explicit and len(weight.shape) == 2 and len(scales.shape) == 2:
         def stores(q: Quantization) -> bool:  # whether `q` stores this module's weight and scales
@@ -295,7 +296,10 @@ def _quant_params(q: dict | None, module_key: str, weight: TensorInfo, scales: T
                 if stores(Quantization(bits, group, found["mode"])):
                     found.update(bits=bits, group_size=group)
                     break
-    return found
+    try:  # one that MLX computes with (manifests/config.py), as the runtime will check again
+        return check_quantization(found, f"{where}: config.json's quantization")
+    except ManifestError as e:
+        raise ConvertError(str(e)) from None
 
 
 def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", device: dict | None = None,

@@ -61,7 +61,11 @@ def quant_spec(bits: int | None, group_size: int | None = None, mode: str | None
             given = "--group-size" if group_size is not None else "--quant-mode"
             raise ConvertError(f"{given} applies only with --quantize 4 or --quantize 8")
         return None
-    bits, group_size, mode = int(bits), int(group_size or DEFAULT_GROUP_SIZE), mode or "affine"
+    try:
+        bits, group_size, mode = int(bits), int(group_size or DEFAULT_GROUP_SIZE), mode or "affine"
+    except (TypeError, ValueError):
+        raise ConvertError(f"--quantize {bits!r} --group-size {group_size!r}: use integers, --quantize one of "
+                           f"{', '.join(map(str, BITS))}") from None
     if bits not in BITS:
         raise ConvertError(f"--quantize {bits}: use one of {', '.join(map(str, BITS))}")
     if group_size not in GROUP_SIZES:
@@ -186,6 +190,9 @@ def _write_weight(item, readers, writer, bufs, read_block: int, spills: Spills) 
                 if out_dtype != src.dtype:
                     cast_buf = bufs.get("cast", (r1 - r0) * cols * ITEMSIZE[out_dtype])
                 packed, *rest = quantize_rows(block, src.dtype, out_dtype, spec, cast_buf)
+                # --check-finite: packed integers hold no NaN, and mx.quantize turns a group's NaN
+                # into finite scales; so count the values quantized (after any narrowing cast).
+                writer.count_values(block if cast_buf is None else cast_buf, out_dtype)
                 writer.write(memoryview(packed))
                 for f, part in zip(files, rest):
                     f.write(memoryview(part))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from convert.dtypes import count_nonfinite
 from convert.errors import ConvertError
+from manifests.files import FileRefused, open_regular
 from manifests.safetensors_header import HEADER_LIMIT  # noqa: F401  (re-exported: the limit readers share)
 from manifests.safetensors_header import DTYPE_NAMES, ITEMSIZE, HeaderError, header_length
 from manifests.safetensors_header import parse_header as parse_header_text
@@ -84,7 +85,9 @@ def read_header(path: str | os.PathLike, display: str | None = None) -> Header:
     path = Path(path)
     display = display or str(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path)  # a FIFO or a device is refused before any read
+    except FileRefused as e:
+        raise SafetensorsError(f"{display}: {e.strerror}") from None
     except OSError as e:
         raise SafetensorsError(f"{display}: cannot open ({e.strerror})") from None
     try:
@@ -152,7 +155,7 @@ class HashingReader:
         self._sha = hashlib.sha256()
         self._hashed = 0
         try:
-            self._fd = os.open(header.path, os.O_RDONLY)
+            self._fd = open_regular(header.path)
         except OSError as e:
             raise SafetensorsError(f"{header.display}: cannot open ({e.strerror})") from None
         if os.fstat(self._fd).st_size != header.size:
@@ -279,6 +282,14 @@ class SafetensorsWriter:
         self._left = self._entries[self._next][1]
         self._next += 1
         self._nonfinite = [0, 0]
+
+    def count_values(self, data, dtype: str) -> None:
+        """`check_finite` for a tensor whose stored bytes cannot hold NaN (a packed quantized weight):
+        count the float values it is made of instead, before the write that completes it."""
+        if self._check_finite:
+            nan, inf = count_nonfinite(data, dtype)
+            self._nonfinite[0] += nan
+            self._nonfinite[1] += inf
 
     def write(self, data) -> None:
         n = memoryview(data).nbytes

@@ -15,16 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convert.errors import ConvertError
-from convert.gemma3n import ARCHITECTURES, text_shapes
+from convert.gemma3n import ARCHITECTURES
+from manifests import ManifestError
+from manifests.config import checked_text_config
 from convert.safetensors_io import Header, read_header
+from manifests.files import CONFIG_LIMIT, TOKENIZER_LIMIT, FileRefused, is_regular, not_regular, read_limited
 from manifests.format import INDEX_NAME
+from manifests.vocab import tokenizer_problem
 
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_NAME = "tokenizer.json"
 
 # Copied into the bundle byte for byte when present (plus chat_template*).
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+COPIED_FILES = (TOKENIZER_NAME, "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                 GENERATION_CONFIG_NAME)
 COPIED_PREFIX = "chat_template"
 
@@ -104,7 +109,9 @@ def _inside(path: Path, root: Path) -> bool:
 
 def _read_json(path: Path, display: str, hashes: dict[str, str], name: str) -> object:
     try:
-        raw = path.read_bytes()
+        raw = read_limited(path, CONFIG_LIMIT, "JSON file")  # by type first: a FIFO or device is refused
+    except FileRefused as e:
+        raise ConvertError(f"{display}: {e.strerror}") from None
     except OSError as e:
         raise ConvertError(f"{display}: cannot read ({e.strerror})") from None
     hashes[name] = hashlib.sha256(raw).hexdigest()
@@ -131,13 +138,10 @@ def text_config_of(config: dict, display: str) -> tuple[str, dict]:
         text = config
     else:
         raise _not_gemma3n(config, display)
-    try:
-        text_shapes(text)
-    except KeyError as e:
-        raise ConvertError(f"{display}: the text config has no {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise ConvertError(f"{display}: invalid text config ({e})") from None
-    return model_type, text
+    try:  # the one check of every value the decoder reads (manifests/config.py), defaults filled in
+        return model_type, checked_text_config(text, f"{display}: text_config" if text is not config else display)
+    except ManifestError as e:
+        raise ConvertError(str(e)) from None
 
 
 def _not_gemma3n(config: dict, display: str) -> ConvertError:
@@ -192,7 +196,7 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
         return path
 
     config_path = root / CONFIG_NAME
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise ConvertError(f"{display}/{CONFIG_NAME}: missing; SOURCE must hold a Gemma3n config.json")
     config = _read_json(checked(CONFIG_NAME, "config.json"), f"{display}/{CONFIG_NAME}", hashes, CONFIG_NAME)
     if not isinstance(config, dict):
@@ -200,7 +204,7 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
     model_type, text_config = text_config_of(config, f"{display}/{CONFIG_NAME}")
 
     index_name, files, weight_map = None, [], None
-    if (root / INDEX_NAME).is_file():
+    if os.path.lexists(root / INDEX_NAME):
         index_name = INDEX_NAME
         where = f"{display}/{INDEX_NAME}"
         index = _read_json(checked(INDEX_NAME, "the index"), where, hashes, INDEX_NAME)
@@ -216,12 +220,12 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
                 files.append(name)
         for name in files:
             key = next(k for k, v in weight_map.items() if v == name)
-            if not (root / name).is_file():
+            if not os.path.lexists(root / name):
                 raise ConvertError(f"{where}: tensor {key!r}: shard {name!r} is missing")
             if not _inside(root / name, containment):
                 raise ConvertError(f"{where}: tensor {key!r}: shard {name!r} resolves outside SOURCE "
                                    f"(symlink to {os.path.realpath(root / name)})")
-    elif (root / SINGLE_NAME).is_file():
+    elif os.path.lexists(root / SINGLE_NAME):
         files = [SINGLE_NAME]
         checked(SINGLE_NAME, "the weights file")
     else:
@@ -257,9 +261,20 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
     present = sorted(p.name for p in root.iterdir())
     for name in present:
         if name in COPIED_FILES or name.startswith(COPIED_PREFIX):
-            if (root / name).is_file():
-                checked(name, "a copied file")
+            path = checked(name, "a copied file")
+            if is_regular(path):
                 copied.append(name)
+            elif os.path.lexists(path) and not path.is_dir():  # a FIFO, a device: never read, never copied
+                raise ConvertError(f"{display}/{name}: {not_regular(path)}")
+
+    if TOKENIZER_NAME in copied:  # the bundle's tokenizer must fit the model's embedding table
+        try:
+            raw = read_limited(root / TOKENIZER_NAME, TOKENIZER_LIMIT, "tokenizer.json")
+        except OSError as e:
+            raise ConvertError(f"{display}/{TOKENIZER_NAME}: {e.strerror or e}") from None
+        problem = tokenizer_problem(raw, text_config["vocab_size"])
+        if problem:
+            raise ConvertError(f"{display}/{TOKENIZER_NAME}: {problem} (config.json vocab_size)")
 
     generation_config = None
     if GENERATION_CONFIG_NAME in copied:

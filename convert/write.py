@@ -34,6 +34,7 @@ from convert.quantize import Spills, write_quantized
 from convert.safetensors_io import HashingReader, SafetensorsWriter
 from convert.source import CONFIG_NAME
 from convert.transpose import transpose_into
+from manifests.files import open_regular_file
 from manifests.format import INDEX_NAME
 
 COPY_CHUNK = 1024 * 1024
@@ -118,7 +119,7 @@ def _write_transposed(item: Item, readers: dict[str, HashingReader], writer: Saf
 def _copy_file(src: Path, dst: Path) -> tuple[str, int]:
     """Copy a small file byte for byte; the one hash serves as the source's and the bundle's."""
     sha, n = hashlib.sha256(), 0
-    with open(src, "rb") as f, open(dst, "xb") as g:
+    with open_regular_file(src) as f, open(dst, "xb") as g:
         while chunk := f.read(COPY_CHUNK):
             sha.update(chunk)
             g.write(chunk)

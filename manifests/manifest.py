@@ -19,6 +19,8 @@ from manifests.format import (
     MANIFEST_NAME,
     ManifestError,
 )
+from manifests.config import check_quantization, checked_text_config
+from manifests.files import FileRefused, read_limited
 from manifests.records import Storage
 from manifests.schema import SchemaError, validate
 
@@ -48,7 +50,12 @@ def validate_manifest(manifest: object, where: str = MANIFEST_NAME) -> dict:
         validate(manifest, manifest_schema())
     except SchemaError as e:  # folded: a key or value may hold a newline, the message stays one line
         raise ManifestError(f"{where}: {' '.join(str(e).split())}") from None
+    for section in ("projections", "embeddings"):  # before anything computes with bits or group size
+        for name, record in manifest[section].items():
+            if record.get("quantized") is not None:
+                check_quantization(record["quantized"], f"{where}: {section}.{name}.quantized")
     check_fused(manifest["projections"], where)
+    checked_text_config(manifest["model"]["text_config"], f"{where}: model.text_config")
     return manifest
 
 
@@ -131,10 +138,11 @@ def recorded_manifest_digest(bundle: str | os.PathLike) -> str | None:
     """The sha256 recorded in the bundle's manifest.sha256, or None when the bundle has none."""
     path = Path(bundle) / MANIFEST_DIGEST_NAME
     try:
-        with open(path, "rb") as f:
-            raw = f.read(256)  # the line is 81 bytes: never read a large file whole
+        raw = read_limited(path, 256, "manifest digest")  # the line is 81 bytes
     except FileNotFoundError:
         return None
+    except FileRefused as e:
+        raise ManifestError(str(e)) from None
     except OSError as e:
         raise ManifestError(f"{path}: unreadable ({e.strerror or e})") from None
     m = _DIGEST_LINE.fullmatch(raw.decode("ascii", errors="replace"))
@@ -147,12 +155,11 @@ def load_manifest(path: str | os.PathLike) -> dict:
     """Parse and validate one manifest file; every failure is a one-line ManifestError."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MANIFEST_LIMIT:
-            raise ManifestError(f"{path}: {size} bytes, more than the {MANIFEST_LIMIT}-byte limit of a manifest")
-        text = path.read_text()
+        text = read_limited(path, MANIFEST_LIMIT, "manifest").decode("utf-8")
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest") from None
+    except FileRefused as e:
+        raise ManifestError(str(e)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: unreadable ({e})") from None
     try:

@@ -21,6 +21,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+from manifests.files import open_regular_file
+
 # The safetensors library refuses headers above 100 MB; a real model's header is well under 1 MB.
 HEADER_LIMIT = 100 * 1024 * 1024
 
@@ -166,9 +168,10 @@ def parse_header(text: bytes, size: int) -> tuple[list[Entry], dict[str, str]]:
 def read_header_file(path) -> tuple[list[Entry], dict[str, str], int]:
     """(entries, metadata, data start) of one safetensors file, reading only its header.
 
-    OSError from the file system passes through; every defect of the content is a HeaderError.
+    OSError from the file system passes through (manifests.files.FileRefused, an OSError, for a
+    path that is not a regular file); every defect of the content is a HeaderError.
     """
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:  # a FIFO or a device is refused before any read
         size = os.fstat(f.fileno()).st_size
         n = header_length(f.read(8), size)
         text = f.read(n)

@@ -1,6 +1,6 @@
 """`python -m runtime`: the same CLI as the `runtime` console script."""
 
-from runtime.cli import main
+from runtime.cli import run
 
 if __name__ == "__main__":
-    main(prog_name="runtime")
+    run(prog_name="runtime")

@@ -1,5 +1,5 @@
-"""Reading a bundle's own files: its manifest, its index, its shards' headers, and the rule
-that no file it names leads outside it.
+"""Reading a bundle's own files: its manifest, its index, its shards' headers, its tokenizer
+and configs, and the rule that no file it names or reads leads outside it.
 
 Loading (runtime/loader.py), verifying (runtime/verify.py) and publishing (runtime/hub.py) all
 read bundles this way, so the rules live here, below the three of them, and each says the same
@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from manifests import INDEX_NAME, MANIFEST_NAME, ManifestError, read_manifest, target_for_device
+from manifests.files import FileRefused, open_regular_file, read_limited
 from manifests.format import MANIFEST_LIMIT
 from manifests.safetensors_header import HeaderError, read_header_file
 
@@ -60,11 +61,12 @@ def read_bundle_manifest(path: Path) -> dict:
     """The manifest, or one line saying what to run when `path` is not a prepared bundle."""
     if not path.is_dir():
         raise BundleError(f"{path}: no such bundle directory")
-    if not (path / MANIFEST_NAME).exists():
+    if not os.path.lexists(path / MANIFEST_NAME):
         what = "a model checkpoint, not a prepared bundle" if (path / "config.json").exists() else "not a prepared bundle"
         raise BundleError(
             f"{path}: no {MANIFEST_NAME} ({what}); prepare it first: {convert_command(str(path), device_target())}"
         )
+    inside_bundle(path, MANIFEST_NAME)
     return read_manifest(path)
 
 
@@ -103,11 +105,13 @@ def outside_bundle(bundle: Path, name: object, where: str) -> str | None:
 def read_index(path: Path) -> dict[str, str]:
     """The weight map of the bundle's index file; ValueError (one line) if it is not one."""
     try:
-        with open(path / INDEX_NAME, "rb") as f:
+        with open_regular_file(path / INDEX_NAME) as f:  # never blocks on a FIFO nor reads a device
             raw = f.read(MANIFEST_LIMIT + 1)
         if len(raw) > MANIFEST_LIMIT:
             raise ValueError(f"more than {MANIFEST_LIMIT} bytes")
         weight_map = json.loads(raw)["weight_map"]
+    except FileRefused as e:
+        raise ValueError(f"{path / INDEX_NAME}: unreadable index ({e.strerror})") from None
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"{path / INDEX_NAME}: unreadable index ({(str(e).splitlines() or [type(e).__name__])[0][:80]})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -142,7 +146,7 @@ def shard_files(path: Path, manifest: dict) -> list[str]:
             raise BundleError(escape)
         if name not in manifest["files"]:
             raise BundleError(f"{path / name}: shard not listed in {MANIFEST_NAME}")
-        if not (path / name).is_file():
+        if not os.path.lexists(path / name):
             raise BundleError(f"{path / name}: shard missing")
         check_shard(path, name)
     if not names:
@@ -160,3 +164,32 @@ def check_shard(path: Path, name: str) -> None:
         raise BundleError(f"{path / name}: malformed safetensors header ({e})") from None
     except OSError as e:
         raise BundleError(f"{path / name}: unreadable ({e.strerror or e})") from None
+
+
+# The small files the runtime reads besides the manifest and the shards (tokenizer.json,
+# tokenizer_config.json, config.json, generation_config.json) come through these two on a plain
+# load as with `verify`: inside the bundle (a symlink to elsewhere is refused), a regular file
+# (checked by type before it is opened, manifests/files.py), read whole only up to a byte limit
+# counted as it is read.
+
+def inside_bundle(bundle: str | os.PathLike, name: str) -> Path:
+    """`bundle/name`, or BundleError when that path resolves outside the bundle."""
+    path = Path(bundle) / name
+    if os.path.lexists(path):
+        real, root = os.path.realpath(path), containment(Path(bundle))
+        if not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise BundleError(f"{path}: a symlink to {real}, outside the bundle; refusing to read it")
+    return path
+
+
+def read_bundle_file(bundle: str | os.PathLike, name: str, limit: int, what: str) -> bytes | None:
+    """The bytes of `bundle/name` (None when the bundle has no such file), through the door above."""
+    path = inside_bundle(bundle, name)
+    if not os.path.lexists(path):
+        return None
+    try:
+        return read_limited(path, limit, what)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # manifests.files.FileRefused (a FIFO, a device, too large) or an I/O error
+        raise BundleError(f"{path}: {e.strerror or e}") from None

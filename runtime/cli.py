@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from manifests import ManifestError
+from manifests.cli import run_program
 from runtime.generate import (
     CAPTURE_PATH_ENV,
     DEFAULT_MAX_TOKENS,
@@ -26,6 +27,7 @@ from runtime.generate import (
     GenerationResponse,
     stream_generate,
 )
+from runtime.inputs import BadType, BadValue, check_text, decode_text
 from runtime.sampling import SamplingParams
 
 
@@ -96,8 +98,29 @@ def sampling_options(f):
 
 
 def _params(temp, top_p, top_k, min_p, repetition_penalty, seed) -> SamplingParams:
-    return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                          repetition_penalty=repetition_penalty, seed=seed)
+    try:  # click's ranges let NaN and infinities through, and any seed: runtime/inputs.py does not
+        return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    except (TypeError, ValueError) as e:
+        raise UserError(_option_names(str(e))) from None
+
+
+def _option_names(message: str) -> str:
+    """The API's field names as the options that set them."""
+    for field, option in (("temperature", "--temp"), ("top_p", "--top-p"), ("top_k", "--top-k"),
+                          ("min_p", "--min-p"), ("repetition_penalty", "--repetition-penalty"), ("seed", "--seed")):
+        if message.startswith(field + " "):
+            return option + message[len(field):]
+    return message
+
+
+def _text(value: str | bytes, what: str) -> str:
+    """An argument (str, undecodable bytes kept as surrogate escapes) or bytes read from stdin, as
+    valid UTF-8 text; one line and exit 2 otherwise."""
+    try:
+        return decode_text(value, what) if isinstance(value, bytes) else check_text(value, what)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _stats_line(last: GenerationResponse) -> str:
@@ -113,7 +136,7 @@ def _stream_to_stdout(responses) -> GenerationResponse | None:
             if last.text:
                 sys.stdout.write(last.text)
                 sys.stdout.flush()
-    except CaptureError as e:
+    except (CaptureError, BadValue, BadType) as e:  # e.g. a token id the tokenizer made outside the vocabulary
         raise UserError(str(e)) from None
     return last
 
@@ -133,8 +156,7 @@ def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p
              prefill_step_size, strict_target):
     """Stream a continuation of --prompt to stdout; speeds and peak memory go to stderr."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = _text(sys.stdin.buffer.read(), "--prompt - (stdin)") if prompt == "-" else _text(prompt, "--prompt")
     mx.reset_peak_memory()
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "generate")
@@ -162,13 +184,15 @@ def chat(bundle, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penal
     session = ChatSession(model, tokenizer, max_tokens=max_tokens, sampling=params,
                           prefill_step_size=prefill_step_size)
     interactive = sys.stdin.isatty()
+    number = 0
     while True:
         if interactive:
             click.echo(">> ", nl=False, err=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.buffer.readline()
         if not line:
             break
-        message = line.rstrip("\n")
+        number += 1
+        message = _text(line, f"chat line {number}").rstrip("\n")
         if not message.strip():
             continue
         last = _stream_to_stdout(session.send(message))
@@ -251,3 +275,8 @@ def _add_commands():
 
 
 _add_commands()
+
+
+def run(args=None, prog_name: str | None = None):
+    """The `runtime` program: one-line errors, Ctrl-C exits 130 after unwinding (manifests/cli.py)."""
+    sys.exit(run_program(main, args, prog_name or "runtime", "error: "))

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from runtime.fast import CompiledDecoder
+from runtime.inputs import BadType, check_count, check_option, check_text, check_token_ids, vocab_size_of
 from runtime.model import Model
 from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import END_OF_TURN, Tokenizer, chat_turn
@@ -114,11 +115,16 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
 
     `compiled` (default: on for this runtime's model) decodes through one compiled step over
     fixed-shape caches (runtime/fast.py); the eager caches are brought up to date at the end.
-    `compiled=False` decodes eagerly, through the model itself."""
+    `compiled=False` decodes eagerly, through the model itself.
+
+    Every id must lie in [0, vocab_size): the model reads its tables by id (TypeError/ValueError
+    otherwise, runtime/inputs.py), as must `max_tokens` >= 0 and `prefill_step_size` >= 1."""
+    max_tokens = check_count(max_tokens, "max_tokens", 0)
+    prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
+    prompt = check_token_ids(prompt, vocab_size_of(model))
+    compiled = check_option(compiled, "compiled")
     if compiled is None:
         compiled = isinstance(model, Model)
-    elif not isinstance(compiled, bool):
-        raise TypeError(f"compiled must be True, False or None (the default), not {compiled!r}")
     elif compiled and not isinstance(model, Model):
         raise ValueError("compiled decoding needs this runtime's model (runtime.load); pass compiled=False")
     if max_tokens < 1:
@@ -178,6 +184,8 @@ def _decode_loop(model, prompt, cache, sampler, history, decode, max_tokens, pre
 def _sampling(sampling: SamplingParams | None, kwargs: dict) -> SamplingParams:
     if sampling is not None and kwargs:
         raise TypeError("pass either sampling= or sampling keyword arguments, not both")
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise BadType(f"sampling must be a SamplingParams, not {type(sampling).__name__}")
     return sampling if sampling is not None else SamplingParams(**kwargs)
 
 
@@ -200,14 +208,16 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
     if capture is None:
         capture = DecodeCapture.from_env()
     if isinstance(prompt, str):
+        check_text(prompt)
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; this bundle has none (pass token ids)")
         ids = tokenizer.encode(chat_turn(prompt) if chat else prompt)
     else:
-        ids = [int(t) for t in prompt]
+        ids = check_token_ids(prompt, vocab_size_of(model))
+        ids = ids.reshape(-1).tolist() if isinstance(ids, mx.array) else ids
     if eos_token_ids is None:
         eos_token_ids = [] if tokenizer is None else (tokenizer.chat_stop_ids() if chat else tokenizer.eos_token_ids)
-    stop = set(int(t) for t in eos_token_ids)
+    stop = set(check_token_ids(eos_token_ids, None))
     detok = tokenizer.detokenizer() if tokenizer is not None else None
 
     tic = time.perf_counter()
@@ -261,8 +271,10 @@ class ChatSession:
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer; this bundle has none")
         self.model, self.tokenizer = model, tokenizer
+        self.max_tokens = check_count(max_tokens, "max_tokens", 0)
+        self.prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
+        self.sampling = _sampling(sampling, {}) if sampling is not None else None
         self.cache = model.make_cache()
-        self.max_tokens, self.sampling, self.prefill_step_size = max_tokens, sampling, prefill_step_size
         self._turns = 0
         self._last_token: int | None = None
         self._last_cached = True
@@ -278,7 +290,7 @@ class ChatSession:
 
     def send(self, message: str, **kwargs) -> Iterator[GenerationResponse]:
         """Stream the reply to `message`; the session is ready for the next turn once exhausted."""
-        ids = self._turn_ids(message)
+        ids = check_token_ids(self._turn_ids(check_text(message, "message")), vocab_size_of(self.model))
         self._turns += 1
         kwargs.setdefault("max_tokens", self.max_tokens)
         kwargs.setdefault("prefill_step_size", self.prefill_step_size)

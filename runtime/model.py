@@ -19,12 +19,15 @@ from statistics import NormalDist
 import mlx.core as mx
 import mlx.nn as nn
 
+from manifests.config import DEFAULTS as CONFIG_DEFAULTS
+from manifests.config import FULL as CONFIG_FULL
+from manifests.config import SLIDING as CONFIG_SLIDING
+from manifests.config import kv_producers, rope_thetas
 from manifests.format import EMBED_TOKENS, FUSED_GROUPS, LM_HEAD, PREFIX, ManifestError, fused_groups_in
 from runtime.cache import KVCache, RotatingKVCache
 from runtime.projections import build_embedding, build_fused, build_head, build_projection
 
-FULL, SLIDING = "full_attention", "sliding_attention"
-DEFAULT_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}
+FULL, SLIDING = CONFIG_FULL, CONFIG_SLIDING
 
 
 @dataclass
@@ -58,8 +61,9 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> "TextConfig":
+        """From a config the manifest door checked (manifests/config.py), with the same defaults."""
         names = {f.name for f in fields(cls) if f.init}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        return cls(**{k: v for k, v in {**CONFIG_DEFAULTS, **config}.items() if k in names})
 
     def __post_init__(self):
         n = self.num_hidden_layers
@@ -82,20 +86,10 @@ class TextConfig:
 
     def _rope_thetas(self) -> dict[str, float]:
         """Base per layer type, from `rope_parameters` (new) or `rope_theta`/`rope_local_base_freq` (old)."""
-        params = self.rope_parameters or {}
-        if "rope_theta" in params or "rope_type" in params:  # one set of parameters for every type
-            params = {FULL: params, SLIDING: params}
-        old = {FULL: self.rope_theta, SLIDING: self.rope_local_base_freq}
-        thetas = {}
-        for kind in (FULL, SLIDING):
-            p = dict(params.get(kind) or {})
-            if kind == FULL and self.rope_scaling:
-                p.update(self.rope_scaling)
-            if p.get("rope_type", "default") != "default":
-                raise ValueError(f"text_config: RoPE type {p['rope_type']!r} for {kind} is not supported")
-            theta = p.get("rope_theta", old[kind])
-            thetas[kind] = float(theta if theta is not None else DEFAULT_THETA[kind])
-        return thetas
+        try:
+            return rope_thetas(vars(self))
+        except ValueError as e:
+            raise ValueError(f"text_config: {e}") from None
 
     @property
     def first_kv_shared_layer(self) -> int:
@@ -103,17 +97,10 @@ class TextConfig:
 
     def kv_producers(self) -> dict[int, int]:
         """Shared layer -> the last non-shared layer of its type, whose K/V it reuses."""
-        first = self.first_kv_shared_layer
-        if self.num_kv_shared_layers == 0:
-            return {}
-        last_of_type = {t: i for i, t in enumerate(self.layer_types[:first])}
-        producers = {}
-        for i in range(first, self.num_hidden_layers):
-            kind = self.layer_types[i]
-            if kind not in last_of_type:
-                raise ValueError(f"text_config: KV-shared layer {i} ({kind}) has no earlier {kind} layer to share")
-            producers[i] = last_of_type[kind]
-        return producers
+        try:
+            return kv_producers(self.layer_types, self.first_kv_shared_layer)
+        except ValueError as e:
+            raise ValueError(f"text_config: {e}") from None
 
 
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:

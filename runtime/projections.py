@@ -34,6 +34,7 @@ from manifests.records import (
     fused_members,
     head_base,
 )
+from runtime.quirks import rows, wrong_multirow
 
 
 def _placeholders(module: nn.Module, tensors: list[Tensor]) -> None:
@@ -52,13 +53,31 @@ class Standard(nn.Linear):
 
 
 class QuantizedStandard(nn.QuantizedLinear):
-    """MLX-quantized `[out, in]` weight with its scales (and biases), as the manifest records."""
+    """MLX-quantized `[out, in]` weight with its scales (and biases), as the manifest records.
+
+    Where this device's quantized matmul gets several rows of this shape wrong (a fault of some
+    MLX builds, runtime/quirks.py), those calls multiply by the dequantized weight instead."""
 
     def __init__(self, tensors: list[Tensor], quantized: Quantization):
         nn.Module.__init__(self)
         self.group_size, self.bits, self.mode = quantized.group_size, quantized.bits, quantized.mode
         _placeholders(self, tensors)
         self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = quantized_product(self, x)
+        return y + self["bias"] if "bias" in self else y
+
+
+def quantized_product(module: nn.Module, x: mx.array) -> mx.array:
+    """`x @ W.T` for the MLX-quantized `W` a module holds (`weight`, `scales`, `biases`, and its
+    bits, group size and mode); where this device's kernel gets several rows of this shape wrong
+    (runtime/quirks.py), by the dequantized weight instead."""
+    q = dict(group_size=module.group_size, bits=module.bits, mode=module.mode)
+    if rows(x) > 1 and wrong_multirow(module["weight"].shape[-1] * 32 // module.bits, module.bits,
+                                      module.group_size, module.mode, str(x.dtype).rsplit(".", 1)[-1]):
+        return x @ mx.dequantize(module["weight"], module["scales"], module.get("biases"), **q).T
+    return mx.quantized_matmul(x, module["weight"], module["scales"], module.get("biases"), transpose=True, **q)
 
 
 class Pretransposed(nn.Module):
@@ -170,6 +189,10 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         self.num_embeddings, self.dims = num_embeddings, dims
         _placeholders(self, tensors)
         self.freeze()
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        """The tied head's `x @ E.T` over the quantized table (see `quantized_product`)."""
+        return quantized_product(self, x)
 
 
 def build_embedding(path: str, record: dict | None, num_embeddings: int, dims: int) -> nn.Module:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from runtime.inputs import check_sampling
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -33,18 +35,7 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.repetition_context_size < 1:
-            raise ValueError(f"repetition_context_size must be >= 1, got {self.repetition_context_size}")
+        check_sampling(self)  # types and ranges, NaN and infinities, the seed's range (runtime/inputs.py)
 
     @property
     def greedy(self) -> bool:

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import tokenizers
 
+from manifests.files import CONFIG_LIMIT, TOKENIZER_LIMIT
+from runtime.bundle import read_bundle_file
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 REPLACEMENT_CHAR = "\ufffd"
@@ -134,13 +137,15 @@ class Tokenizer:
         return sorted(set(self.eos_token_ids) | set(extra))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+def _read_json(bundle_dir: Path, name: str) -> dict:
+    """A JSON file of the bundle ({} when absent), read through the bundle's file door."""
+    raw = read_bundle_file(bundle_dir, name, CONFIG_LIMIT, "JSON file")
+    if raw is None:
         return {}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({e})") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{bundle_dir / name}: unreadable JSON ({e})") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -171,12 +176,13 @@ def bundle_eos_token_ids(bundle_dir: str | os.PathLike, backend: tokenizers.Toke
             ids.update(_ids(read_manifest(bundle_dir).get("model", {}).get("eos_token_ids")))
         except ManifestError:
             pass  # the loader reports a bad manifest; here it only contributes stop ids
-    config = _read_json(bundle_dir / "config.json")
+    config = _read_json(bundle_dir, "config.json")
     ids.update(_ids(config.get("eos_token_id")))
-    ids.update(_ids((config.get("text_config") or {}).get("eos_token_id")))
-    ids.update(_ids(_read_json(bundle_dir / "generation_config.json").get("eos_token_id")))
+    text_config = config.get("text_config")
+    ids.update(_ids((text_config if isinstance(text_config, dict) else {}).get("eos_token_id")))
+    ids.update(_ids(_read_json(bundle_dir, "generation_config.json").get("eos_token_id")))
     if backend is not None:
-        eos = _token_content(_read_json(bundle_dir / TOKENIZER_CONFIG_FILE).get("eos_token"))
+        eos = _token_content(_read_json(bundle_dir, TOKENIZER_CONFIG_FILE).get("eos_token"))
         if eos is not None and backend.token_to_id(eos) is not None:
             ids.add(backend.token_to_id(eos))
     return sorted(ids)
@@ -191,14 +197,15 @@ def _token_content(value) -> str | None:
 def load_tokenizer(bundle_dir: str | os.PathLike) -> Tokenizer | None:
     """The bundle's tokenizer, or None when it has no tokenizer.json."""
     bundle_dir = Path(bundle_dir)
-    path = bundle_dir / TOKENIZER_FILE
-    if not path.exists():
+    raw = read_bundle_file(bundle_dir, TOKENIZER_FILE, TOKENIZER_LIMIT, "tokenizer.json")
+    if raw is None:
         return None
     try:
-        backend = tokenizers.Tokenizer.from_file(str(path))
+        backend = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as e:  # the library raises plain Exception subclasses for bad files
-        raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
-    config = _read_json(bundle_dir / TOKENIZER_CONFIG_FILE)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{bundle_dir / TOKENIZER_FILE}: not a valid tokenizer.json ({first})") from None
+    config = _read_json(bundle_dir, TOKENIZER_CONFIG_FILE)
     return Tokenizer(
         backend,
         eos_token_ids=bundle_eos_token_ids(bundle_dir, backend),

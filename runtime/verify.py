@@ -17,11 +17,14 @@ outside the bundle (absolute, `..`, or a symlink to elsewhere).
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
 from manifests import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, recorded_manifest_digest
+from manifests.files import TOKENIZER_LIMIT, not_regular, open_regular_file, read_limited
 from manifests.records import Storage, records, unread
+from manifests.vocab import tokenizer_problem
 from manifests.safetensors_header import DTYPE_NAMES
 from runtime.bundle import outside_bundle, read_bundle_manifest, read_header, read_index, shard_names
 
@@ -30,7 +33,7 @@ _CHUNK = 8 << 20
 
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_regular_file(path) as f:  # never blocks on a FIFO nor reads a device
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -58,15 +61,19 @@ def check_files(path: Path, manifest: dict) -> list[str]:
             problems.append(escape)
             continue
         f = path / name
-        if not f.is_file():
+        if not os.path.lexists(f):
             problems.append(f"{f}: missing (listed in {MANIFEST_NAME})")
+            continue
+        why = not_regular(f)
+        if why:
+            problems.append(f"{f}: {why}")
             continue
         size = f.stat().st_size
         if size != want["bytes"]:
             problems.append(f"{f}: {size} bytes, {MANIFEST_NAME} says {want['bytes']}")
         elif sha256_of(f) != want["sha256"]:
             problems.append(f"{f}: sha256 differs from {MANIFEST_NAME}")
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if not p.is_dir()):
         name = f.relative_to(path).as_posix()
         if name not in (MANIFEST_NAME, MANIFEST_DIGEST_NAME) and name not in listed:
             problems.append(f"{f}: not listed in {MANIFEST_NAME}")
@@ -189,7 +196,22 @@ def verify_bundle(path, manifest: dict | None = None) -> list[str]:
         manifest = read_bundle_manifest(path)
     problems = check_manifest_digest(path)[0] + check_files(path, manifest)
     tensors, index, header_problems, unreadable = stored_tensors(path, manifest)
-    return problems + header_problems + check_tensors(manifest, tensors, index, unreadable)
+    return (problems + header_problems + check_tensors(manifest, tensors, index, unreadable)
+            + check_tokenizer(path, manifest))
+
+
+def check_tokenizer(path: Path, manifest: dict) -> list[str]:
+    """The bundle's tokenizer.json must produce only ids the model has embeddings for (a file that
+    cannot be read at all was reported by check_files)."""
+    name = "tokenizer.json"
+    if name not in manifest["files"] or outside_bundle(path, name, MANIFEST_NAME):
+        return []
+    try:
+        raw = read_limited(path / name, TOKENIZER_LIMIT, name)
+    except OSError:
+        return []
+    problem = tokenizer_problem(raw, manifest["model"]["text_config"]["vocab_size"])
+    return [f"{path / name}: {problem}"] if problem else []
 
 
 def verify_command(path) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import mlx.core as mx
 
 from convert.gemma3n import expected_tensors
-from tests.checkpoints import PREFIXES, make_checkpoint
+from tests.checkpoints import PREFIXES, make_checkpoint, write_tokenizer
 
 
 def convert(source: Path, out: Path, target: str, *extra: str) -> Path:
@@ -130,3 +130,10 @@ def source_and_bundles(root: Path, seed: int) -> dict[str, Path]:
         "m5": convert(src, root / "m5", "m5", "--max-shard-size", "700KB"),
         "generic": convert(src, root / "generic", "generic"),
     }
+
+
+def text_checkpoint(path: Path) -> Path:
+    """A tiny Hugging Face checkpoint with a tokenizer.json, for tests that generate from text."""
+    src = make_checkpoint(path, "hf")
+    write_tokenizer(src)
+    return src

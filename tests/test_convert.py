@@ -19,7 +19,6 @@ from click.testing import CliRunner
 from convert import ConvertError, convert_checkpoint, plan
 from convert.cli import command
 from convert.gemma3n import expected_tensors, kv_shared_unused, projection_role
-from convert.pipeline import clean_stale
 from manifests import PREFIX, known_targets, load_profile, read_manifest
 from tests.checkpoints import (
     PREFIXES,
@@ -581,21 +580,6 @@ def test_force_replaces_a_bundle(checkpoints, tmp_path):
     convert_checkpoint(checkpoints["hf", 1], out, target="m5", force=True)
     check_bundle(checkpoints["hf", 1], out, "hf", "m5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-def test_stale_temporary_directories_of_dead_runs(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    out = tmp_path / "out"
-    (tmp_path / f".out.tmp-{dead.pid}").mkdir()
-    (tmp_path / f".out.tmp-{dead.pid}" / "model.safetensors").write_bytes(b"partial")
-    (tmp_path / f".out.tmp-{os.getpid()}").mkdir()  # a live run's: left alone
-    old = tmp_path / f".out.old-{dead.pid}"  # killed between the two renames of --force
-    old.mkdir()
-    (old / "manifest.yaml").write_text("old bundle")
-    clean_stale(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", f".out.tmp-{os.getpid()}"])
-    assert (out / "manifest.yaml").read_text() == "old bundle"
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ to finish, and every run goes on the same OUT, so each must cope with what the l
 from __future__ import annotations
 
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -95,29 +96,52 @@ def test_sigkill_at_random_moments_leaves_out_as_it_was(big, tmp_path):
 
 
 def test_two_conversions_started_at_once(big, tmp_path):
+    """Both started together: whichever locks OUT first is held there (SIGSTOP) until the other
+    has finished, so the other meets the lock, never a finished OUT, on any machine."""
     out = tmp_path / "out"
     a, b = start(big, out), start(big, out)
-    results = sorted([finish(a), finish(b)])
-    assert [code for code, _ in results] == [0, 2], results
-    (line,) = results[1][1].splitlines()
-    # normally the lock; "already exists" if the loser only got going once the winner had finished
-    assert line.startswith(f"Error: {out}: another conversion (pid ") or line == (
-        f"Error: {out}: OUT already exists; pass --force to replace it"), line
+    deadline = time.monotonic() + 120
+    while True:
+        held = next((p for p in (a, b) if (tmp_path / f".out.tmp-{p.pid}").exists()), None)
+        if held is not None:
+            break
+        assert time.monotonic() < deadline and a.poll() is None and b.poll() is None
+        time.sleep(0.01)
+    held.send_signal(signal.SIGSTOP)
+    other = b if held is a else a
+    try:
+        code, err = finish(other)
+    finally:
+        held.send_signal(signal.SIGCONT)
+    assert code == 2 and err.splitlines() == [
+        f"Error: {out}: another conversion (pid {held.pid}) is writing this OUT; wait for it to finish or "
+        "choose another OUT"], err
+    assert finish(held) == (0, "")
     assert verify_bundle(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def writing(proc: subprocess.Popen, tmp_path: Path) -> None:
+    """Wait for `proc` to be writing (its temporary directory exists: it holds the lock), then stop
+    it there (SIGSTOP) until the caller resumes it, so what happens meanwhile does not depend on
+    how fast either run is on a loaded machine."""
+    deadline = time.monotonic() + 120
+    while not (tmp_path / f".out.tmp-{proc.pid}").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)
+
+
 def test_a_second_conversion_while_the_first_writes(big, tmp_path):
-    """--force on both, the second started once the first is writing: refused at once, naming
-    the first; the first completes."""
+    """--force on both, the second started while the first writes (held there): refused at
+    once, naming the first; the first, resumed, completes."""
     out = tmp_path / "out"
     first = start(big, out, "--force")
-    deadline = time.monotonic() + 60
-    while not (tmp_path / f".out.tmp-{first.pid}").exists():
-        assert time.monotonic() < deadline and first.poll() is None
-        time.sleep(0.01)
-    code, err = finish(start(big, out, "--force"))
-    assert first.poll() is None  # the refusal came while the first was still writing
+    writing(first, tmp_path)
+    try:
+        code, err = finish(start(big, out, "--force"))
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert code == 2 and err.splitlines() == [
         f"Error: {out}: another conversion (pid {first.pid}) is writing this OUT; wait for it to finish or "
         "choose another OUT"]

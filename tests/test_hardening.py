@@ -193,6 +193,65 @@ def test_check_finite_names_the_tensor(tmp_path, key, target, extra, counts):
     assert CliRunner().invoke(command, ["--target", target, *extra, "-q", str(src), str(out)]).exit_code == 0
 
 
+QPROJ = "model.language_model.layers.1.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("key, target, extra", [
+    (UP, "generic", ["--quantize", "4"]),                          # packed integers hold no NaN
+    (UP, "generic", ["--quantize", "8", "--dtype", "bfloat16"]),   # cast, then quantized
+    (GATE, "m5", ["--quantize", "4", "--group-size", "32"]),       # a layout that would transpose
+    (QPROJ, "cuda", ["--quantize", "4"]),                          # fused with k, v, laurel-left, quantized
+    (QPROJ, "cuda", []),                                           # fused, float
+])
+def test_check_finite_covers_every_write_path(tmp_path, key, target, extra):
+    """A NaN must not vanish through --quantize (mx.quantize turns a group's NaN into finite
+    scales), nor through a fused projection: the values quantized or stacked are counted."""
+    src = make_checkpoint(tmp_path / "src", "hf", extra_files=False)
+    _poison(src, key, {(0, 3): float("nan")})
+    out = tmp_path / "out"
+    result = CliRunner().invoke(command, ["--target", target, *extra, "--check-finite", str(src), str(out)])
+    refused(result, [f"{src}/model.safetensors", repr(key), "1 NaN and 0 infinite values", "--check-finite"], out)
+    assert CliRunner().invoke(command, ["--target", target, *extra, "-q", str(src), str(out)]).exit_code == 0
+
+
+MLX_QUANTIZED = "model.language_model.layers.2.mlp.up_proj"
+
+
+def mlx_quantized_source(path: Path, quantization: dict, nan_in_scales: bool = False) -> Path:
+    """A tiny mlx-lm checkpoint with one 4-bit, group-32 module (MLX_QUANTIZED)."""
+    from tests.checkpoints import checkpoint_tensors, full_config, tiny_text_config, write_tensors
+
+    tc = tiny_text_config()
+    tensors = checkpoint_tensors(tc, "mlx-lm", dtype=mx.bfloat16)
+    w, scales, biases = mx.quantize(tensors[MLX_QUANTIZED + ".weight"], group_size=32, bits=4)
+    if nan_in_scales:
+        scales[1, 1] = float("nan")
+    tensors.update({MLX_QUANTIZED + ".weight": w, MLX_QUANTIZED + ".scales": scales,
+                    MLX_QUANTIZED + ".biases": biases})
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(dict(full_config(tc, "mlx-lm"), quantization=quantization)))
+    write_tensors(path, tensors)
+    return path
+
+
+def test_a_quantization_block_mlx_cannot_compute_with_is_refused(tmp_path):
+    """The same rule as a manifest record's (manifests/config.py check_quantization)."""
+    src = mlx_quantized_source(tmp_path / "src", {"group_size": 32, "bits": 4, "mode": "fp3"})
+    result = CliRunner().invoke(command, ["--target", "generic", str(src), str(tmp_path / "out")])
+    refused(result, [f"{src}/model.safetensors", f"tensor '{MLX_QUANTIZED}.weight'",
+                     "config.json's quantization: mode 'fp3' is not one MLX quantizes with"], tmp_path / "out")
+
+
+def test_check_finite_covers_mlx_quantized_pass_through(tmp_path):
+    """An MLX-quantized source is copied byte for byte: a NaN in its float scales is counted."""
+    module = MLX_QUANTIZED
+    src = mlx_quantized_source(tmp_path / "src", {"group_size": 32, "bits": 4, "mode": "affine"}, nan_in_scales=True)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(command, ["--target", "generic", "--check-finite", str(src), str(out)])
+    refused(result, [f"{src}/model.safetensors", f"tensor '{module}.scales'", "1 NaN and 0 infinite values"], out)
+    assert CliRunner().invoke(command, ["--target", "generic", "-q", str(src), str(out)]).exit_code == 0
+
+
 def test_check_finite_catches_overflow_of_a_narrowing_cast(tmp_path):
     src = make_checkpoint(tmp_path / "src", "hf", extra_files=False)
     _poison(src, UP, {(0, 0): 1e6})  # finite in float32, infinite in float16

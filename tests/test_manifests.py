@@ -15,6 +15,7 @@ from manifests import (
     target_for_device,
 )
 from manifests.profiles import ROLES
+from tests.checkpoints import tiny_text_config
 
 
 @pytest.mark.parametrize(
@@ -93,7 +94,7 @@ def _minimal_manifest():
         "tool": {"name": "mlx-prepared", "version": "0"},
         "versions": {"mlx": "0", "python": "3"},
         "source": {"kind": "local", "path": "/x", "naming": "hf", "files": {"config.json": "ab"}},
-        "model": {"architecture": "gemma3n", "model_type": "gemma3n", "text_config": {}},
+        "model": {"architecture": "gemma3n", "model_type": "gemma3n", "text_config": tiny_text_config()},
         "target": {"name": "m5", "profile": {}, "profile_sha256": "00", "device": None},
         "dtype": "keep",
         "projections": {
