@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from manifests.config import DEFAULTS
+from manifests.config import FULL, SLIDING, rope_thetas
 from manifests.gemma3n import ARCHITECTURE, MODEL_TYPES, TEXT_MODEL_TYPE
 
 ARCHITECTURES = MODEL_TYPES  # the config model_types source reading accepts
@@ -132,22 +133,17 @@ def kv_shared_unused(text_config: dict) -> dict[str, tuple[int, ...]]:
             for i in range(s.first_kv_shared_layer, s.num_hidden_layers) for name, shape in shapes.items()}
 
 
-ROPE_KEYS = {"full_attention": "rope_theta", "sliding_attention": "rope_local_base_freq"}
+# mlx-lm's names for the RoPE base of each layer type (old transformers configs' too).
+ROPE_KEYS = {FULL: "rope_theta", SLIDING: "rope_local_base_freq"}
 
 
 def mlx_lm_text_config(text_config: dict) -> dict:
     """Keys mlx-lm's gemma3n requires that a newer config may lack, to add beside it: the RoPE
     bases as `rope_theta` (full attention) and `rope_local_base_freq` (sliding), which newer
-    transformers configs keep only in `rope_parameters`. {} where nothing is missing."""
-    params = text_config.get("rope_parameters") or {}
-    if "rope_theta" in params or "rope_type" in params:  # one set of parameters for every type
-        params = dict.fromkeys(ROPE_KEYS, params)
-    added = {}
-    for kind, key in ROPE_KEYS.items():
-        theta = (params.get(kind) or {}).get("rope_theta")
-        if key not in text_config and theta is not None:
-            added[key] = theta
-    return added
+    transformers configs keep only in `rope_parameters` (read as manifests/config.py reads them
+    for our runtime). {} where nothing is missing."""
+    thetas = rope_thetas(text_config)
+    return {key: thetas[kind] for kind, key in ROPE_KEYS.items() if key not in text_config}
 
 
 _LAYER_ROLE = re.compile(
