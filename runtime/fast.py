@@ -49,7 +49,8 @@ def transposed_views(lm, head) -> dict[int, mx.array]:
     inside the compiled step it would be one more graph node per projection and per token.
     Every projection a layer holds is one the step uses (KV-shared layers build no k/v), so no
     weight is read that decoding would not read; a tied head's view is of the embedding table."""
-    modules = [m for layer in lm.layers for _, m in layer.named_modules()] + [*lm.altup_unembed_projections, head]
+    modules = [m for layer in lm.layers for _, m in layer.named_modules()]
+    modules += [*lm.altup_projections, *lm.altup_unembed_projections, head]
     views = {id(m): view for m in modules if (view := transposed_view(m)) is not None}
     mx.eval(list(views.values()))
     return views
@@ -169,7 +170,7 @@ class DecodeStep:
         # The model's own per-layer inputs and AltUp planes: layers x [1, width], [n, hidden].
         layers = c.num_hidden_layers
         per_layer = mx.split(lm.per_layer_inputs(ids, embeds).reshape(1, -1), layers, axis=1)
-        planes = lm.altup_planes(embeds, axis=0).reshape(c.altup_num_inputs, -1)
+        planes = lm.altup_planes(embeds, 0, self.linear).reshape(c.altup_num_inputs, -1)
         plane_mask = lm.plane_mask.astype(dtype)
 
         kv = dict(zip(self.owners, buffers))

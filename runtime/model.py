@@ -549,11 +549,12 @@ class LanguageModel(nn.Module):
         projected = self.per_layer_projection_norm(projected.reshape(shape))
         return (projected + table) * mx.array(2.0**-0.5, embeds.dtype)
 
-    def altup_planes(self, embeds: mx.array, axis: int = -2) -> mx.array:
+    def altup_planes(self, embeds: mx.array, axis: int = -2, linear=call) -> mx.array:
         """The embeddings and their AltUp projections (rescaled to the embeddings' RMS), stacked on
         `axis` (by default each token's planes in rows: `[..., n, hidden]`)."""
         target = mx.sqrt(mx.mean(embeds * embeds, axis=-1, keepdims=True))
-        return mx.stack([embeds] + [rescale_to(proj(embeds), target) for proj in self.altup_projections], axis=axis)
+        planes = [rescale_to(linear(proj, embeds), target) for proj in self.altup_projections]
+        return mx.stack([embeds, *planes], axis=axis)
 
     def unembed(self, planes: mx.array, linear=call) -> mx.array:
         """Planes `[..., n, h]` -> the final hidden state `[..., 1, h]`: the mean of plane 0 and
