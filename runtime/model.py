@@ -426,7 +426,7 @@ class DecoderLayer(nn.Module):
             module = module[name]
         return module
 
-    def project(self, x: mx.array, blocks, linear=None) -> list[mx.array]:
+    def project(self, x: mx.array, blocks, linear=call) -> list[mx.array]:
         """The outputs on `x` of the projections in `blocks` (tuples of paths in the layer, all
         reading `x`), one array per block: its members' outputs side by side, in order.
 
@@ -434,7 +434,6 @@ class DecoderLayer(nn.Module):
         than one block (and not at all where it is one block), and only a block whose members
         live in several modules is concatenated. `linear(module, x)` multiplies (default
         `module(x)`; the compiled decode step passes its own, through transposed views)."""
-        linear = linear or (lambda module, v: module(v))
         place = {m: (b, i) for b, block in enumerate(blocks) for i, m in enumerate(block)}
         pieces: list[dict[int, mx.array]] = [{} for _ in blocks]
         for member, (b, i) in place.items():
