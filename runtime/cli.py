@@ -27,6 +27,7 @@ from runtime.generate import (
     GenerationResponse,
     stream_generate,
 )
+from runtime.chat import user_and_system
 from runtime.inputs import BadType, BadValue, check_text, decode_text
 from runtime.sampling import SamplingParams
 
@@ -146,22 +147,28 @@ def main():
     """Run Gemma3n text generation from a prepared bundle (see `python -m convert`)."""
 
 
+SYSTEM_HELP = "a system prompt; Gemma has no system role, so it opens the first user turn"
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--prompt", required=True, help="the prompt text; '-' reads it from stdin")
 @click.option("--chat", is_flag=True, help="wrap the prompt in Gemma's chat turn format")
+@click.option("--system", default=None, help=SYSTEM_HELP + " (implies --chat)")
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @sampling_options
-def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
+def generate(bundle, prompt, chat, system, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
              prefill_step_size, strict_target):
     """Stream a continuation of --prompt to stdout; speeds and peak memory go to stderr."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
     prompt = _text(sys.stdin.buffer.read(), "--prompt - (stdin)") if prompt == "-" else _text(prompt, "--prompt")
+    system = None if system is None else _text(system, "--system")
     mx.reset_peak_memory()
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "generate")
-    last = _stream_to_stdout(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=params,
-                                             chat=chat, prefill_step_size=prefill_step_size))
+    text = {"messages": user_and_system(prompt, system)} if chat or system is not None else {"prompt": prompt}
+    last = _stream_to_stdout(stream_generate(model, tokenizer, **text, max_tokens=max_tokens, sampling=params,
+                                             prefill_step_size=prefill_step_size))
     sys.stdout.write("\n")
     sys.stdout.flush()
     if last is None:
@@ -173,16 +180,18 @@ def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p
 
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--system", default=None, help=SYSTEM_HELP)
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @sampling_options
-def chat(bundle, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, prefill_step_size,
+def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, prefill_step_size,
          strict_target):
     """Chat on stdin, one message per line; the cache is kept across turns. End with EOF (Ctrl-D)."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    system = None if system is None else _text(system, "--system")
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "chat")
     session = ChatSession(model, tokenizer, max_tokens=max_tokens, sampling=params,
-                          prefill_step_size=prefill_step_size)
+                          prefill_step_size=prefill_step_size, system=system)
     interactive = sys.stdin.isatty()
     number = 0
     while True:
@@ -200,6 +209,40 @@ def chat(bundle, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penal
         sys.stdout.flush()
         if last is not None:
             click.echo(_stats_line(last), err=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; the default answers this machine only (there is no authentication)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port")
+@click.option("--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True,
+              help="tokens to generate for a request that does not say")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True,
+              help="largest request body accepted (larger ones get 413)")
+@click.option("--no-cache-reuse", is_flag=True, help="prefill every request from scratch (for measurements)")
+@click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
+@click.option("--strict-target", is_flag=True,
+              help="refuse a bundle prepared for another device class instead of warning")
+def serve(bundle, host, port, max_tokens, max_body_bytes, no_cache_reuse, verify, strict_target):
+    """Serve BUNDLE over an OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions,
+    /v1/completions (streamed or not). One generation at a time, in arrival order."""
+    from runtime.server import make_server, serve as serve_until_stopped
+
+    model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
+    _need_tokenizer(tokenizer, bundle, "serve")
+    model_id = bundle.rstrip("/")
+    try:
+        server = make_server(model, tokenizer, model_id, host, port, default_max_tokens=max_tokens,
+                             max_body_bytes=max_body_bytes, reuse_cache=not no_cache_reuse)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}: anyone who can reach it can use the model "
+                   "(there is no authentication)", err=True)
+    bound_host, bound_port = server.server_address[:2]
+    click.echo(f"serving {model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
+    serve_until_stopped(server)  # until Ctrl-C or SIGTERM, which unwind it (manifests/cli.py)
 
 
 def _median(values):

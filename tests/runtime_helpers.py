@@ -20,6 +20,8 @@ import mlx.core as mx
 from convert.gemma3n import expected_tensors
 from tests.checkpoints import PREFIXES, make_checkpoint, write_tokenizer
 
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "zen-gemma3n"
+
 
 # The embedded demo (examples/README.md): a trained Gemma3n, so unlike a random tiny checkpoint
 # its logits are well conditioned (bfloat16 rounding is not amplified tenfold).
@@ -146,6 +148,12 @@ def source_and_bundles(root: Path, seed: int) -> dict[str, Path]:
         "m5": convert(src, root / "m5", "m5", "--max-shard-size", "700KB"),
         "generic": convert(src, root / "generic", "generic"),
     }
+
+
+def demo_bundle(root: Path, target: str = "generic") -> Path:
+    """The embedded demo checkpoint (a trained tiny Gemma3n with Gemma's tokenizer files and chat
+    template), converted by the real CLI."""
+    return convert(DEMO, Path(root) / f"demo-{target}", target)
 
 
 def text_checkpoint(path: Path) -> Path:
