@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -136,9 +135,3 @@ def machine_facts() -> dict:
 
 def print_facts(facts: dict, file=sys.stdout) -> None:
     print(" ".join(f"{k}={v}" for k, v in facts.items()), file=file)
-
-
-def peak_rss_self() -> int:
-    """This process's own peak RSS in bytes (Linux reports KiB, macOS bytes)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024

@@ -315,6 +315,7 @@ def build_manifest(p: Plan, files: dict, source_files: dict) -> dict:
         "projections": p.projections,
         "embeddings": p.embeddings,
         "dropped": p.dropped,
+        **({"unread": p.unread} if p.unread else {}),  # only where tensors are kept for mlx-lm
         "files": files,
     }
 

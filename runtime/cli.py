@@ -77,7 +77,7 @@ def _generation_warnings():
 
 
 def _load(bundle: str, strict_target: bool = False, verify: bool = False):
-    from runtime.loader import load
+    from runtime.loader import TargetMismatchWarning, load
 
     strict_target = strict_target or _strict()
 
@@ -88,7 +88,8 @@ def _load(bundle: str, strict_target: bool = False, verify: bool = False):
         except (ManifestError, ValueError, OSError) as e:
             raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     for w in caught:
-        click.echo(f"warning: {w.message}", err=True)
+        note = issubclass(w.category, TargetMismatchWarning)  # about speed: the bundle runs correctly
+        click.echo(f"{'note' if note else 'warning'}: {w.message}", err=True)
     return model, tokenizer
 
 
@@ -149,7 +150,7 @@ def sampling_options(f):
         click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP,
                      show_default=True, help="prompt tokens per prefill chunk"),
         click.option("--strict-target", is_flag=True,
-                     help="refuse a bundle prepared for another device class instead of warning"),
+                     help="refuse a bundle prepared for another device class instead of noting it"),
         strict_option,
     ]
     for option in reversed(options):
@@ -362,9 +363,7 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
     model, _ = _load(bundle, strict_target=strict_target)
     load_s = time.perf_counter() - t0
     load_peak = mx.get_peak_memory() / 1e9
-    text_config = getattr(model, "manifest", {}).get("model", {}).get("text_config", {})
-    high = int(text_config.get("vocab_size", 256))
-    prompt = np.random.default_rng(0).integers(3, high, size=prompt_tokens).tolist()
+    prompt = np.random.default_rng(0).integers(3, model.config.vocab_size, size=prompt_tokens).tolist()
 
     def run():
         t = time.perf_counter()
@@ -411,25 +410,16 @@ def verify(bundle, numeric, runs):
     sys.exit(code)
 
 
-def _add_calibrate():
-    try:
-        from runtime.calibrate import calibrate_command
-    except ImportError:
-        return
-    main.add_command(calibrate_command, "calibrate")
-
-
-_add_calibrate()
-
-
-def _add_publish():
+def _add_commands():
+    """Commands defined beside the code they drive."""
+    from runtime.calibrate import calibrate_command
     from runtime.publish import publish_command
 
+    main.add_command(calibrate_command, "calibrate")
     main.add_command(publish_command, "publish")
 
 
-_add_publish()
-
+_add_commands()
 
 
 def run(args=None, prog_name: str | None = None):

@@ -23,7 +23,8 @@ import mlx.core as mx
 from runtime.chat import chat_turn, render_messages, user_and_system
 from runtime.compat import from_mlx_lm
 from runtime.fast import CompiledDecoder
-from runtime.inputs import BadType, check_count, check_text, check_token_ids, context_length_of, vocab_size_of
+from runtime.inputs import (BadType, check_count, check_option, check_text, check_token_ids, context_length_of,
+                            vocab_size_of)
 from runtime.model import Model
 from runtime.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from runtime.tokenizer import END_OF_TURN, Tokenizer
@@ -203,7 +204,7 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
 
     `compiled` (default: on for this runtime's model) decodes through one compiled step over
     fixed-shape caches (runtime/fast.py); the eager caches are brought up to date at the end.
-    `sampler`: a `Sampler`, or mlx-lm's kind (`sampler(logprobs) -> ids`); `logits_processors`:
+    `compiled=False` decodes eagerly, through the model itself. `sampler`: a `Sampler`, or mlx-lm's kind (`sampler(logprobs) -> ids`); `logits_processors`:
     mlx-lm's hook, `processor(ids so far, logits) -> logits`, applied in order before sampling.
 
     Every id must lie in [0, vocab_size): the model reads its tables by id (TypeError/ValueError
@@ -212,7 +213,7 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
     prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
     prompt = check_token_ids(prompt, vocab_size_of(model))
     steps = _steps(prompt, model, cache=cache, sampler=sampler, max_tokens=max_tokens,
-                   prefill_step_size=prefill_step_size, capture=capture, compiled=compiled,
+                   prefill_step_size=prefill_step_size, capture=capture, compiled=_compiled(compiled, model),
                    logits_processors=logits_processors, progress=prompt_progress_callback)
     try:
         for token, cached, _ in steps:
@@ -221,8 +222,19 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
         steps.close()
 
 
-def _steps(prompt, model, *, cache, sampler, max_tokens, prefill_step_size, capture, compiled, logits_processors,
-           progress) -> Iterator[tuple[int, bool, mx.array]]:
+def _compiled(compiled, model) -> bool:
+    """Whether to decode through the compiled step: `compiled` (True, False or None: on for this
+    runtime's model), checked where it enters."""
+    compiled = check_option(compiled, "compiled")
+    if compiled is None:
+        return isinstance(model, Model)
+    if compiled and not isinstance(model, Model):
+        raise ValueError("compiled decoding needs this runtime's model (runtime.load); pass compiled=False")
+    return compiled
+
+
+def _steps(prompt, model, *, cache, sampler, max_tokens, prefill_step_size, capture, compiled: bool,
+           logits_processors, progress) -> Iterator[tuple[int, bool, mx.array]]:
     """generate_step's loop, also yielding each token's processed logits `[vocab]` (lazy); its
     callers have checked the ids and counts."""
     if progress is not None and not callable(progress):
@@ -232,8 +244,6 @@ def _steps(prompt, model, *, cache, sampler, max_tokens, prefill_step_size, capt
     cache = model.make_cache() if cache is None else cache
     prompt = mx.array(prompt, dtype=mx.int32) if not isinstance(prompt, mx.array) else prompt.astype(mx.int32)
     pick = _Picker(sampler, logits_processors, prompt)
-    if compiled is None:
-        compiled = isinstance(model, Model)
     decoder = None
 
     def decode(token: mx.array):
@@ -337,7 +347,7 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
                     eos_token_ids: Sequence[int] | None = None, chat: bool = False, cache=None,
                     prefill_step_size: int = DEFAULT_PREFILL_STEP, capture: DecodeCapture | None = None,
                     prompt_progress_callback: Callable[[int, int], None] | None = None,
-                    **kwargs) -> Iterator[GenerationResponse]:
+                    compiled: bool | None = None, **kwargs) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text, or token ids) or `messages`, yielding one response per new token.
 
     `messages`: a conversation (`[{"role": "system" | "user" | "assistant", "content": ...}]`),
@@ -350,7 +360,8 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
     top_p, min_p, repetition_penalty, seed), or mlx-lm's `sampler=`; `logits_processors` run
     before it. mlx-lm's keywords are accepted under their names (`temp`, `prompt_cache`) or
     refused with ours (runtime/compat.py). The decode capture is taken from the environment
-    unless `capture` is given (see DecodeCapture.from_env).
+    unless `capture` is given (see DecodeCapture.from_env). `compiled`: see generate_step
+    (`compiled=False` decodes eagerly).
     """
     kwargs = from_mlx_lm(kwargs, "stream_generate")
     if "cache" in kwargs:
@@ -362,6 +373,7 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
         capture = DecodeCapture.from_env()
     max_tokens = check_count(max_tokens, "max_tokens", 0)
     prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
+    compiled = _compiled(compiled, model)
     ids, chat = _prompt_ids(model, tokenizer, prompt, messages, chat, "stream_generate")
     if eos_token_ids is None:
         eos_token_ids = [] if tokenizer is None else (tokenizer.chat_stop_ids() if chat else tokenizer.eos_token_ids)
@@ -374,7 +386,8 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
     prompt_tps = 0.0
     n = 0
     steps = _steps(ids, model, cache=cache, sampler=choose, max_tokens=max_tokens, prefill_step_size=prefill_step_size,
-                   capture=capture, compiled=None, logits_processors=logits_processors, progress=prompt_progress_callback)
+                   capture=capture, compiled=compiled, logits_processors=logits_processors,
+                   progress=prompt_progress_callback)
     try:
         for token, cached, logits in steps:
             now = time.perf_counter()

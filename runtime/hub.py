@@ -64,9 +64,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], cache_dir
 
 def prepare_command(repo_id: str, revision: str | None = None) -> str:
     """The `convert` command that makes a runnable bundle of a hub checkpoint for this device."""
-    target = device_target()
-    command = convert_command(repo_id, target, f"{repo_id.rsplit('/', 1)[-1]}-{target}")
-    return f"{command} --revision {revision}" if revision else command
+    return convert_command(repo_id, device_target(), revision)
 
 
 def choose_variant(variants: dict[str, str], device_info: dict, wanted: str | None = None) -> str:

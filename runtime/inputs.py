@@ -11,6 +11,7 @@ enters, and code past it trusts the value:
 - `check_text`: a str that is valid Unicode (no lone surrogates: what a non-UTF-8 argument
   becomes), and `decode_text` for bytes read from stdin;
 - `check_count`: an integer (not a bool) with a lower bound;
+- `check_option`: True, False or None;
 - `check_sampling`: every SamplingParams field's type and range (finite numbers, a seed the
   generator takes).
 
@@ -147,6 +148,13 @@ def check_count(value, name: str, low: int) -> int:
     if value < low:
         raise BadValue(f"{name} must be >= {low}, got {value}")
     return int(value)
+
+
+def check_option(value, name: str) -> bool | None:
+    """True, False or None (an option whose default depends on the call)."""
+    if value is not None and not isinstance(value, bool):
+        raise BadType(f"{name} must be True, False or None (the default), not {type(value).__name__} {_shown(value)}")
+    return value
 
 
 def _real(params, name: str) -> float:

@@ -159,7 +159,8 @@ def eager_run(model, section: dict, name: str) -> Run:
     started = time.perf_counter()
     lm = model.model.language_model
     captured: dict[int, mx.array] = {}
-    lm.layer_hook = lambda stage, planes: captured.__setitem__(stage, planes[:, 0])
+    # the model's planes [b, t, n, hidden] -> the reference's [n, t, hidden]
+    lm.layer_hook = lambda stage, planes: captured.__setitem__(stage, planes[0].swapaxes(0, 1))
     try:
         logits = model(mx.array([section["prompt"]], dtype=mx.int32), cache=model.make_cache())
     finally:

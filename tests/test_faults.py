@@ -26,11 +26,6 @@ SEED = 20261125
 KILLS = 6
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
     cfg = tiny_text_config(vocab_size=1 << 19)

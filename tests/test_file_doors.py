@@ -22,11 +22,6 @@ from tests.runtime_helpers import convert, load_quietly, text_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 def run(module: str, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MTL_CAPTURE_ENABLED", "MLX_PREPARED_CAPTURE_DECODE")}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,

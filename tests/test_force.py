@@ -24,11 +24,6 @@ from runtime.verify import verify_bundle
 from tests.checkpoints import make_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("force") / "src", "hf", extra_files=False)

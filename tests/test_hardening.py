@@ -42,11 +42,6 @@ UP = "model.language_model.layers.3.mlp.up_proj.weight"
 GATE = "model.language_model.layers.0.mlp.gate_proj.weight"
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 # --- raw safetensors surgery -------------------------------------------------------------------
 
 def read_doc(path: Path) -> tuple[dict, bytes]:

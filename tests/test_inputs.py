@@ -36,11 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 VOCAB = tiny_text_config()["vocab_size"]  # 320
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     return text_checkpoint(tmp_path_factory.mktemp("inputs") / "src")
