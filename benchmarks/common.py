@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ class ChildRun:
     returncode: int
     stderr: str
     stdout: str = ""
+    cpu_s: float = 0.0  # user + system CPU time of the child (what a loaded machine distorts least)
 
 
 def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None,
@@ -47,7 +47,7 @@ def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None,
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return ChildRun(wall, synced, rss, proc.returncode, stderr, stdout)
+    return ChildRun(wall, synced, rss, proc.returncode, stderr, stdout, usage.ru_utime + usage.ru_stime)
 
 
 def json_child(script: str, args: list[str]) -> tuple[dict, ChildRun]:
@@ -146,9 +146,3 @@ def machine_facts() -> dict:
 
 def print_facts(facts: dict, file=sys.stdout) -> None:
     print(" ".join(f"{k}={v}" for k, v in facts.items()), file=file)
-
-
-def peak_rss_self() -> int:
-    """This process's own peak RSS in bytes (Linux reports KiB, macOS bytes)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024

@@ -118,9 +118,10 @@ def stages(model, ids: mx.array) -> list[tuple[str, np.ndarray]]:
     for i, layer in enumerate(lm.layers):
         shared = kv[producers[i]] if i in producers else None
         layer_cache = None if shared is not None else cache[i]
-        planes, kv[i] = layer(planes, per_layer[:, :, i, :], 0, layer_cache, shared)
+        planes, kv[i] = layer(planes, per_layer[:, :, i : i + 1, :], lm.plane_mask.astype(embeds.dtype), 0,
+                              layer_cache, shared)
         keep(f"layer {i}", planes)
-    keep("final_norm", lm.norm(mx.mean(planes, axis=0)))
+    keep("final_norm", lm.unembed(planes))
     return got
 
 

@@ -6,8 +6,9 @@
 # mlx-lm), probe / sanitize (where a 4-bit prefill stops being deterministic), coldstart (time to
 # first token with empty vs warm kernel caches), profile (device time per kernel class of a step), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), graphs / graphs-q4
 # (MLX's CUDA graph settings tried on either side vs its defaults, bench_graphs.py), calibrate (GEMV
-# layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments), ple (the
-# per-layer embedding table resident vs mapped, bf16 and 4-bit: memory, TTFT, decode; bench_ple.py). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
+# layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments), numeric
+# (`runtime verify --numeric --runs RUNS` on the 4-bit and bf16 cuda bundles), ple (the per-layer
+# embedding table resident vs mapped, bf16 and 4-bit: memory, TTFT, decode; bench_ple.py). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
 # (every layer at tiny widths: launch cost alone, made in seconds).
 # The random full-size checkpoint and its bundle are made there, in /tmp (nothing that big travels).
 set -euo pipefail
@@ -74,6 +75,14 @@ for step in $steps; do
       python3 benchmarks/bench_runtime.py decode "$data/$size-generic" "$data/$size-cuda" "$data/$size-small-pretransposed" \
         "$data/$size-all-pretransposed" --source "$data/$size-generic" --no-eager --rounds "${ROUNDS:-2}" --reps 3 \
         --prompt 64 --tokens "${TOKENS:-64}" --json "$out/variants-$size.json" ;;
+    numeric)
+      # verify --numeric on the 4-bit and the bf16 cuda bundle: known answers (numpy, this machine's CPU) if
+      # absent, then each path RUNS times here (every run after the first bit for bit against it).
+      [ -d "$data/$size-cuda-q4" ] || python3 -m convert --target cuda --quantize 4 --quiet "$data/$size" "$data/$size-cuda-q4"
+      for b in "$data/$size-cuda-q4" "$data/$size-cuda"; do
+        grep -q '^known_answers:' "$b/manifest.yaml" || python3 -m convert known-answers "$b"
+        python3 -m runtime verify --numeric --runs "${RUNS:-10}" "$b" | tee -a "$out/numeric-$size.txt" || true
+      done ;;
     graph)
       python3 benchmarks/bench_graph.py "$data/$size-generic" --top 20
       python3 benchmarks/bench_graph.py "$data/$size-cuda" --no-mlx-lm --top 20 ;;

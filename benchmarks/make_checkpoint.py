@@ -145,9 +145,8 @@ def tensor_list(text: dict, *, towers: bool, kv_shared_extras: bool) -> dict[str
     out = {PREFIX + k: v for k, v in shapes.items()}
     if kv_shared_extras:
         # Hub checkpoints carry K/V for KV-shared layers although the model never reads them
-        # (mlx-lm's loader even requires them); the converter drops them.
-        for name in kv_shared_unused(text):
-            out[PREFIX + name] = shapes["layers.0.self_attn." + name.rsplit("self_attn.", 1)[1]]
+        # (mlx-lm's loader requires them: the converter keeps them in bundles mlx-lm can read).
+        out.update({PREFIX + name: shape for name, shape in kv_shared_unused(text).items()})
     if towers:
         small = int(text["hidden_size"]) < 2048
         out.update({k: tuple(min(d, 16) for d in v) if small else v for k, v in TOWER_TENSORS.items()})

@@ -15,6 +15,7 @@ them back to back (rows concatenated); a transpose fills each band's columns mem
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from convert.planning import (
 )
 from convert.quantize import Spills, write_quantized
 from convert.safetensors_io import HashingReader, SafetensorsWriter
+from convert.safetensors_io import _wait_pending as wait_for_hashes
+from convert.source import CONFIG_NAME
 from convert.transpose import transpose_into
 from manifests.files import open_regular_file
 from manifests.format import INDEX_NAME
@@ -48,8 +51,11 @@ class _Buffers:
     def get(self, name: str, nbytes: int) -> memoryview:
         buf = self._named.get(name)
         if buf is None or len(buf) < nbytes:
-            self._named.pop(name, None)  # free the old one before allocating the larger
-            buf = self._named[name] = bytearray(nbytes)
+            wait_for_hashes()  # a source hash may still read the old one: it must go before the larger comes
+            self._named.pop(name, None)
+            # Mapped, not malloc'd: an outgrown buffer goes back to the system when dropped (malloc
+            # may keep one of up to 32 MiB for reuse), so the plan's memory bound holds.
+            buf = self._named[name] = mmap.mmap(-1, max(nbytes, 1))
         return memoryview(buf)[:nbytes]
 
     def release(self) -> None:
@@ -70,6 +76,16 @@ def _write_stream(item: Item, readers: dict[str, HashingReader], writer: Safeten
                 count = n // src.itemsize
                 out = np.frombuffer(bufs.get("cast", count * STORAGE[item.dtype].itemsize), STORAGE[item.dtype])
                 writer.write(cast(view(raw, src.dtype), src.dtype, item.dtype, out))
+
+
+def _write_zeros(item: Item, writer: SafetensorsWriter, bufs: _Buffers, read_block: int) -> None:
+    """A tensor of zeros (no source: planning.kept_for_mlx_lm), written a block at a time."""
+    step = block_bytes(item, read_block)
+    for offset in range(0, item.nbytes, step):
+        n = min(step, item.nbytes - offset)
+        block = bufs.get("read", n)
+        block[:] = bytes(n)
+        writer.write(block)
 
 
 def _write_transposed(item: Item, readers: dict[str, HashingReader], writer: SafetensorsWriter, bufs: _Buffers,
@@ -149,6 +165,8 @@ def write_bundle(plan: Plan, directory: Path, on_write=None, check_finite: bool 
                         _write_transposed(item, readers, writer, bufs, plan.read_block, plan.band_bytes)
                     elif item.transform == "quantize":
                         write_quantized(item, readers, writer, bufs, plan.read_block, spills)
+                    elif item.transform == "zeros":
+                        _write_zeros(item, writer, bufs, plan.read_block)
                     else:
                         _write_stream(item, readers, writer, bufs, plan.read_block)
                 sha, nbytes = writer.close()
@@ -169,6 +187,10 @@ def write_bundle(plan: Plan, directory: Path, on_write=None, check_finite: bool 
         sha, nbytes = _write_small(directory / INDEX_NAME, index_text(plan))
         files[INDEX_NAME] = {"sha256": sha, "bytes": nbytes}
     for name in source.copied_files:
+        if name == CONFIG_NAME and plan.config_json is not None:  # completed for mlx-lm (planning.mlx_lm_config)
+            sha, nbytes = _write_small(directory / name, plan.config_json)
+            files[name] = {"sha256": sha, "bytes": nbytes}
+            continue
         sha, nbytes = _copy_file(source.path(name), directory / name)
         files[name] = {"sha256": sha, "bytes": nbytes}
         if name in source_hashes and source_hashes[name] != sha:

@@ -9,6 +9,7 @@ A profile is data (`manifests/targets/NAME.yaml`):
       mlp.gate_proj: pretransposed
       lm_head: {float32: pretransposed, default: standard}   # per-dtype rule
     fuse: [qkv, gate_up]     # optional: projection groups stored fused (manifests.format.FUSED_GROUPS)
+    mlx_lm: true             # optional: bundles also load in mlx-lm's own loader (no layouts, no fuse)
     per_layer_embeddings: mapped   # optional: resident (the default) or mapped (manifests.format.PLACEMENTS)
 
 A fused group takes the layout its first member's rule gives (attn.q_proj for qkv, qkv_laurel and
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from manifests.format import DTYPES, FUSED_EXCLUSIVE, FUSED_GROUPS, LAYOUTS, PLACEMENTS, RESIDENT, STANDARD
+from manifests.format import DTYPES, FUSED_EXCLUSIVE, FUSED_GROUPS, LAYOUTS, MAPPED, PLACEMENTS, RESIDENT, STANDARD
 from manifests.safetensors_header import shown
 
 ROLES = (
@@ -74,6 +75,12 @@ class TargetProfile:
     def fuse(self) -> tuple[str, ...]:
         """The projection groups this profile stores fused (names of FUSED_GROUPS)."""
         return tuple(self.content.get("fuse") or ())
+
+    @property
+    def mlx_lm(self) -> bool:
+        """Whether this profile's bundles are written for mlx-lm's own loader too (its weights as
+        mlx-lm's modules hold them, the tensors and config keys it wants)."""
+        return bool(self.content.get("mlx_lm"))
 
     @property
     def per_layer_embeddings(self) -> str:
@@ -128,6 +135,19 @@ def _check(content: object, where: str) -> dict:
     placement = content.get("per_layer_embeddings")
     if placement is not None and placement not in PLACEMENTS:
         raise ProfileError(f"{where}: per_layer_embeddings: {shown(placement)} is not {' or '.join(PLACEMENTS)}")
+    mlx_lm = content.get("mlx_lm", False)
+    if not isinstance(mlx_lm, bool):
+        raise ProfileError(f"{where}: `mlx_lm` must be true or false")
+    if mlx_lm:
+        for role, rule in layouts.items():
+            if any(layout != STANDARD for layout in ([rule] if isinstance(rule, str) else rule.values())):
+                raise ProfileError(f"{where}: mlx_lm: mlx-lm reads [out, in] weights only, but {role} is laid out "
+                                   "otherwise")
+        if fuse:
+            raise ProfileError(f"{where}: mlx_lm: mlx-lm reads no fused projection, but `fuse` lists some")
+        if placement == MAPPED:
+            raise ProfileError(f"{where}: mlx_lm: mlx-lm reads the per-layer embedding table from the shards, but "
+                               "per_layer_embeddings is mapped")
     return content
 
 

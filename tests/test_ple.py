@@ -46,11 +46,6 @@ LENGTH, PREFILL = 20, 12
 Q4 = ("--quantize", "4", "--group-size", "32")
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("ple")
@@ -385,3 +380,17 @@ def test_an_m5_bundle_stores_the_embedding_once_and_older_ones_still_load(bundle
     standard_head["embeddings"][EMBED_TOKENS].update(layout="pretransposed", key="lm_head.weight_t")
     with pytest.raises(ManifestError, match="only .*embed_tokens may be read from the pretransposed LM head"):
         validate_manifest(standard_head)
+
+
+def test_known_answers_are_recorded_and_pass_on_a_mapped_bundle(bundles, tmp_path):
+    """The numpy reference reads the mapped table from its file (records() walks every kind), and
+    `verify --numeric` runs the eager and compiled paths on it against those answers."""
+    import shutil
+
+    bundle = Path(shutil.copytree(bundles["q4-mapped"], tmp_path / "b"))
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)  # noqa: E731
+    done = run("convert", "known-answers", str(bundle))
+    assert done.returncode == 0, done.stderr
+    assert "known_answers" in read_manifest(bundle)
+    done = run("runtime", "verify", "--numeric", str(bundle))
+    assert done.returncode == 0, done.stderr + done.stdout
