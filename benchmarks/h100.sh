@@ -117,7 +117,7 @@ for step in $steps; do
     ple)
       # One conversion per dtype (--ple mapped) and its resident twin (bench_ple.py twin: hard links, the
       # same bytes, the table loaded as a shard); then both placements side by side, alternating children.
-      for q in bf16 q4; do
+      for q in ${PLE_DTYPES:-bf16 q4}; do  # PLE_DTYPES=q4 (or bf16) runs one of them
         m="$data/$size-cuda-$q-mapped"
         [ -d "$m" ] || python3 -m convert --target cuda --ple mapped $([ $q = q4 ] && echo --quantize 4) --quiet \
           "$data/$size" "$m"

@@ -119,14 +119,19 @@ def test_the_profile_places_the_table_and_ple_overrides_it(bundles, tmp_path):
     done = run("c", "--dry-run")
     assert "per-layer embeddings  mapped: in embed_tokens_per_layer.safetensors" in done.stdout
     assert not (tmp_path / "c").exists()
+    # generic bundles load in mlx-lm, which reads the table from the shards: mapped, one does not
+    done = subprocess.run([sys.executable, "-m", "convert", "--target", "generic", "--ple", "mapped", "--dry-run",
+                           str(bundles["src"]), str(tmp_path / "d")], capture_output=True, text=True)
+    assert "mlx-lm   cannot load it: the per-layer table mapped (--ple mapped)" in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize("args, profile, expected", [
     (("--ple", "sideways"), None, "'sideways' is not one of 'resident', 'mapped'"),
-    ((), "sideways", "per_layer_embeddings: 'sideways' is not resident or mapped"),
+    ((), {"per_layer_embeddings": "sideways"}, "per_layer_embeddings: 'sideways' is not resident or mapped"),
+    ((), {"per_layer_embeddings": "mapped", "mlx_lm": True}, "mlx-lm reads the per-layer embedding table from the shards"),
 ])
 def test_a_bad_placement_is_one_line(bundles, tmp_path, args, profile, expected):
-    extra = ["--target-profile", str(write_profile(tmp_path / "p.yaml", per_layer_embeddings=profile))] if profile \
+    extra = ["--target-profile", str(write_profile(tmp_path / "p.yaml", **profile))] if profile \
         else ["--target", "generic"]
     done = subprocess.run([sys.executable, "-m", "convert", *extra, *args, str(bundles["src"]), str(tmp_path / "out")],
                           capture_output=True, text=True)
