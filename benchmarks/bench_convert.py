@@ -8,7 +8,7 @@ Per tool: wall time to exit, wall time including `sync` (our converter fsyncs ev
 writes, the peers do not: `+sync` puts all on the same footing: bytes on disk), GB/s of source
 safetensors bytes over the synced time, and the child's peak RSS from `os.wait4`.
 
-Peak RSS counts the touched pages of memory-mapped files (DESIGN.md pitfalls): a tool that
+Peak RSS counts the touched pages of memory-mapped files (docs/GEMMA3N.md, pitfalls): a tool that
 mmaps the source (mlx_lm via `mx.load`, `cp` does not) shows them as resident although the
 kernel can drop them at will. Our converter reads with `pread` into reused buffers, so its
 figure is its real footprint.

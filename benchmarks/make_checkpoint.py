@@ -15,7 +15,7 @@ only numpy and this repository's packages (`convert/gemma3n.py` for the tensors,
 `manifests/gemma3n.py` for the published sizes; no safetensors, no MLX), so it runs on bare
 benchmark machines too.
 
-Values are tame on purpose (DESIGN.md pitfalls): projections N(0, 1/fan_in), norm scales 1 and
+Values are tame on purpose (docs/GEMMA3N.md, pitfalls): projections N(0, 1/fan_in), norm scales 1 and
 q/k norm scales head_dim^-1/4 (`--random-norms` draws them around 1 instead). Random weights
 are still numerically meaningless; they exist for timing and memory figures, and for parity
 checks between two implementations that read the same bytes.
@@ -55,7 +55,7 @@ def text_config(size: str) -> dict:
 
 def _tiny_text_config() -> dict:
     # Same rules as the full sizes, at test scale: a full and a sliding layer before the
-    # KV-shared ones (DESIGN.md pitfalls), window shorter than a test sequence.
+    # KV-shared ones (docs/GEMMA3N.md, pitfalls), window shorter than a test sequence.
     cfg = text_config("e2b")
     cfg.update({
         "activation_sparsity_pattern": [0.95] * 5 + [0.0] * 5,

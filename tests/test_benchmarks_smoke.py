@@ -41,7 +41,7 @@ def test_names_shapes_dtype_and_values(tmp_path):
     assert {v.dtype for v in tensors.values()} == {mx.bfloat16}
     for name, value in tensors.items():
         assert mx.all(mx.isfinite(value)).item(), name
-    # Tame values (DESIGN.md pitfalls): unit norm scales, q/k norms head_dim^-1/4, projections
+    # Tame values (docs/GEMMA3N.md, pitfalls): unit norm scales, q/k norms head_dim^-1/4, projections
     # with std 1/sqrt(fan_in).
     hd = text["head_dim"]
     assert np.allclose(np.array(tensors[PREFIX + "norm.weight"].astype(mx.float32)), 1.0)
