@@ -1,6 +1,6 @@
 """Conversion cost: our `convert` (m5, generic) next to `mlx_lm.convert` and a plain copy.
 
-    python3 benchmarks/bench_convert.py /work/bench-data/e2b-bf16 --work /work/bench-data/tmp --runs 3
+    python3 benchmarks/bench_convert.py ~/bench-data/e2b-bf16 --work ~/bench-data/tmp --runs 3
 
 Each tool runs as its own child process on the same source, in a rotating order per run (so
 no tool always comes first after the page cache changed); its output is deleted before the next.

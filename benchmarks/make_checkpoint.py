@@ -1,6 +1,6 @@
 """Write a random Gemma3n checkpoint at the real E2B or E4B size, streaming, like a hub download.
 
-    python3 benchmarks/make_checkpoint.py --size e2b /work/bench-data/e2b-bf16
+    python3 benchmarks/make_checkpoint.py --size e2b ~/bench-data/e2b-bf16
     python3 benchmarks/make_checkpoint.py --size e4b --dtype float32 --towers OUT
 
 The names, shapes and config are those of google/gemma-3n-E2B-it / E4B-it (Hugging Face naming,
