@@ -107,7 +107,7 @@ def _version(dist: str) -> str:
         return "-"
 
 
-# A checkout without git (a copy of the working tree on a lent machine) is told its commit here.
+# A checkout without git (a copy of the working tree on a GPU machine) is told its commit here.
 COMMIT_VAR = "BENCH_COMMIT"
 ROOT = Path(__file__).resolve().parents[1]
 
