@@ -1,6 +1,6 @@
 """Conversion cost: our `convert` (m5, generic) next to `mlx_lm.convert` and a plain copy.
 
-    python3 benchmarks/bench_convert.py /work/bench-data/e2b-bf16 --work /work/bench-data/tmp --runs 3
+    python3 benchmarks/bench_convert.py ~/bench-data/e2b-bf16 --work ~/bench-data/tmp --runs 3
 
 Each tool runs as its own child process on the same source, in a rotating order per run (so
 no tool always comes first after the page cache changed); its output is deleted before the next.
@@ -8,7 +8,7 @@ Per tool: wall time to exit, wall time including `sync` (our converter fsyncs ev
 writes, the peers do not: `+sync` puts all on the same footing: bytes on disk), GB/s of source
 safetensors bytes over the synced time, and the child's peak RSS from `os.wait4`.
 
-Peak RSS counts the touched pages of memory-mapped files (DESIGN.md pitfalls): a tool that
+Peak RSS counts the touched pages of memory-mapped files (docs/GEMMA3N.md, pitfalls): a tool that
 mmaps the source (mlx_lm via `mx.load`, `cp` does not) shows them as resident although the
 kernel can drop them at will. Our converter reads with `pread` into reused buffers, so its
 figure is its real footprint.

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from bench_runtime import load_mlx_lm_from_bundle, load_ours  # noqa: E402
-from common import table  # noqa: E402
+from common import machine_facts, table  # noqa: E402
 
 VIEWS = {"Transpose", "Reshape", "Slice", "Split", "Squeeze", "ExpandDims", "Broadcast", "AsStrided",
          "Flatten", "Unflatten", "StopGradient", "Depends"}
@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     for name, counts in graphs.items():
         print(f"\n{name}: " + ", ".join(f"{k} {n}" for k, n in counts.most_common(a.top)))
     if a.json:
-        Path(a.json).write_text(json.dumps({"views": sorted(VIEWS), "steps": graphs}, indent=1))
+        Path(a.json).write_text(json.dumps({"facts": machine_facts(), "as_gpu": a.as_gpu, "views": sorted(VIEWS),
+                                            "steps": graphs}, indent=1))
     return 0
 
 

@@ -18,7 +18,7 @@ one token per step with `mx.async_eval` overlapping graph building with evaluati
 model differs. Prompt ids are random in [3, 262144) (below both vocabularies), fixed by `--seed`.
 
 Imports only mlx, mlx-lm's model file, numpy and this repository (runtime needs pyyaml), so it
-runs on the H100 machine as staged by shared/device/stage-mlx-cuda.
+runs on a GPU machine where little more than MLX's CUDA build is installed.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ time to first token of a conversation's tenth turn with and without the server's
 
     python benchmarks/bench_server.py BUNDLE [--tokens 64] [--rounds 5] [--conversations 3]
     # a random narrow E2B (every layer of the real model at small widths), float32, made first:
-    python benchmarks/bench_server.py /work/bench-data/narrow-server --make e2b-narrow
+    python benchmarks/bench_server.py ~/bench-data/narrow-server --make e2b-narrow
 
 decode: the same greedy request (a prompt of random words, fixed seed, checked beforehand to run
 `--tokens` tokens without a stop token) through `stream_generate` in a child process and through

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+from common import machine_facts  # noqa: E402
 
 LENGTHS = (1, 4, 7, 8, 16, 64)
 
@@ -222,7 +223,7 @@ def main() -> int:
     args = ap.parse_args()
     phases = args.phases.split(",")
     print(f"mlx {mx.__version__} on {mx.default_device()} {mx.device_info().get('device_name', '')}", flush=True)
-    report: dict = {"bundle": args.bundle, "mlx": mx.__version__, "device": str(mx.device_info().get("device_name"))}
+    report: dict = {"facts": machine_facts(), "bundle": args.bundle}
 
     def save():
         if args.json:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One measurement on the lent H100 (MLX's CUDA build; see shared/device/README.md). Run there as
-#   bash .mlxcuda/a/stage.sh                                   # first call
-#   source .mlxcuda/b/activate.sh && bash benchmarks/h100.sh e2b decode   # second call, right after
+# One measurement on an NVIDIA GPU (written for an H100) with MLX's CUDA build importable
+# (mlx 0.32.4 with mlx-cuda-13 and mlx-lm 0.32.2 were measured), from the repository's root:
+#   bash benchmarks/h100.sh e2b decode
+# Each JSON records the commit (git rev-parse HEAD); in a copy of the tree without .git, pass it:
+#   BENCH_COMMIT=<the commit's hash> bash benchmarks/h100.sh e2b decode
 # Steps: decode (runtime eager and compiled vs mlx-lm, same weights), fast (compiled only vs
 # mlx-lm), probe / sanitize (where a 4-bit prefill stops being deterministic), coldstart (time to
 # first token with empty vs warm kernel caches), profile (device time per kernel class of a step), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), graphs / graphs-q4
@@ -19,7 +21,7 @@ data=/tmp/bench-data
 out=${OUT:-/tmp}
 mkdir -p "$data"
 # Fail before minutes of checkpoint writing when the machine was handed back and came up bare.
-python3 -c "import mlx.core" 2>/dev/null || { echo "MLX is not importable here: stage it first (bash .mlxcuda/a/stage.sh, then source .mlxcuda/b/activate.sh in the next call)" >&2; exit 2; }
+python3 -c "import mlx.core" 2>/dev/null || { echo "MLX is not importable here: install MLX's CUDA build (or activate its environment) first" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 if [ ! -d "$data/$size" ]; then
   case $size in *-narrow) ;; *) rm -rf "$data"/e?b "$data"/e?b-* ;; esac  # one full model at a time: the disk holds about 64 GB

@@ -43,7 +43,7 @@ PROMPT = "Beautiful is better than"  # the README's demo prompt
 MIN_CONTEXT = 3  # tokens of context after which the checked continuations must be exact
 
 # Ten layers with the last four KV-shared and every fifth full, as in tests/checkpoints.py: one
-# full and one sliding layer precede the shared ones (DESIGN.md pitfalls). The sliding window is
+# full and one sliding layer precede the shared ones (docs/GEMMA3N.md, pitfalls). The sliding window is
 # shorter than the text, so the runtime's rotating cache is exercised; the first layers are sparse.
 LAYERS = 10
 TEXT_CONFIG = {

@@ -18,7 +18,7 @@ import numpy as np
 
 from convert.gemma3n import expected_tensors, kv_shared_unused
 
-# At least one full and one sliding layer before the KV-shared ones (DESIGN.md pitfalls); the
+# At least one full and one sliding layer before the KV-shared ones (docs/GEMMA3N.md, pitfalls); the
 # window (8) is shorter than the test sequences; the first half of the layers is sparse.
 TINY_TEXT_CONFIG = {
     "model_type": "gemma3n_text",

@@ -1,4 +1,4 @@
-"""Issue 7's catalogue of bad input, for `convert` and for the runtime's `load` and `verify`.
+"""A catalogue of bad input, for `convert` and for the runtime's `load` and `verify`.
 
 Every case is refused in one line naming the file (and the tensor, where there is one): the
 converter exits 2 with no traceback and leaves nothing at OUT (no OUT, no `.OUT.*` temporary or

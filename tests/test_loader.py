@@ -155,7 +155,7 @@ def _transpose_eagerly(arrays):
 
 
 def _contiguous_copy_of_transposed(arrays):
-    """The seed's habit: bring pretransposed tables back to [out, in]... and back again."""
+    """A load-time habit of runtimes that pretranspose: bring tables back to [out, in]... and back again."""
     return {k: (mx.contiguous(v.T).T if k.endswith(".weight_t") else v) for k, v in arrays.items()}
 
 
