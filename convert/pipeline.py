@@ -398,6 +398,7 @@ def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: boo
         manifest = build_manifest(p, files, source_files)
         if known_answers:
             manifest[SECTION] = reference_answers(tmp, manifest)
+            manifest["format_version"] = needed_version(manifest)
         try:
             write_manifest(manifest, tmp)
         except ManifestError as e:  # a bug of ours, not bad input; still one line

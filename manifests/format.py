@@ -1,10 +1,11 @@
 """Constants of the bundle format. Reader and writer both import these, so they cannot drift."""
 
-# The newest version this code reads and writes. Version 2 adds what an older reader would
-# misread: embedding tables placed `mapped` (the `mapped_embeddings` section) and the token
-# embedding read from the pretransposed head (an embedding record's `layout`). A bundle that uses
-# neither is written as version 1, which version-1 readers still load; one that does is version
-# 2, which they refuse with "upgrade mlx-prepared" (manifests/manifest.py `needed_version`).
+# The newest version this code reads and writes. Version 2 adds what a version-1 reader would
+# misread or refuse: embedding tables placed `mapped` (the `mapped_embeddings` section), the token
+# embedding read from the pretransposed head (an embedding record's `layout`), tensors kept for
+# other tools but never read (`unread`) and numeric known answers (`known_answers`). A bundle that
+# uses none of them is written as version 1, which version-1 readers still load; one that does is
+# version 2, which they refuse with "upgrade mlx-prepared" (manifests/manifest.py `needed_version`).
 FORMAT_VERSION = 2
 
 MANIFEST_NAME = "manifest.yaml"

@@ -62,16 +62,22 @@ def validate_manifest(manifest: object, where: str = MANIFEST_NAME) -> dict:
     check_placements(manifest, where)
     if version < needed_version(manifest):
         raise ManifestError(f"{where}: format_version {version}, but it records what version "
-                            f"{needed_version(manifest)} added (mapped embedding tables or an embedding's layout)")
+                            f"{needed_version(manifest)} added (mapped embedding tables, an embedding's layout, "
+                            "unread tensors or known answers)")
     checked_text_config(manifest["model"]["text_config"], f"{where}: model.text_config")
     return manifest
 
 
+# Sections version 1 did not have: a version-1 reader's schema refuses a manifest holding one.
+VERSION_2_SECTIONS = ("mapped_embeddings", "unread", "known_answers")
+
+
 def needed_version(manifest: dict) -> int:
     """The lowest format version that describes this manifest's bundle (manifests/format.py):
-    what the writer records, so that older readers refuse only the bundles they would misread."""
+    what the writer records, so that older readers refuse only the bundles they cannot read, and
+    with "upgrade mlx-prepared" rather than a schema error."""
     from_head = any("layout" in record for record in manifest["embeddings"].values())
-    return 2 if manifest.get("mapped_embeddings") or from_head else 1
+    return 2 if from_head or any(manifest.get(s) for s in VERSION_2_SECTIONS) else 1
 
 
 def check_placements(manifest: dict, where: str = MANIFEST_NAME) -> None:
