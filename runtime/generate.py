@@ -275,7 +275,13 @@ def _steps(prompt, model, *, cache, sampler, max_tokens, prefill_step_size, capt
 
 
 def _decode_loop(model, prompt, cache, pick, decode, max_tokens, prefill_step_size, capture, progress):
-    """Prefill, then decode with the next step's graph built while the current token computes."""
+    """Prefill, then decode with the next step's graph built while the current token computes.
+
+    The prompt's own token goes out before the first decode step is built: that build is the
+    dearest a step ever is (the compiled decoder starts, and where its kernels were never
+    compiled on this machine, MLX compiles them: over a minute on CUDA), and the first token need
+    not wait for it. It is still handed out as fed to the cache: should the caller stop there,
+    it is fed on the way out (one eager step, what decoding it would have cost anyway)."""
     y, logits = pick(prefill(model, prompt, cache, prefill_step_size, progress))
     mx.async_eval(y)
     for n in range(max_tokens):
@@ -294,6 +300,16 @@ def _decode_loop(model, prompt, cache, pick, decode, max_tokens, prefill_step_si
                 capture.stop()
             yield int(y.item()), True, logits
             return
+        if n == 0:  # out before the first decode step is built (see above)
+            try:
+                yield _first(y, n, prompt, progress), True, logits
+            except GeneratorExit:
+                model(y.reshape(1, 1), cache=cache)  # fed, as promised
+                mx.eval(_cache_arrays(cache))
+                raise
+            y, logits = decode(y)
+            mx.async_eval(y)
+            continue
         next_y, next_logits = decode(y)
         mx.async_eval(next_y)
         yield _first(y, n, prompt, progress), True, logits
