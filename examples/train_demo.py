@@ -21,7 +21,6 @@ import codecs
 import contextlib
 import io
 import json
-import math
 import random
 import sys
 import time

@@ -13,7 +13,6 @@ import subprocess
 import sys
 from itertools import count
 
-import numpy as np
 import pytest
 
 import mlx.core as mx
