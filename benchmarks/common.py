@@ -123,7 +123,7 @@ COMMIT_VAR = "BENCH_COMMIT"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_commit() -> str:
     """The commit the benchmark's code is at: $BENCH_COMMIT if set, else `git rev-parse HEAD`
     (with "-dirty" when tracked files differ from it), else "unknown". A figure without the
@@ -147,7 +147,7 @@ _DEVICE_PROBE = ("import json, mlx.core as mx; "
                  "print(json.dumps({'default_device': str(mx.default_device()), **mx.device_info()}, default=str))")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_facts() -> dict:
     """What MLX computes on: its default device and `mx.device_info()` (on CUDA the GPU's name and
     architecture, on a CPU the processor), plus the NVIDIA driver where `nvidia-smi` answers.

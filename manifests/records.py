@@ -45,7 +45,7 @@ kind, so load's and verify's checks cover it at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 from manifests.format import (
     EMBED_TOKENS,

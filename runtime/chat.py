@@ -18,7 +18,7 @@ first). tests/test_chat.py renders a bundle's own template with jinja2 and compa
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from runtime.tokenizer import END_OF_TURN, START_OF_TURN
 

@@ -62,7 +62,7 @@ class TextConfig:
     rope_thetas: dict = field(default_factory=dict, init=False)
 
     @classmethod
-    def from_dict(cls, config: dict) -> "TextConfig":
+    def from_dict(cls, config: dict) -> TextConfig:
         """From a config the manifest door checked (manifests/config.py), with the same defaults."""
         names = {f.name for f in fields(cls) if f.init}
         return cls(**{k: v for k, v in {**CONFIG_DEFAULTS, **config}.items() if k in names})

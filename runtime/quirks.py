@@ -20,7 +20,7 @@ answer is cached per process; the probe costs two tiny kernels once per shape cl
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import mlx.core as mx
 import numpy as np
@@ -34,7 +34,7 @@ _PROBE_ROWS, _PROBE_OUT = 2, 256
 NARROW = 256
 
 
-@lru_cache(maxsize=None)
+@cache
 def wrong_multirow(in_dims: int, bits: int, group_size: int, mode: str, dtype: str) -> bool:
     """Whether this device's quantized matmul gets a several-row product of this shape class
     wrong (see the module docstring). Cached: asked once per process and shape class."""

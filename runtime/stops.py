@@ -11,7 +11,7 @@ tests/test_stops.py checks this on random splits.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class StopStrings:
