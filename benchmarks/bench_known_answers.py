@@ -78,12 +78,12 @@ def cost(a) -> int:
 
 def diffs_of(bundle: Path) -> dict:
     """Raw runtime-vs-reference differences of one bundle, eager and compiled."""
+    import warnings
+
     import numpy as np
 
     from manifests import read_manifest
     from manifests.known_answers import checksum_errors
-    import warnings
-
     from runtime.loader import TargetMismatchWarning, load_model
     from runtime.numeric import compiled_run, eager_run, known_answers_of, stage_name
 

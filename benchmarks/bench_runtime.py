@@ -50,6 +50,7 @@ def shard_paths(path: str) -> list[str]:
 
 def load_ours(bundle: str):
     import mlx.core as mx
+
     from runtime.loader import load_model
 
     with warnings.catch_warnings():

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+
 from common import machine_facts  # noqa: E402
 
 LENGTHS = (1, 4, 7, 8, 16, 64)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from manifests.config import DEFAULTS
-from manifests.config import FULL, SLIDING, rope_thetas
+from manifests.config import DEFAULTS, FULL, SLIDING, rope_thetas
 from manifests.gemma3n import ARCHITECTURE, MODEL_TYPES, TEXT_MODEL_TYPE
 
 ARCHITECTURES = MODEL_TYPES  # the config model_types source reading accepts

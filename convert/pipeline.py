@@ -32,12 +32,12 @@ from convert.architectures import architecture
 from convert.errors import ConvertError, Float16Warning
 from convert.ownership import (
     PARTIAL_MARKER,
-    within,
     bundle_entries,
     check_replaceable,
     marker_text,
     remove_if_ours,
     remove_replaced,
+    within,
 )
 from convert.planning import (
     BAND_BYTES,

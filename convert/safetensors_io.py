@@ -23,8 +23,13 @@ from pathlib import Path
 from convert.dtypes import count_nonfinite
 from convert.errors import ConvertError
 from manifests.files import FileRefused, open_regular
-from manifests.safetensors_header import HEADER_LIMIT  # noqa: F401  (re-exported: the limit readers share)
-from manifests.safetensors_header import DTYPE_NAMES, ITEMSIZE, HeaderError, header_length
+from manifests.safetensors_header import (
+    DTYPE_NAMES,
+    HEADER_LIMIT,  # noqa: F401  (re-exported: the limit readers share)
+    ITEMSIZE,
+    HeaderError,
+    header_length,
+)
 from manifests.safetensors_header import parse_header as parse_header_text
 
 DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}

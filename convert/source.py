@@ -16,9 +16,9 @@ from pathlib import Path
 
 from convert.errors import ConvertError
 from convert.gemma3n import ARCHITECTURES
+from convert.safetensors_io import Header, read_header
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
 from manifests.config import checked_text_config
-from convert.safetensors_io import Header, read_header
 from manifests.files import CONFIG_LIMIT, TOKENIZER_LIMIT, FileRefused, is_regular, not_regular, read_limited
 from manifests.format import INDEX_NAME
 from manifests.vocab import tokenizer_problem

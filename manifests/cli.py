@@ -18,7 +18,6 @@ import signal
 
 import click
 
-
 ERROR_PREFIX = "error: "
 WARNING_PREFIX = "warning: "
 NOTE_PREFIX = "note: "  # what a user may want to know while waiting: not a problem

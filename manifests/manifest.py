@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from manifests.config import check_quantization, checked_text_config
+from manifests.files import FileRefused, read_limited
 from manifests.format import (
     EMBED_TOKENS,
     FORMAT_VERSION,
@@ -23,8 +25,6 @@ from manifests.format import (
     STANDARD,
     ManifestError,
 )
-from manifests.config import check_quantization, checked_text_config
-from manifests.files import FileRefused, read_limited
 from manifests.records import KINDS, Storage
 from manifests.schema import SchemaError, validate
 

@@ -44,8 +44,8 @@ kind, so load's and verify's checks cover it at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from manifests.format import (
     EMBED_TOKENS,

@@ -20,6 +20,7 @@ import numpy as np
 
 from manifests import ManifestError
 from manifests.cli import NOTE_PREFIX, WARNING_PREFIX, CommandError, run_program
+from runtime.chat import user_and_system
 from runtime.generate import (
     CAPTURE_PATH_ENV,
     DEFAULT_MAX_TOKENS,
@@ -30,7 +31,6 @@ from runtime.generate import (
     GenerationResponse,
     stream_generate,
 )
-from runtime.chat import user_and_system
 from runtime.inputs import BadType, BadValue, check_text, decode_text
 from runtime.kernels import noting_compilation
 from runtime.sampling import SamplingParams
@@ -298,7 +298,8 @@ def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetiti
 def serve(bundle, host, port, max_tokens, max_body_bytes, no_cache_reuse, verify, strict_target):
     """Serve BUNDLE over an OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions,
     /v1/completions (streamed or not). One generation at a time, in arrival order."""
-    from runtime.server import make_server, serve as serve_until_stopped
+    from runtime.server import make_server
+    from runtime.server import serve as serve_until_stopped
 
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "serve")

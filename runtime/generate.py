@@ -24,17 +24,24 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
 from runtime.chat import chat_turn, render_messages, user_and_system
 from runtime.compat import from_mlx_lm
 from runtime.fast import CompiledDecoder
-from runtime.inputs import (BadType, check_count, check_option, check_text, check_token_ids, context_length_of,
-                            vocab_size_of)
+from runtime.inputs import (
+    BadType,
+    check_count,
+    check_option,
+    check_text,
+    check_token_ids,
+    context_length_of,
+    vocab_size_of,
+)
 from runtime.model import Model
 from runtime.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from runtime.tokenizer import END_OF_TURN, Tokenizer

@@ -21,7 +21,6 @@ import os
 import re
 from pathlib import Path
 
-
 from manifests import MANIFEST_NAME, ManifestError, load_manifest, target_for_device
 from manifests.cli import CommandError
 from manifests.format import MANIFEST_DIGEST_NAME

@@ -28,6 +28,7 @@ import operator
 
 import mlx.core as mx
 
+
 class BadValue(ValueError):
     """A value refused at a door: out of range (a ValueError, so callers need not know this type)."""
 

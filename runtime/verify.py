@@ -25,8 +25,8 @@ from pathlib import Path
 from manifests import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, recorded_manifest_digest
 from manifests.files import TOKENIZER_LIMIT, not_regular, open_regular_file, read_limited
 from manifests.records import Storage, mapped_files, records, unread
-from manifests.vocab import tokenizer_problem
 from manifests.safetensors_header import DTYPE_NAMES
+from manifests.vocab import tokenizer_problem
 from runtime.bundle import outside_bundle, read_bundle_manifest, read_header, read_index, shard_names
 
 _CHUNK = 8 << 20

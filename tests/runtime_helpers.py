@@ -14,9 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 import mlx.core as mx
+import numpy as np
 
 from convert.gemma3n import expected_tensors
 from manifests.safetensors_header import read_header_file

@@ -19,7 +19,8 @@ from manifests.format import PRETRANSPOSED, STANDARD
 from manifests.profiles import (
     PROFILE_DIR_ENV,
     ProfileError,
-    load_profile, load_profile_file,
+    load_profile,
+    load_profile_file,
     save_user_profile,
     saved_profile_for_device,
     user_profile_dir,

@@ -3,8 +3,8 @@ ours), its `sampler` and `logits_processors` hooks (driven here by mlx-lm's own
 `make_sampler` / `make_logits_processors`), and log-probabilities in every GenerationResponse,
 checked against a log-softmax of the model's logits computed without a cache, in numpy."""
 
-import io
 import contextlib
+import io
 
 import mlx.core as mx
 import numpy as np

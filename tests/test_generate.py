@@ -15,7 +15,6 @@ import mlx.core as mx
 import pytest
 
 from runtime import load
-
 from runtime.generate import (
     CaptureError,
     ChatSession,

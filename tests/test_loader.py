@@ -17,11 +17,10 @@ import shutil
 import struct
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
-
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import runtime

@@ -11,10 +11,9 @@ of 10) and sparse MLPs (the first 5); the ids include one beyond the per-layer t
 
 import json
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 
 from runtime.model import FULL, SLIDING, TextConfig
 from runtime.projections import Pretransposed, Standard

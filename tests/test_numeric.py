@@ -13,9 +13,8 @@ import subprocess
 import sys
 from itertools import count
 
-import pytest
-
 import mlx.core as mx
+import pytest
 
 import runtime
 from runtime.numeric import NoKnownAnswers, verify_numeric

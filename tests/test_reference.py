@@ -9,10 +9,9 @@ un-transposing, splitting a fused record or dequantizing shows here.
 
 import json
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 
 from convert import gemma3n, reference
 from convert.quantize import QuantSpec, not_quantized_because

@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from runtime.chat import chat_turn
 from runtime.tokenizer import (
     StreamingDetokenizer,
     Tokenizer,
     bundle_eos_token_ids,
     load_tokenizer,
 )
-from runtime.chat import chat_turn
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 CORPUS = ["Beautiful is better than ugly.", "Explicit is better than implicit.", "naïve café — 日本語 🙂"]
