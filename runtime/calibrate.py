@@ -171,14 +171,12 @@ def measure_gemv(shape: Shape, dtype: str, settings: Settings = Settings()) -> d
 
     modules = {layout: [projection_over(layout, w) for w in ws] for layout, ws in weights.items()}
 
-    def graph(layout):  # x @ W.T over [out, in], x @ Wt over [in, out] (runtime/projections.py)
-        return [modules[layout][i % copies](xs[i % 4]) for i in range(count)]
-
     samples: dict[str, list[float]] = {STANDARD: [], PRETRANSPOSED: []}
     for r in range(settings.warmup + settings.repeats):
         order = (STANDARD, PRETRANSPOSED) if r % 2 == 0 else (PRETRANSPOSED, STANDARD)
         for layout in order:
-            ys = graph(layout)
+            # x @ W.T over [out, in], x @ Wt over [in, out] (runtime/projections.py)
+            ys = [modules[layout][i % copies](xs[i % 4]) for i in range(count)]
             t0 = time.perf_counter()
             mx.eval(ys)
             elapsed = time.perf_counter() - t0
