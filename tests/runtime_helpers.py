@@ -153,18 +153,18 @@ def nudge(bundle: Path, key: str, index: tuple[int, int], delta: float) -> None:
     for shard in bundle.glob("*.safetensors"):
         entries, _, start = read_header_file(shard)
         entry = next((e for e in entries if e.name == key), None)
-        if entry is None:
-            continue
-        assert entry.dtype == "F32"
-        data = bytearray(shard.read_bytes())
-        at = start + entry.begin + 4 * (index[0] * entry.shape[1] + index[1])
-        value = np.frombuffer(data[at:at + 4], np.float32)[0]
-        data[at:at + 4] = np.float32(value + delta).tobytes()
-        shard.write_bytes(bytes(data))
-        record = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        edit_manifest(bundle, lambda m: m["files"].__setitem__(shard.name, record))
-        return
-    raise KeyError(key)
+        if entry is not None:
+            break
+    else:
+        raise KeyError(key)
+    assert entry.dtype == "F32"
+    data = bytearray(shard.read_bytes())
+    at = start + entry.begin + 4 * (index[0] * entry.shape[1] + index[1])
+    value = np.frombuffer(data[at:at + 4], np.float32)[0]
+    data[at:at + 4] = np.float32(value + delta).tobytes()
+    shard.write_bytes(bytes(data))
+    record = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    edit_manifest(bundle, lambda m: m["files"].__setitem__(shard.name, record))
 
 
 def make_sources(root: Path, seed: int = 0) -> dict[str, Path]:
