@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.filterwarnings("ignore::runtime.loader.TargetMismatchWarning")
-
 from runtime import load
 from runtime.generate import ChatSession, generate
 from runtime.sampling import SamplingParams
 from tests.checkpoints import make_checkpoint
 from tests.test_tokenizer import byte_level_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore::runtime.loader.TargetMismatchWarning")
 
 PROMPT = "Beautiful is better than"
 
