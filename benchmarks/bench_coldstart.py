@@ -60,7 +60,7 @@ def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int)
     if impl == "ours":
         from runtime import stream_generate
 
-        for r in stream_generate(model, None, prompt, max_tokens=tokens, eos_token_ids=[]):
+        for _ in stream_generate(model, None, prompt, max_tokens=tokens, eos_token_ids=[]):
             times.append(time.time() - spawned)
     else:
         from mlx_lm.generate import generate_step

@@ -167,8 +167,8 @@ def pick_prompt(model, tokenizer, length: int, tokens: int, seed: int) -> list[i
         rng = random.Random(seed + attempt)
         ids = [2] + [rng.choice(words) for _ in range(length - 1)]  # <bos>, then words
         last = None
-        for last in stream_generate(model, tokenizer, ids, max_tokens=tokens):
-            pass
+        for response in stream_generate(model, tokenizer, ids, max_tokens=tokens):
+            last = response
         if last is not None and last.finish_reason == "length":
             return ids
     raise SystemExit("no prompt found whose greedy continuation avoids the stop tokens")

@@ -369,9 +369,9 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
     def run():
         t = time.perf_counter()
         last = None
-        for last in stream_generate(model, None, prompt, max_tokens=generation_tokens, eos_token_ids=[],
-                                    prefill_step_size=prefill_step_size):
-            pass
+        for response in stream_generate(model, None, prompt, max_tokens=generation_tokens, eos_token_ids=[],
+                                        prefill_step_size=prefill_step_size):
+            last = response
         return last, time.perf_counter() - t
 
     with _generation_warnings():

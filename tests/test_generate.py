@@ -101,7 +101,7 @@ def test_prefill_chunks_feed_the_whole_prompt(model):
 
 def test_decode_builds_next_step_before_handing_out_a_token(model):
     log = CallLog(model)
-    for token, _ in generate_step(PROMPT, log, max_tokens=6):
+    for _ in generate_step(PROMPT, log, max_tokens=6):
         log.received += 1
     # One prefill call, then a one-token step per token but the last. The first token goes out
     # before any step is built (building the first one may compile kernels); after that, the step

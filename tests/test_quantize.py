@@ -157,7 +157,7 @@ def test_quantized_tensors_are_mx_quantize_of_the_whole_tensor(tmp_path, dtype_o
 
 def test_the_manifest_records_what_was_quantized_and_what_was_not(source, bundles):
     floats = source_tensors(source, "hf")
-    for (target, bits, group), out in bundles.items():
+    for (_target, bits, group), out in bundles.items():
         manifest = read_manifest(out)
         bundle = load_tensors(out)
         record = {"bits": bits, "group_size": group, "mode": "affine"}
