@@ -44,7 +44,7 @@ def parse_try(text: str) -> tuple[str, dict, dict]:
         ops, cache = (str(int(v)) for v in body.split("/"))
     except ValueError:
         raise SystemExit(f"--try {text!r}: expected OPS/CACHE or ours:OPS/CACHE, e.g. 2000/2000") from None
-    env = dict(zip(CUDA_GRAPH_VARS, (ops, cache)))
+    env = dict(zip(CUDA_GRAPH_VARS, (ops, cache), strict=True))
     return (f"{ops}/{cache} for ours only" if only_ours else f"{ops}/{cache} for both"), env, ({} if only_ours else env)
 
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         settings[name] = (ours_env, peer_env)
     if a.dry_run:
         print(json.dumps({name: {side: {k: v for k, v in environment(env).items() if k in CUDA_GRAPH_VARS}
-                                 for side, env in zip(("ours", "mlx-lm"), envs)}
+                                 for side, env in zip(("ours", "mlx-lm"), envs, strict=True)}
                           for name, envs in settings.items()}))
         return 0
     script = "bench_quantized.py" if a.quantized else "bench_runtime.py"

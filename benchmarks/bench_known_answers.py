@@ -96,7 +96,7 @@ def diffs_of(bundle: Path) -> dict:
     recorded = {-1: section["hidden"]["input"], **dict(enumerate(section["hidden"]["layers"]))}
     for name, run in (("eager", eager_run(model, section, "eager")), ("compiled", compiled_run(model, section, "compiled"))):
         logits = max(float(np.abs(row[e["ids"]].astype(np.float64) - e["values"]).max())
-                     for row, e in zip(run.logits, section["logits"]))
+                     for row, e in zip(run.logits, section["logits"], strict=True))
         out[f"{name}_logits"] = logits
         if run.stages:
             errors = {s: checksum_errors(run.stages[s], recorded[s], section["coordinates"]) for s in recorded}
@@ -158,7 +158,7 @@ def tf32_diffs(bundle: Path) -> dict:
     recorded = {-1: section["hidden"]["input"], **dict(enumerate(section["hidden"]["layers"]))}
     errors = [checksum_errors(stages[i], recorded[i], section["coordinates"]) for i in recorded]
     logit_diff = max(float(np.abs(row[e["ids"]].astype(np.float64) - e["values"]).max())
-                     for row, e in zip(logits, section["logits"]))
+                     for row, e in zip(logits, section["logits"], strict=True))
     return {"bundle": str(bundle), "activations": "float32 (TF32 emulated)", "eager_logits": logit_diff,
             "compiled_logits": float("nan"), "hidden": max(e["hidden"][0] for e in errors),
             "values": max(e["values"][0] for e in errors), "hidden_where": "", "values_where": ""}

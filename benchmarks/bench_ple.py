@@ -270,7 +270,7 @@ def bench_decode(a) -> None:
     results: dict[str, dict] = {}
     for r in range(a.rounds):
         k = r % len(bundles)
-        for label, path in (list(zip(labels, bundles))[k:] + list(zip(labels, bundles))[:k]):
+        for label, path in (list(zip(labels, bundles, strict=True))[k:] + list(zip(labels, bundles, strict=True))[:k]):
             facts = bundle_facts(path)
             for name in facts["mapped_files"]:
                 drop_from_page_cache(Path(path) / name)

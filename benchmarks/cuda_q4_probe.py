@@ -189,7 +189,7 @@ def first_op_difference(runs: list[list[tuple[str, list, np.ndarray]]]) -> dict 
             path2, inputs2, other = run[j]
             if path2 != path:
                 return {"module": path, "call": j, "note": f"call order differs ({path2})"}
-            same_inputs = all(np.array_equal(a, b, equal_nan=True) for a, b in zip(inputs, inputs2))
+            same_inputs = all(np.array_equal(a, b, equal_nan=True) for a, b in zip(inputs, inputs2, strict=True))
             if not np.array_equal(first, other, equal_nan=True):
                 return {"module": path, "call": j, "repeat": r, "inputs_equal": same_inputs,
                         "max_diff": float(np.nanmax(np.abs(first - other))),

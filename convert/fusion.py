@@ -42,7 +42,7 @@ def _why_not(paths: list[str], records: list[dict], items: dict[str, Item]) -> s
 
     def differ(what: str, values: list) -> str | None:
         if any(v != values[0] for v in values):
-            return f"members' {what} differ (" + ", ".join(f"{s} {v}" for s, v in zip(short, values)) + ")"
+            return f"members' {what} differ (" + ", ".join(f"{s} {v}" for s, v in zip(short, values, strict=True)) + ")"
         return None
 
     if any(r.get("bias") for r in records):
@@ -55,7 +55,7 @@ def _why_not(paths: list[str], records: list[dict], items: dict[str, Item]) -> s
     reason = differ("input dims", [r["source_shape"][1] for r in records])
     if reason:
         return reason
-    for tensors in zip(*(PROJECTIONS.stored(r) for r in records)):  # the same tensor of every member
+    for tensors in zip(*(PROJECTIONS.stored(r) for r in records), strict=True):  # the same tensor of every member
         suffix = "." + tensors[0].part
         parts = [items.get(t.key) for t in tensors]
         if any(it is None or it.members for it in parts):
@@ -93,7 +93,7 @@ def fused_record(name: str, fused_path: str, paths: list[str], records: list[dic
         "source_shape": [out_dims, first["source_shape"][1]],
         "dtype": first["dtype"], "bias": None, "quantized": first.get("quantized"),
         "fused": [{"path": p, "out": r["source_shape"][0], "source_key": r["source_key"],
-                   "source_shape": list(r["source_shape"])} for p, r in zip(paths, records)],
+                   "source_shape": list(r["source_shape"])} for p, r in zip(paths, records, strict=True)],
     }
 
 
@@ -123,8 +123,8 @@ def fuse(items: list[Item], projections: dict[str, dict], roles: Counter, groups
                 continue
             fused_path = base + module
             record = fused_record(name, fused_path, paths, records)
-            members = zip(*(PROJECTIONS.stored(r) for r in records))
-            for tensor, tensors in zip(PROJECTIONS.stored(record), members):
+            members = zip(*(PROJECTIONS.stored(r) for r in records), strict=True)
+            for tensor, tensors in zip(PROJECTIONS.stored(record), members, strict=True):
                 parts = [by_key[t.key] for t in tensors]
                 merged[parts[-1].key] = merge_items(tensor, parts)
                 dropped_items.update(p.key for p in parts[:-1])

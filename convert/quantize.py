@@ -196,7 +196,7 @@ def _write_weight(item, readers, writer, bufs, read_block: int, spills: Spills) 
                 # into finite scales; so count the values quantized (after any narrowing cast).
                 writer.count_values(block if cast_buf is None else cast_buf, out_dtype)
                 writer.write(memoryview(packed))
-                for f, part in zip(files, rest):
+                for f, part in zip(files, rest, strict=True):
                     f.write(memoryview(part))
                 del packed, rest
     finally:

@@ -463,7 +463,7 @@ def known_answers(directory: str | os.PathLike, manifest: dict) -> dict:
     finally:
         store.close()
     entries = []
-    for position, row in zip(positions, logits):
+    for position, row in zip(positions, logits, strict=True):
         top = np.argsort(-row, kind="stable")[:TOP_K]
         entries.append({"position": position, "ids": [int(i) for i in top], "values": [_short(row[i]) for i in top]})
     short = lambda c: {k: (_short(v) if not isinstance(v, list) else [_short(x) for x in v]) for k, v in c.items()}  # noqa: E731

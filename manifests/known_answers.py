@@ -62,9 +62,9 @@ def checksum_errors(got: dict, want: dict, coordinates: list[int]) -> dict[str, 
     aggregates = [(abs(got["mean"] - want["mean"]) / scale, "mean of the active plane"),
                   (abs(got["rms"] - want["rms"]) / scale, "RMS of the active plane")]
     aggregates += [(abs(g - w) / max(w, 1e-30), f"RMS of plane {i}")
-                   for i, (g, w) in enumerate(zip(got["planes_rms"], want["planes_rms"]))]
+                   for i, (g, w) in enumerate(zip(got["planes_rms"], want["planes_rms"], strict=True))]
     values = [(abs(g - w) / scale, f"value at coordinate {c}")
-              for c, g, w in zip(coordinates, got["values"], want["values"])]
+              for c, g, w in zip(coordinates, got["values"], want["values"], strict=True)]
     worst = lambda parts: max(parts, key=lambda p: (bool(np.isnan(p[0])), p[0]))  # noqa: E731
     return {"hidden": worst(aggregates), "values": worst(values)}
 

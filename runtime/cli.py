@@ -389,7 +389,7 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
     click.echo(f"bundle: {bundle}  device: {mx.default_device()}")
     for row in [header] + rows:
-        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
 
 
 @main.command()

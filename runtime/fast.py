@@ -179,7 +179,7 @@ class DecodeStep:
         planes = lm.altup_planes(embeds, 0, self.linear).reshape(c.altup_num_inputs, -1)
         plane_mask = lm.plane_mask.astype(dtype)
 
-        kv = dict(zip(self.owners, buffers))
+        kv = dict(zip(self.owners, buffers, strict=True))
         masks = {}
         for i in self.owners:
             size = kv[i].shape[2]

@@ -61,7 +61,7 @@ def noting_compilation(say: Callable[[str], None], poll_s: float = POLL_S):
 
     def watch():
         while not done.wait(poll_s):
-            for directory, was in zip(dirs, before):
+            for directory, was in zip(dirs, before, strict=True):
                 if _state(directory) != was:
                     if not _noted.is_set():
                         _noted.set()

@@ -448,7 +448,7 @@ class DecoderLayer(nn.Module):
                 continue
             # Runs of members that follow each other both in the module's rows and in one block.
             runs: list[list] = []  # [block, first position, width]
-            for m, out in zip(fused.members, fused.outs):
+            for m, out in zip(fused.members, fused.outs, strict=True):
                 at = place.get(m, (None, None))
                 last = runs[-1] if runs else None
                 if last and last[0] is not None and at[0] == last[0] and at[1] == last[1] + last[3]:
@@ -458,7 +458,7 @@ class DecoderLayer(nn.Module):
                     runs.append([at[0], at[1], out, 1])
             y = linear(self.module_at(fused.path), x)
             cuts = list(itertools.accumulate(width for _, _, width, _ in runs[:-1]))
-            for (rb, ri, _, _), part in zip(runs, mx.split(y, cuts, axis=-1) if cuts else [y]):
+            for (rb, ri, _, _), part in zip(runs, mx.split(y, cuts, axis=-1) if cuts else [y], strict=True):
                 if rb is not None:
                     pieces[rb][ri] = part
         return [p[0] if len(p) == 1 else mx.concatenate([p[i] for i in sorted(p)], axis=-1) for p in pieces]
@@ -503,7 +503,7 @@ class DecoderLayer(nn.Module):
         and attention over the eager cache (or `shared_kv`, its producer's, in a KV-shared layer)."""
         def attend(normed):
             paths = self.attention_input
-            projected = dict(zip(paths, self.project(normed, [(m,) for m in paths])))
+            projected = dict(zip(paths, self.project(normed, [(m,) for m in paths]), strict=True))
             heads, kv = self.self_attn(projected["self_attn.q_proj"], projected.get("self_attn.k_proj"),
                                        projected.get("self_attn.v_proj"), offset, cache, shared_kv)
             return heads, projected["laurel.linear_left"], kv

@@ -194,7 +194,7 @@ def stage_name(stage: int) -> str:
 def compare_logits(run: Run, section: dict, tolerance: float) -> tuple[bool, str]:
     """Each recorded logit within `tolerance`, and no other id above the lowest recorded one."""
     worst, where = 0.0, ""
-    for row, entry in zip(run.logits, section["logits"]):
+    for row, entry in zip(run.logits, section["logits"], strict=True):
         ids, values = np.array(entry["ids"]), np.array(entry["values"], dtype=np.float64)
         if not np.isfinite(row).all():
             return False, f"position {entry['position']}: {int(np.sum(~np.isfinite(row)))} logits are NaN or infinite"

@@ -355,7 +355,7 @@ def token_logprob(tokenizer, token: int, logprobs: mx.array, k: int) -> TokenLog
         order = mx.argpartition(-logprobs, k - 1)[:k]
         values = logprobs[order]
         mx.eval(values, order)
-        pairs = sorted(zip(values.tolist(), order.tolist()), key=lambda p: -p[0])
+        pairs = sorted(zip(values.tolist(), order.tolist(), strict=True), key=lambda p: -p[0])
     else:
         pairs = []
     def name(i: int) -> str:

@@ -523,7 +523,7 @@ def test_the_model_takes_q_k_v_and_laurel_left_from_one_module(bundles):
     for i, layer in enumerate(model.layers):
         module, members = laurel_groups(i)
         assert type(layer[module]) is Standard
-        assert (layer.fused[module].members, layer.fused[module].outs) == tuple(zip(*members))
+        assert (layer.fused[module].members, layer.fused[module].outs) == tuple(zip(*members, strict=True))
         assert not any(p in layer.self_attn for p in ("q_proj", "k_proj", "v_proj", "qkv_proj"))
         assert "linear_left" not in layer.laurel and "linear_right" in layer.laurel
 

@@ -215,11 +215,11 @@ def test_the_4bit_mapped_table_is_the_resident_one_bit_for_bit(bundles, ids):
     assert mx.array_equal(mapped(mx.array(ids)), resident(mx.array(ids))).item()
     seq = ids[:1]
     caches = [resident.make_cache(), mapped.make_cache()]
-    for model, cache in zip((resident, mapped), caches):
+    for model, cache in zip((resident, mapped), caches, strict=True):
         model(mx.array(seq[:, :PREFILL]), cache=cache)
     from runtime.fast import CompiledDecoder
 
-    decoders = [CompiledDecoder(m, c, capacity=16) for m, c in zip((resident, mapped), caches)]
+    decoders = [CompiledDecoder(m, c, capacity=16) for m, c in zip((resident, mapped), caches, strict=True)]
     for t in range(PREFILL, LENGTH):
         a, b = (d(mx.array(seq[:, t])) for d in decoders)
         assert mx.array_equal(a, b).item(), t
@@ -253,7 +253,7 @@ def mapping_violations(table: MappedTable, bundle: Path) -> list[str]:
     problems = []
     raw = (bundle / MAPPED_FILE).read_bytes()
     entries, _, start = read_header_file(bundle / MAPPED_FILE)
-    for part, entry in zip(table.parts, entries):
+    for part, entry in zip(table.parts, entries, strict=True):
         rows = part.rows
         if rows.flags.writeable or rows.flags.owndata:
             problems.append(f"{entry.name}: not a read-only view")

@@ -30,7 +30,7 @@ def test_quantized_tensors_are_what_mx_quantize_makes(mode, bits, group_size):
     described = storage.tensors("m", out_dims, in_dims, "bfloat16")
     assert [t.part for t in described] == ["weight", "scales", "biases"][: len(made)]
     assert [t.key for t in described] == [f"m.{t.part}" for t in described]
-    for tensor, array in zip(described, made):
+    for tensor, array in zip(described, made, strict=True):
         assert tensor.shape == tuple(array.shape), tensor
         if tensor.dtype is not None:
             assert tensor.dtype == str(array.dtype).rsplit(".", 1)[-1], tensor

@@ -187,7 +187,7 @@ def test_logprobs_are_the_models(server, client, loaded):
     reference = log_softmax_reference(model, ids, tokens)
     content = r.choices[0].logprobs.content
     assert [c.token for c in content] == [tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
-    for step, (c, t) in enumerate(zip(content, tokens)):
+    for step, (c, t) in enumerate(zip(content, tokens, strict=True)):
         assert c.logprob == pytest.approx(reference[step, t], abs=1e-4)
         best = np.argsort(-reference[step])[:3]
         assert [x.logprob for x in c.top_logprobs] == pytest.approx(reference[step, best].tolist(), abs=1e-4)
@@ -200,7 +200,7 @@ def test_logprobs_are_the_models(server, client, loaded):
     reference = log_softmax_reference(model, tokenizer.encode(ZEN), tokens)
     assert lp.token_logprobs == pytest.approx([reference[i, t] for i, t in enumerate(tokens)], abs=1e-4)
     assert all(len(top) == 2 and lp.tokens[i] in top for i, top in enumerate(lp.top_logprobs))
-    assert [r.choices[0].text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
+    assert [r.choices[0].text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens, strict=True)] == lp.tokens
 
 
 def test_seed_and_temperature(server, client, loaded):
@@ -352,7 +352,7 @@ def test_a_client_that_goes_away_stops_its_generation(server, client):
     mark = len(server.lines)
     stream = client.completions.create(model=server.model_id, prompt=ZEN, max_tokens=900, stream=True,
                                        extra_body={"logit_bias": EOS_BIAS})
-    for _, _ in zip(range(3), stream):
+    for _, _ in zip(range(3), stream, strict=False):
         pass
     stream.close()
     gone_at = time.monotonic()

@@ -2,6 +2,8 @@
 text up to where the first completed stop string begins, and nothing that can no longer begin
 a stop string is held back."""
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +27,7 @@ def reference(text: str, stops: list[str]) -> tuple[str, bool]:
 def split(draw, text):
     cuts = sorted(draw(st.sets(st.integers(0, len(text)), max_size=len(text) + 1)))
     bounds = [0, *cuts, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @settings(max_examples=500, deadline=None)
