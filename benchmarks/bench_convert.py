@@ -92,7 +92,8 @@ def main(argv=None) -> int:
         ok = [x for x in runs[tool] if x["returncode"] == 0]
         synced = median(x["synced_s"] for x in ok)
         rows.append([tool, len(ok), median(x["wall_s"] for x in ok), synced, src_bytes / 1e9 / synced,
-                     median(x["max_rss_bytes"] for x in ok) / 1e9, max((x["max_rss_bytes"] for x in ok), default=0) / 1e9,
+                     median(x["max_rss_bytes"] for x in ok) / 1e9,
+                     max((x["max_rss_bytes"] for x in ok), default=0) / 1e9,
                      median(x["out_bytes"] for x in ok) / 1e9, synced / copy])
     print()
     print(table(["tool", "runs", "wall s", "+sync s", "GB/s", "peak RSS GB (median)", "peak RSS GB (max)",

@@ -14,8 +14,9 @@ slice, broadcast, ...): no kernel, but still a node to schedule. Counts depend o
 on the CPU the `mx.fast` norms, RoPE and attention expand into their fallback ops, on a GPU
 each is one node. `--as-gpu` counts our compiled step on any machine as a GPU would run it:
 the norms and RoPE are replaced by one-node stand-ins (a scan of the same shape) while the
-graph is traced, so the result is a node count and nothing else (the logits are wrong). Use `--size e2b-narrow` checkpoints (benchmarks/make_checkpoint.py) to count
-at the real layer structure without full-size weights: the count depends on structure only.
+graph is traced, so the result is a node count and nothing else (the logits are wrong). Use
+`--size e2b-narrow` checkpoints (benchmarks/make_checkpoint.py) to count at the real layer
+structure without full-size weights: the count depends on structure only.
 """
 
 from __future__ import annotations

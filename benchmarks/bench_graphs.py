@@ -123,7 +123,8 @@ def main(argv=None) -> int:
         d, pd = median(ours["decode_tps"]), median(peer["decode_tps"])
         rows.append([n, short(ours["graph_env"] or {}), short(peer["graph_env"] or {}), d, min(ours["decode_tps"]),
                      max(ours["decode_tps"]), pd, min(peer["decode_tps"]), max(peer["decode_tps"]), d / pd,
-                     " ".join(f"{x:.2f}" for x in rounds[n]), f"{common_prefix(ours['ids'], peer['ids'])}/{len(peer['ids'])}"])
+                     " ".join(f"{x:.2f}" for x in rounds[n]),
+                     f"{common_prefix(ours['ids'], peer['ids'])}/{len(peer['ids'])}"])
     print()
     print(table(["settings", "ours ran with", "mlx-lm ran with", "ours tok/s", "min", "max", "mlx-lm tok/s", "min",
                  "max", "ratio", "ratio per round", "greedy ids equal to mlx-lm's"], rows, "lllrrrrrrrll"))

@@ -69,7 +69,8 @@ def cost(a) -> int:
     plain, with_answers = float(rows[0][2]), float(rows[1][2])
     cpu_plain, cpu_with = float(rows[0][3]), float(rows[1][3])
     print_facts(machine_facts())
-    print(f"source {a.source}, target {a.target}, --dtype {a.dtype}" + (f", --quantize {a.quantize}" if a.quantize else ""))
+    print(f"source {a.source}, target {a.target}, --dtype {a.dtype}"
+          + (f", --quantize {a.quantize}" if a.quantize else ""))
     print(table(["run", "wall s", "wall+sync s", "CPU s", "peak RSS GB", "reference s (in manifest)"], rows))
     print(f"known answers add {with_answers - plain:.1f} s wall ({100 * (with_answers - plain) / plain:.0f} % of the "
           f"conversion), {cpu_with - cpu_plain:.1f} s CPU ({100 * (cpu_with - cpu_plain) / cpu_plain:.0f} %)")
@@ -94,7 +95,8 @@ def diffs_of(bundle: Path) -> dict:
     out = {"bundle": str(bundle), "activations": section["tolerance"]["activations"],
            "quantized": any(r["quantized"] for r in model.manifest["projections"].values())}
     recorded = {-1: section["hidden"]["input"], **dict(enumerate(section["hidden"]["layers"]))}
-    for name, run in (("eager", eager_run(model, section, "eager")), ("compiled", compiled_run(model, section, "compiled"))):
+    for name, run in (("eager", eager_run(model, section, "eager")),
+                      ("compiled", compiled_run(model, section, "compiled"))):
         logits = max(float(np.abs(row[e["ids"]].astype(np.float64) - e["values"]).max())
                      for row, e in zip(run.logits, section["logits"], strict=True))
         out[f"{name}_logits"] = logits
@@ -199,8 +201,8 @@ def matrix(a) -> int:
     for label, src in sources.items():
         for variant, options in VARIANTS.items():
             out = work / f"{src.name}-{variant}"
-            subprocess.run([sys.executable, "-m", "convert", *options, "--known-answers", "--quiet", str(src), str(out)],
-                           check=True, cwd=ROOT)
+            subprocess.run([sys.executable, "-m", "convert", *options, "--known-answers", "--quiet",
+                            str(src), str(out)], check=True, cwd=ROOT)
             measured = [diffs_of(out)]
             if variant.startswith(("f32", "q4-f32")):
                 measured.append(tf32_diffs(out))
@@ -222,7 +224,8 @@ def matrix(a) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
     c = sub.add_parser("cost")
     c.add_argument("source")

@@ -124,7 +124,8 @@ def make_up(bundle: Path) -> dict:
         arrays.update(mx.load(f))  # lazy: nbytes without reading
     packed = sum(a.nbytes for k, a in arrays.items() if a.dtype == mx.uint32)
     groups = sum(a.nbytes for k, a in arrays.items() if k.endswith((".scales", ".biases")))
-    return {"packed": packed, "scales+biases": groups, "float": sum(a.nbytes for a in arrays.values()) - packed - groups,
+    return {"packed": packed, "scales+biases": groups,
+            "float": sum(a.nbytes for a in arrays.values()) - packed - groups,
             "files": dir_bytes(bundle, "*.safetensors")}
 
 

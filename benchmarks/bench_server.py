@@ -9,8 +9,9 @@ decode: the same greedy request (a prompt of random words, fixed seed, checked b
 `--tokens` tokens without a stop token) through `stream_generate` in a child process and through
 a `python -m runtime serve` child (completions, streamed, read with http.client so the client's
 own parsing costs next to nothing), alternating, order rotating each round, after one warm-up of
-each; each child loads the bundle once and idles while the other runs. Both rates are the same quantity: text pieces after the first over the time between the
-first and the last piece, as each side sees them (the server's: as the client receives them).
+each; each child loads the bundle once and idles while the other runs. Both rates are the same
+quantity: text pieces after the first over the time between the first and the last piece, as
+each side sees them (the server's: as the client receives them).
 
 turn 10: a conversation of `--turns` turns (user messages of `--words` random words, replies of
 `--reply` greedy tokens sent back as the assistant's messages) through a server with cache reuse

@@ -93,9 +93,11 @@ def table(header: list[str], rows: list[list], aligns: str | None = None) -> str
     aligns = aligns or "l" + "r" * (len(header) - 1)
 
     def line(r):
-        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, aligns, strict=True)) + " |"
+        padded = (c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(r, widths, aligns, strict=True))
+        return "| " + " | ".join(padded) + " |"
 
-    sep = "| " + " | ".join("-" * (w - 1) + (":" if a == "r" else "-") for w, a in zip(widths, aligns, strict=True)) + " |"
+    rules = ("-" * (w - 1) + (":" if a == "r" else "-") for w, a in zip(widths, aligns, strict=True))
+    sep = "| " + " | ".join(rules) + " |"
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 

@@ -91,7 +91,8 @@ def main() -> int:
                         rows.append(r)
                         mark = "ERROR" if "error" in r else ("ok" if r["ok"] else "BROKEN")
                         detail = r.get("error") or (f"rel err {r['rel_err']:.3g}, NaN runs {r['nan']}, "
-                                                    f"repeats same: fresh {r['same_fresh']}, poisoned {r['same_poisoned']}")
+                                                    f"repeats same: fresh {r['same_fresh']}, "
+                                                    f"poisoned {r['same_poisoned']}")
                         print(f"{mark:6s} bits {bits} group {group} M {m:3d} K {k:5d} N {n:5d}: {detail}", flush=True)
     bad = [r for r in rows if not r.get("ok")]
     print(f"{len(bad)} of {len(rows)} shapes wrong, changing or refused")

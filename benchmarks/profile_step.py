@@ -35,7 +35,8 @@ CLASSES = [  # first match wins
     ("attention", r"sdpa|attention|softmax|Softmax"),
     ("norm / reduction", r"rms|RMS|norm|reduce|Reduce|all_reduce|row_reduce|col_reduce"),
     ("copy / update / gather", r"copy|Copy|scatter|Scatter|gather|Gather|slice|Slice|concat|update"),
-    ("fused element-wise", r"Compiled|compiled|fused|Fused|Multiply|Add|Tanh|Exp|Sigmoid|binary|unary|ternary|Binary|Unary"),
+    ("fused element-wise",
+     r"Compiled|compiled|fused|Fused|Multiply|Add|Tanh|Exp|Sigmoid|binary|unary|ternary|Binary|Unary"),
 ]
 
 

@@ -16,9 +16,9 @@ from manifests.gemma3n import ARCHITECTURE, MODEL_TYPES, TEXT_MODEL_TYPE
 
 ARCHITECTURES = MODEL_TYPES  # the config model_types source reading accepts
 NAME = "Gemma3n"  # in messages
-__all__ = ["ARCHITECTURE", "ARCHITECTURES", "EMBEDDINGS", "MODEL_TYPES", "NAME", "NEVER_QUANTIZED", "NEVER_QUANTIZED_BECAUSE",
-           "TEXT_MODEL_TYPE", "TextShapes", "expected_tensors", "kv_shared_layers", "kv_shared_unused", "mlx_lm_text_config",
-           "projection_role", "text_shapes"]
+__all__ = ["ARCHITECTURE", "ARCHITECTURES", "EMBEDDINGS", "MODEL_TYPES", "NAME", "NEVER_QUANTIZED",
+           "NEVER_QUANTIZED_BECAUSE", "TEXT_MODEL_TYPE", "TextShapes", "expected_tensors", "kv_shared_layers",
+           "kv_shared_unused", "mlx_lm_text_config", "projection_role", "text_shapes"]
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ def kv_shared_unused(text_config: dict) -> dict[str, tuple[int, ...]]:
     mlx-lm's loader wants them (it builds k/v in every layer)."""
     s = text_shapes(text_config)
     kv = s.num_key_value_heads * s.head_dim
-    shapes = {"k_proj.weight": (kv, s.hidden_size), "v_proj.weight": (kv, s.hidden_size), "k_norm.weight": (s.head_dim,)}
+    shapes = {"k_proj.weight": (kv, s.hidden_size), "v_proj.weight": (kv, s.hidden_size),
+              "k_norm.weight": (s.head_dim,)}
     return {f"layers.{i}.self_attn.{name}": shape
             for i in range(s.first_kv_shared_layer, s.num_hidden_layers) for name, shape in shapes.items()}
 

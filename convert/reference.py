@@ -343,7 +343,8 @@ class Forward:
         pl_ids = np.where((ids >= 0) & (ids < s.vocab_size_per_layer_input), ids, 0)
         unique, back = np.unique(pl_ids, return_inverse=True)
         table = (self.w("embed_tokens_per_layer", unique)[back] * np.float32(hp**0.5)).reshape(len(ids), layers, hp)
-        projected = (self.linear(embeds, "per_layer_model_projection") * np.float32(h**-0.5)).reshape(len(ids), layers, hp)
+        projected = self.linear(embeds, "per_layer_model_projection") * np.float32(h**-0.5)
+        projected = projected.reshape(len(ids), layers, hp)
         projected = rms_norm(projected, self.v("per_layer_projection_norm.weight"), a.eps)
         per_layer = (projected + table) * np.float32(1 / math.sqrt(2.0))
 
@@ -379,7 +380,8 @@ class Forward:
         return {i: last[types[i]] for i in range(first, s.num_hidden_layers)}
 
     def router(self, p: str, x: np.ndarray) -> np.ndarray:
-        inputs = rms_norm(x, self.v(p + "altup.router_norm.weight"), self.arch.eps) * np.float32(1.0 / self.arch.shapes.hidden_size)
+        inputs = (rms_norm(x, self.v(p + "altup.router_norm.weight"), self.arch.eps)
+                  * np.float32(1.0 / self.arch.shapes.hidden_size))
         return np.tanh(self.linear(inputs, p + "altup.modality_router"))
 
     def layer(self, i: int, planes, per_layer, kv: dict, producer: int | None) -> np.ndarray:
@@ -427,7 +429,8 @@ class Forward:
         if a.correct_scale:
             first = first * self.v(p + "altup.correct_output_scale")
         first = gelu(self.linear(first, p + "per_layer_input_gate")) * per_layer
-        first = rms_norm(self.linear(first, p + "per_layer_projection"), self.v(p + "post_per_layer_input_norm.weight"), eps)
+        first = rms_norm(self.linear(first, p + "per_layer_projection"),
+                         self.v(p + "post_per_layer_input_norm.weight"), eps)
         corrected[1:] += first
         return corrected
 
@@ -458,7 +461,8 @@ def known_answers(directory: str | os.PathLike, manifest: dict) -> dict:
         coordinates = sorted({int(c) for c in np.linspace(0, s.hidden_size - 1, COORDINATES)})
         stages: dict[int, dict] = {}
         logits = forward(ids, positions,
-                         lambda stage, planes: stages.__setitem__(stage, checksum(planes, forward.arch.active, coordinates)))
+                         lambda stage, planes: stages.__setitem__(
+                             stage, checksum(planes, forward.arch.active, coordinates)))
         activations = store.activation_dtype()
     finally:
         store.close()

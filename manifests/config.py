@@ -224,7 +224,8 @@ def rope_thetas(config: dict) -> dict[str, float]:
         theta = p.get("rope_theta", old[kind])
         theta = DEFAULT_THETA[kind] if theta is None else theta
         if not _is_real(theta) or not 0 < theta <= MAX_THETA:
-            raise ValueError(f"rope_theta of {kind}: must be a finite number in (0, {MAX_THETA:g}], got {_shown(theta)}")
+            raise ValueError(f"rope_theta of {kind}: must be a finite number in (0, {MAX_THETA:g}], "
+                             f"got {_shown(theta)}")
         thetas[kind] = float(theta)
     return thetas
 

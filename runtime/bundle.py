@@ -63,7 +63,8 @@ def read_bundle_manifest(path: Path) -> dict:
     if not path.is_dir():
         raise BundleError(f"{path}: no such bundle directory")
     if not os.path.lexists(path / MANIFEST_NAME):
-        what = "a model checkpoint, not a prepared bundle" if (path / "config.json").exists() else "not a prepared bundle"
+        what = ("a model checkpoint, not a prepared bundle" if (path / "config.json").exists()
+                else "not a prepared bundle")
         raise BundleError(
             f"{path}: no {MANIFEST_NAME} ({what}); prepare it first: {convert_command(str(path), device_target())}"
         )
@@ -114,7 +115,8 @@ def read_index(path: Path) -> dict[str, str]:
     except FileRefused as e:
         raise ValueError(f"{path / INDEX_NAME}: unreadable index ({e.strerror})") from None
     except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise ValueError(f"{path / INDEX_NAME}: unreadable index ({(str(e).splitlines() or [type(e).__name__])[0][:80]})") from None
+        said = (str(e).splitlines() or [type(e).__name__])[0][:80]
+        raise ValueError(f"{path / INDEX_NAME}: unreadable index ({said})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{path / INDEX_NAME}: weight_map does not map tensor names to file names")
     if not weight_map:

@@ -48,7 +48,8 @@ def _content_text(content, where: str) -> list[str]:
     for j, part in enumerate(content):
         here = f"{where}.content[{j}]"
         if not isinstance(part, dict):
-            raise MessageTypeError(here, f"a part is an object like {{'type': 'text', 'text': ...}}, not {type(part).__name__}")
+            raise MessageTypeError(here, "a part is an object like {'type': 'text', 'text': ...}, "
+                                         f"not {type(part).__name__}")
         if part.get("type") != "text":
             raise MessageError(f"{here}.type", f"only text parts are supported, not {part.get('type')!r}")
         if not isinstance(part.get("text"), str):
@@ -69,7 +70,8 @@ def check_messages(messages: Sequence[dict]) -> list[tuple[str, str]]:
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise MessageTypeError(where, f"a message is an object with 'role' and 'content', not {type(message).__name__}")
+            raise MessageTypeError(where, "a message is an object with 'role' and 'content', "
+                                          f"not {type(message).__name__}")
         extra = sorted(set(message) - set(MESSAGE_KEYS))
         if extra:
             raise MessageError(f"{where}.{extra[0]}", "not supported (messages have role, content and name)")

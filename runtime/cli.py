@@ -330,7 +330,8 @@ def _decode_cells(first, steady, generation_tokens: int) -> tuple[str, str]:
     """The decode row's two figures, or n/a (and one warning saying why) for too few steps."""
     steps = generation_tokens - 1
     if steps < MIN_DECODE_STEPS:
-        click.echo(f"{WARNING_PREFIX}--generation-tokens {generation_tokens} decodes {steps} step{'s' if steps > 1 else ''} "
+        click.echo(f"{WARNING_PREFIX}--generation-tokens {generation_tokens} decodes "
+                   f"{steps} step{'s' if steps > 1 else ''} "
                    f"after the prefill: {'one sample' if steps == 1 else 'a few samples'}, not a rate; "
                    f"give {MIN_DECODE_STEPS + 1} or more for a decode rate", err=True)
         return "n/a", "n/a"
@@ -389,7 +390,8 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
     click.echo(f"bundle: {bundle}  device: {mx.default_device()}")
     for row in [header] + rows:
-        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        click.echo("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                             for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
 
 
 @main.command()

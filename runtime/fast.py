@@ -168,7 +168,8 @@ class DecodeStep:
         c, lm = self.config, self.lm
         rows, buffers = (arrays[0], arrays[1:]) if self.mapped else (None, arrays)
         if token.shape != (1, 1):
-            raise ValueError(f"the compiled decode step takes one token of one sequence ([1, 1]), not {list(token.shape)}")
+            raise ValueError("the compiled decode step takes one token of one sequence ([1, 1]), "
+                             f"not {list(token.shape)}")
         ids = token.reshape(1)
         embeds = lm.embed_tokens(ids)
         dtype = embeds.dtype

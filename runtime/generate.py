@@ -221,8 +221,9 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
 
     `compiled` (default: on for this runtime's model) decodes through one compiled step over
     fixed-shape caches (runtime/fast.py); the eager caches are brought up to date at the end.
-    `compiled=False` decodes eagerly, through the model itself. `sampler`: a `Sampler`, or mlx-lm's kind (`sampler(logprobs) -> ids`); `logits_processors`:
-    mlx-lm's hook, `processor(ids so far, logits) -> logits`, applied in order before sampling.
+    `compiled=False` decodes eagerly, through the model itself. `sampler`: a `Sampler`, or
+    mlx-lm's kind (`sampler(logprobs) -> ids`); `logits_processors`: mlx-lm's hook,
+    `processor(ids so far, logits) -> logits`, applied in order before sampling.
 
     Every id must lie in [0, vocab_size): the model reads its tables by id (TypeError/ValueError
     otherwise, runtime/inputs.py), as must `max_tokens` >= 0 and `prefill_step_size` >= 1."""
@@ -350,7 +351,8 @@ def _sampler(sampling: SamplingParams | None, sampler, kwargs: dict, where: str)
                         f"({', '.join(sorted(kwargs)) or 'temperature, top_p, ...'}), not several")
     if sampler is not None:
         if not callable(sampler):
-            raise TypeError(f"{where}(): sampler must be callable (logprobs -> token ids), not {type(sampler).__name__}")
+            raise TypeError(f"{where}(): sampler must be callable (logprobs -> token ids), "
+                            f"not {type(sampler).__name__}")
         return sampler
     return Sampler(_sampling(sampling, kwargs))
 

@@ -57,7 +57,8 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], cache_dir
             f"preparing first: {prepare_command(repo_id, revision)}"
         ) from None
     except Exception as e:  # RepositoryNotFoundError, RevisionNotFoundError, HTTP errors
-        raise HubError(f"{repo_id}: cannot download from the hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise HubError(f"{repo_id}: cannot download from the hub "
+                       f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def prepare_command(repo_id: str, revision: str | None = None) -> str:
@@ -80,7 +81,8 @@ def choose_variant(variants: dict[str, str], device_info: dict, wanted: str | No
             return folder
     if len(variants) == 1:
         return next(iter(variants))
-    raise HubError(f"no variant for this device ({mine}) and no generic one; name one of: {', '.join(sorted(variants))}")
+    raise HubError(f"no variant for this device ({mine}) and no generic one; "
+                   f"name one of: {', '.join(sorted(variants))}")
 
 
 def resolve_bundle(ref: str, *, revision: str | None = None, variant: str | None = None,
@@ -93,7 +95,8 @@ def resolve_bundle(ref: str, *, revision: str | None = None, variant: str | None
     # config.json too: a repo with one but no manifest holds a checkpoint to convert, not a bundle.
     root = _snapshot(repo_id, revision, [MANIFEST_NAME, f"*/{MANIFEST_NAME}", "config.json"], cache_dir)
     variants = {}
-    for path in sorted(root.glob(f"*/{MANIFEST_NAME}")) + ([root / MANIFEST_NAME] if (root / MANIFEST_NAME).exists() else []):
+    top = [root / MANIFEST_NAME] if (root / MANIFEST_NAME).exists() else []
+    for path in sorted(root.glob(f"*/{MANIFEST_NAME}")) + top:
         folder = "" if path.parent == root else path.parent.name
         try:
             variants[folder] = load_manifest(path)["target"]["name"]

@@ -150,7 +150,8 @@ def known_answers_of(path: Path, manifest: dict) -> dict:
     try:
         check_section(section, manifest["model"]["text_config"], str(path / MANIFEST_NAME))
     except (ManifestError, KeyError, TypeError, ValueError) as e:
-        raise BundleError(str(e) if isinstance(e, ManifestError) else f"{path / MANIFEST_NAME}: {SECTION}: {e}") from None
+        raise BundleError(str(e) if isinstance(e, ManifestError)
+                          else f"{path / MANIFEST_NAME}: {SECTION}: {e}") from None
     return section
 
 

@@ -108,7 +108,8 @@ def _checked(path: str, record: dict, input_dims: int, output_dims: int) -> tupl
     layout = storage.layout
     key = PROJECTIONS.weight_key(path, layout)
     if record["key"] != key:
-        raise ManifestError(f"{where}: key {record['key']!r} is not where a {layout} projection at {path} lives ({key!r})")
+        raise ManifestError(f"{where}: key {record['key']!r} is not where a {layout} projection at {path} "
+                            f"lives ({key!r})")
     tensors = PROJECTIONS.expected(path, storage, output_dims, input_dims)
     want = list(tensors[0].shape)
     if list(record["shape"]) != want:
@@ -117,7 +118,8 @@ def _checked(path: str, record: dict, input_dims: int, output_dims: int) -> tupl
             f"the model config, which implies {want} for in={input_dims}, out={output_dims}"
         )
     if storage.bias and record["bias"] != tensors[-1].key:
-        raise ManifestError(f"{where}: bias {record['bias']!r} is not where the bias of {path} lives ({tensors[-1].key!r})")
+        raise ManifestError(f"{where}: bias {record['bias']!r} is not where the bias of {path} "
+                            f"lives ({tensors[-1].key!r})")
     return storage, tensors
 
 

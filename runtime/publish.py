@@ -152,7 +152,8 @@ def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | No
     names = [MANIFEST_NAME] + digest + sorted(manifest["files"])
     ops = [CommitOperationAdd(path_in_repo=f"{variant}/{name}", path_or_fileobj=str(bundle / name)) for name in names]
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
-    message = f"Add {variant} bundle ({manifest['target']['name']}, {manifest['dtype']}) made by mlx-prepared {manifest['tool']['version']}"
+    message = (f"Add {variant} bundle ({manifest['target']['name']}, {manifest['dtype']}) "
+               f"made by mlx-prepared {manifest['tool']['version']}")
     return api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision)
 
 

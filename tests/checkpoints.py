@@ -156,7 +156,8 @@ def make_checkpoint(path, naming: str = "hf", *, shards: int = 1, text_config: d
     return path
 
 
-def write_tokenizer(path, vocab_size: int = 300, text: str = "the quick brown fox jumps over the lazy dog " * 20) -> Path:
+def write_tokenizer(path, vocab_size: int = 300,
+                    text: str = "the quick brown fox jumps over the lazy dog " * 20) -> Path:
     """A small byte-level BPE tokenizer.json (Gemma's special tokens first) for checkpoints that need text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

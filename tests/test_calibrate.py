@@ -108,7 +108,8 @@ def test_a_role_with_several_shapes_is_decided_on_their_total():
     measure, _ = fake_timer({((8, 4), "float32"): 0.5, ((16, 4), "float32"): 3.0})
     assert calibrate(shapes, ["float32"], measure=measure, info=CPU)["layouts"]["mlp.up_proj"]["float32"] == STANDARD
     measure, _ = fake_timer({((8, 4), "float32"): 0.5, ((16, 4), "float32"): 0.9})
-    assert calibrate(shapes, ["float32"], measure=measure, info=CPU)["layouts"]["mlp.up_proj"]["float32"] == PRETRANSPOSED
+    layouts = calibrate(shapes, ["float32"], measure=measure, info=CPU)["layouts"]
+    assert layouts["mlp.up_proj"]["float32"] == PRETRANSPOSED
 
 
 def test_choose_margin():

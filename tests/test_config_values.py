@@ -70,7 +70,8 @@ BAD = [
     ("attention_bias", True, "must be false"),
     ("rope_parameters", {"full_attention": {"rope_theta": math.inf}}, "rope_theta of full_attention: must be"),
     ("rope_parameters", [1, 2], "rope_parameters: must be a mapping"),
-    ("rope_parameters", {"full_attention": {"rope_type": "yarn"}}, "rope_type of full_attention: 'yarn' is not supported"),
+    ("rope_parameters", {"full_attention": {"rope_type": "yarn"}},
+     "rope_type of full_attention: 'yarn' is not supported"),
     ("laurel_rank", 0, "must be an integer from 1 to"),
 ]
 
@@ -191,7 +192,8 @@ Q = "model.language_model.layers.0.self_attn.q_proj"
 
 @pytest.mark.parametrize("edit, says", [
     (lambda m: m["target"]["profile"].update(device="x"), "target.profile.device: expected object or null, got str"),
-    (lambda m: m["target"]["profile"].update(device_class=["x"]), "target.profile.device_class: expected string or null"),
+    (lambda m: m["target"]["profile"].update(device_class=["x"]),
+     "target.profile.device_class: expected string or null"),
     (lambda m: m["model"].update(eos_token_ids=[1, -5]), "model.eos_token_ids[1]: must be >= 0, got -5"),
     (lambda m: m["projections"][Q].update(quantized={"bits": 4, "group_size": 0, "mode": "affine"}),
      f"projections.{Q}.quantized: group_size 0 is not one affine takes (32, 64, 128)"),

@@ -50,7 +50,8 @@ def sha256(path: Path) -> str:
 def load_dir(directory: Path) -> dict[str, mx.array]:
     """Every tensor of a checkpoint or bundle directory, through mx.load (index or single file)."""
     index = directory / "model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    names = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     out = {}
     for name in names:
         part = mx.load(str(directory / name))
@@ -155,7 +156,8 @@ def check_bundle(src: Path, out: Path, naming: str, target: str, *, text_config=
     # dropped: exactly the towers and the unused K/V of KV-shared layers
     kept = {source_key(k, naming) for k in bundle}
     assert {d["key"] for d in manifest["dropped"]} == set(source) - kept
-    expect_dropped = set() if target in MLX_LM_TARGETS else {PREFIXES[naming] + n for n in kv_shared_unused(text_config)}
+    expect_dropped = (set() if target in MLX_LM_TARGETS
+                      else {PREFIXES[naming] + n for n in kv_shared_unused(text_config)})
     if naming in TOWER_PREFIXES:
         expect_dropped |= {TOWER_PREFIXES[naming] + n for n in TOWER_TENSORS}
     assert {d["key"] for d in manifest["dropped"]} == expect_dropped
@@ -243,7 +245,8 @@ def test_auto_maps_a_recorded_m5_and_prefers_a_saved_calibration(checkpoints, tm
 def test_target_profile_file(checkpoints, tmp_path):
     src = checkpoints["hf", 1]
     profile = tmp_path / "p.yaml"
-    profile.write_text("name: custom\nlayouts:\n  attn.o_proj: pretransposed\n  lm_head: {float32: standard, default: pretransposed}\n")
+    profile.write_text("name: custom\nlayouts:\n  attn.o_proj: pretransposed\n"
+                       "  lm_head: {float32: standard, default: pretransposed}\n")
     r = run_cli("--target-profile", profile, "-q", src, tmp_path / "out")
     assert r.returncode == 0, r.stderr
     manifest = read_manifest(tmp_path / "out")
@@ -647,7 +650,8 @@ def test_peak_memory_stays_bounded_below_the_tensor_size(big_checkpoint, tmp_pat
                "k = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
                "print(k if sys.platform == 'darwin' else k * 1024)\n"
                "sys.exit(r.returncode)\n")
-    args = ["--target", "m5", "-q", "--read-block-size", "4MiB", "--band-size", "32MiB", str(src), str(tmp_path / "out")]
+    args = ["--target", "m5", "-q", "--read-block-size", "4MiB", "--band-size", "32MiB",
+            str(src), str(tmp_path / "out")]
     r = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     peak = int(r.stdout.strip().splitlines()[-1])

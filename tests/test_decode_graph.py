@@ -66,7 +66,8 @@ def test_decode_step_stays_within_its_kernel_budget(bundles, step_counts):
     # per projection per token (~12 a layer) breaks this at once.
     view_names = step_counts["generic"][1]
     views = sum(n for k, n in counts.items() if k in view_names)
-    assert views <= 170, f"{views} views per step (budget 170): {[(k, n) for k, n in counts.items() if k in view_names]}"
+    view_counts = [(k, n) for k, n in counts.items() if k in view_names]
+    assert views <= 170, f"{views} views per step (budget 170): {view_counts}"
     # No 3-D matmul inputs (each would add a Flatten/Unflatten pair) and no attention fallback.
     assert counts.get("Flatten", 0) + counts.get("Unflatten", 0) <= 4
     assert counts.get("ScaledDotProductAttention", 0) == 0 and counts["Softmax"] == layers

@@ -88,7 +88,8 @@ def test_transformers_reproduces_the_demo_too():
 
     config = json.loads((DEMO / "config.json").read_text())
     model = transformers.Gemma3nForCausalLM(transformers.Gemma3nTextConfig(**config["text_config"])).eval()
-    state = {"model." + k[len("model.language_model."):]: v for k, v in load_file(str(DEMO / "model.safetensors")).items()}
+    state = {"model." + k[len("model.language_model."):]: v
+             for k, v in load_file(str(DEMO / "model.safetensors")).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert set(missing) <= {"lm_head.weight"} and not unexpected
     tok = Tokenizer.from_file(str(DEMO / "tokenizer.json"))

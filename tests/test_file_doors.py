@@ -84,7 +84,8 @@ def test_convert_refuses_a_device_in_source(src, tmp_path):
         os.mknod(src / "tokenizer.json", 0o600 | 0o020000, os.makedev(1, 5))  # /dev/zero's numbers
     except PermissionError:
         pytest.skip("mknod needs root")
-    line = one_error(run("convert", "--target", "generic", "-q", src, tmp_path / "out"), f"error: {src}/tokenizer.json: ")
+    line = one_error(run("convert", "--target", "generic", "-q", src, tmp_path / "out"),
+                     f"error: {src}/tokenizer.json: ")
     assert "a character device, not a regular file" in line, line
 
 

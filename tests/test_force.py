@@ -68,7 +68,8 @@ def test_force_refuses_a_user_tree_holding_a_manifest_yaml(source, tmp_path):
     p = a_user_tree(tmp_path / "project")
     before = tree(p)
     r = convert_cli("--force", source, p, cwd=tmp_path)
-    refused(r, f"error: {p}: OUT is not a bundle this tool wrote ({p / 'manifest.yaml'}: format_version missing or not an integer); "
+    refused(r, f"error: {p}: OUT is not a bundle this tool wrote ({p / 'manifest.yaml'}: "
+               "format_version missing or not an integer); "
                "refusing to replace it (remove it yourself or choose another OUT)")
     assert tree(p) == before
     assert sorted(x.name for x in tmp_path.iterdir()) == ["project"]

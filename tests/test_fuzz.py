@@ -210,8 +210,9 @@ def test_headers_with_one_field_replaced(data):
 
 def test_claims_beyond_the_file_cost_nothing():
     """Targeted examples of what a fuzzer rarely builds: a lone surrogate escape in a tensor name,
-    a header length of hundreds of MB in a 1 kB file, a shape whose element count has thousands of digits, JSON nested 100 000 deep,
-    an integer past Python's digit limit. Each is refused fast and without a large allocation."""
+    a header length of hundreds of MB in a 1 kB file, a shape whose element count has thousands of
+    digits, JSON nested 100 000 deep, an integer past Python's digit limit. Each is refused fast
+    and without a large allocation."""
     text = json.dumps({"w": {"dtype": "F32", "shape": [2**62] * 5000, "data_offsets": [0, 4]}}).encode()
     lone = b'{"\\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'
     cases = [

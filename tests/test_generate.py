@@ -3,8 +3,9 @@ look-ahead pipelining, chat sessions that keep their cache, and the capture hook
 
 The model is the runtime's own, loaded from the tiny random checkpoint of tests/checkpoints.py
 converted by the real converter, and again mlx-lm's gemma3n on the same weights: generation only
-relies on the interface both share (`model(ids, cache=...)`, `model.make_cache()`). The reference never uses a cache across steps: it runs
-the whole sequence through a fresh cache each step (mlx-lm's gemma3n needs a cache to be right).
+relies on the interface both share (`model(ids, cache=...)`, `model.make_cache()`). The reference
+never uses a cache across steps: it runs the whole sequence through a fresh cache each step
+(mlx-lm's gemma3n needs a cache to be right).
 """
 
 import subprocess

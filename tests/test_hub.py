@@ -147,7 +147,8 @@ def test_cli_generates_from_hub_id_offline(offline_cache):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
     import os
 
-    r = subprocess.run([sys.executable, "-m", "runtime", "generate", REPO + ":m5", "--prompt", "the quick", "--max-tokens", "3"],
+    r = subprocess.run([sys.executable, "-m", "runtime", "generate", REPO + ":m5", "--prompt", "the quick",
+                        "--max-tokens", "3"],
                        capture_output=True, text=True, env={**os.environ, **env})
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "runtime", "generate", "acme/absent-model", "--prompt", "x"],
@@ -199,7 +200,8 @@ def test_publish_uploads_verified_bundle_with_card(bundles):
     (commit,) = api.commits
     manifest = read_manifest(bundles["m5"])
     paths = sorted(op.path_in_repo for op in commit["ops"])
-    assert paths == sorted(["README.md", "m5/manifest.yaml", "m5/manifest.sha256"] + [f"m5/{f}" for f in manifest["files"]])
+    assert paths == sorted(["README.md", "m5/manifest.yaml", "m5/manifest.sha256"]
+                           + [f"m5/{f}" for f in manifest["files"]])
     assert "m5" in commit["message"] and manifest["tool"]["version"] in commit["message"]
     card = next(op for op in commit["ops"] if op.path_in_repo == "README.md").path_or_fileobj.decode()
     meta = _card_meta(card)
@@ -230,7 +232,8 @@ def test_publish_refuses_a_bundle_without_known_answers(tmp_path):
     src = make_checkpoint(tmp_path / "src", "hf")
     bundle = convert_checkpoint(src, tmp_path / "b", target="generic", dtype="float32")
     api = FakeApi()
-    with pytest.raises(HubError, match=f"records no known answers; add them with: python -m convert known-answers {bundle}"):
+    with pytest.raises(HubError,
+                       match=f"records no known answers; add them with: python -m convert known-answers {bundle}"):
         publish_bundle(bundle, REPO, api=api)
     assert api.commits == []
 
@@ -254,7 +257,8 @@ def test_card_for_hub_source_names_revision(bundles):
 
 
 def test_publish_cli_refuses_non_bundle(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "runtime", "publish", str(tmp_path), REPO], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "runtime", "publish", str(tmp_path), REPO],
+                       capture_output=True, text=True)
     assert r.returncode == 2
     assert "not a bundle" in r.stderr and "Traceback" not in r.stderr
 
@@ -303,7 +307,8 @@ def test_a_mapped_table_travels_with_its_bundle(offline_cache, bundles, monkeypa
     model, _ = load(REPO + ":mapped")
     assert "mapped/embed_tokens_per_layer.safetensors" in asked[-1]
     table = model.model.language_model.embed_tokens_per_layer
-    assert isinstance(table, MappedTable) and table.file == offline_cache[1] / "mapped" / "embed_tokens_per_layer.safetensors"
+    assert isinstance(table, MappedTable)
+    assert table.file == offline_cache[1] / "mapped" / "embed_tokens_per_layer.safetensors"
 
 
 def test_a_hub_checkpoint_is_answered_with_the_convert_command(tmp_path, monkeypatch):

@@ -169,11 +169,15 @@ def error_line(r) -> str:
 
 
 @pytest.mark.parametrize("args, stdin, says", [
-    ([b"generate", b"B", b"--prompt", b"caf\xe9"], None, "error: --prompt is not valid UTF-8 (byte 0xe9 at character 3)"),
-    ([b"generate", b"B", b"--prompt", b"-"], b"\xffhello", "error: --prompt - (stdin) is not valid UTF-8 (byte 0xff at offset 0)"),
+    ([b"generate", b"B", b"--prompt", b"caf\xe9"], None,
+     "error: --prompt is not valid UTF-8 (byte 0xe9 at character 3)"),
+    ([b"generate", b"B", b"--prompt", b"-"], b"\xffhello",
+     "error: --prompt - (stdin) is not valid UTF-8 (byte 0xff at offset 0)"),
     ([b"chat", b"B"], b"hello\n\xc3(\n", "error: chat line 2 is not valid UTF-8 (byte 0xc3 at offset 0)"),
-    ([b"generate", b"B", b"--prompt", b"hi", b"--temp", b"nan"], None, "error: --temp must be a finite number, got nan"),
-    ([b"generate", b"B", b"--prompt", b"hi", b"--top-p", b"nan"], None, "error: --top-p must be a finite number, got nan"),
+    ([b"generate", b"B", b"--prompt", b"hi", b"--temp", b"nan"], None,
+     "error: --temp must be a finite number, got nan"),
+    ([b"generate", b"B", b"--prompt", b"hi", b"--top-p", b"nan"], None,
+     "error: --top-p must be a finite number, got nan"),
     ([b"generate", b"B", b"--prompt", b"hi", b"--repetition-penalty", b"inf"], None,
      "error: --repetition-penalty must be a finite number, got inf"),
     ([b"chat", b"B", b"--seed", b"-1"], b"hi\n", "error: --seed must be >= 0, got -1"),

@@ -27,7 +27,8 @@ def bundles(tmp_path_factory):
 
 
 def add(bundle):
-    return subprocess.run([sys.executable, "-m", "convert", "known-answers", str(bundle)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "convert", "known-answers", str(bundle)],
+                          capture_output=True, text=True)
 
 
 def without_timing(section: dict) -> dict:
@@ -80,7 +81,8 @@ def test_a_bundle_that_is_not_what_its_manifest_says_is_refused(bundles, tmp_pat
         said = f"{bundle}: not as converted ({bundle / 'notes.txt'} is not listed in its manifest.yaml)"
     else:
         (bundle / "manifest.yaml").write_text((bundle / "manifest.yaml").read_text() + "# edited\n")
-        said = f"{bundle}: not as converted ({bundle / 'manifest.yaml'} differs from manifest.sha256 (edited after conversion))"
+        said = (f"{bundle}: not as converted ({bundle / 'manifest.yaml'} differs from manifest.sha256 "
+                "(edited after conversion))")
     before = (bundle / "manifest.yaml").read_bytes()
     done = add(bundle)
     assert done.returncode == 2

@@ -71,7 +71,8 @@ def test_a_bundle_without_known_answers_names_the_command_that_adds_them(bundles
         f"python -m convert known-answers {bundle}"]
     with pytest.raises(NoKnownAnswers):
         verify_numeric(bundle)
-    added = subprocess.run([sys.executable, "-m", "convert", "known-answers", str(bundle)], capture_output=True, text=True)
+    added = subprocess.run([sys.executable, "-m", "convert", "known-answers", str(bundle)],
+                           capture_output=True, text=True)
     assert added.returncode == 0, added.stderr
     assert run_cli("verify", "--numeric", bundle).returncode == 0
 

@@ -131,7 +131,8 @@ def test_the_profile_places_the_table_and_ple_overrides_it(bundles, tmp_path):
 @pytest.mark.parametrize("args, profile, expected", [
     (("--ple", "sideways"), None, "'sideways' is not one of 'resident', 'mapped'"),
     ((), {"per_layer_embeddings": "sideways"}, "per_layer_embeddings: 'sideways' is not resident or mapped"),
-    ((), {"per_layer_embeddings": "mapped", "mlx_lm": True}, "mlx-lm reads the per-layer embedding table from the shards"),
+    ((), {"per_layer_embeddings": "mapped", "mlx_lm": True},
+     "mlx-lm reads the per-layer embedding table from the shards"),
 ])
 def test_a_bad_placement_is_one_line(bundles, tmp_path, args, profile, expected):
     extra = ["--target-profile", str(write_profile(tmp_path / "p.yaml", **profile))] if profile \
@@ -145,8 +146,8 @@ def test_a_bad_placement_is_one_line(bundles, tmp_path, args, profile, expected)
 def test_a_manifest_that_records_a_table_twice_or_its_file_nowhere_is_refused(bundles):
     manifest = read_manifest(bundles["mapped"])
     twice = json.loads(json.dumps(manifest))
-    twice["embeddings"][EMBED_TOKENS_PER_LAYER] = {k: v for k, v in
-                                                   twice["mapped_embeddings"][EMBED_TOKENS_PER_LAYER].items() if k != "file"}
+    mapped_record = twice["mapped_embeddings"][EMBED_TOKENS_PER_LAYER]
+    twice["embeddings"][EMBED_TOKENS_PER_LAYER] = {k: v for k, v in mapped_record.items() if k != "file"}
     with pytest.raises(ManifestError, match="recorded twice"):
         validate_manifest(twice)
     unlisted = json.loads(json.dumps(manifest))

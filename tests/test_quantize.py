@@ -184,7 +184,8 @@ def test_the_manifest_records_what_was_quantized_and_what_was_not(source, bundle
                 assert np.array_equal(np.array(bundle[PREFIX + name]), w), name
                 if w.ndim == 2:
                     assert manifest["projections"][PREFIX + name[: -len(".weight")]]["quantized"] is None
-        on_disk = {p.name for p in out.iterdir()} - {"manifest.yaml", "manifest.sha256"}  # the manifest and its own digest
+        # Every file but the manifest and its own digest.
+        on_disk = {p.name for p in out.iterdir()} - {"manifest.yaml", "manifest.sha256"}
         assert set(manifest["files"]) == on_disk
 
 

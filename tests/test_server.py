@@ -244,7 +244,8 @@ def test_a_continued_text_reuses_the_cache(server, client, loaded):
                                        max_tokens=10)
     cached = tokenizer.encode(ZEN) + generated[:-1]  # the last token of a max_tokens run is not fed
     assert second.usage.prompt_tokens_details.cached_tokens == len(cached)
-    rest = (ZEN + first.choices[0].text + more)[len(tokenizer.decode(cached, skip_special_tokens=False)) - len("<bos>"):]
+    seen = len(tokenizer.decode(cached, skip_special_tokens=False)) - len("<bos>")
+    rest = (ZEN + first.choices[0].text + more)[seen:]
     ids = cached + tokenizer.encode(rest, add_special_tokens=False)
     assert second.usage.prompt_tokens == len(ids)
     assert second.choices[0].text == generate(model, tokenizer, ids, max_tokens=10)
