@@ -45,8 +45,8 @@ def _state(directory: Path) -> tuple | None:
 
 
 def compile_note(directory: Path) -> str:
-    return (f"MLX is compiling kernels this model needs for the first time on this machine (up to a minute, "
-            f"once: they are cached in {directory})")
+    return (f"MLX is compiling kernels this model needs for the first time on this machine (up to two "
+            f"minutes on a GPU, once: they are cached in {directory})")
 
 
 @contextmanager
