@@ -25,6 +25,7 @@ from convert.dtypes import CODE_FOR_OPTION, FLOATS
 from convert.errors import ConvertError
 from convert.fusion import fuse as fuse_groups
 from convert.items import Item
+from convert.overlap import DEPTH, HOT_CHUNK
 from convert.quantize import QuantSpec, not_quantized_because, spill_bytes
 from convert.quantize import working_set as quant_working_set
 from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
@@ -43,8 +44,9 @@ READ_BLOCK = 64 * 1024 * 1024
 # Output band of a transposed tensor held in memory at once (in source dtype). A tensor whose
 # transpose is larger is written in several bands, each a full pass over the source rows.
 BAND_BYTES = 512 * 1024 * 1024
-# The buffer that reads bytes only to hash them (gaps between tensors, dropped tensors).
-HASH_SCRATCH = 8 * 1024 * 1024
+# The buffer that reads bytes only to hash them (gaps between tensors, dropped tensors), one
+# cache-sized piece at a time (convert/overlap.py).
+HASH_SCRATCH = HOT_CHUNK
 # numpy's temporaries inside a cast (a few sub-chunks of 2^18 elements) and Python's own objects.
 CAST_SLACK = 8 * 1024 * 1024
 
@@ -135,7 +137,7 @@ class Plan:
 
     @property
     def predicted_peak(self) -> int:
-        work = max((working_set(i, self.read_block, self.band_bytes) for i in self.items), default=0)
+        work = working_set(self.items, self.read_block, self.band_bytes)
         return self.baseline_rss + HASH_SCRATCH + CAST_SLACK + work
 
     def summary(self) -> str:
@@ -184,9 +186,10 @@ def rows_per_block(item: Item, read_block: int) -> int:
 
 
 def band_rows(item: Item, band_bytes: int) -> int:
-    """Output rows of a transpose held in memory at once (held in the source dtype)."""
+    """Output rows of a transpose held in one band (in the source dtype): `DEPTH` bands, one
+    being filled while the one before is hashed and written, share `band_bytes`."""
     rows, cols = item.source.shape
-    return max(1, min(cols, band_bytes // max(rows * item.source.itemsize, 1)))
+    return max(1, min(cols, band_bytes // DEPTH // max(rows * item.source.itemsize, 1)))
 
 
 def block_bytes(item: Item, read_block: int) -> int:
@@ -195,20 +198,31 @@ def block_bytes(item: Item, read_block: int) -> int:
     return max(size, min(item.source.nbytes, read_block) // size * size)
 
 
-def working_set(item: Item, read_block: int, band_bytes: int) -> int:
-    """Bytes of buffers the writer allocates for `item` (the plan's memory prediction)."""
+def buffer_bytes(item: Item, read_block: int, band_bytes: int) -> dict[str, int]:
+    """Bytes of each kind of buffer the writer holds for `item`: `DEPTH` of each, one filled while
+    the lanes still hash the one before (convert/overlap.py)."""
     src, out_size = item.source, ITEMSIZE[item.dtype]
-    if item.transform == "quantize":
-        return quant_working_set(item, read_block)
+    if item.transform == "quantize":  # its own buffers, and MLX's memory (convert/quantize.py)
+        return {"quantize": quant_working_set(item, read_block)}
     if item.transform == "transpose":
         rows, cols = src.shape
         read = rows_per_block(item, read_block) * cols * src.itemsize
         band = band_rows(item, band_bytes) * rows * src.itemsize
         cast = 0 if item.dtype == src.dtype else block_bytes(item, read_block) // src.itemsize * out_size
-        return read + band + cast
+        return {"read": DEPTH * read, "band": DEPTH * band, "cast": DEPTH * cast}
     read = block_bytes(item, read_block)
     cast = 0 if item.transform == "copy" else read // src.itemsize * out_size
-    return read + cast
+    return {"read": DEPTH * read, "cast": DEPTH * cast}
+
+
+def working_set(items, read_block: int, band_bytes: int) -> int:
+    """Bytes of buffers the writer holds at most while writing `items`. Buffers are kept and grown
+    from one tensor to the next, so each kind counts at the largest size any tensor asks of it."""
+    largest: Counter = Counter()
+    for item in items:
+        for kind, n in buffer_bytes(item, read_block, band_bytes).items():
+            largest[kind] = max(largest[kind], n)
+    return sum(largest.values())
 
 
 def current_rss() -> int:
