@@ -89,7 +89,10 @@ class Buffers:
         self.fence(name).wait()
         buf = self._named.get(name)
         if buf is None or len(buf) < nbytes:
-            self._named.pop(name, None)  # free the old one before allocating the larger
+            # Free the old one before allocating the larger: no reference may stay, this local's
+            # included, or both are resident at once (a peak the plan does not predict).
+            buf = None
+            self._named.pop(name, None)
             buf = self._named[name] = bytearray(nbytes)
         return memoryview(buf)[:nbytes]
 

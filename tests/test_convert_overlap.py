@@ -1,0 +1,132 @@
+"""The converter's overlapped writing (convert/overlap.py): blocks of 1 MiB and more are written and
+hashed on the output lane while the main thread reads the next one. These tests use tensors and
+blocks large enough to take that path (the tiny checkpoints of the other tests never do).
+
+- fenced buffers: a buffer refilled as soon as `Buffers` hands it out again never changes what
+  was written from it;
+- conversions with different block and band sizes (one band or several, one block or many, each
+  of them on the lane) write the same bytes, the transposed LM head is numpy's transpose of the
+  embedding, and every sha256 in the manifest is the file's;
+- a write that fails on the lane (past a file-size limit) is still one line naming the file and
+  the tensor, and leaves nothing at OUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file as st_load_numpy
+
+from convert.overlap import DEPTH, OVERLAP_MIN, Buffers
+from convert.safetensors_io import SafetensorsWriter
+from tests.checkpoints import make_checkpoint, tiny_text_config
+
+REPO = Path(__file__).resolve().parents[1]
+MB = 1 << 20
+
+
+def test_fenced_buffers_are_not_refilled_while_the_lane_writes_them(tmp_path):
+    """Each block is written from one of two rotating buffers and the buffer is overwritten with
+    garbage the moment `Buffers` hands it out again: the file still holds the blocks as written."""
+    rng = np.random.default_rng(0)
+    blocks = [rng.integers(0, 256, 3 * MB // 2, dtype=np.uint8) for _ in range(7)]
+    total = sum(b.size for b in blocks)
+    bufs = Buffers()
+    w = SafetensorsWriter(tmp_path / "o.safetensors", [("x", "U8", (total,))])
+    w.begin("x")
+    for block in blocks:
+        buf, fence = bufs.next("read", block.size)
+        buf[:] = b"\xff" * block.size  # what a refill too early would leave in the file
+        buf[:] = block.tobytes()
+        w.write(buf, fence)
+    bufs.release()
+    sha, n = w.close()
+    raw = (tmp_path / "o.safetensors").read_bytes()
+    assert (sha, n) == (hashlib.sha256(raw).hexdigest(), len(raw))
+    assert np.array_equal(st_load_numpy(str(tmp_path / "o.safetensors"))["x"], np.concatenate(blocks))
+
+
+def test_a_growing_buffer_frees_the_old_one_before_allocating(tmp_path):
+    """The plan counts one buffer of each kind at its largest: growing one must never hold the
+    old and the new at once (it did, through a local variable, by 32 MB on a full-size m5)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        bufs = Buffers()
+        bufs.get("band", 8 * MB)
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        bufs.get("band", 20 * MB)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert 12 * MB <= peak < 13 * MB, peak  # 20 MB allocated, 8 MB freed first
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """float32, embedding 32768 x 64 (8 MB) and per-layer embedding 32768 x 160 (21 MB)."""
+    cfg = tiny_text_config(vocab_size=32768, vocab_size_per_layer_input=32768)
+    return make_checkpoint(tmp_path_factory.mktemp("wide") / "src", "hf", text_config=cfg, dtype=mx.float32)
+
+
+def _convert(src: Path, out: Path, *extra: str) -> dict[str, bytes]:
+    r = subprocess.run([sys.executable, "-m", "convert", "--target", "m5", "-q", *extra, str(src), str(out)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_block_and_band_sizes_do_not_change_a_byte(wide, tmp_path):
+    # Defaults: one block and one band per tensor. Then blocks of 1.5 MB (the 21 MB table in 14
+    # blocks) and bands of 3 MB / DEPTH (the 8 MB LM head in 6 bands), all past OVERLAP_MIN.
+    small = ("--read-block-size", "1.5MiB", "--band-size", "3MiB")
+    assert 3 * MB // DEPTH >= OVERLAP_MIN
+    default = _convert(wide, tmp_path / "default")
+    assert _convert(wide, tmp_path / "small", *small) == default
+    assert _convert(wide, tmp_path / "bf16", *small, "--dtype", "bfloat16") != default  # the flags are read
+
+    manifest = yaml.safe_load(default["manifest.yaml"])
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == hashlib.sha256(default[name]).hexdigest(), name
+    for name, sha in manifest["source"]["files"].items():
+        assert sha == hashlib.sha256((wide / name).read_bytes()).hexdigest(), name
+
+    bundle = st_load_numpy(str(tmp_path / "small" / "model.safetensors"))
+    source = st_load_numpy(str(wide / "model.safetensors"))
+    embed = source["model.language_model.embed_tokens.weight"]
+    heads = [k for k in bundle if k.startswith("lm_head")]
+    assert len(heads) == 1 and np.array_equal(bundle[heads[0]], embed.T)
+    per_layer = "model.language_model.embed_tokens_per_layer.weight"
+    assert np.array_equal(bundle[per_layer], source[per_layer])
+
+
+def _fsize_limit(limit: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so a write past the limit fails with EFBIG
+    return apply
+
+
+def test_a_write_failing_on_the_lane_is_one_line_and_leaves_nothing(wide, tmp_path):
+    """A 12 MB file-size limit stops the shard inside its 21 MB per-layer embedding, a block the
+    lane writes: the line names the shard inside OUT and that tensor."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "convert", "--target", "m5", "-q", str(wide), str(out)],
+                       capture_output=True, text=True, cwd=REPO, preexec_fn=_fsize_limit(12 * MB))
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"Error: {out}/model.safetensors: out of disk space or over the file-size limit ("), line
+    assert "while writing tensor 'model.language_model.embed_tokens_per_layer.weight'" in line, line
+    assert line.endswith(f"; {out} was left as it was"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
