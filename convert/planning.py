@@ -26,6 +26,8 @@ from convert.errors import ConvertError
 from convert.fusion import fuse as fuse_groups
 from convert.items import Item
 from convert.overlap import DEPTH, HOT_CHUNK
+from convert.shardfile import DEPTH as STAGE_DEPTH
+from convert.shardfile import STAGE
 from convert.quantize import QuantSpec, not_quantized_because, spill_bytes
 from convert.quantize import working_set as quant_working_set
 from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
@@ -47,6 +49,8 @@ BAND_BYTES = 512 * 1024 * 1024
 # The buffer that reads bytes only to hash them (gaps between tensors, dropped tensors), one
 # cache-sized piece at a time (convert/overlap.py).
 HASH_SCRATCH = HOT_CHUNK
+# The staging buffers of the shard being written with O_DIRECT (convert/shardfile.py).
+SHARD_STAGING = STAGE * STAGE_DEPTH
 # numpy's temporaries inside a cast (a few sub-chunks of 2^18 elements) and Python's own objects.
 CAST_SLACK = 8 * 1024 * 1024
 
@@ -138,7 +142,7 @@ class Plan:
     @property
     def predicted_peak(self) -> int:
         work = working_set(self.items, self.read_block, self.band_bytes)
-        return self.baseline_rss + HASH_SCRATCH + CAST_SLACK + work
+        return self.baseline_rss + HASH_SCRATCH + SHARD_STAGING + CAST_SLACK + work
 
     def summary(self) -> str:
         src = self.source

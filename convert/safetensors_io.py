@@ -25,6 +25,7 @@ from pathlib import Path
 from convert.dtypes import count_nonfinite
 from convert.errors import ConvertError
 from convert.overlap import HOT_CHUNK, OUTPUT_LANE, OVERLAP_MIN, Fence
+from convert.shardfile import ShardFile
 from manifests.files import FileRefused, open_regular
 from manifests.safetensors_header import HEADER_LIMIT  # noqa: F401  (re-exported: the limit readers share)
 from manifests.safetensors_header import DTYPE_NAMES, ITEMSIZE, HeaderError, header_length
@@ -231,29 +232,29 @@ class SafetensorsWriter:
         self._on_write = on_write
         self._last: Future | None = None  # the lane's latest write of this file
         self._error: OSError | None = None  # the write that failed; the file takes no more
-        self._file = open(self.path, "xb")
+        self._file = ShardFile(self.path, self._failed)
         self._emit(header if header is not None else build_header(entries, metadata), count=False)
 
     def _what(self) -> str:
         return f"tensor {self._entries[self._next - 1][0]!r}" if self._next else "the header"
 
-    def _failed(self, e: OSError, doing: str, what: str | None = None) -> OSError:
+    def _failed(self, e: OSError, what: str | None = None, doing: str = "writing") -> OSError:
         """The OS error of a write, naming this file and the tensor being written (a full disk)."""
         return OSError(e.errno, f"{e.strerror or e} while {doing} {what or self._what()}", str(self.path))
 
     def _put(self, view: memoryview, what: str) -> None:
         """Write `view` and hash it, piece by piece while each is in this core's cache (on the
-        output lane for a large buffer)."""
+        output lane for a large buffer). The file names its errors (`_failed`)."""
         if self._error is not None:
             raise self._error
         try:
             for i in range(0, view.nbytes, HOT_CHUNK):
                 part = view[i:i + HOT_CHUNK]
-                self._file.write(part)
+                self._file.write(part, what)
                 self._sha.update(part)
         except OSError as e:
-            self._error = self._failed(e, "writing", what)
-            raise self._error from None
+            self._error = e
+            raise
 
     def _settle(self) -> None:
         """Until the lane has written everything submitted (the lane runs in order); its error here."""
@@ -321,19 +322,15 @@ class SafetensorsWriter:
             self.abort()
             raise RuntimeError(f"{self.path.name}: closed before every tensor was written")
         self._settle()
-        try:
-            self._file.flush()
-        except OSError as e:
-            raise self._failed(e, "finishing") from None
+        self._file.finish(self._what())
         return self._sha.hexdigest(), self._bytes
 
     def sync(self) -> None:
         """fsync and close the finished file (a full disk may only show here, on delayed allocation)."""
         try:
-            os.fsync(self._file.fileno())
-            self._file.close()
+            self._file.sync()
         except OSError as e:
-            raise self._failed(e, "finishing") from None
+            raise self._failed(e, doing="finishing") from None
 
     def close(self) -> tuple[str, int]:
         """Finish the file (flushed and fsynced); return its sha256 and size."""

@@ -8,7 +8,9 @@ blocks large enough to take that path (the tiny checkpoints of the other tests n
   of them on the lane) write the same bytes, the transposed LM head is numpy's transpose of the
   embedding, and every sha256 in the manifest is the file's;
 - a write that fails on the lane (past a file-size limit) is still one line naming the file and
-  the tensor, and leaves nothing at OUT.
+  the tensor, and leaves nothing at OUT;
+- a shard file (convert/shardfile.py) holds exactly the bytes written, with O_DIRECT through its
+  aligned staging buffers and without.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from safetensors.numpy import load_file as st_load_numpy
 
 from convert.overlap import DEPTH, OVERLAP_MIN, Buffers
 from convert.safetensors_io import SafetensorsWriter
+from convert.shardfile import ALIGN, STAGE, ShardFile
 from tests.checkpoints import make_checkpoint, tiny_text_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +56,28 @@ def test_fenced_buffers_are_not_refilled_while_the_lane_writes_them(tmp_path):
     raw = (tmp_path / "o.safetensors").read_bytes()
     assert (sha, n) == (hashlib.sha256(raw).hexdigest(), len(raw))
     assert np.array_equal(st_load_numpy(str(tmp_path / "o.safetensors"))["x"], np.concatenate(blocks))
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_shard_file_holds_exactly_the_bytes_written(tmp_path, direct):
+    """Pieces of odd sizes crossing staging buffers (and one longer than a whole buffer), a size
+    that is no multiple of the block: the padding of the last O_DIRECT block is cut."""
+    rng = np.random.default_rng(1)
+    sizes = [8, 1, ALIGN - 3, STAGE - 5, 3 * MB + 7, 2 * STAGE + 11, 5]
+    data = rng.integers(0, 256, sum(sizes), dtype=np.uint8).tobytes()
+    path = tmp_path / "shard"
+    f = ShardFile(path, lambda e, what: OSError(e.errno, f"{e.strerror} while writing {what}", str(path)), direct)
+    if direct and hasattr(__import__("os"), "O_DIRECT"):
+        assert f.direct  # this file system takes O_DIRECT, so the staged path is the one tested
+    done = 0
+    for n in sizes:
+        f.write(memoryview(data)[done:done + n], "x")
+        done += n
+    assert f.finish("x") == len(data)
+    f.sync()
+    assert path.read_bytes() == data
+    with pytest.raises(FileExistsError):
+        ShardFile(path, None)
 
 
 def test_a_growing_buffer_frees_the_old_one_before_allocating(tmp_path):
