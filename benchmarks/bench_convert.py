@@ -32,13 +32,17 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 from common import dir_bytes, machine_facts, median, print_facts, run_child, table  # noqa: E402
 
 TOOLS = {
     "convert m5": lambda src, out: [sys.executable, "-m", "convert", "--target", "m5", "--quiet", src, out],
     "convert generic": lambda src, out: [sys.executable, "-m", "convert", "--target", "generic", "--quiet", src, out],
+    # m5 without the LM head written a second time, transposed: what that copy costs (not a target).
+    "convert m5 head standard": lambda src, out: [sys.executable, "-m", "convert", "--target-profile",
+                                                  str(HERE / "profiles" / "m5-head-standard.yaml"), "--quiet", src, out],
     "mlx_lm.convert": lambda src, out: [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", src,
                                         "--mlx-path", out, "--dtype", "bfloat16"],
     "cp -r": lambda src, out: ["cp", "-r", src, out],
