@@ -41,8 +41,10 @@ from manifests.records import BIASES, EMBEDDINGS, PROJECTIONS, SCALES, WEIGHT, K
 
 DTYPE_OPTIONS = ("keep", "bfloat16", "float16", "float32")
 
-# Bytes read per pread (and per cast): big enough that syscalls cost nothing, small beside 2 GB.
-READ_BLOCK = 64 * 1024 * 1024
+# Bytes read per block (and per cast): big enough that the Python loop around each costs nothing,
+# small beside 2 GB. Two of each kind are held (convert/overlap.py), so 32 MB keeps the working
+# set of a copy or cast where one 64 MB block had it.
+READ_BLOCK = 32 * 1024 * 1024
 # Output band of a transposed tensor held in memory at once (in source dtype). A tensor whose
 # transpose is larger is written in several bands, each a full pass over the source rows.
 BAND_BYTES = 512 * 1024 * 1024
