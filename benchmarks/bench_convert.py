@@ -1,6 +1,6 @@
 """Conversion cost: our `convert` (m5, generic) next to `mlx_lm.convert` and a plain copy.
 
-    python3 benchmarks/bench_convert.py /work/bench-data/e2b-bf16 --work /work/bench-data/tmp --runs 3
+    python3 benchmarks/bench_convert.py ~/bench-data/e2b-bf16 --work ~/bench-data/tmp --runs 3
 
 Each tool runs as its own child process on the same source, in a rotating order per run (so
 no tool always comes first after the page cache changed); its output is deleted before the next.
@@ -16,7 +16,7 @@ converter can save shows there first.
 `git archive REV convert manifests | tar -x -C DIR`), as `convert m5 @baseline` and
 `convert generic @baseline`, so a change is measured against its parent in the same run.
 
-Peak RSS counts the touched pages of memory-mapped files (DESIGN.md pitfalls): a tool that
+Peak RSS counts the touched pages of memory-mapped files (docs/GEMMA3N.md, pitfalls): a tool that
 mmaps the source (mlx_lm via `mx.load`, `cp` does not) shows them as resident although the
 kernel can drop them at will. Our converter reads with `pread` into reused buffers, so its
 figure is its real footprint.

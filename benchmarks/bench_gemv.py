@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-import mlx.core as mx  # noqa: E402
 
 from common import machine_facts, print_facts, table  # noqa: E402
 from runtime.calibrate import (  # noqa: E402
@@ -51,10 +50,7 @@ def main(argv=None) -> int:
         source, shapes = ", ".join(DEFAULT_CONFIGS), merge_shapes(DEFAULT_CONFIGS.values())
     if a.role:
         shapes = {r: s for r, s in shapes.items() if r in a.role}
-    facts = machine_facts()
-    facts["device"] = str(mx.default_device())
-    facts["device_info"] = mx.device_info()
-    print_facts(facts)
+    print_facts(machine_facts())  # its device: MLX's default device and mx.device_info()
     settings = Settings(repeats=a.repeats, cache_bytes=a.cache_mb << 20, graph_bytes=2 * (a.cache_mb << 20))
     profile = calibrate(shapes, a.dtype or ["bfloat16", "float32"], settings=settings, source=source,
                         progress=lambda line: print(line, file=sys.stderr, flush=True))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import re
 import sys
 from collections import Counter
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from bench_runtime import load_mlx_lm_from_bundle, load_ours  # noqa: E402
-from common import table  # noqa: E402
+from common import machine_facts, table  # noqa: E402
 
 VIEWS = {"Transpose", "Reshape", "Slice", "Split", "Squeeze", "ExpandDims", "Broadcast", "AsStrided",
          "Flatten", "Unflatten", "StopGradient", "Depends"}
@@ -98,7 +99,7 @@ def _scan_rope(x, dims, **kwargs):
 
 
 # One node where a GPU runs one kernel: mx.fast.rms_norm and mx.fast.rope as a scan of the same
-# shape (counting only: the values are wrong). Tests patch these in with monkeypatch.
+# shape (counting only: the values are wrong).
 FAST_STAND_INS = {"rms_norm": _scan_norm, "rope": _scan_rope}
 
 
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=12, help="primitives listed per implementation")
     p.add_argument("--as-gpu", action="store_true",
                    help="our compiled step only, mx.fast norms and RoPE counted as one node each")
+    p.add_argument("--json", default=None, help="also write the counts per step and primitive to this file")
     a = p.parse_args(argv)
     import mlx.core as mx
 
@@ -133,6 +135,9 @@ def main(argv=None) -> int:
     print(table(["step", "nodes", "not views", "views", "matmuls", "fused kernels"], rows, "lrrrrr"))
     for name, counts in graphs.items():
         print(f"\n{name}: " + ", ".join(f"{k} {n}" for k, n in counts.most_common(a.top)))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"facts": machine_facts(), "as_gpu": a.as_gpu, "views": sorted(VIEWS),
+                                            "steps": graphs}, indent=1))
     return 0
 
 

@@ -82,11 +82,18 @@ def main(argv=None) -> int:
     p.add_argument("--try", dest="tries", action="append", default=None, metavar="[ours:]OPS/CACHE",
                    help=f"a setting besides MLX's defaults (default: {' and '.join(DEFAULT_TRIES)})")
     p.add_argument("--json", default=None)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print, per setting, the graph variables each side's workers would get, and stop")
     a = p.parse_args(argv)
     settings = {"MLX defaults": ({}, {})}
     for text in a.tries or DEFAULT_TRIES:
         name, ours_env, peer_env = parse_try(text)
         settings[name] = (ours_env, peer_env)
+    if a.dry_run:
+        print(json.dumps({name: {side: {k: v for k, v in environment(env).items() if k in CUDA_GRAPH_VARS}
+                                 for side, env in zip(("ours", "mlx-lm"), envs)}
+                          for name, envs in settings.items()}))
+        return 0
     script = "bench_quantized.py" if a.quantized else "bench_runtime.py"
     impls = [("ours", "ours-compiled", a.ours), ("mlx-lm", "mlx-lm", a.peer)]
     names = list(settings)

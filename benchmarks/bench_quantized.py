@@ -54,7 +54,8 @@ def load_mlx_lm_quantized(bundle: str):
 
     gemma3n = mlx_lm_gemma3n()
     manifest = yaml.safe_load(Path(bundle, "manifest.yaml").read_text())
-    text = manifest["model"]["text_config"]
+    config = json.loads(Path(bundle, "config.json").read_text())  # a generic bundle's: written for mlx-lm
+    text = config.get("text_config", config)
     weights = {}
     for f in shard_paths(bundle):
         weights.update(mx.load(f))

@@ -18,7 +18,7 @@ one token per step with `mx.async_eval` overlapping graph building with evaluati
 model differs. Prompt ids are random in [3, 262144) (below both vocabularies), fixed by `--seed`.
 
 Imports only mlx, mlx-lm's model file, numpy and this repository (runtime needs pyyaml), so it
-runs on the H100 machine as staged by shared/device/stage-mlx-cuda.
+runs on a GPU machine where little more than MLX's CUDA build is installed.
 """
 
 from __future__ import annotations
@@ -87,17 +87,20 @@ def load_mlx_lm(source: str):
 def load_mlx_lm_from_bundle(bundle: str):
     """mlx-lm's gemma3n on a `generic` bundle's arrays (all `[out, in]`, same names as the hub).
 
-    The bundle lacks the K/V of KV-shared layers, which mlx-lm's strict loader wants but never
-    uses with a cache; those alone may stay at mlx-lm's initial values, and nothing else.
+    A generic bundle is written for mlx-lm (its config.json and the K/V of KV-shared layers);
+    this builds the model from the bundle's config.json without mlx-lm's own loader, which
+    imports transformers. Older bundles lack those K/V, which mlx-lm's strict loader wants but
+    never uses with a cache; those alone may stay at mlx-lm's initial values, and nothing else.
     This saves a second copy of the weights on disk (a float32 E2B is 18 GB).
     """
+    import json
+
     import mlx.core as mx
-    import yaml
     from mlx.utils import tree_flatten
 
     gemma3n = mlx_lm_gemma3n()
-    manifest = yaml.safe_load(Path(bundle, "manifest.yaml").read_text())
-    text = manifest["model"]["text_config"]
+    config = json.loads(Path(bundle, "config.json").read_text())
+    text = config.get("text_config", config)
     weights = {}
     for f in shard_paths(bundle):
         weights.update(mx.load(f))

@@ -6,9 +6,10 @@ Standard library only, so every script imports it on a bare benchmark machine.
 from __future__ import annotations
 
 import datetime
+import functools
+import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ class ChildRun:
     returncode: int
     stderr: str
     stdout: str = ""
-    cpu_s: float = 0.0  # the child's user + system CPU time (from `os.wait4`): its work, whatever the load
+    cpu_s: float = 0.0  # user + system CPU time of the child (what a loaded machine distorts least)
     loadavg: float = 0.0  # the machine's 1-minute load average when the child started
 
 
@@ -108,8 +109,65 @@ def _version(dist: str) -> str:
         return "-"
 
 
+# A checkout without git (a copy of the working tree on a GPU machine) is told its commit here.
+COMMIT_VAR = "BENCH_COMMIT"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.lru_cache(maxsize=None)
+def code_commit() -> str:
+    """The commit the benchmark's code is at: $BENCH_COMMIT if set, else `git rev-parse HEAD`
+    (with "-dirty" when tracked files differ from it), else "unknown". A figure without the
+    code it measured cannot be compared with a later one."""
+    given = os.environ.get(COMMIT_VAR, "").strip()
+    if given:
+        return given
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+_DEVICE_PROBE = ("import json, mlx.core as mx; "
+                 "print(json.dumps({'default_device': str(mx.default_device()), **mx.device_info()}, default=str))")
+
+
+@functools.lru_cache(maxsize=None)
+def device_facts() -> dict:
+    """What MLX computes on: its default device and `mx.device_info()` (on CUDA the GPU's name and
+    architecture, on a CPU the processor), plus the NVIDIA driver where `nvidia-smi` answers.
+    Asked in a child process unless MLX is already imported here, so a benchmark's parent never
+    holds a GPU context beside the children it times. {"device": "unknown"} when MLX is missing."""
+    facts: dict = {}
+    try:
+        if "mlx.core" in sys.modules:
+            mx = sys.modules["mlx.core"]
+            facts = json.loads(json.dumps({"default_device": str(mx.default_device()), **mx.device_info()},
+                                          default=str))
+        else:
+            run = subprocess.run([sys.executable, "-c", _DEVICE_PROBE], capture_output=True, text=True, timeout=120)
+            if run.returncode == 0 and run.stdout.strip():
+                facts = json.loads(run.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, AttributeError):
+        facts = {}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        if smi.returncode == 0 and smi.stdout.strip():
+            facts["nvidia_smi"] = smi.stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return facts or {"device": "unknown"}
+
+
 def machine_facts() -> dict:
-    """Machine, versions and date, for the header of every result."""
+    """Machine, device, versions, commit and date, for the header of every result (and its JSON)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -124,6 +182,8 @@ def machine_facts() -> dict:
         mem = 0
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": code_commit(),
+        "device": device_facts(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "ram_gib": round(mem / 2**30, 1),
@@ -138,9 +198,3 @@ def machine_facts() -> dict:
 
 def print_facts(facts: dict, file=sys.stdout) -> None:
     print(" ".join(f"{k}={v}" for k, v in facts.items()), file=file)
-
-
-def peak_rss_self() -> int:
-    """This process's own peak RSS in bytes (Linux reports KiB, macOS bytes)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024

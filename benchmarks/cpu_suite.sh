@@ -3,10 +3,10 @@
 # the peak). Run it when nothing else uses the machine: every step alternates implementations, so
 # ratios survive some noise, absolute times do not.
 #   bash benchmarks/cpu_suite.sh [STEP ...]     steps: gemv convert load decode f32 e4b (default: all)
-# Data in $DATA (default /work/bench-data); tables and JSON in $DATA/logs-<date>/.
+# Data in $DATA (default ~/bench-data); tables and JSON in $DATA/logs-<date>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data=${DATA:-/work/bench-data}
+data=${DATA:-$HOME/bench-data}
 logs=$data/logs-$(date -u +%Y%m%d-%H%M)
 steps=${*:-gemv convert load decode f32 e4b}
 mkdir -p "$logs"

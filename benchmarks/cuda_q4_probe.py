@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+from common import machine_facts  # noqa: E402
 
 LENGTHS = (1, 4, 7, 8, 16, 64)
 
@@ -118,9 +119,10 @@ def stages(model, ids: mx.array) -> list[tuple[str, np.ndarray]]:
     for i, layer in enumerate(lm.layers):
         shared = kv[producers[i]] if i in producers else None
         layer_cache = None if shared is not None else cache[i]
-        planes, kv[i] = layer(planes, per_layer[:, :, i, :], 0, layer_cache, shared)
+        planes, kv[i] = layer(planes, per_layer[:, :, i : i + 1, :], lm.plane_mask.astype(embeds.dtype), 0,
+                              layer_cache, shared)
         keep(f"layer {i}", planes)
-    keep("final_norm", lm.norm(mx.mean(planes, axis=0)))
+    keep("final_norm", lm.unembed(planes))
     return got
 
 
@@ -221,7 +223,7 @@ def main() -> int:
     args = ap.parse_args()
     phases = args.phases.split(",")
     print(f"mlx {mx.__version__} on {mx.default_device()} {mx.device_info().get('device_name', '')}", flush=True)
-    report: dict = {"bundle": args.bundle, "mlx": mx.__version__, "device": str(mx.device_info().get("device_name"))}
+    report: dict = {"facts": machine_facts(), "bundle": args.bundle}
 
     def save():
         if args.json:

@@ -15,9 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_facts  # noqa: E402
 
 MS = (1, 2, 4, 7, 8, 16, 64)
 KS = (64, 256, 512, 2048, 8192)
@@ -93,7 +97,7 @@ def main() -> int:
     print(f"{len(bad)} of {len(rows)} shapes wrong, changing or refused")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"mlx": mx.__version__, "device": mx.device_info().get("device_name"), "rows": rows}, f, indent=1)
+            json.dump({"facts": machine_facts(), "rows": rows}, f, indent=1)
     return 1 if bad else 0
 
 

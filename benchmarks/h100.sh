@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One measurement on the lent H100 (MLX's CUDA build; see shared/device/README.md). Run there as
-#   bash .mlxcuda/a/stage.sh                                   # first call
-#   source .mlxcuda/b/activate.sh && bash benchmarks/h100.sh e2b decode   # second call, right after
+# One measurement on an NVIDIA GPU (written for an H100) with MLX's CUDA build importable
+# (mlx 0.32.4 with mlx-cuda-13 and mlx-lm 0.32.2 were measured), from the repository's root:
+#   bash benchmarks/h100.sh e2b decode
+# Each JSON records the commit (git rev-parse HEAD); in a copy of the tree without .git, pass it:
+#   BENCH_COMMIT=<the commit's hash> bash benchmarks/h100.sh e2b decode
 # Steps: decode (runtime eager and compiled vs mlx-lm, same weights), fast (compiled only vs
 # mlx-lm), probe / sanitize (where a 4-bit prefill stops being deterministic), coldstart (time to
 # first token with empty vs warm kernel caches), profile (device time per kernel class of a step), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), graphs / graphs-q4
 # (MLX's CUDA graph settings tried on either side vs its defaults, bench_graphs.py), calibrate (GEMV
-# layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
+# layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments), numeric
+# (`runtime verify --numeric --runs RUNS` on the 4-bit and bf16 cuda bundles). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
 # (every layer at tiny widths: launch cost alone, made in seconds).
 # The random full-size checkpoint and its bundle are made there, in /tmp (nothing that big travels).
 set -euo pipefail
@@ -17,7 +20,7 @@ data=/tmp/bench-data
 out=${OUT:-/tmp}
 mkdir -p "$data"
 # Fail before minutes of checkpoint writing when the machine was handed back and came up bare.
-python3 -c "import mlx.core" 2>/dev/null || { echo "MLX is not importable here: stage it first (bash .mlxcuda/a/stage.sh, then source .mlxcuda/b/activate.sh in the next call)" >&2; exit 2; }
+python3 -c "import mlx.core" 2>/dev/null || { echo "MLX is not importable here: install MLX's CUDA build (or activate its environment) first" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 if [ ! -d "$data/$size" ]; then
   case $size in *-narrow) ;; *) rm -rf "$data"/e?b "$data"/e?b-* ;; esac  # one full model at a time: the disk holds about 64 GB
@@ -73,6 +76,14 @@ for step in $steps; do
       python3 benchmarks/bench_runtime.py decode "$data/$size-generic" "$data/$size-cuda" "$data/$size-small-pretransposed" \
         "$data/$size-all-pretransposed" --source "$data/$size-generic" --no-eager --rounds "${ROUNDS:-2}" --reps 3 \
         --prompt 64 --tokens "${TOKENS:-64}" --json "$out/variants-$size.json" ;;
+    numeric)
+      # verify --numeric on the 4-bit and the bf16 cuda bundle: known answers (numpy, this machine's CPU) if
+      # absent, then each path RUNS times here (every run after the first bit for bit against it).
+      [ -d "$data/$size-cuda-q4" ] || python3 -m convert --target cuda --quantize 4 --quiet "$data/$size" "$data/$size-cuda-q4"
+      for b in "$data/$size-cuda-q4" "$data/$size-cuda"; do
+        grep -q '^known_answers:' "$b/manifest.yaml" || python3 -m convert known-answers "$b"
+        python3 -m runtime verify --numeric --runs "${RUNS:-10}" "$b" | tee -a "$out/numeric-$size.txt" || true
+      done ;;
     graph)
       python3 benchmarks/bench_graph.py "$data/$size-generic" --top 20
       python3 benchmarks/bench_graph.py "$data/$size-cuda" --no-mlx-lm --top 20 ;;

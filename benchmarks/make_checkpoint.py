@@ -1,6 +1,6 @@
 """Write a random Gemma3n checkpoint at the real E2B or E4B size, streaming, like a hub download.
 
-    python3 benchmarks/make_checkpoint.py --size e2b /work/bench-data/e2b-bf16
+    python3 benchmarks/make_checkpoint.py --size e2b ~/bench-data/e2b-bf16
     python3 benchmarks/make_checkpoint.py --size e4b --dtype float32 --towers OUT
 
 The names, shapes and config are those of google/gemma-3n-E2B-it / E4B-it (Hugging Face naming,
@@ -9,13 +9,14 @@ and the files are sharded like the hub's (`model-0000i-of-0000n.safetensors` up 
 `--max-shard-size`, plus `model.safetensors.index.json`).
 
 Nothing close to a whole model is ever in memory: each shard is written header first, then its
-tensors in blocks of `--block-mb`, each block drawn from numpy's generator (float32 normal
-times a per-tensor scale; bfloat16 keeps the upper 16 bits, so every value is finite). Needs
+tensors in blocks of `--block-mb`, each block drawn from a numpy generator of its own (seeded by
+`--seed`, the tensor and the block, so threads draw several blocks at once): float32 normal
+times a per-tensor scale (bfloat16 keeps the upper 16 bits, so every value is finite). Needs
 only numpy and this repository's packages (`convert/gemma3n.py` for the tensors,
 `manifests/gemma3n.py` for the published sizes; no safetensors, no MLX), so it runs on bare
 benchmark machines too.
 
-Values are tame on purpose (DESIGN.md pitfalls): projections N(0, 1/fan_in), norm scales 1 and
+Values are tame on purpose (docs/GEMMA3N.md, pitfalls): projections N(0, 1/fan_in), norm scales 1 and
 q/k norm scales head_dim^-1/4 (`--random-norms` draws them around 1 instead). Random weights
 are still numerically meaningless; they exist for timing and memory figures, and for parity
 checks between two implementations that read the same bytes.
@@ -29,6 +30,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +57,7 @@ def text_config(size: str) -> dict:
 
 def _tiny_text_config() -> dict:
     # Same rules as the full sizes, at test scale: a full and a sliding layer before the
-    # KV-shared ones (DESIGN.md pitfalls), window shorter than a test sequence.
+    # KV-shared ones (docs/GEMMA3N.md, pitfalls), window shorter than a test sequence.
     cfg = text_config("e2b")
     cfg.update({
         "activation_sparsity_pattern": [0.95] * 5 + [0.0] * 5,
@@ -145,9 +147,8 @@ def tensor_list(text: dict, *, towers: bool, kv_shared_extras: bool) -> dict[str
     out = {PREFIX + k: v for k, v in shapes.items()}
     if kv_shared_extras:
         # Hub checkpoints carry K/V for KV-shared layers although the model never reads them
-        # (mlx-lm's loader even requires them); the converter drops them.
-        for name in kv_shared_unused(text):
-            out[PREFIX + name] = shapes["layers.0.self_attn." + name.rsplit("self_attn.", 1)[1]]
+        # (mlx-lm's loader requires them: the converter keeps them in bundles mlx-lm can read).
+        out.update({PREFIX + name: shape for name, shape in kv_shared_unused(text).items()})
     if towers:
         small = int(text["hidden_size"]) < 2048
         out.update({k: tuple(min(d, 16) for d in v) if small else v for k, v in TOWER_TENSORS.items()})
@@ -191,26 +192,34 @@ def _header(names: list[str], tensors: dict, dtype: str) -> tuple[bytes, int]:
     return len(raw).to_bytes(8, "little") + raw, offset
 
 
-def _write_values(f, count: int, mean: float, std: float, dtype: str, rng: np.random.Generator,
-                  block: int) -> None:
-    done = 0
-    while done < count:
-        n = min(block, count - done)
-        if std == 0.0:
-            values = np.full(n, mean, dtype=np.float32)
-        else:
-            values = rng.standard_normal(n, dtype=np.float32)
-            values *= std
-            if mean:
-                values += mean
-        if dtype == "bfloat16":
-            # The upper half of a little-endian float32 is its bfloat16 truncation.
-            f.write(values.view(np.uint16)[1::2].tobytes())
-        elif dtype == "float16":
-            f.write(values.astype(np.float16).tobytes())
-        else:
-            f.write(values.tobytes())
-        done += n
+def _values(n: int, mean: float, std: float, dtype: str, seed: tuple[int, ...]) -> bytes:
+    """One block's bytes: `n` values ~ N(mean, std) from a generator of its own (`seed`), so
+    blocks can be drawn in parallel and still come out the same whatever the thread count."""
+    if std == 0.0:
+        values = np.full(n, mean, dtype=np.float32)
+    else:
+        values = np.random.default_rng(seed).standard_normal(n, dtype=np.float32)
+        values *= std
+        if mean:
+            values += mean
+    if dtype == "bfloat16":
+        # The upper half of a little-endian float32 is its bfloat16 truncation.
+        return values.view(np.uint16)[1::2].tobytes()
+    if dtype == "float16":
+        return values.astype(np.float16).tobytes()
+    return values.tobytes()
+
+
+def _write_values(f, count: int, mean: float, std: float, dtype: str, seed: tuple[int, ...], block: int,
+                  pool: ThreadPoolExecutor) -> None:
+    """The tensor's values, block by block (numpy draws them with the GIL released, so the pool's
+    threads fill several blocks at once), written in order."""
+    starts = range(0, count, block)
+    window = 2 * pool._max_workers  # blocks in flight: memory stays a few blocks whatever the tensor
+    for w in range(0, len(starts), window):
+        for data in pool.map(lambda i: _values(min(block, count - starts[i]), mean, std, dtype, (*seed, i)),
+                             range(w, min(w + window, len(starts)))):
+            f.write(data)
 
 
 def make_checkpoint(out: str | os.PathLike, size: str = "e2b", *, dtype: str = "bfloat16",
@@ -225,8 +234,8 @@ def make_checkpoint(out: str | os.PathLike, size: str = "e2b", *, dtype: str = "
     text = text_config(size)
     tensors = tensor_list(text, towers=towers, kv_shared_extras=kv_shared_extras)
     shards = plan_shards(tensors, dtype, max_shard_bytes)
-    rng = np.random.default_rng(seed)
     block = max(1, block_bytes // 4)
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
     weight_map, total, t0 = {}, 0, time.perf_counter()
     for i, names in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -235,7 +244,7 @@ def make_checkpoint(out: str | os.PathLike, size: str = "e2b", *, dtype: str = "
             f.write(header)
             for name in names:
                 mean, std = value_rule(name, tensors[name], int(text["head_dim"]), random_norms)
-                _write_values(f, math.prod(tensors[name]), mean, std, dtype, rng, block)
+                _write_values(f, math.prod(tensors[name]), mean, std, dtype, (seed, len(weight_map)), block, pool)
                 weight_map[name] = fname
         total += nbytes
         if not quiet:

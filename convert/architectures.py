@@ -3,7 +3,8 @@
 Each is one module of this package describing a checkpoint of it: ARCHITECTURE and MODEL_TYPES
 (its name and its configs' `model_type` values), TEXT_MODEL_TYPE (what the bundle's text config
 says), `expected_tensors(text_config)` (every tensor the decoder uses, decoder-relative name ->
-shape), `kv_shared_unused(text_config)` (tensors a checkpoint may carry that are never read),
+shape), `kv_shared_unused(text_config)` (tensors a checkpoint may carry that are never read,
+name -> shape), `mlx_lm_text_config(text_config)` (keys mlx-lm's loader needs that a config may lack),
 `projection_role(module)`, EMBEDDINGS, NEVER_QUANTIZED (with NEVER_QUANTIZED_BECAUSE), and
 `kv_shared_layers(text_config)` (per layer, whether it reads another layer's K/V cache, which
 decides the fused groups that apply there). A second architecture is a module of its own and a

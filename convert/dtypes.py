@@ -39,7 +39,10 @@ def view(raw, dtype: str) -> np.ndarray:
 
 
 def bf16_to_f32(src: np.ndarray, out: np.ndarray) -> None:
-    out.view(np.uint32)[:] = src.astype(np.uint32) << 16
+    # In place: `src.astype(np.uint32) << 16` makes two temporaries and ran 25x slower here.
+    bits = out.view(np.uint32)
+    bits[:] = src
+    bits <<= 16
 
 
 def f32_to_bf16(src: np.ndarray, out: np.ndarray) -> None:

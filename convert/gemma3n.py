@@ -12,12 +12,13 @@ import re
 from dataclasses import dataclass
 
 from manifests.config import DEFAULTS
+from manifests.config import FULL, SLIDING, rope_thetas
 from manifests.gemma3n import ARCHITECTURE, MODEL_TYPES, TEXT_MODEL_TYPE
 
 ARCHITECTURES = MODEL_TYPES  # the config model_types source reading accepts
 NAME = "Gemma3n"  # in messages
 __all__ = ["ARCHITECTURE", "ARCHITECTURES", "EMBEDDINGS", "MODEL_TYPES", "NAME", "NEVER_QUANTIZED", "NEVER_QUANTIZED_BECAUSE",
-           "TEXT_MODEL_TYPE", "TextShapes", "expected_tensors", "kv_shared_layers", "kv_shared_unused",
+           "TEXT_MODEL_TYPE", "TextShapes", "expected_tensors", "kv_shared_layers", "kv_shared_unused", "mlx_lm_text_config",
            "projection_role", "text_shapes"]
 
 
@@ -121,14 +122,28 @@ def kv_shared_layers(text_config: dict) -> list[bool]:
     return [i >= s.first_kv_shared_layer for i in range(s.num_hidden_layers)]
 
 
-def kv_shared_unused(text_config: dict) -> list[str]:
-    """K/V tensors some checkpoints carry for KV-shared layers, which the model never reads."""
+def kv_shared_unused(text_config: dict) -> dict[str, tuple[int, ...]]:
+    """K/V tensors checkpoints carry for KV-shared layers, which the model never reads, name ->
+    shape (that of a layer's own k/v). Every Hugging Face Gemma3n checkpoint has them, and
+    mlx-lm's loader wants them (it builds k/v in every layer)."""
     s = text_shapes(text_config)
-    return [
-        f"layers.{i}.self_attn.{name}"
-        for i in range(s.first_kv_shared_layer, s.num_hidden_layers)
-        for name in ("k_proj.weight", "v_proj.weight", "k_norm.weight")
-    ]
+    kv = s.num_key_value_heads * s.head_dim
+    shapes = {"k_proj.weight": (kv, s.hidden_size), "v_proj.weight": (kv, s.hidden_size), "k_norm.weight": (s.head_dim,)}
+    return {f"layers.{i}.self_attn.{name}": shape
+            for i in range(s.first_kv_shared_layer, s.num_hidden_layers) for name, shape in shapes.items()}
+
+
+# mlx-lm's names for the RoPE base of each layer type (old transformers configs' too).
+ROPE_KEYS = {FULL: "rope_theta", SLIDING: "rope_local_base_freq"}
+
+
+def mlx_lm_text_config(text_config: dict) -> dict:
+    """Keys mlx-lm's gemma3n requires that a newer config may lack, to add beside it: the RoPE
+    bases as `rope_theta` (full attention) and `rope_local_base_freq` (sliding), which newer
+    transformers configs keep only in `rope_parameters` (read as manifests/config.py reads them
+    for our runtime). {} where nothing is missing."""
+    thetas = rope_thetas(text_config)
+    return {key: thetas[kind] for kind, key in ROPE_KEYS.items() if key not in text_config}
 
 
 _LAYER_ROLE = re.compile(

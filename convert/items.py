@@ -22,7 +22,7 @@ class Item:
     source: TensorInfo
     dtype: str  # safetensors dtype code written
     shape: tuple[int, ...]  # shape written
-    transform: str  # "copy" | "cast" | "transpose" | "quantize"
+    transform: str  # "copy" | "cast" | "transpose" | "quantize" | "zeros" (no source: `source` only sizes it)
     quant: QuantSpec | None = None  # quantize: the spec
     part: str = ""  # quantize: "weight", "scales" or "biases" of `source`
     quant_dtype: str = ""  # quantize: the float dtype `source` is cast to before quantizing

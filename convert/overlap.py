@@ -21,6 +21,7 @@ the next block while the lane still writes the previous one.
 
 from __future__ import annotations
 
+import mmap
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -77,7 +78,7 @@ class Buffers:
     set once and never refills a buffer the lane is still writing."""
 
     def __init__(self):
-        self._named: dict[str, bytearray] = {}
+        self._named: dict[str, mmap.mmap] = {}
         self._fences: dict[str, Fence] = {}
         self._turn: dict[str, int] = {}
 
@@ -90,10 +91,12 @@ class Buffers:
         buf = self._named.get(name)
         if buf is None or len(buf) < nbytes:
             # Free the old one before allocating the larger: no reference may stay, this local's
-            # included, or both are resident at once (a peak the plan does not predict).
+            # included, or both are resident at once (a peak the plan does not predict). Mapped,
+            # not malloc'd: an outgrown buffer goes back to the system when dropped (malloc may
+            # keep one of up to 32 MiB for reuse), and a mapping is page-aligned.
             buf = None
             self._named.pop(name, None)
-            buf = self._named[name] = bytearray(nbytes)
+            buf = self._named[name] = mmap.mmap(-1, max(nbytes, 1))
         return memoryview(buf)[:nbytes]
 
     def next(self, name: str, nbytes: int) -> tuple[memoryview, Fence]:

@@ -23,12 +23,13 @@ import platform
 import re
 import shutil
 import stat
+import warnings
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 from convert.architectures import architecture
-from convert.errors import ConvertError
+from convert.errors import ConvertError, Float16Warning
 from convert.ownership import (
     PARTIAL_MARKER,
     within,
@@ -49,6 +50,7 @@ from convert.planning import (
     peak_rss,
 )
 from convert.quantize import quant_spec
+from convert.reference import known_answers as reference_answers
 from convert.safetensors_io import ITEMSIZE, NonFiniteError
 from convert.source import Source, open_source
 from convert.write import write_bundle
@@ -62,6 +64,7 @@ from manifests import (
     target_for_device,
     write_manifest,
 )
+from manifests.known_answers import SECTION
 from manifests.profiles import saved_profile_for_device
 
 
@@ -98,6 +101,10 @@ def resolve_target(target: str | None = None, target_profile: str | os.PathLike 
         raise ConvertError(str(e)) from None
 
 
+FLOAT16_ADVICE = ("--dtype float16: Gemma models can overflow float16 (activations past its largest value, "
+                  "65504, turn infinite, then NaN); use --dtype bfloat16, the same size")
+
+
 def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = None, *, target: str | None = "auto",
          target_profile: str | os.PathLike | None = None, dtype: str = "keep", revision: str | None = None,
          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, device_info: dict | None = None,
@@ -110,6 +117,8 @@ def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = Non
     the groups the profile's `fuse` lists, True every group, False none (convert/fusion.py).
     """
     spec = quant_spec(quantize, group_size, quant_mode)
+    if dtype == "float16":
+        warnings.warn(FLOAT16_ADVICE, Float16Warning, stacklevel=2)
     with os_errors(source):
         src = source if isinstance(source, Source) else open_source(source, revision)
         if out is not None:
@@ -306,6 +315,7 @@ def build_manifest(p: Plan, files: dict, source_files: dict) -> dict:
         "projections": p.projections,
         "embeddings": p.embeddings,
         "dropped": p.dropped,
+        **({"unread": p.unread} if p.unread else {}),  # only where tensors are kept for mlx-lm
         "files": files,
     }
 
@@ -351,19 +361,21 @@ def preflight(p: Plan, out: str | os.PathLike, *, force: bool = False) -> Path:
 
 
 def execute(p: Plan, out: str | os.PathLike, *, force: bool = False, on_write=None,
-            check_finite: bool = False) -> Path:
+            check_finite: bool = False, known_answers: bool = False) -> Path:
     """Write the planned bundle to OUT atomically; return OUT.
 
     `check_finite`: refuse a tensor holding NaN or infinite values (counted as it is written).
+    `known_answers`: run the float32 reference over the written tensors and record its answers
+    in the manifest (convert/reference.py), before the bundle is renamed into place.
     """
     with os_errors(out):
         out = preflight(p, out, force=force)
         out.parent.mkdir(parents=True, exist_ok=True)
     with destination_lock(out):
-        return _execute_locked(p, out, force, on_write, check_finite)
+        return _execute_locked(p, out, force, on_write, check_finite, known_answers)
 
 
-def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: bool) -> Path:
+def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: bool, known_answers: bool) -> Path:
     with os_errors(out):
         preflight(p, out, force=force)  # again: another run may have finished OUT before we locked
         parent = out.parent
@@ -376,8 +388,11 @@ def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: boo
             files, source_files = write_bundle(p, tmp, on_write=on_write, check_finite=check_finite)
         except NonFiniteError as e:
             raise ConvertError(nonfinite_message(p, e, out)) from None
+        manifest = build_manifest(p, files, source_files)
+        if known_answers:
+            manifest[SECTION] = reference_answers(tmp, manifest)
         try:
-            write_manifest(build_manifest(p, files, source_files), tmp)
+            write_manifest(manifest, tmp)
         except ManifestError as e:  # a bug of ours, not bad input; still one line
             raise ConvertError(f"internal error, manifest does not validate: {e}") from None
         (tmp / PARTIAL_MARKER).unlink()  # complete: from here on it proves itself a bundle
@@ -411,7 +426,7 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
                        force: bool = False, device_info: dict | None = None, on_write=None,
                        read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES, quantize: int | None = None,
                        group_size: int | None = None, quant_mode: str | None = None,
-                       check_finite: bool = False, fuse: bool | None = None) -> Path:
+                       check_finite: bool = False, fuse: bool | None = None, known_answers: bool = False) -> Path:
     """Convert SOURCE (directory or hub repo id) into a prepared bundle at OUT; return OUT.
 
     Every refusal is a `ConvertError` (a `click.ClickException`, exit code 2) with one line naming
@@ -421,14 +436,15 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
              max_shard_size=max_shard_size, device_info=device_info, read_block=read_block,
              band_bytes=band_bytes, quantize=quantize, group_size=group_size, quant_mode=quant_mode,
              fuse=fuse)
-    return execute(p, out, force=force, on_write=on_write, check_finite=check_finite)
+    return execute(p, out, force=force, on_write=on_write, check_finite=check_finite, known_answers=known_answers)
 
 
 def run_report(p: Plan, out: Path, seconds: float) -> str:
     moved = p.tensor_bytes_out
-    return (f"wrote {out}: {len(p.items)} tensors in {len(p.shards)} shard{'s' if len(p.shards) != 1 else ''}, "
+    return (f"wrote {out}: {len(p.items)} tensors ({p.records} manifest records) in {len(p.shards)} "
+            f"shard{'s' if len(p.shards) != 1 else ''}, "
             f"{human(moved)} in {seconds:.1f} s ({moved / max(seconds, 1e-9) / 1e9:.2f} GB/s), "
-            f"peak memory {human(peak_rss())} (predicted {human(p.predicted_peak)})")
+            f"peak memory {human(peak_rss())} (planned: at most {human(p.predicted_peak)})")
 
 
 __all__ = ["plan", "convert_checkpoint", "execute", "preflight", "resolve_target", "clean_stale", "run_report"]

@@ -5,7 +5,8 @@ out) and reads no tensor data, so `--dry-run` prints exactly what a conversion w
 the writer executes the plan without making decisions of its own.
 
 Each bundle tensor is made from one source tensor by a `transform`: `copy` (bytes as they are),
-`cast` (to another float dtype) or `transpose` (cast if asked, then written [in, out]). With
+`cast` (to another float dtype) or `transpose` (cast if asked, then written [in, out]); `zeros`
+makes a tensor a source lacks that mlx-lm's loader wants and nothing reads (`kept_for_mlx_lm`). With
 `--quantize`, `quantize` makes three bundle tensors (packed weight, scales, biases) of one source
 tensor (convert/quantize.py). A fused projection (the profile's `fuse`, convert/fusion.py) is
 made of several source tensors stacked along their rows (`Item.members`), by the same transforms.
@@ -14,6 +15,8 @@ made of several source tensors stacked along their rows (`Item.members`), by the
 from __future__ import annotations
 
 import itertools
+import json
+import math
 import os
 import resource
 import sys
@@ -26,15 +29,15 @@ from convert.errors import ConvertError
 from convert.fusion import fuse as fuse_groups
 from convert.items import Item
 from convert.overlap import DEPTH, HOT_CHUNK
+from convert.quantize import QuantSpec, not_quantized_because, spill_bytes
+from convert.quantize import buffers as quant_buffers
+from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
 from convert.shardfile import DEPTH as STAGE_DEPTH
 from convert.shardfile import STAGE
-from convert.quantize import QuantSpec, not_quantized_because, spill_bytes
-from convert.quantize import working_set as quant_working_set
-from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
 from manifests.config import check_quantization
-from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, PREFIX, PRETRANSPOSED, STANDARD, ManifestError
+from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, NAMINGS, PREFIX, PRETRANSPOSED, STANDARD, ManifestError
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.profiles import TargetProfile
 from manifests.records import BIASES, EMBEDDINGS, PROJECTIONS, SCALES, WEIGHT, Kind, Quantization, Storage
@@ -117,6 +120,11 @@ class Plan:
     fused: Counter = field(default_factory=Counter)  # group -> layers fused
     unfused: Counter = field(default_factory=Counter)  # "group: reason" -> layers left unfused
     architecture: str = GEMMA3N  # the manifest's model.architecture (convert/architectures.py)
+    # Tensors stored for mlx-lm's loader that this runtime never reads (manifest `unread`), and the
+    # bundle's config.json where it must differ from the source's for mlx-lm (None: copied as is).
+    unread: dict[str, dict] = field(default_factory=dict)
+    config_json: bytes | None = None
+    mlx_lm: bool = False  # written for mlx-lm's loader too
 
     @property
     def items(self) -> list[Item]:
@@ -132,6 +140,11 @@ class Plan:
         return sum(s.nbytes for s in self.shards) + self.index_bytes + copied
 
     @property
+    def records(self) -> int:
+        """The manifest's projection and embedding records (`runtime verify` counts the same)."""
+        return len(self.projections) + len(self.embeddings)
+
+    @property
     def tensor_bytes_out(self) -> int:
         return sum(i.nbytes for i in self.items)
 
@@ -143,19 +156,36 @@ class Plan:
 
     @property
     def predicted_peak(self) -> int:
-        work = working_set(self.items, self.read_block, self.band_bytes)
-        return self.baseline_rss + HASH_SCRATCH + SHARD_STAGING + CAST_SLACK + work
+        """A bound on the run's peak resident memory: what the process held when it planned, the
+        hash scratch, the shard's staging buffers and slack, the writer's buffers at their largest
+        (each is kept from item to item and only grows, so their largest sizes add up), and the most
+        MLX holds for one item."""
+        asked: dict[str, list[int]] = {}
+        mlx = 0
+        for item in self.items:
+            for kind, sizes in buffer_sizes(item, self.read_block, self.band_bytes).items():
+                if kind == "mlx":
+                    mlx = max([mlx, *sizes])
+                else:
+                    asked.setdefault(kind, []).extend(sizes)
+        # A kind the writer rotates `DEPTH` buffers of ends with each at the largest size it got:
+        # at most the `DEPTH` largest asked for; any other kind is one buffer.
+        kept = sum(sum(sorted(sizes, reverse=True)[:DEPTH if kind in RINGS else 1]) for kind, sizes in asked.items())
+        return self.baseline_rss + HASH_SCRATCH + SHARD_STAGING + CAST_SLACK + kept + mlx
 
     def summary(self) -> str:
         src = self.source
         lines = [
-            f"source   {src.display} ({src.kind}, naming {src.naming}, {len(src.headers)} safetensors "
+            f"source   {src.display} ({src.kind}, {len(src.headers)} safetensors "
             f"file{'s' if len(src.headers) != 1 else ''}, {len(src.tensors)} tensors)",
+            f"naming   {NAMINGS[src.naming]}",
             f"target   {self.profile.name} (profile sha256 {self.profile.sha256[:12]})"
             + (f", device {self.device.get('architecture')}" if self.device else ""),
             f"dtype    {self.dtype}",
-            f"tensors  {len(self.items)} written, {len(self.dropped)} dropped",
+            f"tensors  {len(self.items)} written ({self.records} manifest records), {len(self.dropped)} dropped",
         ]
+        for reason, n in sorted(Counter(u["reason"] for u in self.unread.values()).items()):
+            lines.append(f"  kept    {n:5d}  {reason}")
         reasons = Counter(d["reason"] for d in self.dropped)
         for reason, n in sorted(reasons.items()):
             lines.append(f"  dropped {n:5d}  {reason}")
@@ -167,6 +197,9 @@ class Plan:
             lines.append(f"quantize {self.quantize.describe()}: {done} tensors")
             for reason, n in sorted(self.unquantized.items()):
                 lines.append(f"  float   {n:5d}  {reason}")
+        if self.profile.mlx_lm:
+            lines.append("mlx-lm   " + ("loads it too (mlx_lm.load)" if self.mlx_lm else
+                                        "cannot load it: fused projections (--fuse)"))
         if self.fuse:
             lines.append("fuse     " + ", ".join(f"{g} {self.fused[g]} layers" for g in self.fuse))
             for reason, n in sorted(self.unfused.items()):
@@ -177,7 +210,7 @@ class Plan:
             f"bytes in   {human(src.bytes_in)}",
             f"bytes out  {human(self.bytes_out)} in {len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}"
             + (" + index" if len(self.shards) > 1 else ""),
-            f"predicted peak memory  {human(self.predicted_peak)}",
+            f"peak memory at most  {human(self.predicted_peak)}",
             f"disk needed  {human(self.disk_needed)}",
         ]
         return "\n".join(lines)
@@ -204,31 +237,36 @@ def block_bytes(item: Item, read_block: int) -> int:
     return max(size, min(item.source.nbytes, read_block) // size * size)
 
 
-def buffer_bytes(item: Item, read_block: int, band_bytes: int) -> dict[str, int]:
-    """Bytes of each kind of buffer the writer holds for `item`: `DEPTH` of each, one filled while
-    the lanes still hash the one before (convert/overlap.py)."""
+# The writer's named buffers, each kept and grown from item to item: `DEPTH` of each kind the main
+# thread rotates through (convert/overlap.py: one filled while the output lane writes another),
+# named `read0`, `read1`, ..., and the single ones of --quantize (convert/quantize.py).
+RINGS = ("read", "cast", "band")
+
+
+def buffer_sizes(item: Item, read_block: int, band_bytes: int) -> dict[str, list[int]]:
+    """The buffers the writer fills for `item`, by kind: the size of each, up to `DEPTH` of a kind
+    the writer rotates (`RINGS`: a tensor of one block fills one, of several fills them all), and
+    `mlx`: what MLX holds while a quantized item is written."""
     src, out_size = item.source, ITEMSIZE[item.dtype]
-    if item.transform == "quantize":  # its own buffers, and MLX's memory (convert/quantize.py)
-        return {"quantize": quant_working_set(item, read_block)}
+    if item.transform == "quantize":  # a block at a time, from the same rotating read and cast buffers
+        return {kind: [n] * (DEPTH if kind in RINGS else 1) for kind, n in quant_buffers(item, read_block).items()}
     if item.transform == "transpose":
         rows, cols = src.shape
-        read = rows_per_block(item, read_block) * cols * src.itemsize
-        band = band_rows(item, band_bytes) * rows * src.itemsize
-        cast = 0 if item.dtype == src.dtype else block_bytes(item, read_block) // src.itemsize * out_size
-        return {"read": DEPTH * read, "band": DEPTH * band, "cast": DEPTH * cast}
-    read = block_bytes(item, read_block)
-    cast = 0 if item.transform == "copy" else read // src.itemsize * out_size
-    return {"read": DEPTH * read, "cast": DEPTH * cast}
-
-
-def working_set(items, read_block: int, band_bytes: int) -> int:
-    """Bytes of buffers the writer holds at most while writing `items`. Buffers are kept and grown
-    from one tensor to the next, so each kind counts at the largest size any tensor asks of it."""
-    largest: Counter = Counter()
-    for item in items:
-        for kind, n in buffer_bytes(item, read_block, band_bytes).items():
-            largest[kind] = max(largest[kind], n)
-    return sum(largest.values())
+        block_rows = rows_per_block(item, read_block)
+        height = band_rows(item, band_bytes)
+        bands = -(-cols // height)
+        blocks = bands * sum(-(-part.shape[0] // block_rows) for _, part in item.parts)
+        step = block_bytes(item, read_block)
+        sizes = {"read": (block_rows * cols * src.itemsize, blocks), "band": (height * rows * src.itemsize, bands)}
+        if item.dtype != src.dtype:
+            sizes["cast"] = (step // src.itemsize * out_size, bands * -(-height * rows * src.itemsize // step))
+    else:
+        step = block_bytes(item, read_block)
+        blocks = sum(-(-part.nbytes // step) for _, part in item.parts)
+        sizes = {"read": (step, blocks)}
+        if item.transform == "cast":
+            sizes["cast"] = (step // src.itemsize * out_size, blocks)
+    return {kind: [n] * min(count, DEPTH) for kind, (n, count) in sizes.items()}
 
 
 def current_rss() -> int:
@@ -242,6 +280,16 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
+    """This process's peak resident memory: the memory map's high-water mark on Linux (ru_maxrss
+    there keeps the parent's size across fork and exec: a conversion started by a large Python
+    process would report that process's peak), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -318,7 +366,7 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
     arch_name = architecture_of(source.model_type)
     arch = architecture(arch_name)  # what the architecture's checkpoints hold (convert/architectures.py)
     shapes = arch.expected_tensors(tc)
-    unused = set(arch.kv_shared_unused(tc))
+    unused = arch.kv_shared_unused(tc)
     tied = bool(tc.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True)))
     prefix = NAMING_PREFIXES[source.naming]
     config_where = f"{source.display}/config.json"
@@ -330,6 +378,7 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
     # 1. Classify every source tensor: a decoder tensor (by decoder-relative path) or dropped.
     decoder: dict[str, str] = {}  # decoder path -> source key
     dropped: list[dict] = []
+    shared_kv: dict[str, str] = {}  # decoder path -> source key of the K/V tensors of KV-shared layers
     for key in source.tensors:
         bare = key[len("model."):] if key.startswith("model.") else key
         if bare.split(".")[0] in TOWERS:
@@ -338,8 +387,7 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
             path = key[len(prefix):]
             module, _, leaf = path.rpartition(".")
             if path in unused or (leaf in (SCALES, BIASES) and f"{module}.weight" in unused):
-                dropped.append({"key": key, "reason": "K/V of a KV-shared layer, which reuses an earlier "
-                                "layer's cache: never read"})
+                shared_kv[path] = key  # kept for mlx-lm or dropped: decided once the layouts are (7.)
                 continue
             decoder[path] = key
         elif "lm_head" in key.split(".")[:-1]:
@@ -489,7 +537,23 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
         items, projections, fused, unfused = fuse_groups(items, projections, roles, fuse_names,
                                                          arch.kv_shared_layers(tc))
 
-    # 6. Shards: greedy in reading order, each at most `max_shard_size` of data (a bigger tensor
+    # 7. A profile that promises mlx-lm (`mlx_lm: true`, the generic target) gets bundles mlx-lm's
+    # own loader reads: the KV-shared layers' K/V kept (unread here), config.json completed;
+    # unless --fuse made projections mlx-lm cannot read. Any other bundle drops them.
+    config_json = None
+    mlx_lm = profile.mlx_lm and mlx_lm_readable(projections)
+    if mlx_lm:
+        floats = Counter(it.dtype for it in items if it.dtype in FLOATS)  # the bundle's own float dtype
+        new_items, unread = kept_for_mlx_lm(unused, shared_kv, source, quant, where, out_dtype,
+                                            floats.most_common(1)[0][0])
+        items += new_items
+        config_json = mlx_lm_config(cfg, arch, quantize)
+    else:
+        unread = {}
+        dropped += [{"key": key, "reason": "K/V of a KV-shared layer, which reuses an earlier layer's cache: never "
+                     "read"} for key in shared_kv.values()]
+
+    # 8. Shards: greedy in reading order, each at most `max_shard_size` of data (a bigger tensor
     # gets a shard of its own); inside a shard, larger item sizes first so every tensor stays
     # aligned to its element size (the writer packs tensors without padding).
     groups: list[list[Item]] = [[]]
@@ -513,15 +577,80 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
                 read_block=read_block, band_bytes=band_bytes,
                 baseline_rss=current_rss() if baseline_rss is None else baseline_rss, roles=roles,
                 quantize=quantize, unquantized=unquantized, fuse=fuse_names, fused=fused, unfused=unfused,
-                architecture=arch_name)
+                architecture=arch_name, unread=unread, config_json=config_json, mlx_lm=mlx_lm)
+
+
+UNREAD_REASON = "K/V of a KV-shared layer: never read here, kept for mlx-lm's loader"
+ZEROS_REASON = ("K/V of a KV-shared layer, not in the source: zeros, for mlx-lm's loader (which reads the "
+                "producer's cache instead, like this runtime)")
+
+
+def mlx_lm_readable(projections: dict[str, dict]) -> bool:
+    """Whether mlx-lm's gemma3n reads these projections as stored: every one standard and none
+    fused (its modules are Hugging Face's, `[out, in]` weights one per projection)."""
+    return all(r["layout"] == STANDARD and not r.get("fused") for r in projections.values())
+
+
+def kept_for_mlx_lm(unused: dict[str, tuple[int, ...]], shared_kv: dict[str, str], source: Source,
+                    quant: dict | None, where, out_dtype, float_code: str) -> tuple[list[Item], dict[str, dict]]:
+    """Items and `unread` entries for the KV-shared layers' K/V tensors (`unused`: path -> shape),
+    which mlx-lm's loader wants in every layer although, given a cache, it never reads them.
+    Those the source has (`shared_kv`: path -> source key) are written like any float tensor
+    (an MLX-quantized module's tensors copied as they are), each checked against the shape of a
+    layer's own; those it lacks (newer transformers saves none) are zeros in `float_code`."""
+    items, unread = [], {}
+    for path, shape in unused.items():
+        module = path.rpartition(".")[0]
+        present = [p for p in shared_kv if p.rpartition(".")[0] == module]
+        if not present:
+            info = TensorInfo(PREFIX + path, float_code, tuple(shape), 0, math.prod(shape) * ITEMSIZE[float_code])
+            items.append(Item(PREFIX + path, "", info, float_code, info.shape, "zeros"))
+            unread[PREFIX + path] = {"source_key": None, "shape": list(shape), "dtype": DTYPE_NAMES[float_code],
+                                     "reason": ZEROS_REASON}
+            continue
+        for kept in present:
+            key = shared_kv[kept]
+            file, info = source.tensors[key]
+            leaf = kept.rpartition(".")[2]
+            if f"{module}.{SCALES}" in shared_kv and path in shared_kv:  # MLX-quantized
+                q = _quant_params(quant, key.rpartition(".")[0], source.tensors[shared_kv[path]][1],
+                                  source.tensors[shared_kv[f"{module}.{SCALES}"]][1], shape[1], where(key))
+                want = Storage(quantized=Quantization.of(q)).tensors(module, *shape)
+                expected, written = {t.part: t.shape for t in want}.get(leaf, info.shape), info.dtype
+            else:
+                if info.dtype not in FLOATS:
+                    raise ConvertError(f"{where(key)}: dtype {info.dtype} is not supported (bfloat16, float16 or "
+                                       "float32)")
+                expected, written = shape, out_dtype(info)
+            if info.shape != tuple(expected):
+                raise ConvertError(f"{where(key)}: shape {list(info.shape)} but config.json implies {list(expected)}")
+            items.append(Item(PREFIX + kept, file, info, written, info.shape,
+                              "copy" if written == info.dtype else "cast"))
+            unread[PREFIX + kept] = {"source_key": key, "shape": list(info.shape), "dtype": DTYPE_NAMES[written],
+                                     "reason": UNREAD_REASON}
+    return items, unread
+
+
+def mlx_lm_config(config: dict, arch, quantize: QuantSpec | None) -> bytes | None:
+    """The bundle's config.json where mlx-lm's loader needs more than the source's says (None:
+    the source's, copied byte for byte): the keys its gemma3n requires beside newer ones (the
+    architecture's `mlx_lm_text_config`), and the `quantization` block of `--quantize`, by which
+    it quantizes every module that has scales."""
+    config = json.loads(json.dumps(config))  # a deep copy
+    text = config.get("text_config", config)
+    added = arch.mlx_lm_text_config(text)
+    if not added and quantize is None:
+        return None
+    text.update(added)
+    if quantize is not None:
+        config["quantization"] = quantize.record
+    return (json.dumps(config, indent=2) + "\n").encode()
 
 
 SHARD_METADATA = {"format": "mlx", "producer": "mlx-prepared"}
 
 
 def index_text(plan: Plan) -> bytes:
-    import json
-
     weight_map = {it.key: s.name for s in plan.shards for it in s.items}
     doc = {"metadata": {"total_size": plan.tensor_bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
     return (json.dumps(doc, indent=2) + "\n").encode()

@@ -94,16 +94,18 @@ def rows_per_block(cols: int, itemsize: int, read_block: int) -> int:
     return max(1, min(read_block, QUANT_BLOCK) // max(cols * itemsize, 1))
 
 
-def working_set(item, read_block: int) -> int:
-    """Bytes the writer holds for one quantize item (the plan's memory prediction).
+def buffers(item, read_block: int) -> dict[str, int]:
+    """Bytes the writer holds for one quantize item, by the writer's buffer name (the plan's
+    memory bound): `read`, `cast` and `spill` are convert/write.py's buffers, kept from item to
+    item; `mlx` is what MLX holds while the item is written (freed after it, mx.clear_cache).
 
     The packed weight pass holds the read block, its cast (if --dtype changes it), MLX's copy of
     the block, mx.quantize's float32 temporaries and its outputs (manifests/records.py), and as
-    much again in MLX's buffer cache; the scales and biases passes hold one read buffer.
+    much again in MLX's buffer cache; the scales and biases passes hold one spill buffer.
     """
     src = item.source
     if item.part != "weight":
-        return min(read_block, max(item.nbytes, 1))
+        return {"spill": max(1, min(read_block, item.nbytes))}
     rows, cols = src.shape
     block_rows = min(rows, rows_per_block(cols, src.itemsize, read_block))
     n = block_rows * cols
@@ -112,7 +114,7 @@ def working_set(item, read_block: int) -> int:
     cast_buf = 0 if item.quant_dtype == src.dtype else n * out_size
     made = Storage(quantized=item.quant).tensors("", block_rows, cols, DTYPE_NAMES[item.quant_dtype])
     mlx = n * out_size + n * 4 + sum(math.prod(t.shape) * ITEMSIZE[DTYPE_CODES[t.dtype]] for t in made)
-    return read + cast_buf + 2 * mlx
+    return {"read": read, "cast": cast_buf, "mlx": 2 * mlx}
 
 
 class Spills:
@@ -184,11 +186,11 @@ def _write_weight(item, readers, writer, bufs, read_block: int, spills: Spills) 
             reader, rows, per_row = readers[file], src.shape[0], cols * src.itemsize
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                raw = reader.read_into(src.offset + r0 * per_row, bufs.get("read", (r1 - r0) * per_row))
+                raw = reader.read_into(src.offset + r0 * per_row, bufs.next("read", (r1 - r0) * per_row)[0])
                 block = view(raw, src.dtype).reshape(r1 - r0, cols)
                 cast_buf = None
                 if out_dtype != src.dtype:
-                    cast_buf = bufs.get("cast", (r1 - r0) * cols * ITEMSIZE[out_dtype])
+                    cast_buf = bufs.next("cast", (r1 - r0) * cols * ITEMSIZE[out_dtype])[0]
                 packed, *rest = quantize_rows(block, src.dtype, out_dtype, spec, cast_buf)
                 # --check-finite: packed integers hold no NaN, and mx.quantize turns a group's NaN
                 # into finite scales; so count the values quantized (after any narrowing cast).

@@ -1,7 +1,7 @@
 """Safetensors by hand: a strict header parser, a hashing `pread` reader, a streaming writer.
 
 Why not the `safetensors` package or `mx.load`: both memory-map or materialize whole tensors, and
-a memory-mapped source counts in the process's resident size page by page (DESIGN.md pitfalls).
+a memory-mapped source counts in the process's resident size page by page (docs/GEMMA3N.md, pitfalls).
 Reading byte ranges with `pread` into one reused buffer keeps the converter's footprint small and
 honest, and parsing the header ourselves lets every defect be reported as one line naming the
 file and the tensor.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from convert.errors import ConvertError
 from convert.gemma3n import ARCHITECTURES
-from manifests import ManifestError
+from manifests import MANIFEST_NAME, ManifestError, read_manifest
 from manifests.config import checked_text_config
 from convert.safetensors_io import Header, read_header
 from manifests.files import CONFIG_LIMIT, TOKENIZER_LIMIT, FileRefused, is_regular, not_regular, read_limited
@@ -165,6 +165,20 @@ def detect_naming(keys) -> str | None:
     return None
 
 
+def _bundle_given(root: Path, display: str) -> ConvertError:
+    """SOURCE is a prepared bundle (this tool's output): say so, and name the checkpoint it was
+    made from when its manifest says, rather than refusing its first renamed tensor."""
+    try:
+        source = read_manifest(root)["source"]
+        made_from = source.get("repo_id") or source.get("path")
+    except (ManifestError, KeyError, TypeError):
+        made_from = None
+    original = f" it was made from ({made_from})" if made_from else ""
+    return ConvertError(f"{display}: a prepared bundle ({MANIFEST_NAME}), not a checkpoint: convert wants the "
+                        f"original checkpoint{original}; a bundle runs as it is: "
+                        f"python -m runtime generate {display} --prompt ...")
+
+
 def open_source(source: str | os.PathLike, revision: str | None = None) -> Source:
     """Open a checkpoint directory or hub repo id; validate everything but the tensor data."""
     text = str(source)
@@ -177,6 +191,8 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
             raise ConvertError(f"{text}: --revision applies to hub repo ids, not to a local directory")
         kind, display = "local", text
         containment = Path(os.path.realpath(root))
+        if os.path.lexists(root / MANIFEST_NAME):
+            raise _bundle_given(root, display)
     elif is_repo_id(text):
         root, commit = resolve_hub(text, revision)
         kind, display, repo_id = "hub", f"{text}@{commit[:12]}", text

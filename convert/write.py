@@ -37,6 +37,7 @@ from convert.planning import (
 from convert.overlap import SYNC_LANE, Buffers
 from convert.quantize import Spills, write_quantized
 from convert.safetensors_io import HashingReader, SafetensorsWriter
+from convert.source import CONFIG_NAME
 from convert.transpose import transpose_into
 from manifests.files import open_regular_file
 from manifests.format import INDEX_NAME
@@ -60,6 +61,16 @@ def _write_stream(item: Item, readers: dict[str, HashingReader], writer: Safeten
                 buf, fence = bufs.next("cast", count * STORAGE[item.dtype].itemsize)
                 out = np.frombuffer(buf, STORAGE[item.dtype])
                 writer.write(cast(view(raw, src.dtype), src.dtype, item.dtype, out), fence)
+
+
+def _write_zeros(item: Item, writer: SafetensorsWriter, bufs: Buffers, read_block: int) -> None:
+    """A tensor of zeros (no source: planning.kept_for_mlx_lm), written a block at a time."""
+    step = block_bytes(item, read_block)
+    for offset in range(0, item.nbytes, step):
+        n = min(step, item.nbytes - offset)
+        block, fence = bufs.next("read", n)
+        np.frombuffer(block, np.uint8).fill(0)
+        writer.write(block, fence)
 
 
 def _write_transposed(item: Item, readers: dict[str, HashingReader], writer: SafetensorsWriter, bufs: Buffers,
@@ -142,6 +153,8 @@ def write_bundle(plan: Plan, directory: Path, on_write=None, check_finite: bool 
                         _write_transposed(item, readers, writer, bufs, plan.read_block, plan.band_bytes)
                     elif item.transform == "quantize":
                         write_quantized(item, readers, writer, bufs, plan.read_block, spills)
+                    elif item.transform == "zeros":
+                        _write_zeros(item, writer, bufs, plan.read_block)
                     else:
                         _write_stream(item, readers, writer, bufs, plan.read_block)
                 sha, nbytes = writer.finish()
@@ -167,6 +180,10 @@ def write_bundle(plan: Plan, directory: Path, on_write=None, check_finite: bool 
         sha, nbytes = _write_small(directory / INDEX_NAME, index_text(plan))
         files[INDEX_NAME] = {"sha256": sha, "bytes": nbytes}
     for name in source.copied_files:
+        if name == CONFIG_NAME and plan.config_json is not None:  # completed for mlx-lm (planning.mlx_lm_config)
+            sha, nbytes = _write_small(directory / name, plan.config_json)
+            files[name] = {"sha256": sha, "bytes": nbytes}
+            continue
         sha, nbytes = _copy_file(source.path(name), directory / name)
         files[name] = {"sha256": sha, "bytes": nbytes}
         if name in source_hashes and source_hashes[name] != sha:

@@ -1,7 +1,8 @@
 """How both commands (`convert`, `runtime`) behave as programs, in one place.
 
-- Every error is one line on stderr and an exit code: 2 for bad input, usage errors included
-  (click would print the usage and a hint as well: three lines).
+- Every error is one line on stderr, `error: <what is wrong>` in both programs, and an exit code:
+  2 for bad input, usage errors included (click would print the usage and a hint as well: three
+  lines, and its own `Error:` spelling).
 - Ctrl-C and SIGTERM unwind like an exception (SystemExit), so every `finally` and cleanup on the
   way runs (a conversion's temporary directory and lock, a generator's caches), then the program
   exits 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM (click alone prints "Aborted!" and
@@ -18,12 +19,31 @@ import signal
 import click
 
 
+ERROR_PREFIX = "error: "
+WARNING_PREFIX = "warning: "
+NOTE_PREFIX = "note: "  # what a user may want to know while waiting: not a problem
+
+
+def show_error(message: str) -> None:
+    """The one line an error is, on stderr (also for commands invoked in-process)."""
+    click.echo(f"{ERROR_PREFIX}{message}", err=True)
+
+
+class CommandError(click.ClickException):
+    """Bad input a user can fix: one `error:` line, exit code 2, however the command is invoked."""
+
+    exit_code = 2
+
+    def show(self, file=None):
+        show_error(self.format_message())
+
+
 def _unwind(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def run_program(command: click.Command, args, prog_name: str, prefix: str) -> int:
-    """Run `command` as a program: the exit code (`prefix` starts a usage error's line)."""
+def run_program(command: click.Command, args, prog_name: str, prefix: str = ERROR_PREFIX) -> int:
+    """Run `command` as a program: the exit code (`prefix` starts an error's line)."""
     signal.signal(signal.SIGINT, _unwind)
     signal.signal(signal.SIGTERM, _unwind)
     try:
@@ -31,8 +51,8 @@ def run_program(command: click.Command, args, prog_name: str, prefix: str) -> in
     except click.UsageError as e:
         click.echo(f"{prefix}{e.format_message()}", err=True)
         return e.exit_code
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # the commands' own errors, whatever their class
+        click.echo(f"{prefix}{e.format_message()}", err=True)
         return e.exit_code
     except click.exceptions.Abort:  # EOF at a prompt
         click.echo("Aborted!", err=True)

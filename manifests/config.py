@@ -65,6 +65,7 @@ DEFAULTS = {
     "rope_local_base_freq": None,
     "rope_scaling": None,
     "attention_bias": False,
+    "max_position_embeddings": 32_768,
 }
 
 _SHOWN = 60
@@ -145,6 +146,7 @@ def checked_text_config(text: object, where: str = "text_config") -> dict:
             raise ManifestError(f"{where}: {what} is {product}, more than the {MAX_DIM} a tensor dimension may be")
     k.real("rms_norm_eps", c["rms_norm_eps"], 0.0, 1.0, low_open=True)
     k.int("sliding_window", 1, MAX_WINDOW)
+    k.int("max_position_embeddings", 1, MAX_DIM)  # the context generation warns past (runtime/generate.py)
 
     planes = k.int("altup_num_inputs", 1, MAX_ALTUP)
     k.int("altup_active_idx", 0, planes - 1)

@@ -15,6 +15,15 @@ INDEX_NAME = "model.safetensors.index.json"
 # Every bundle uses the Hugging Face naming of the text decoder, whatever the source used.
 PREFIX = "model.language_model."
 
+# The source namings a manifest records (`source.naming`), and how messages and cards name them
+# (the README's words): `mlx-lm` is Hugging Face's naming without the vision/audio towers.
+NAMINGS = {
+    "hf": "Hugging Face, model.language_model.*",
+    "mlx-lm": "Hugging Face, model.language_model.*, without the vision/audio towers (as mlx-lm saves it)",
+    "mlx-vlm": "mlx-vlm, language_model.model.*",
+    "hf-text": "text-only, model.*",
+}
+
 # A pretransposed projection stores its weight contiguous as [in, out] under this suffix, so a
 # reader can never mistake it for the [out, in] `.weight` of a standard one.
 PRETRANSPOSED_SUFFIX = ".weight_t"

@@ -9,6 +9,7 @@ A profile is data (`manifests/targets/NAME.yaml`):
       mlp.gate_proj: pretransposed
       lm_head: {float32: pretransposed, default: standard}   # per-dtype rule
     fuse: [qkv, gate_up]     # optional: projection groups stored fused (manifests.format.FUSED_GROUPS)
+    mlx_lm: true             # optional: bundles also load in mlx-lm's own loader (no layouts, no fuse)
 
 A fused group takes the layout its first member's rule gives (attn.q_proj for qkv, qkv_laurel and
 q_laurel, mlp.gate_proj for gate_up); where its members' rules disagree for the dtype written, the
@@ -68,6 +69,12 @@ class TargetProfile:
         """The projection groups this profile stores fused (names of FUSED_GROUPS)."""
         return tuple(self.content.get("fuse") or ())
 
+    @property
+    def mlx_lm(self) -> bool:
+        """Whether this profile's bundles are written for mlx-lm's own loader too (its weights as
+        mlx-lm's modules hold them, the tensors and config keys it wants)."""
+        return bool(self.content.get("mlx_lm"))
+
 
 def _targets_dir():
     return resources.files("manifests").joinpath("targets")
@@ -113,6 +120,16 @@ def _check(content: object, where: str) -> dict:
             listed = [g for g in groups if g in fuse]
             if len(listed) > 1:
                 raise ProfileError(f"{where}: fuse: {' and '.join(listed)} fuse the same projections; list one")
+    mlx_lm = content.get("mlx_lm", False)
+    if not isinstance(mlx_lm, bool):
+        raise ProfileError(f"{where}: `mlx_lm` must be true or false")
+    if mlx_lm:
+        for role, rule in layouts.items():
+            if any(layout != STANDARD for layout in ([rule] if isinstance(rule, str) else rule.values())):
+                raise ProfileError(f"{where}: mlx_lm: mlx-lm reads [out, in] weights only, but {role} is laid out "
+                                   "otherwise")
+        if fuse:
+            raise ProfileError(f"{where}: mlx_lm: mlx-lm reads no fused projection, but `fuse` lists some")
     return content
 
 

@@ -214,10 +214,22 @@ def records(manifest: dict) -> Iterator[tuple[str, Kind, str, dict]]:
             yield f"{MANIFEST_NAME}: {kind.section}.{path}", kind, path, record
 
 
+UNREAD = "unread"
+
+
+def unread(manifest: dict) -> Iterator[tuple[str, str, dict]]:
+    """(where, key, entry) for every tensor the bundle stores for another reader and this runtime
+    never reads (the manifest's `unread` section: `{source_key, shape, dtype, reason}` by key; the
+    K/V of KV-shared layers, which mlx-lm's loader wants): load and verify check each is stored
+    as recorded, and load leaves it out of the model."""
+    for key, entry in (manifest.get(UNREAD) or {}).items():
+        yield f"{MANIFEST_NAME}: {UNREAD}.{key}", key, entry
+
+
 def fused_members(record: dict) -> list[tuple[str, int]]:
     """(path, out) of a fused record's members in row order; [] for a record that is not fused."""
     return [(m["path"], int(m["out"])) for m in record.get("fused") or []]
 
 
 __all__ = ["BIAS", "BIASES", "EMBEDDINGS", "KINDS", "Kind", "PACKED_DTYPE", "PROJECTIONS", "Quantization", "SCALES",
-           "Storage", "Tensor", "WEIGHT", "WEIGHT_T", "fused_members", "head_base", "records"]
+           "Storage", "Tensor", "UNREAD", "WEIGHT", "WEIGHT_T", "fused_members", "head_base", "records", "unread"]

@@ -2,5 +2,6 @@
 
 from runtime.generate import generate, stream_generate
 from runtime.loader import load
+from runtime.numeric import verify_numeric
 
-__all__ = ["generate", "load", "stream_generate"]
+__all__ = ["generate", "load", "stream_generate", "verify_numeric"]

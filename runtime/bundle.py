@@ -1,7 +1,7 @@
 """Reading a bundle's own files: its manifest, its index, its shards' headers, its tokenizer
 and configs, and the rule that no file it names or reads leads outside it.
 
-Loading (runtime/loader.py), verifying (runtime/verify.py) and publishing (runtime/hub.py) all
+Loading (runtime/loader.py), verifying (runtime/verify.py) and publishing (runtime/publish.py) all
 read bundles this way, so the rules live here, below the three of them, and each says the same
 thing about the same defect.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,10 +25,32 @@ class BundleError(ManifestError):
     """A bundle that cannot be loaded as it is; the message is one line a user can act on."""
 
 
-def convert_command(source: str, target: str) -> str:
-    """The command that prepares `source` for `target`, into a sibling directory."""
-    out = str(source).rstrip("/") + "-" + target
-    return f"python -m convert --target {target} {source} {out}"
+def convert_command(source: str, target: str, revision: str | None = None) -> str:
+    """The command that prepares `source` for `target`: a checkpoint folder, or a hub repo id at
+    `revision` (then `source` is the id). OUT is a folder of the current directory named after the
+    source (beside the source where the current directory is inside it: OUT may not be in SOURCE)."""
+    if revision is not None:
+        name, out_dir = source.rstrip("/").rsplit("/", 1)[-1], None
+        source_args = f"{shlex.quote(source)} --revision {shlex.quote(revision)}"
+    else:
+        folder = Path(source).resolve()
+        name, source_args = folder.name, shlex.quote(str(source))
+        out_dir = folder.parent if Path.cwd().resolve().is_relative_to(folder) else None
+    out = f"{name}-{target}" if out_dir is None else str(out_dir / f"{name}-{target}")
+    return f"python -m convert --target {target} {source_args} {shlex.quote(out)}"
+
+
+def source_command(source: dict, target: str) -> str:
+    """The command that prepares the checkpoint a manifest's `source` records for `target`: the
+    hub repo at the recorded commit, the local folder where it is on this machine, else a
+    placeholder for a copy of it (a bundle from the hub, converted on another machine)."""
+    if source.get("kind") == "hub" and source.get("repo_id"):
+        return convert_command(source["repo_id"], target, source.get("commit") or source.get("revision") or "main")
+    path = source.get("path")
+    if path and Path(path).is_dir():
+        return convert_command(path, target)
+    return (f"python -m convert --target {target} CHECKPOINT OUT, CHECKPOINT being a copy of the checkpoint "
+            f"it was converted from ({path or 'not recorded'}, not on this machine)")
 
 
 def device_target() -> str:

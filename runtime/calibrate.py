@@ -38,6 +38,7 @@ import mlx.core as mx
 import yaml
 
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
+from manifests.cli import CommandError
 from manifests.format import DTYPES, PRETRANSPOSED, STANDARD
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.gemma3n import MODEL_TYPES, SIZES, published_text_config
@@ -191,14 +192,30 @@ def choose(standard_s: float, pretransposed_s: float, margin: float) -> str:
     return PRETRANSPOSED if pretransposed_s < standard_s * (1.0 - margin) else STANDARD
 
 
+def streamed_bytes(settings: Settings) -> int:
+    """Weight bytes one row (a role's shape in one dtype) streams through both layouts, and makes:
+    what its time is, so what the run's time scales with (the device's memory bandwidth)."""
+    return 2 * ((settings.warmup + settings.repeats) * settings.graph_bytes + settings.cache_bytes)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DTYPES, *,
               settings: Settings = Settings(), measure: Measure | None = None,
               info: dict | None = None, source: str = "E2B, E4B",
-              progress: Callable[[str], None] | None = None) -> dict:
+              progress: Callable[[str], None] | None = None,
+              clock: Callable[[], float] = time.perf_counter) -> dict:
     """Measure every (role, shape, dtype, layout) and return a target profile as a dict.
 
     `measure(shape, dtype) -> {layout: [seconds per GEMV, ...]}` defaults to `measure_gemv` on
-    the current MLX device; tests inject their own timer.
+    the current MLX device; tests inject their own timer (and `clock`, which times the run for
+    the estimate of time left each `progress` line ends with).
     """
     dtypes = list(dict.fromkeys(dtypes))
     for dtype in dtypes:
@@ -214,6 +231,7 @@ def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DT
 
     layouts: dict[str, dict] = {}
     measurements: dict[str, dict] = {}
+    total, done, started = sum(len(s) for s in shapes.values()) * len(dtypes), 0, clock()
     for role, role_shape_list in shapes.items():
         rule: dict[str, str] = {}
         for dtype in dtypes:
@@ -232,10 +250,14 @@ def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DT
                     "standard_gb_s": round(gb / medians[STANDARD], 2),
                     "pretransposed_gb_s": round(gb / medians[PRETRANSPOSED], 2),
                 })
-                if progress:
-                    progress(f"{role:28s} {dtype:9s} {str(tuple(shape)):16s} standard "
-                             f"{rows[-1]['standard_us']:10.1f} us  pretransposed "
-                             f"{rows[-1]['pretransposed_us']:10.1f} us  x{rows[-1]['speedup']:.2f}")
+                done += 1
+                if progress:  # rows stream the same bytes, so the mean row so far predicts the rest
+                    spent = clock() - started
+                    left = (f"about {_duration(spent / done * (total - done))} left" if done < total
+                            else f"done in {_duration(spent)}")
+                    progress(f"[{done:{len(str(total))}d}/{total}] {role:28s} {dtype:9s} {str(tuple(shape)):16s} "
+                             f"standard {rows[-1]['standard_us']:10.1f} us  pretransposed "
+                             f"{rows[-1]['pretransposed_us']:10.1f} us  x{rows[-1]['speedup']:.2f}  {left}")
             rule[dtype] = choose(totals[STANDARD], totals[PRETRANSPOSED], settings.margin)
             measurements.setdefault(role, {})[dtype] = rows
         rule["default"] = STANDARD
@@ -295,8 +317,8 @@ def layout_table(profile: dict) -> str:
     return "\n".join(lines)
 
 
-class BadInput(click.ClickException):
-    exit_code = 2
+class BadInput(CommandError):
+    """One `error:` line, exit 2 (manifests/cli.py)."""
 
 
 @click.command("calibrate")
@@ -307,7 +329,8 @@ class BadInput(click.ClickException):
               help="dtype to measure (repeatable; default: the bundle's, else bfloat16 and float32)")
 @click.option("--role", "roles", multiple=True, type=click.Choice(CALIBRATED_ROLES),
               help="measure only this role (repeatable; default: every projection role)")
-@click.option("--repeats", type=click.IntRange(1), default=Settings.repeats, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=Settings.repeats, show_default=True,
+              help="timed samples per layout and shape (their median counts)")
 @click.option("--margin", type=click.FloatRange(0.0, 0.5), default=Settings.margin, show_default=True,
               help="how much faster pretransposed must be to be chosen")
 @click.option("--cache-mb", type=click.IntRange(1), default=Settings.cache_bytes >> 20, show_default=True,
@@ -317,7 +340,14 @@ class BadInput(click.ClickException):
                                            "`convert --target auto` prefers it for this device")
 @click.option("--quiet", is_flag=True, help="no progress or table on stderr")
 def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out, save, quiet):
-    """Measure standard vs pretransposed GEMV per projection role on this device; write a profile."""
+    """Measure standard vs pretransposed GEMV per projection role on this device; write a profile.
+
+    It takes minutes: every row (a role's shape in one dtype) streams about 7.0 GB of weights at
+    the defaults, so its time is set by the device's memory bandwidth. The defaults measure 38
+    rows (19 shapes of E2B and E4B, bfloat16 and float32): 10 to 30 minutes on a 2-core x86_64
+    CPU (17 to 42 s a row). --role, --dtype, --repeats and --cache-mb measure less. Progress, with the time left,
+    goes to stderr, one line per row.
+    """
     try:
         if config_path:
             text, source, bundle_dtypes = read_text_config(config_path)
@@ -332,11 +362,13 @@ def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out
     settings = Settings(repeats=repeats, margin=margin, cache_bytes=cache_mb << 20,
                         graph_bytes=2 * (cache_mb << 20))
     say = None if quiet else (lambda line: click.echo(line, err=True))
+    dtypes = dtypes or bundle_dtypes or DEFAULT_DTYPES
     if say:
+        rows = sum(len(s) for s in shapes.values()) * len(dtypes)
         say(f"calibrating on {mx.default_device()} ({mx.device_info().get('device_name', '?')}), "
-            f"MLX {mx.__version__}, shapes of {source}")
-    profile = calibrate(shapes, dtypes or bundle_dtypes or DEFAULT_DTYPES, settings=settings,
-                        source=source, progress=say)
+            f"MLX {mx.__version__}, shapes of {source}: {rows} row{'s' if rows != 1 else ''} (role, shape, dtype), "
+            f"each streaming {_size(streamed_bytes(settings))} of weights; one line per row as it is measured")
+    profile = calibrate(shapes, dtypes, settings=settings, source=source, progress=say)
     text = profile_text(profile)
     if say:
         say(layout_table(profile))

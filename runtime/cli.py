@@ -6,6 +6,8 @@ output can be piped. Errors a user can fix are one line and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -17,29 +19,67 @@ import mlx.core as mx
 import numpy as np
 
 from manifests import ManifestError
-from manifests.cli import run_program
+from manifests.cli import NOTE_PREFIX, WARNING_PREFIX, CommandError, run_program
 from runtime.generate import (
     CAPTURE_PATH_ENV,
     DEFAULT_MAX_TOKENS,
     DEFAULT_PREFILL_STEP,
     CaptureError,
     ChatSession,
+    ContextLengthWarning,
     GenerationResponse,
     stream_generate,
 )
+from runtime.chat import user_and_system
 from runtime.inputs import BadType, BadValue, check_text, decode_text
+from runtime.kernels import noting_compilation
 from runtime.sampling import SamplingParams
 
 
-class UserError(click.ClickException):
-    exit_code = 2
+class UserError(CommandError):
+    """Bad input: one `error:` line, exit 2 (manifests/cli.py)."""
 
-    def show(self, file=None):
-        click.echo(f"error: {self.format_message()}", err=True)
+
+def _set_strict(ctx, param, value):
+    ctx.meta["runtime.strict"] = ctx.meta.get("runtime.strict", False) or value
+
+
+def _strict() -> bool:
+    """Whether --strict was given: every warning refuses instead (see strict_option)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get("runtime.strict"))
+
+
+strict_option = click.option(
+    "--strict", is_flag=True, expose_value=False, callback=_set_strict,
+    help="refuse instead of warning: a bundle prepared for another device class (as --strict-target), "
+         "a prompt plus the tokens to generate past the model's context")
+
+
+@contextlib.contextmanager
+def _generation_warnings():
+    """Generation's warnings (a prompt past the model's context) each one `warning:` line as they
+    come, once; with --strict, the error instead."""
+    shown = set()
+
+    def show(message, *args, **kwargs):
+        if str(message) not in shown:
+            shown.add(str(message))
+            click.echo(f"{WARNING_PREFIX}{message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if _strict() else "always", ContextLengthWarning)
+        warnings.showwarning = show
+        try:
+            yield
+        except ContextLengthWarning as e:
+            raise UserError(f"{e} (--strict)") from None
 
 
 def _load(bundle: str, strict_target: bool = False, verify: bool = False):
-    from runtime.loader import load
+    from runtime.loader import TargetMismatchWarning, load
+
+    strict_target = strict_target or _strict()
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -48,7 +88,8 @@ def _load(bundle: str, strict_target: bool = False, verify: bool = False):
         except (ManifestError, ValueError, OSError) as e:
             raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     for w in caught:
-        click.echo(f"warning: {w.message}", err=True)
+        note = issubclass(w.category, TargetMismatchWarning)  # about speed: the bundle runs correctly
+        click.echo(f"{'note' if note else 'warning'}: {w.message}", err=True)
     return model, tokenizer
 
 
@@ -73,6 +114,23 @@ def _need_tokenizer(tokenizer, bundle: str, what: str):
         raise UserError(f"{bundle}: no tokenizer.json in the bundle; {what} needs one to encode text")
 
 
+def bundle_argument(f):
+    """BUNDLE, the command's first argument; `--model BUNDLE`, mlx-lm's spelling, is taken for it too."""
+    @functools.wraps(f)
+    def command(*args, bundle=None, model=None, **kwargs):
+        if bundle is not None and model is not None:
+            raise UserError(f"the bundle is given twice ({bundle} and --model {model}); give it once")
+        if bundle is None and model is None:
+            raise click.UsageError("missing BUNDLE: a bundle directory or a hub id (org/name), first after "
+                                   "the command")
+        return f(*args, bundle=model if bundle is None else bundle, **kwargs)
+
+    kind = click.Path(file_okay=False)
+    command = click.option("--model", type=kind, metavar="BUNDLE",
+                           help="the bundle, as mlx-lm spells it (the same as BUNDLE)")(command)
+    return click.argument("bundle", type=kind, required=False, metavar="BUNDLE")(command)
+
+
 def sampling_options(f):
     """The options every generating command shares."""
     options = [
@@ -80,16 +138,20 @@ def sampling_options(f):
                      help="most tokens to generate"),
         click.option("--temp", type=click.FloatRange(0.0), default=0.0, show_default=True,
                      help="sampling temperature; 0 is greedy"),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+                     help="keep the fewest most likely tokens whose probabilities reach this; 1: off"),
         click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0: off"),
-        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True),
+        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+                     help="drop tokens less likely than this fraction of the most likely one; 0: off"),
         click.option("--repetition-penalty", type=click.FloatRange(0.0, min_open=True), default=1.0,
-                     show_default=True),
+                     show_default=True, help="penalize tokens among the last 64 by this factor "
+                                            "(above 1 repeats less); 1: off"),
         click.option("--seed", type=int, default=None, help="seed for sampling (reproducible runs)"),
         click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP,
                      show_default=True, help="prompt tokens per prefill chunk"),
         click.option("--strict-target", is_flag=True,
-                     help="refuse a bundle prepared for another device class instead of warning"),
+                     help="refuse a bundle prepared for another device class instead of noting it"),
+        strict_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -122,6 +184,13 @@ def _text(value: str | bytes, what: str) -> str:
         raise UserError(str(e)) from None
 
 
+def _stdin_prompt() -> str:
+    """`--prompt -`: stdin without the one final newline (LF or CRLF) that `echo` or a file's last
+    line adds, so a piped prompt is the one typed; any newlines before it are kept."""
+    text = _text(sys.stdin.buffer.read(), "--prompt - (stdin)")
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def _stats_line(last: GenerationResponse) -> str:
     return (f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
             f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
@@ -131,36 +200,46 @@ def _stats_line(last: GenerationResponse) -> str:
 def _stream_to_stdout(responses) -> GenerationResponse | None:
     last = None
     try:
-        for last in responses:
-            if last.text:
-                sys.stdout.write(last.text)
-                sys.stdout.flush()
+        with _generation_warnings():
+            for last in responses:
+                if last.text:
+                    sys.stdout.write(last.text)
+                    sys.stdout.flush()
     except (CaptureError, BadValue, BadType) as e:  # e.g. a token id the tokenizer made outside the vocabulary
         raise UserError(str(e)) from None
     return last
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
+@click.pass_context
+def main(ctx):
     """Run Gemma3n text generation from a prepared bundle (see `python -m convert`)."""
+    # A first run on a machine stalls while MLX compiles kernels: say so once, as it happens.
+    ctx.with_resource(noting_compilation(lambda note: click.echo(f"{NOTE_PREFIX}{note}", err=True)))
+
+
+SYSTEM_HELP = "a system prompt; Gemma has no system role, so it opens the first user turn"
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--prompt", required=True, help="the prompt text; '-' reads it from stdin")
+@bundle_argument
+@click.option("--prompt", required=True, help="the prompt text; '-' reads it from stdin (less one final newline)")
 @click.option("--chat", is_flag=True, help="wrap the prompt in Gemma's chat turn format")
+@click.option("--system", default=None, help=SYSTEM_HELP + " (implies --chat)")
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @sampling_options
-def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
+def generate(bundle, prompt, chat, system, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
              prefill_step_size, strict_target):
     """Stream a continuation of --prompt to stdout; speeds and peak memory go to stderr."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
-    prompt = _text(sys.stdin.buffer.read(), "--prompt - (stdin)") if prompt == "-" else _text(prompt, "--prompt")
+    prompt = _stdin_prompt() if prompt == "-" else _text(prompt, "--prompt")
+    system = None if system is None else _text(system, "--system")
     mx.reset_peak_memory()
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "generate")
-    last = _stream_to_stdout(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=params,
-                                             chat=chat, prefill_step_size=prefill_step_size))
+    text = {"messages": user_and_system(prompt, system)} if chat or system is not None else {"prompt": prompt}
+    last = _stream_to_stdout(stream_generate(model, tokenizer, **text, max_tokens=max_tokens, sampling=params,
+                                             prefill_step_size=prefill_step_size))
     sys.stdout.write("\n")
     sys.stdout.flush()
     if last is None:
@@ -171,17 +250,19 @@ def generate(bundle, prompt, chat, verify, max_tokens, temp, top_p, top_k, min_p
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
+@bundle_argument
+@click.option("--system", default=None, help=SYSTEM_HELP)
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @sampling_options
-def chat(bundle, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, prefill_step_size,
+def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, prefill_step_size,
          strict_target):
     """Chat on stdin, one message per line; the cache is kept across turns. End with EOF (Ctrl-D)."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
+    system = None if system is None else _text(system, "--system")
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "chat")
     session = ChatSession(model, tokenizer, max_tokens=max_tokens, sampling=params,
-                          prefill_step_size=prefill_step_size)
+                          prefill_step_size=prefill_step_size, system=system)
     interactive = sys.stdin.isatty()
     number = 0
     while True:
@@ -201,17 +282,72 @@ def chat(bundle, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penal
             click.echo(_stats_line(last), err=True)
 
 
+@main.command()
+@bundle_argument
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; the default answers this machine only (there is no authentication)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port")
+@click.option("--max-tokens", type=click.IntRange(1), default=DEFAULT_MAX_TOKENS, show_default=True,
+              help="tokens to generate for a request that does not say")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True,
+              help="largest request body accepted (larger ones get 413)")
+@click.option("--no-cache-reuse", is_flag=True, help="prefill every request from scratch (for measurements)")
+@click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
+@click.option("--strict-target", is_flag=True,
+              help="refuse a bundle prepared for another device class instead of warning")
+def serve(bundle, host, port, max_tokens, max_body_bytes, no_cache_reuse, verify, strict_target):
+    """Serve BUNDLE over an OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions,
+    /v1/completions (streamed or not). One generation at a time, in arrival order."""
+    from runtime.server import make_server, serve as serve_until_stopped
+
+    model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
+    _need_tokenizer(tokenizer, bundle, "serve")
+    model_id = bundle.rstrip("/")
+    try:
+        server = make_server(model, tokenizer, model_id, host, port, default_max_tokens=max_tokens,
+                             max_body_bytes=max_body_bytes, reuse_cache=not no_cache_reuse)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}: anyone who can reach it can use the model "
+                   "(there is no authentication)", err=True)
+    bound_host, bound_port = server.server_address[:2]
+    click.echo(f"serving {model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
+    serve_until_stopped(server)  # until Ctrl-C or SIGTERM, which unwind it (manifests/cli.py)
+
+
 def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
+# The decode rate is (tokens - 1) steps over their time: fewer steps than this are a sample or
+# a few, not a rate (one step has read five times the rate eight steps give).
+MIN_DECODE_STEPS = 4
+
+
+def _decode_cells(first, steady, generation_tokens: int) -> tuple[str, str]:
+    """The decode row's two figures, or n/a (and one warning saying why) for too few steps."""
+    steps = generation_tokens - 1
+    if steps < MIN_DECODE_STEPS:
+        click.echo(f"{WARNING_PREFIX}--generation-tokens {generation_tokens} decodes {steps} step{'s' if steps > 1 else ''} "
+                   f"after the prefill: {'one sample' if steps == 1 else 'a few samples'}, not a rate; "
+                   f"give {MIN_DECODE_STEPS + 1} or more for a decode rate", err=True)
+        return "n/a", "n/a"
+    return f"{first.generation_tps:.1f}", f"{_median([r.generation_tps for r, _ in steady]):.1f}"
+
+
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--generation-tokens", type=click.IntRange(2), default=64, show_default=True)
+@bundle_argument
+@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True,
+              help="length of the prompt (random token ids) each run prefills")
+@click.option("--generation-tokens", type=click.IntRange(2), default=64, show_default=True,
+              help=f"tokens each run generates (a decode rate needs {MIN_DECODE_STEPS + 1} or more)")
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="steady-state runs after the first")
-@click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP, show_default=True)
-@click.option("--strict-target", is_flag=True)
+@click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP, show_default=True,
+              help="prompt tokens per prefill chunk")
+@click.option("--strict-target", is_flag=True,
+              help="refuse a bundle prepared for another device class instead of warning")
+@strict_option
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading "
               "(not counted in the load time)")
 def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, strict_target, verify):
@@ -227,9 +363,7 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
     model, _ = _load(bundle, strict_target=strict_target)
     load_s = time.perf_counter() - t0
     load_peak = mx.get_peak_memory() / 1e9
-    text_config = getattr(model, "manifest", {}).get("model", {}).get("text_config", {})
-    high = int(text_config.get("vocab_size", 256))
-    prompt = np.random.default_rng(0).integers(3, high, size=prompt_tokens).tolist()
+    prompt = np.random.default_rng(0).integers(3, model.config.vocab_size, size=prompt_tokens).tolist()
 
     def run():
         t = time.perf_counter()
@@ -239,14 +373,14 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
             pass
         return last, time.perf_counter() - t
 
-    first, first_s = run()
-    steady = [run() for _ in range(runs)]
+    with _generation_warnings():
+        first, first_s = run()
+        steady = [run() for _ in range(runs)]
     rows = [
         ("load to ready (s)", f"{load_s:.3f}", ""),
         (f"prompt tok/s ({prompt_tokens} tokens)", f"{first.prompt_tps:.1f}",
          f"{_median([r.prompt_tps for r, _ in steady]):.1f}"),
-        (f"decode tok/s ({generation_tokens} tokens)", f"{first.generation_tps:.1f}",
-         f"{_median([r.generation_tps for r, _ in steady]):.1f}"),
+        (f"decode tok/s ({generation_tokens} tokens)", *_decode_cells(first, steady, generation_tokens)),
         ("generation wall time (s)", f"{first_s:.3f}", f"{_median([s for _, s in steady]):.3f}"),
         ("peak memory (GB)", f"{load_peak:.3f} at load", f"{mx.get_peak_memory() / 1e9:.3f} overall"),
     ]
@@ -258,35 +392,36 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False))
-def verify(bundle):
+@bundle_argument
+@click.option("--numeric", is_flag=True, help="then run the bundle's known answers on this device, eager and "
+              "compiled, twice each (exit 1 if they differ; 2 if it has none)")
+@click.option("--runs", type=click.IntRange(2), default=None, help="with --numeric: runs of each path  [default: 2]")
+def verify(bundle, numeric, runs):
     """Check the bundle's files and tensors against its manifest (hashes, shapes, dtypes)."""
     from runtime.verify import verify_command
 
-    sys.exit(verify_command(bundle))
+    if runs is not None and not numeric:
+        raise UserError("--runs applies only with --numeric")
+    code = verify_command(bundle)
+    if numeric and code == 0:
+        from runtime.numeric import numeric_command
+
+        code = numeric_command(bundle, runs or 2)
+    sys.exit(code)
 
 
-def _add_calibrate():
-    try:
-        from runtime.calibrate import calibrate_command
-    except ImportError:
-        return
+def _add_commands():
+    """Commands defined beside the code they drive."""
+    from runtime.calibrate import calibrate_command
+    from runtime.publish import publish_command
+
     main.add_command(calibrate_command, "calibrate")
-
-
-_add_calibrate()
-
-
-def _add_publish():
-    from runtime.hub import publish_command
-
     main.add_command(publish_command, "publish")
 
 
-_add_publish()
-
+_add_commands()
 
 
 def run(args=None, prog_name: str | None = None):
     """The `runtime` program: one-line errors, Ctrl-C exits 130 after unwinding (manifests/cli.py)."""
-    sys.exit(run_program(main, args, prog_name or "runtime", "error: "))
+    sys.exit(run_program(main, args, prog_name or "runtime"))

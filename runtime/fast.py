@@ -25,17 +25,16 @@ import mlx.core as mx
 import numpy as np
 
 from runtime.cache import KVCache, RotatingKVCache, pad_positions
-from runtime.model import MLP_INPUT, gelu_tanh, rescale_to, rms_norm, softcap
+from runtime.model import rms_norm, softcap
 from runtime.projections import transposed_view
 
 DEFAULT_CAPACITY = 1024
 
-# What a layer's projections give the step (`DecoderLayer.project` blocks): q, k and v side by
-# side (q alone in a KV-shared layer) and laurel's left from the normed input; gate and up.
+# What a layer's projections give the step's attention (`DecoderLayer.project` blocks): q, k and
+# v side by side (q alone in a KV-shared layer) and laurel's left, from the normed input.
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 Q = QKV[:1]
 LAUREL_LEFT = ("laurel.linear_left",)
-GATE_UP = tuple((m,) for m in MLP_INPUT)
 
 
 def cache_owners(config) -> list[int]:
@@ -50,7 +49,8 @@ def transposed_views(lm, head) -> dict[int, mx.array]:
     inside the compiled step it would be one more graph node per projection and per token.
     Every projection a layer holds is one the step uses (KV-shared layers build no k/v), so no
     weight is read that decoding would not read; a tied head's view is of the embedding table."""
-    modules = [m for layer in lm.layers for _, m in layer.named_modules()] + [*lm.altup_unembed_projections, head]
+    modules = [m for layer in lm.layers for _, m in layer.named_modules()]
+    modules += [*lm.altup_projections, *lm.altup_unembed_projections, head]
     views = {id(m): view for m in modules if (view := transposed_view(m)) is not None}
     mx.eval(list(views.values()))
     return views
@@ -60,21 +60,26 @@ class DecodeStep:
     """One token through the decoder: `step(token [1, 1], position, *buffers)`.
 
     The same arithmetic as `Model.__call__` (runtime/model.py) for a single position of a single
-    sequence, written for the fewest kernels (and views), because at batch 1 on a big GPU each
-    kernel costs a few microseconds of launch and host time (a view far less; docs/BENCHMARKS.md)
-    and the weights' bytes alone would take a fraction of the step:
+    sequence: the layers run `DecoderLayer.forward`, the head `LanguageModel.unembed`, the formulas
+    the eager model runs, here over one token (planes `[n, hidden]`, activations `[1, hidden]`)
+    and through `linear` (transposed views). What is this step's own is attention (`_attend`):
+    q/k/v heads, RoPE, the fixed-shape K/V buffers. All of it is written for the fewest kernels
+    (and views), because at batch 1 on a big GPU each kernel costs a few microseconds of launch
+    and host time (a view far less; docs/BENCHMARKS.md) and the weights' bytes alone would take a
+    fraction of the step:
 
     - activations are 2-D `[1, hidden]` and the AltUp planes one `[n, hidden]` array, so a plane
       is one row slice and a `[1, hidden]` update broadcasts over all planes without a reshape;
       a matmul on 3-D input would add a flatten and an unflatten;
     - weights are multiplied through transposed views taken once (`transposed_views`), and the
       fused q/k/v and gate/up outputs and the per-layer inputs are cut by one `split` each;
-    - AltUp predict mixes the planes with one matmul that adds the residual (`addmm`); correct
-      and the per-layer-input update are one fused element-wise kernel, the active plane's
-      correction (with its scale) another: the corrected planes are never materialized;
-    - the router's `1 / hidden` scale moves after its matmul, into the `tanh` kernel (exact for
-      a power-of-two width), and router outputs are cast to the activation dtype as transformers
-      does, so no cast needs a kernel of its own;
+    - (DecoderLayer.forward, AltUp) predict mixes the planes with one matmul that adds the
+      residual (`addmm`); correct and the per-layer-input update are one fused element-wise
+      kernel, the active plane's correction (with its scale) another: the corrected planes are
+      never materialized;
+    - (AltUp.router) the router's `1 / hidden` scale follows its matmul, into the `tanh` kernel
+      (exact for a power-of-two width), and router outputs are cast to the activation dtype as
+      transformers does, so no cast needs a kernel of its own;
     - attention over the fixed-size buffers is written out (scores, masked softmax, values):
       MLX's fused attention takes no array mask on CUDA and would expand into more nodes; the
       mask is additive and joins the scores' matmul (`addmm`);
@@ -83,8 +88,12 @@ class DecodeStep:
       2 kernels where the norms and RoPEs one by one are 5;
     - a fused bundle (manifests/format.py FUSED_GROUPS) is one GEMV per group, its output cut by
       one split (`DecoderLayer.project`);
-    - the activation-sparse layers' standard deviation is one dot product of the deviations with
-      themselves (5 kernels for the Gaussian top-k where two means are 6).
+    - (gaussian_top_k) the activation-sparse layers' standard deviation is one dot product of the
+      deviations with themselves (5 kernels for the Gaussian top-k where two means are 6).
+
+    A change to a shared formula changes both passes at once; tests/test_decode_graph.py holds
+    this step's kernel and view budgets, tests/test_fast.py the two passes equal on every kind
+    of bundle.
     """
 
     def __init__(self, model):
@@ -93,9 +102,6 @@ class DecodeStep:
         self.lm = model.model.language_model
         self.owners = cache_owners(c)
         self.producers = c.kv_producers()
-        n = c.altup_num_inputs
-        # Planes 1.. receive the per-layer input (transformers: `corrected[1:] += ...`).
-        self.plane_mask = mx.array([0.0] + [1.0] * (n - 1)).reshape(n, 1)
         self.head = self.lm.embed_tokens if model.tied_head else model.lm_head
         self.weights_t = transposed_views(self.lm, self.head)
         self.rope_tables = self._rope_tables()
@@ -164,8 +170,8 @@ class DecodeStep:
         # The model's own per-layer inputs and AltUp planes: layers x [1, width], [n, hidden].
         layers = c.num_hidden_layers
         per_layer = mx.split(lm.per_layer_inputs(ids, embeds).reshape(1, -1), layers, axis=1)
-        planes = lm.altup_planes(embeds, axis=0).reshape(c.altup_num_inputs, -1)
-        plane_mask = self.plane_mask.astype(dtype)
+        planes = lm.altup_planes(embeds, 0, self.linear).reshape(c.altup_num_inputs, -1)
+        plane_mask = lm.plane_mask.astype(dtype)
 
         kv = dict(zip(self.owners, buffers))
         masks = {}
@@ -180,30 +186,21 @@ class DecodeStep:
                                             owner == i, kv[owner], masks)
         return (self._head(planes), *(kv[i] for i in self.owners))
 
-    def _router(self, altup, x):
-        """tanh(router(norm(x)) / hidden) in float32, returned in x's dtype (as transformers)."""
-        routed = self.linear(altup.modality_router, rms_norm(x, altup.router_norm.weight, self.config.rms_norm_eps))
-        return mx.tanh(routed.astype(mx.float32) * (1.0 / self.config.hidden_size)).astype(x.dtype)
-
     def _layer(self, layer, planes, per_layer, position, plane_mask, rope_table, own_kv, kv, masks):
-        """One decoder layer; `kv` is the layer's key/value buffer (its own where `own_kv`, which
-        this token's k and v are written to, else its producer's), returned as updated."""
-        c, linear = self.config, self.linear
-        eps = c.rms_norm_eps
-        altup, attn, mlp = layer.altup, layer.self_attn, layer.mlp
-        n = planes.shape[0]
-        a = c.altup_active_idx
+        """One decoder layer (`DecoderLayer.forward`) with this step's attention; `kv` is the
+        layer's key/value buffer (its own where `own_kv`, which this token's k and v are written
+        to, else its producer's), returned as updated."""
+        return layer.forward(planes, per_layer,
+                             lambda normed: self._attend(layer, normed, position, rope_table, own_kv, kv, masks),
+                             plane_mask, self.linear)
 
-        # AltUp predict: predictions[j] = planes[j] + sum_i coefs[j, i] * planes[i]
-        coefs = linear(altup.prediction_coefs, self._router(altup, planes[a : a + 1])).reshape(n, n)
-        predictions = mx.addmm(planes, coefs, planes)  # planes + coefs @ planes, one kernel
-        active = predictions[a : a + 1]
-
-        normed = rms_norm(active, layer.input_layernorm.weight, eps)
+    def _attend(self, layer, normed, position, rope_table, own_kv, kv, masks):
+        """(the heads' output `[1, heads * head_dim]`, laurel's left projection, the K/V buffer)."""
+        attn, eps = layer.self_attn, self.config.rms_norm_eps
         nq, nkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
         # q, k and v side by side (q alone in a KV-shared layer), and laurel's left projection:
         # one GEMV each, or one for both where the bundle fuses them, cut by one split.
-        qkv, laurel = layer.project(normed, (QKV if own_kv else Q, LAUREL_LEFT), linear)
+        qkv, laurel = layer.project(normed, (QKV if own_kv else Q, LAUREL_LEFT), self.linear)
         if own_kv:
             # q, k and v heads normed at once, then scaled per head (v by 1) and q and k rotated
             # (v by angle 0) in one kernel: 2 kernels where the norms and RoPEs one by one are 5.
@@ -219,51 +216,11 @@ class DecodeStep:
         # Attention scale is 1; mask + q @ k^T in one kernel.
         scores = mx.addmm(masks[keys.shape[2]], q.reshape(1, nkv, nq // nkv, d), keys.swapaxes(-1, -2))
         out = (mx.softmax(scores, axis=-1, precise=True) @ values).reshape(1, nq * d)
-        attn_out = rms_norm(linear(attn.o_proj, out), layer.post_attention_layernorm.weight, eps)
-        laurel = normed + rms_norm(linear(layer.laurel.linear_right, laurel), layer.laurel.post_laurel_norm.weight, eps)
-        attn_laurel = ((active + attn_out) + laurel) * (2.0**-0.5)
-
-        x = rms_norm(attn_laurel, layer.pre_feedforward_layernorm.weight, eps)
-        gate, up = layer.project(x, GATE_UP, linear)
-        if mlp.std_multiplier is not None:
-            # Gaussian top-k: keep what lies `std_multiplier` standard deviations above the mean.
-            # The same two-pass statistics as the model in 5 kernels where two means are 6: a sum,
-            # the deviations, their dot product with themselves (a GEMV, not a second reduction
-            # over squared deviations), the standard deviation, then the rest fused with the
-            # activation (MLX's limit on a fused chain's depth keeps the std out of that kernel).
-            inv_n = 1.0 / gate.shape[-1]
-            dev = gate - mx.sum(gate, axis=-1, keepdims=True) * inv_n
-            std = mx.sqrt((dev @ dev.T) * inv_n)
-            gate = mx.maximum(dev - std * mlp.std_multiplier, 0)
-        ffw = rms_norm(linear(mlp.down_proj, gelu_tanh(gate) * up), layer.post_feedforward_layernorm.weight, eps)
-        activated = attn_laurel + ffw
-
-        # AltUp correct, then the per-layer input into planes 1.. (a [1, hidden] row broadcasts
-        # over the [n, hidden] planes).
-        coefs = linear(altup.correction_coefs, self._router(altup, activated)).reshape(n, 1)
-        # The active plane corrected is computed on its own (one kernel with its scale) and again
-        # inside the final kernel with all planes, so the corrected planes are never materialized:
-        # one kernel fewer than correcting all planes, then slicing and scaling the active one.
-        # The innovation is written as `-(active - activated)` the second time: the same numbers,
-        # but not an expression `mx.compile` would merge with the first and materialize.
-        first = active + (activated - active) * (coefs[a : a + 1] + 1.0)
-        if layer.correct_scale:
-            first = first * altup.correct_output_scale
-        first = gelu_tanh(linear(layer.per_layer_input_gate, first)) * per_layer
-        first = rms_norm(linear(layer.per_layer_projection, first), layer.post_per_layer_input_norm.weight, eps)
-        return predictions - (active - activated) * (coefs + 1.0) + first * plane_mask, kv
+        return out, laurel, kv
 
     def _head(self, planes):
-        c, lm = self.config, self.lm
-        n = planes.shape[0]
-        top = planes[0:1]
-        target = mx.sqrt(mx.mean(top * top, axis=-1, keepdims=True))
-        total = top
-        for i, proj in enumerate(lm.altup_unembed_projections):
-            total = total + rescale_to(self.linear(proj, planes[i + 1 : i + 2]), target)
-        h = rms_norm(total / n, lm.norm.weight, c.rms_norm_eps)
-        logits = self.linear(self.head, h)
-        cap = c.final_logit_softcapping
+        logits = self.linear(self.head, self.lm.unembed(planes, self.linear))
+        cap = self.config.final_logit_softcapping
         return softcap(logits, cap) if cap else logits
 
 

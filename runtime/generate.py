@@ -13,23 +13,47 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
+from runtime.chat import chat_turn, render_messages, user_and_system
+from runtime.compat import from_mlx_lm
 from runtime.fast import CompiledDecoder
-from runtime.inputs import BadType, check_count, check_text, check_token_ids, vocab_size_of
+from runtime.inputs import (BadType, check_count, check_option, check_text, check_token_ids, context_length_of,
+                            vocab_size_of)
 from runtime.model import Model
-from runtime.sampling import Sampler, SamplingParams
-from runtime.tokenizer import END_OF_TURN, Tokenizer, chat_turn
+from runtime.sampling import Sampler, SamplingParams, apply_repetition_penalty
+from runtime.tokenizer import END_OF_TURN, Tokenizer
+
+# mlx-lm's hook: `processor(tokens [n], logits [1, vocab]) -> logits`, tokens being every id so far.
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_PREFILL_STEP = 512
 
 CAPTURE_ENABLE_ENV = "MTL_CAPTURE_ENABLED"
 CAPTURE_PATH_ENV = "MLX_PREPARED_CAPTURE_DECODE"
+
+
+class ContextLengthWarning(UserWarning):
+    """The prompt plus the tokens asked for run past the model's context (max_position_embeddings),
+    where its text is unreliable. `warnings.simplefilter("error", ContextLengthWarning)` refuses instead."""
+
+
+def warn_past_context(model, cached: int, prompt: int, max_tokens: int, stacklevel: int = 3) -> None:
+    """A ContextLengthWarning when `cached` + `prompt` + `max_tokens` tokens exceed the model's context."""
+    context = context_length_of(model)
+    total = cached + prompt + max_tokens
+    if context is None or total <= context:
+        return
+    after = f" after {cached} in the cache" if cached else ""
+    warnings.warn(f"a prompt of {prompt} tokens{after} plus up to {max_tokens} generated is {total} tokens, past "
+                  f"the model's context of {context} (max_position_embeddings), where its text is unreliable",
+                  ContextLengthWarning, stacklevel=stacklevel)
 
 
 class CaptureError(RuntimeError):
@@ -69,7 +93,12 @@ class DecodeCapture:
 
 @dataclass
 class GenerationResponse:
-    """One generated token and the text it completed (possibly empty: half a character)."""
+    """One generated token and the text it completed (possibly empty: half a character).
+
+    `logits` are the step's, after the repetition penalty and any logits processors, before
+    temperature and filters: what the token was drawn from. `logprobs` (mlx-lm's name) is their
+    log-softmax, computed only when read, so decoding pays nothing for it.
+    """
 
     text: str
     token: int
@@ -80,6 +109,21 @@ class GenerationResponse:
     peak_memory_gb: float
     finish_reason: str | None  # None while generating; "stop", "length" or "capture" at the end
     cached: bool               # whether this token was fed to the cache already
+    logits: mx.array | None = field(default=None, repr=False)  # [vocab]
+    from_draft: bool = False   # mlx-lm's field; no speculative decoding here
+
+    @property
+    def logprobs(self) -> mx.array | None:
+        """Log-probabilities over the vocabulary, float32 `[vocab]` (lazy: evaluate to use)."""
+        if self.logits is None:
+            return None
+        x = self.logits.astype(mx.float32)
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+    @property
+    def peak_memory(self) -> float:
+        """mlx-lm's name for `peak_memory_gb`."""
+        return self.peak_memory_gb
 
 
 def _cache_arrays(cache) -> list:
@@ -92,89 +136,166 @@ def _cache_arrays(cache) -> list:
     return arrays
 
 
-def prefill(model, tokens: mx.array, cache, step_size: int = DEFAULT_PREFILL_STEP) -> mx.array:
+def prefill(model, tokens: mx.array, cache, step_size: int = DEFAULT_PREFILL_STEP,
+            progress: Callable[[int, int], None] | None = None) -> mx.array:
     """Run the prompt through the model in chunks of `step_size` and return the logits of its
-    last position, [batch, vocab], lazily. Chunks bound the attention scores' memory."""
+    last position, [batch, vocab], lazily. Chunks bound the attention scores' memory.
+    `progress(done, total)` (mlx-lm's prompt_progress_callback) hears of every evaluated chunk."""
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.shape[1] == 0:
         raise ValueError("empty prompt: nothing to condition on")
+    total, done = tokens.shape[1], 0
+    if progress is not None:
+        progress(0, total)
     while tokens.shape[1] > step_size:
         model(tokens[:, :step_size], cache=cache)
         mx.eval(_cache_arrays(cache))
         tokens = tokens[:, step_size:]
         mx.clear_cache()
+        done += step_size
+        if progress is not None:
+            progress(done, total)
     return model(tokens, cache=cache)[:, -1, :]
 
 
-def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sampler: Sampler | None = None,
+class _Picker:
+    """Logits to the next token: repetition penalty, logits processors, then the sampler.
+
+    `sampler` is this runtime's `Sampler` (called on the logits) or mlx-lm's kind, any callable
+    `sampler(logprobs [1, vocab]) -> ids [1]`. Keeps the ids seen so far when something reads them.
+    """
+
+    def __init__(self, sampler, processors: Sequence[LogitsProcessor] | None, prompt: mx.array):
+        self.sampler = sampler or Sampler()
+        self.ours = isinstance(self.sampler, Sampler)
+        self.params = self.sampler.params if self.ours else SamplingParams()
+        self.processors = list(processors or [])
+        if not all(callable(p) for p in self.processors):
+            raise BadType("logits_processors must be callables (token ids, logits) -> logits")
+        needs_history = self.params.repetition_penalty != 1.0 or bool(self.processors)
+        self.history = prompt.reshape(1, -1) if needs_history else None
+
+    def feed(self, token: mx.array) -> None:
+        if self.history is not None:
+            self.history = mx.concatenate([self.history, token.reshape(1, 1).astype(mx.int32)], axis=1)
+
+    def __call__(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+        """(ids [1], processed logits [vocab]), lazily."""
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, self.history[..., -p.repetition_context_size:],
+                                              p.repetition_penalty)
+        for processor in self.processors:
+            logits = processor(self.history[0], logits)
+        if self.ours:
+            return self.sampler(logits), logits[0]
+        x = logits.astype(mx.float32)
+        return self.sampler(x - mx.logsumexp(x, axis=-1, keepdims=True)), logits[0]
+
+
+def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sampler=None,
                   max_tokens: int = DEFAULT_MAX_TOKENS, prefill_step_size: int = DEFAULT_PREFILL_STEP,
-                  capture: DecodeCapture | None = None, compiled: bool | None = None) -> Iterator[tuple[int, bool]]:
+                  capture: DecodeCapture | None = None, compiled: bool | None = None,
+                  logits_processors: Sequence[LogitsProcessor] | None = None,
+                  prompt_progress_callback: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, bool]]:
     """Yield (token id, fed to the cache) for up to `max_tokens` new tokens. No stop logic here:
     the caller stops iterating. The last token of a `max_tokens` run is not fed to the cache.
 
     `compiled` (default: on for this runtime's model) decodes through one compiled step over
     fixed-shape caches (runtime/fast.py); the eager caches are brought up to date at the end.
+    `compiled=False` decodes eagerly, through the model itself. `sampler`: a `Sampler`, or mlx-lm's kind (`sampler(logprobs) -> ids`); `logits_processors`:
+    mlx-lm's hook, `processor(ids so far, logits) -> logits`, applied in order before sampling.
 
     Every id must lie in [0, vocab_size): the model reads its tables by id (TypeError/ValueError
     otherwise, runtime/inputs.py), as must `max_tokens` >= 0 and `prefill_step_size` >= 1."""
     max_tokens = check_count(max_tokens, "max_tokens", 0)
     prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
     prompt = check_token_ids(prompt, vocab_size_of(model))
+    steps = _steps(prompt, model, cache=cache, sampler=sampler, max_tokens=max_tokens,
+                   prefill_step_size=prefill_step_size, capture=capture, compiled=_compiled(compiled, model),
+                   logits_processors=logits_processors, progress=prompt_progress_callback)
+    try:
+        for token, cached, _ in steps:
+            yield token, cached
+    finally:
+        steps.close()
+
+
+def _compiled(compiled, model) -> bool:
+    """Whether to decode through the compiled step: `compiled` (True, False or None: on for this
+    runtime's model), checked where it enters."""
+    compiled = check_option(compiled, "compiled")
+    if compiled is None:
+        return isinstance(model, Model)
+    if compiled and not isinstance(model, Model):
+        raise ValueError("compiled decoding needs this runtime's model (runtime.load); pass compiled=False")
+    return compiled
+
+
+def _steps(prompt, model, *, cache, sampler, max_tokens, prefill_step_size, capture, compiled: bool,
+           logits_processors, progress) -> Iterator[tuple[int, bool, mx.array]]:
+    """generate_step's loop, also yielding each token's processed logits `[vocab]` (lazy); its
+    callers have checked the ids and counts."""
+    if progress is not None and not callable(progress):
+        raise BadType(f"prompt_progress_callback must be callable, not {type(progress).__name__}")
     if max_tokens < 1:
         return
     cache = model.make_cache() if cache is None else cache
-    sampler = sampler or Sampler()
     prompt = mx.array(prompt, dtype=mx.int32) if not isinstance(prompt, mx.array) else prompt.astype(mx.int32)
-    use_history = sampler.params.repetition_penalty != 1.0
-    history = prompt.reshape(1, -1) if use_history else None
-    if compiled is None:
-        compiled = isinstance(model, Model)
+    pick = _Picker(sampler, logits_processors, prompt)
     decoder = None
 
     def decode(token: mx.array):
-        nonlocal history, decoder
-        if use_history:
-            history = mx.concatenate([history, token.reshape(1, 1).astype(mx.int32)], axis=1)
+        nonlocal decoder
+        pick.feed(token)
         if compiled:
             if decoder is None:
                 decoder = CompiledDecoder(model, cache, capacity=cache[0].offset + max_tokens + 1)
             logits = decoder(token)
         else:
             logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]
-        return sampler(logits, history)
+        return pick(logits)
 
     try:
-        yield from _decode_loop(model, prompt, cache, sampler, history, decode, max_tokens, prefill_step_size, capture)
+        yield from _decode_loop(model, prompt, cache, pick, decode, max_tokens, prefill_step_size, capture, progress)
     finally:
         if decoder is not None:
             decoder.to_eager()
 
 
-def _decode_loop(model, prompt, cache, sampler, history, decode, max_tokens, prefill_step_size, capture):
+def _decode_loop(model, prompt, cache, pick, decode, max_tokens, prefill_step_size, capture, progress):
     """Prefill, then decode with the next step's graph built while the current token computes."""
-    y = sampler(prefill(model, prompt, cache, prefill_step_size), history)
+    y, logits = pick(prefill(model, prompt, cache, prefill_step_size, progress))
     mx.async_eval(y)
     for n in range(max_tokens):
         decode_step = n + 1  # feeding generated token n + 1 to the cache
         last = n + 1 == max_tokens
         if last:
-            yield int(y.item()), False
+            yield _first(y, n, prompt, progress), False, logits
             return
         if capture is not None and decode_step == capture.step:
             mx.eval(y)  # nothing of earlier steps may run inside the capture
             capture.start(capture.path)
             try:
-                next_y = decode(y)
+                next_y, next_logits = decode(y)
                 mx.eval(next_y)
             finally:
                 capture.stop()
-            yield int(y.item()), True
+            yield int(y.item()), True, logits
             return
-        next_y = decode(y)
+        next_y, next_logits = decode(y)
         mx.async_eval(next_y)
-        yield int(y.item()), True
-        y = next_y
+        yield _first(y, n, prompt, progress), True, logits
+        y, logits = next_y, next_logits
+
+
+def _first(y: mx.array, n: int, prompt: mx.array, progress) -> int:
+    """The token id; after the first one, the prompt is done (mlx-lm's last progress call)."""
+    token = int(y.item())
+    if n == 0 and progress is not None:
+        progress(prompt.size, prompt.size)
+    return token
 
 
 def _sampling(sampling: SamplingParams | None, kwargs: dict) -> SamplingParams:
@@ -185,87 +306,154 @@ def _sampling(sampling: SamplingParams | None, kwargs: dict) -> SamplingParams:
     return sampling if sampling is not None else SamplingParams(**kwargs)
 
 
-def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[int], *,
-                    max_tokens: int = DEFAULT_MAX_TOKENS, sampling: SamplingParams | None = None,
-                    eos_token_ids: Sequence[int] | None = None, chat: bool = False, cache=None,
-                    prefill_step_size: int = DEFAULT_PREFILL_STEP, capture: DecodeCapture | None = None,
-                    **sampling_kwargs) -> Iterator[GenerationResponse]:
-    """Generate from `prompt` (text, or token ids), yielding one response per new token.
+def _sampler(sampling: SamplingParams | None, sampler, kwargs: dict, where: str):
+    """One way of choosing tokens: `sampling=`, its fields as keywords, or a `sampler=` callable."""
+    known = {f.name for f in fields(SamplingParams)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}")
+    if sum(x for x in (sampling is not None, sampler is not None, bool(kwargs))) > 1:
+        raise TypeError(f"{where}(): pass one of sampling=, sampler= or sampling keywords "
+                        f"({', '.join(sorted(kwargs)) or 'temperature, top_p, ...'}), not several")
+    if sampler is not None:
+        if not callable(sampler):
+            raise TypeError(f"{where}(): sampler must be callable (logprobs -> token ids), not {type(sampler).__name__}")
+        return sampler
+    return Sampler(_sampling(sampling, kwargs))
 
-    Stops at any EOS id (by default the tokenizer's: every one the bundle declares; with `chat`,
-    also <end_of_turn>) without yielding its text, or after `max_tokens`. `chat` wraps a text
-    prompt in Gemma's turn format. `cache` continues an existing cache (a chat session); without
-    one a fresh cache is made. Sampling: `sampling=SamplingParams(...)` or its fields as keywords
-    (temperature, top_k, top_p, min_p, repetition_penalty, seed). The decode capture is taken
-    from the environment unless `capture` is given (see DecodeCapture.from_env).
-    """
-    params = _sampling(sampling, sampling_kwargs)
-    if capture is None:
-        capture = DecodeCapture.from_env()
-    if isinstance(prompt, str):
-        check_text(prompt)
+
+def _prompt_ids(model, tokenizer: Tokenizer | None, prompt, messages, chat: bool,
+                where: str) -> tuple[list[int], bool]:
+    """The prompt's token ids (checked against the vocabulary), and whether it is a chat (whose
+    replies end at <end_of_turn>)."""
+    if (prompt is None) == (messages is None):
+        raise TypeError(f"{where}(): pass either prompt or messages")
+    if messages is not None and chat:
+        raise TypeError(f"{where}(): messages are always a chat; chat=True is for a text prompt")
+    if messages is not None or isinstance(prompt, str):
+        text = check_text(render_messages(messages) if messages is not None else prompt,
+                          "messages" if messages is not None else "prompt")
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; this bundle has none (pass token ids)")
-        ids = tokenizer.encode(chat_turn(prompt) if chat else prompt)
-    else:
-        ids = check_token_ids(prompt, vocab_size_of(model))
-        ids = ids.reshape(-1).tolist() if isinstance(ids, mx.array) else ids
+        return tokenizer.encode(chat_turn(text) if chat else text), chat or messages is not None
+    ids = check_token_ids(prompt, vocab_size_of(model))
+    return (ids.reshape(-1).tolist() if isinstance(ids, mx.array) else ids), chat
+
+
+def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[int] | None = None, *,
+                    messages: Sequence[dict] | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                    sampling: SamplingParams | None = None, sampler=None,
+                    logits_processors: Sequence[LogitsProcessor] | None = None,
+                    eos_token_ids: Sequence[int] | None = None, chat: bool = False, cache=None,
+                    prefill_step_size: int = DEFAULT_PREFILL_STEP, capture: DecodeCapture | None = None,
+                    prompt_progress_callback: Callable[[int, int], None] | None = None,
+                    compiled: bool | None = None, **kwargs) -> Iterator[GenerationResponse]:
+    """Generate from `prompt` (text, or token ids) or `messages`, yielding one response per new token.
+
+    `messages`: a conversation (`[{"role": "system" | "user" | "assistant", "content": ...}]`),
+    rendered by Gemma's rules (runtime/chat.py). `chat` wraps a text prompt in Gemma's turn
+    format. Stops at any EOS id (by default the tokenizer's: every one the bundle declares; in a
+    chat, also <end_of_turn>) without yielding its text, or after `max_tokens`. `cache`
+    continues an existing cache (a chat session); without one a fresh cache is made.
+
+    Sampling: `sampling=SamplingParams(...)`, or its fields as keywords (temperature, top_k,
+    top_p, min_p, repetition_penalty, seed), or mlx-lm's `sampler=`; `logits_processors` run
+    before it. mlx-lm's keywords are accepted under their names (`temp`, `prompt_cache`) or
+    refused with ours (runtime/compat.py). The decode capture is taken from the environment
+    unless `capture` is given (see DecodeCapture.from_env). `compiled`: see generate_step
+    (`compiled=False` decodes eagerly).
+    """
+    kwargs = from_mlx_lm(kwargs, "stream_generate")
+    if "cache" in kwargs:
+        if cache is not None:
+            raise TypeError("stream_generate(): pass cache= or mlx-lm's prompt_cache=, not both")
+        cache = kwargs.pop("cache")
+    choose = _sampler(sampling, sampler, kwargs, "stream_generate")
+    if capture is None:
+        capture = DecodeCapture.from_env()
+    max_tokens = check_count(max_tokens, "max_tokens", 0)
+    prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
+    compiled = _compiled(compiled, model)
+    ids, chat = _prompt_ids(model, tokenizer, prompt, messages, chat, "stream_generate")
     if eos_token_ids is None:
         eos_token_ids = [] if tokenizer is None else (tokenizer.chat_stop_ids() if chat else tokenizer.eos_token_ids)
     stop = set(check_token_ids(eos_token_ids, None))
+    warn_past_context(model, cache[0].offset if cache else 0, len(ids), max_tokens)
     detok = tokenizer.detokenizer() if tokenizer is not None else None
 
     tic = time.perf_counter()
     first_at = None
     prompt_tps = 0.0
     n = 0
-    for token, cached in generate_step(ids, model, cache=cache, sampler=Sampler(params), max_tokens=max_tokens,
-                                       prefill_step_size=prefill_step_size, capture=capture):
-        now = time.perf_counter()
-        n += 1
-        if first_at is None:
-            first_at = now
-            prompt_tps = len(ids) / (now - tic)
-        generation_tps = (n - 1) / (now - first_at) if n > 1 else 0.0
-        is_stop = token in stop
-        if is_stop:
-            finish = "stop"
-        elif not cached:
-            finish = "length"
-        elif capture is not None and n == capture.step:
-            finish = "capture"
-        else:
-            finish = None
-        text = ""
-        if detok is not None and not is_stop:
-            text = detok.add_token(token)
-        if finish is not None and detok is not None:
-            text += detok.finalize()
-        yield GenerationResponse(text=text, token=token, prompt_tokens=len(ids), prompt_tps=prompt_tps,
-                                 generation_tokens=n, generation_tps=generation_tps,
-                                 peak_memory_gb=mx.get_peak_memory() / 1e9, finish_reason=finish, cached=cached)
-        if finish is not None:
-            return
+    steps = _steps(ids, model, cache=cache, sampler=choose, max_tokens=max_tokens, prefill_step_size=prefill_step_size,
+                   capture=capture, compiled=compiled, logits_processors=logits_processors,
+                   progress=prompt_progress_callback)
+    try:
+        for token, cached, logits in steps:
+            now = time.perf_counter()
+            n += 1
+            if first_at is None:
+                first_at = now
+                prompt_tps = len(ids) / (now - tic)
+            generation_tps = (n - 1) / (now - first_at) if n > 1 else 0.0
+            is_stop = token in stop
+            if is_stop:
+                finish = "stop"
+            elif not cached:
+                finish = "length"
+            elif capture is not None and n == capture.step:
+                finish = "capture"
+            else:
+                finish = None
+            text = ""
+            if detok is not None and not is_stop:
+                text = detok.add_token(token)
+            if finish is not None and detok is not None:
+                text += detok.finalize()
+            yield GenerationResponse(text=text, token=token, prompt_tokens=len(ids), prompt_tps=prompt_tps,
+                                     generation_tokens=n, generation_tps=generation_tps,
+                                     peak_memory_gb=mx.get_peak_memory() / 1e9, finish_reason=finish, cached=cached,
+                                     logits=logits)
+            if finish is not None:
+                return
+    finally:
+        steps.close()  # the compiled decoder hands the cache back now, even when the caller stops early
 
 
-def generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[int], **kwargs) -> str:
-    """The whole generated text (without the prompt and the stop token); see stream_generate."""
-    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+def generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[int] | None = None, *,
+             verbose: bool = False, **kwargs) -> str:
+    """The whole generated text (without the prompt and the stop token); see stream_generate.
+    `verbose` (mlx-lm's) also prints the text as it comes and the speeds at the end."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        text += last.text
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+        print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
+        print(f"Peak memory: {last.peak_memory_gb:.3f} GB")
+    return text
 
 
 class ChatSession:
     """A conversation whose cache lives across turns: each turn prefills only the new text.
 
     Gemma's format: `<bos><start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n`, the
-    reply, `<end_of_turn>\\n`, the next user turn. The reply's closing <end_of_turn> is already in
-    the cache when generation stopped on it (the decode loop runs one step ahead).
+    reply, `<end_of_turn>\\n`, the next user turn; a `system` prompt opens the first user turn.
+    The reply's closing <end_of_turn> is already in the cache when generation stopped on it (the
+    decode loop runs one step ahead).
     """
 
     def __init__(self, model, tokenizer: Tokenizer, *, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 sampling: SamplingParams | None = None, prefill_step_size: int = DEFAULT_PREFILL_STEP):
+                 sampling: SamplingParams | None = None, prefill_step_size: int = DEFAULT_PREFILL_STEP,
+                 system: str | None = None):
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer; this bundle has none")
-        self.model, self.tokenizer = model, tokenizer
+        if system is not None:
+            check_text(system, "system")
+        self.model, self.tokenizer, self.system = model, tokenizer, system
         self.max_tokens = check_count(max_tokens, "max_tokens", 0)
         self.prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
         self.sampling = _sampling(sampling, {}) if sampling is not None else None
@@ -275,9 +463,9 @@ class ChatSession:
         self._last_cached = True
 
     def _turn_ids(self, message: str) -> list[int]:
+        if self._turns == 0:  # the system prompt opens the first user turn (Gemma has no system role)
+            return self.tokenizer.encode(render_messages(user_and_system(message, self.system)))
         text = chat_turn(message)
-        if self._turns == 0:
-            return self.tokenizer.encode(text)
         pending = [] if self._last_cached or self._last_token is None else [self._last_token]
         closed = self._last_token is not None and self._last_token == self.tokenizer.end_of_turn_id
         prefix = "\n" if closed else END_OF_TURN + "\n"

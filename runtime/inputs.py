@@ -11,6 +11,7 @@ enters, and code past it trusts the value:
 - `check_text`: a str that is valid Unicode (no lone surrogates: what a non-UTF-8 argument
   becomes), and `decode_text` for bytes read from stdin;
 - `check_count`: an integer (not a bool) with a lower bound;
+- `check_option`: True, False or None;
 - `check_sampling`: every SamplingParams field's type and range (finite numbers, a seed the
   generator takes).
 
@@ -46,18 +47,28 @@ def _shown(value: object) -> str:
     return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
 
 
-def vocab_size_of(model) -> int | None:
-    """The number of rows of the model's embedding table: this runtime's `config.vocab_size`, or an
-    mlx-lm model's `args` (its text config for multimodal ones); None if the model does not say."""
+def _config_int(model, name: str) -> int | None:
+    """An integer of the model's config: this runtime's `config`, or an mlx-lm model's `args` (its
+    text config for multimodal ones); None if the model does not say."""
     config = getattr(model, "config", None)
-    size = getattr(config, "vocab_size", None)
+    size = getattr(config, name, None)
     if size is None:
         args = getattr(model, "args", None)
-        size = getattr(args, "vocab_size", None)
+        size = getattr(args, name, None)
         text = getattr(args, "text_config", None)
         if size is None and isinstance(text, dict):
-            size = text.get("vocab_size")
+            size = text.get(name)
     return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def vocab_size_of(model) -> int | None:
+    """The number of rows of the model's embedding table, or None if the model does not say."""
+    return _config_int(model, "vocab_size")
+
+
+def context_length_of(model) -> int | None:
+    """The positions the model was trained for (`max_position_embeddings`), or None."""
+    return _config_int(model, "max_position_embeddings")
 
 
 def _index(value, position: int) -> int:
@@ -137,6 +148,13 @@ def check_count(value, name: str, low: int) -> int:
     if value < low:
         raise BadValue(f"{name} must be >= {low}, got {value}")
     return int(value)
+
+
+def check_option(value, name: str) -> bool | None:
+    """True, False or None (an option whose default depends on the call)."""
+    if value is not None and not isinstance(value, bool):
+        raise BadType(f"{name} must be True, False or None (the default), not {type(value).__name__} {_shown(value)}")
+    return value
 
 
 def _real(params, name: str) -> float:

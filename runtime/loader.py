@@ -7,8 +7,6 @@ that very array into the module the manifest named. tests/test_loader.py holds t
 
 from __future__ import annotations
 
-import importlib
-import os
 import warnings
 from pathlib import Path
 
@@ -16,13 +14,16 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from manifests import MANIFEST_NAME, ManifestError, target_for_device
-from manifests.records import records
+from manifests.records import records, unread
 from runtime.architectures import architecture
-from runtime.bundle import BundleError, convert_command, read_bundle_manifest, shard_files
+from runtime.bundle import BundleError, read_bundle_manifest, shard_files, source_command
+from runtime.tokenizer import load_tokenizer
 
 
 class TargetMismatchWarning(UserWarning):
-    """The bundle was prepared for another device class than this one."""
+    """The bundle was prepared for another device class than this one: a note about speed, not a
+    fault (every bundle computes the same logits on every device; only its weights' layouts were
+    chosen for another one). The CLI prints it as a note."""
 
 
 def made_for_this_device(profile: dict, info: dict, here: str) -> bool:
@@ -39,10 +40,9 @@ def check_target(manifest: dict, path: Path, strict: bool, device_info: dict | N
     prepared_for = manifest["target"]["name"]
     if prepared_for == here or made_for_this_device(manifest["target"].get("profile") or {}, info, here):
         return
-    source = manifest["source"].get("path") or manifest["source"].get("repo_id") or "SOURCE"
     message = (
-        f"{path}: prepared for target {prepared_for!r}, but this device ({info.get('architecture', '?')}) "
-        f"is {here!r}; for this device run: {convert_command(source, here)}"
+        f"{path} is laid out for target {prepared_for!r} and runs correctly here; for weights laid out for "
+        f"this device ({here!r}, {info.get('architecture', '?')}): {source_command(manifest['source'], here)}"
     )
     if strict:
         raise BundleError(message)
@@ -74,23 +74,30 @@ def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str,
     """Each manifest record must describe the tensor it names exactly, and every other tensor it
     stores (manifests/records.py: scales, biases, a bias) must be there; say both when not."""
     for where, kind, _, record in records(manifest):
-        key = record["key"]
-        if key not in arrays:
-            raise BundleError(f"{where} names tensor {key}, which no shard holds")
-        stored = arrays[key]
-        said = (list(record["shape"]), record["dtype"])
-        found = (list(stored.shape), dtype_name(stored.dtype))
-        if said != found:
-            raise BundleError(
-                f"{where} says {key} is {said[1]} {said[0]}, but {origin[key]} holds {found[1]} {found[0]}"
-            )
+        check_stored(where, record["key"], record, arrays, origin)
         for extra in kind.stored(record, where)[1:]:
             if extra.key not in arrays:
                 raise BundleError(f"{where} needs tensor {extra.key}, which no shard holds")
+    for where, key, entry in unread(manifest):
+        check_stored(where, key, entry, arrays, origin)
 
 
-def put_weights(model, arrays: dict[str, mx.array], path: Path) -> None:
-    """The arrays go into the modules as they are, by their own names; nothing else."""
+def check_stored(where: str, key: str, said: dict, arrays: dict[str, mx.array], origin: dict[str, str]) -> None:
+    """The tensor `key` is in a shard with the shape and dtype the manifest entry `where` says."""
+    if key not in arrays:
+        raise BundleError(f"{where} names tensor {key}, which no shard holds")
+    stored = arrays[key]
+    want = (list(said["shape"]), said["dtype"])
+    found = (list(stored.shape), dtype_name(stored.dtype))
+    if want != found:
+        raise BundleError(f"{where} says {key} is {want[1]} {want[0]}, but {origin[key]} holds {found[1]} {found[0]}")
+
+
+def put_weights(model, arrays: dict[str, mx.array], path: Path, unread_keys=()) -> None:
+    """The arrays go into the modules as they are, by their own names; nothing else. The tensors
+    the manifest records as unread (stored for another reader) stay out, untouched."""
+    skip = set(unread_keys)
+    arrays = {k: a for k, a in arrays.items() if k not in skip}
     wanted = {k for k, _ in tree_flatten(model.parameters())}
     missing, extra = sorted(wanted - arrays.keys()), sorted(arrays.keys() - wanted)
     if missing or extra:
@@ -104,16 +111,6 @@ def put_weights(model, arrays: dict[str, mx.array], path: Path) -> None:
         model.load_weights(list(arrays.items()), strict=True)
     except ValueError as e:
         raise BundleError(f"{path}: {str(e).splitlines()[0]}") from None
-
-
-def load_tokenizer(path: Path):
-    try:
-        module = importlib.import_module("runtime.tokenizer")
-    except ModuleNotFoundError as e:
-        if e.name != "runtime.tokenizer":
-            raise
-        return None
-    return module.load_tokenizer(path)
 
 
 def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bool = False,
@@ -143,7 +140,7 @@ def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bo
         raise BundleError(f"{path / MANIFEST_NAME}: {str(e).removeprefix(MANIFEST_NAME + ': ')}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise BundleError(f"{path / MANIFEST_NAME}: model.text_config: {e}") from None
-    put_weights(model, arrays, path)
+    put_weights(model, arrays, path, [key for _, key, _ in unread(manifest)])
     object.__setattr__(model, "manifest", manifest)
     object.__setattr__(model, "bundle_path", path)
     if not lazy:
@@ -157,7 +154,8 @@ def load(path, strict_target: bool = False, verify: bool = False, lazy: bool = F
 
     `path` is a bundle folder or a hub id (`org/name`, `org/name:variant`): a hub bundle is
     downloaded (only the chosen variant's files, at `revision`) and always verified.
-    `strict_target`: a bundle prepared for another device class is an error, not a warning.
+    `strict_target`: a bundle prepared for another device class is an error, not a note
+    (TargetMismatchWarning).
     `verify`: re-hash every file against the manifest first. `lazy`: leave the weights mapped
     but unread until first use (by default they are read before `load` returns).
     """

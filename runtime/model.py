@@ -57,6 +57,7 @@ class TextConfig:
     rope_local_base_freq: float | None = None  # old configs: sliding-attention base
     rope_scaling: dict | None = None
     attention_bias: bool = False
+    max_position_embeddings: int = 32_768  # the context the model was trained for (generation warns past it)
     rope_thetas: dict = field(default_factory=dict, init=False)
 
     @classmethod
@@ -124,6 +125,25 @@ def gelu_tanh(x: mx.array) -> mx.array:
 
 def softcap(x: mx.array, cap: float) -> mx.array:
     return mx.tanh(x / cap) * cap
+
+
+def call(module: nn.Module, x: mx.array) -> mx.array:
+    """`module(x)`: how the eager forward multiplies by a projection. The token-wise methods
+    below take the multiply as `linear(module, x)`, so that the compiled decode step can run the
+    same formulas through its transposed views (runtime/fast.py)."""
+    return module(x)
+
+
+def gaussian_top_k(gate: mx.array, std_multiplier: float) -> mx.array:
+    """Keep what lies `std_multiplier` standard deviations above the mean of the last axis, minus
+    that threshold (activation sparsity: the `sparsity` quantile of a normal fitted to the
+    activations). Two-pass statistics, the variance as the deviations' dot product with
+    themselves: one GEMV per row instead of a second reduction over squared deviations (in the
+    compiled step 5 kernels where two means are 6; on the CPU faster than mx.std too)."""
+    inv_n = 1.0 / gate.shape[-1]
+    dev = gate - mx.sum(gate, axis=-1, keepdims=True) * inv_n
+    std = mx.sqrt((dev @ dev.swapaxes(-1, -2)) * inv_n)
+    return mx.maximum(dev - std * std_multiplier, 0)
 
 
 def attention_mask(q_start: int, q_len: int, k_start: int, k_len: int, window: int | None) -> mx.array | None:
@@ -196,6 +216,7 @@ def projection_shapes(text_config: dict) -> dict[str, list[tuple[int, int]]]:
 # forward passes ask `DecoderLayer.project` for.
 ATTENTION_INPUT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "laurel.linear_left")
 MLP_INPUT = ("mlp.gate_proj", "mlp.up_proj")
+MLP_BLOCKS = tuple((m,) for m in MLP_INPUT)  # gate and up, one block each
 
 
 @dataclass(frozen=True)
@@ -278,8 +299,8 @@ class LaurelBlock(nn.Module):
         lp.attach(self, "laurel.linear_right")
         self.post_laurel_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def __call__(self, x: mx.array, left: mx.array) -> mx.array:
-        return x + self.post_laurel_norm(self.linear_right(left))
+    def __call__(self, x: mx.array, left: mx.array, linear=call) -> mx.array:
+        return x + self.post_laurel_norm(linear(self.linear_right, left))
 
 
 class Attention(nn.Module):
@@ -304,9 +325,11 @@ class Attention(nn.Module):
 
     def __call__(self, q: mx.array, k: mx.array | None, v: mx.array | None, offset: int, cache,
                  shared_kv: tuple | None):
-        """`q`, `k`, `v`: `[b, n, heads * head_dim]` (k and v None in a KV-shared layer).
-        `shared_kv`: (keys, values, mask) of this layer's producer, for a KV-shared layer."""
-        b, n, _ = q.shape
+        """`q`, `k`, `v`: `[b, n, 1, heads * head_dim]` (k and v None in a KV-shared layer).
+        `shared_kv`: (keys, values, mask) of this layer's producer, for a KV-shared layer. Returns
+        the heads' output `[b, n, 1, heads * head_dim]` (before o_proj, which the layer applies)
+        and (keys, values, mask) for the layers that share this one's."""
+        b, n = q.shape[:2]
         q = self.q_norm(q.reshape(b, n, self.n_heads, self.head_dim))
         q = self.rope(q.transpose(0, 2, 1, 3), offset)
         if self.is_kv_shared:
@@ -319,13 +342,9 @@ class Attention(nn.Module):
             k_start = 0
             if cache is not None:
                 keys, values, k_start = cache.update_and_fetch(keys, values)
-            if hasattr(cache, "attention_mask"):  # fixed-shape cache of compiled decode (runtime/fast.py)
-                mask = cache.attention_mask()
-            else:
-                mask = None if k_start is None else attention_mask(offset, n, k_start, keys.shape[2], self.window)
+            mask = None if k_start is None else attention_mask(offset, n, k_start, keys.shape[2], self.window)
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
-        out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
-        return out, (keys, values, mask)
+        return out.transpose(0, 2, 1, 3).reshape(b, n, 1, -1), (keys, values, mask)
 
 
 class MLP(nn.Module):
@@ -340,12 +359,10 @@ class MLP(nn.Module):
         # activations. NormalDist().inv_cdf(p) is sqrt(2) * erfinv(2p - 1), in double precision.
         self.std_multiplier = NormalDist().inv_cdf(sparsity) if sparsity > 0 else None
 
-    def __call__(self, gate: mx.array, up: mx.array) -> mx.array:
+    def __call__(self, gate: mx.array, up: mx.array, linear=call) -> mx.array:
         if self.std_multiplier is not None:
-            mean = mx.mean(gate, axis=-1, keepdims=True)
-            std = mx.std(gate, axis=-1, keepdims=True)
-            gate = mx.maximum(gate - (mean + std * self.std_multiplier), 0)
-        return self.down_proj(gelu_tanh(gate) * up)
+            gate = gaussian_top_k(gate, self.std_multiplier)
+        return linear(self.down_proj, gelu_tanh(gate) * up)
 
 
 class AltUp(nn.Module):
@@ -360,24 +377,19 @@ class AltUp(nn.Module):
             lp.attach(self, f"altup.{name}")
         self.router_norm = RMSNorm(h, c.rms_norm_eps)
 
-    def router_modalities(self, x: mx.array) -> mx.array:
-        routed = self.modality_router(self.router_norm(x) * (1.0 / self.hidden))
-        return mx.tanh(routed.astype(mx.float32))
+    def router(self, x: mx.array, linear=call) -> mx.array:
+        """tanh(router(norm(x)) / hidden) in float32, returned in x's dtype (as transformers rounds
+        it). The `1 / hidden` scale follows the matmul (exact for a power-of-two width), so that
+        it joins the tanh's kernel in the compiled step."""
+        routed = linear(self.modality_router, self.router_norm(x))
+        return mx.tanh(routed.astype(mx.float32) * (1.0 / self.hidden)).astype(x.dtype)
 
-    def predict(self, planes: mx.array) -> mx.array:
-        """planes [n, b, t, h] -> predictions [n, b, t, h]: each plane plus a mix of all planes."""
-        modalities = self.router_modalities(planes[self.active])
-        coefs = self.prediction_coefs(modalities).reshape(*modalities.shape[:-1], self.n, self.n)
-        # prediction[j] = planes[j] + sum_i coefs[..., j, i] * planes[i]
-        mixed = mx.einsum("btji,ibth->jbth", coefs, planes.astype(coefs.dtype))
-        return (planes + mixed).astype(planes.dtype)
-
-    def correct(self, predictions: mx.array, activated: mx.array) -> mx.array:
-        modalities = self.router_modalities(activated)
-        coefs = self.correction_coefs(modalities) + 1.0  # [b, t, n]
-        innovation = activated - predictions[self.active]
-        corrected = predictions + innovation[None] * coefs.transpose(2, 0, 1)[..., None]
-        return corrected.astype(activated.dtype)
+    def predict(self, planes: mx.array, linear=call) -> mx.array:
+        """planes `[..., n, h]` -> predictions: plane j plus sum_i coefs[j, i] * plane i, with the
+        coefficients routed from the active plane; one matmul that adds the residual (addmm)."""
+        a = self.active
+        coefs = linear(self.prediction_coefs, self.router(planes[..., a : a + 1, :], linear))
+        return mx.addmm(planes, coefs.reshape(*planes.shape[:-1], self.n), planes)
 
 
 class DecoderLayer(nn.Module):
@@ -415,7 +427,7 @@ class DecoderLayer(nn.Module):
             module = module[name]
         return module
 
-    def project(self, x: mx.array, blocks, linear=None) -> list[mx.array]:
+    def project(self, x: mx.array, blocks, linear=call) -> list[mx.array]:
         """The outputs on `x` of the projections in `blocks` (tuples of paths in the layer, all
         reading `x`), one array per block: its members' outputs side by side, in order.
 
@@ -423,7 +435,6 @@ class DecoderLayer(nn.Module):
         than one block (and not at all where it is one block), and only a block whose members
         live in several modules is concatenated. `linear(module, x)` multiplies (default
         `module(x)`; the compiled decode step passes its own, through transposed views)."""
-        linear = linear or (lambda module, v: module(v))
         place = {m: (b, i) for b, block in enumerate(blocks) for i, m in enumerate(block)}
         pieces: list[dict[int, mx.array]] = [{} for _ in blocks]
         for member, (b, i) in place.items():
@@ -450,27 +461,52 @@ class DecoderLayer(nn.Module):
                     pieces[rb][ri] = part
         return [p[0] if len(p) == 1 else mx.concatenate([p[i] for i in sorted(p)], axis=-1) for p in pieces]
 
-    def __call__(self, planes: mx.array, per_layer_input: mx.array, offset: int, cache, shared_kv):
-        predictions = self.altup.predict(planes)
-        active = predictions[self.active]
-        normed = self.input_layernorm(active)
-        projected = dict(zip(self.attention_input, self.project(normed, [(m,) for m in self.attention_input])))
-        laurel = self.laurel(normed, projected["laurel.linear_left"])
-        attn, kv = self.self_attn(projected["self_attn.q_proj"], projected.get("self_attn.k_proj"),
-                                  projected.get("self_attn.v_proj"), offset, cache, shared_kv)
-        attn = self.post_attention_layernorm(attn)
-        attn_laurel = ((active + attn) + laurel) * (2.0**-0.5)
-        gate, up = self.project(self.pre_feedforward_layernorm(attn_laurel), [(m,) for m in MLP_INPUT])
-        ffw = self.post_feedforward_layernorm(self.mlp(gate, up))
-        corrected = self.altup.correct(predictions, attn_laurel + ffw)
+    def forward(self, planes: mx.array, per_layer_input: mx.array, attend, plane_mask: mx.array,
+                linear=call) -> tuple[mx.array, object]:
+        """The layer's arithmetic, written once for both forward passes (the eager `__call__` and
+        the compiled decode step, runtime/fast.py), over tokens in rows: `planes` `[..., n, h]`
+        (the n AltUp planes of each token), activations `[..., 1, h]`, `per_layer_input`
+        `[..., 1, hp]`, `plane_mask` `[n, 1]` (0 for the active plane, 1 for the others).
+        `attend(normed)` is the part each pass does its own way: q/k/v, their norms and RoPE, the
+        cache and attention; it returns (the heads' output before o_proj, laurel's left
+        projection, what the pass keeps of the cache), and that last one is returned too.
 
-        first = corrected[self.active]
+        AltUp correct and the per-layer input are one expression over all planes: the active
+        plane corrected is computed on its own (scaled, it feeds the per-layer gate) and again
+        inside the final expression, so the corrected planes are never materialized (in the
+        compiled step one kernel fewer than correcting all planes, then slicing). The innovation
+        is written `-(active - activated)` the second time: the same numbers, but not an
+        expression `mx.compile` would merge with the first and materialize."""
+        altup, a = self.altup, self.active
+        predictions = altup.predict(planes, linear)
+        active = predictions[..., a : a + 1, :]
+        normed = self.input_layernorm(active)
+        heads, left, state = attend(normed)
+        attn = self.post_attention_layernorm(linear(self.self_attn.o_proj, heads))
+        attn_laurel = ((active + attn) + self.laurel(normed, left, linear)) * (2.0**-0.5)
+        gate, up = self.project(self.pre_feedforward_layernorm(attn_laurel), MLP_BLOCKS, linear)
+        activated = attn_laurel + self.post_feedforward_layernorm(self.mlp(gate, up, linear))
+
+        coefs = linear(altup.correction_coefs, altup.router(activated, linear)).reshape(*planes.shape[:-1], 1)
+        first = active + (activated - active) * (coefs[..., a : a + 1, :] + 1.0)
         if self.correct_scale:
-            first = first * self.altup.correct_output_scale
-        first = gelu_tanh(self.per_layer_input_gate(first)) * per_layer_input
-        first = self.post_per_layer_input_norm(self.per_layer_projection(first))
-        corrected = mx.concatenate([corrected[:1], corrected[1:] + first[None]], axis=0)
-        return corrected, kv
+            first = first * altup.correct_output_scale
+        first = gelu_tanh(linear(self.per_layer_input_gate, first)) * per_layer_input
+        first = self.post_per_layer_input_norm(linear(self.per_layer_projection, first))
+        return predictions - (active - activated) * (coefs + 1.0) + first * plane_mask, state
+
+    def __call__(self, planes: mx.array, per_layer_input: mx.array, plane_mask: mx.array, offset: int, cache,
+                 shared_kv):
+        """The eager layer: `forward` with q, k, v and laurel's left projected one block each,
+        and attention over the eager cache (or `shared_kv`, its producer's, in a KV-shared layer)."""
+        def attend(normed):
+            paths = self.attention_input
+            projected = dict(zip(paths, self.project(normed, [(m,) for m in paths])))
+            heads, kv = self.self_attn(projected["self_attn.q_proj"], projected.get("self_attn.k_proj"),
+                                       projected.get("self_attn.v_proj"), offset, cache, shared_kv)
+            return heads, projected["laurel.linear_left"], kv
+
+        return self.forward(planes, per_layer_input, attend, plane_mask)
 
 
 def rescale_to(x: mx.array, target_rms: mx.array) -> mx.array:
@@ -480,6 +516,10 @@ def rescale_to(x: mx.array, target_rms: mx.array) -> mx.array:
 
 class LanguageModel(nn.Module):
     """`model.language_model`: embeddings, per-layer inputs, AltUp planes, layers, final norm."""
+
+    # When set, called with (stage, planes [b, t, n, hidden]) for the planes entering layer 0
+    # (stage -1) and after each layer: `verify --numeric` (runtime/numeric.py) reads them there.
+    layer_hook = None
 
     def __init__(self, c: TextConfig, p: Projections):
         super().__init__()
@@ -499,6 +539,8 @@ class LanguageModel(nn.Module):
         self.layers = [DecoderLayer(c, p, i) for i in range(n_layers)]
         self.norm = RMSNorm(h, c.rms_norm_eps)
         self._kv_producers = c.kv_producers()
+        # Not a parameter: planes 1.. receive the per-layer input (transformers: `corrected[1:] += ...`).
+        object.__setattr__(self, "plane_mask", mx.array([[0.0]] + [[1.0]] * (c.altup_num_inputs - 1)))  # [n, 1]
 
     def per_layer_inputs(self, ids: mx.array, embeds: mx.array) -> mx.array:
         c = self.config
@@ -511,30 +553,43 @@ class LanguageModel(nn.Module):
         projected = self.per_layer_projection_norm(projected.reshape(shape))
         return (projected + table) * mx.array(2.0**-0.5, embeds.dtype)
 
-    def altup_planes(self, embeds: mx.array, axis: int = 0) -> mx.array:
-        """The embeddings and their AltUp projections (rescaled to the embeddings' RMS), stacked on `axis`."""
+    def altup_planes(self, embeds: mx.array, axis: int = -2, linear=call) -> mx.array:
+        """The embeddings and their AltUp projections (rescaled to the embeddings' RMS), stacked on
+        `axis` (by default each token's planes in rows: `[..., n, hidden]`)."""
         target = mx.sqrt(mx.mean(embeds * embeds, axis=-1, keepdims=True))
-        return mx.stack([embeds] + [rescale_to(proj(embeds), target) for proj in self.altup_projections], axis=axis)
+        planes = [rescale_to(linear(proj, embeds), target) for proj in self.altup_projections]
+        return mx.stack([embeds, *planes], axis=axis)
+
+    def unembed(self, planes: mx.array, linear=call) -> mx.array:
+        """Planes `[..., n, h]` -> the final hidden state `[..., 1, h]`: the mean of plane 0 and
+        the others' unembedding projections, rescaled to plane 0's RMS, normed."""
+        top = planes[..., 0:1, :]
+        target = mx.sqrt(mx.mean(top * top, axis=-1, keepdims=True))
+        total = top
+        for i, proj in enumerate(self.altup_unembed_projections):
+            total = total + rescale_to(linear(proj, planes[..., i + 1 : i + 2, :]), target)
+        return self.norm(total / planes.shape[-2])
 
     def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
         c = self.config
         embeds = self.embed_tokens(ids)
         embeds = embeds * mx.array(c.hidden_size**0.5, embeds.dtype)
-        per_layer = self.per_layer_inputs(ids, embeds)
-
-        planes = self.altup_planes(embeds)
+        per_layer = self.per_layer_inputs(ids, embeds)  # [b, t, layers, hp]
+        planes = self.altup_planes(embeds)  # [b, t, n, h]: each token's planes in rows
+        plane_mask = self.plane_mask.astype(embeds.dtype)
+        if self.layer_hook is not None:
+            self.layer_hook(-1, planes)
 
         offset = cache[0].offset if cache is not None else 0
         kv_of_layer: dict[int, tuple] = {}
         for i, layer in enumerate(self.layers):
             shared = kv_of_layer[self._kv_producers[i]] if i in self._kv_producers else None
             layer_cache = None if cache is None or shared is not None else cache[i]
-            planes, kv_of_layer[i] = layer(planes, per_layer[:, :, i, :], offset, layer_cache, shared)
-
-        target = mx.sqrt(mx.mean(planes[0] * planes[0], axis=-1, keepdims=True))
-        unembedded = [planes[0]] + [rescale_to(proj(planes[i + 1]), target)
-                                     for i, proj in enumerate(self.altup_unembed_projections)]
-        return self.norm(mx.mean(mx.stack(unembedded), axis=0))
+            planes, kv_of_layer[i] = layer(planes, per_layer[:, :, i : i + 1, :], plane_mask, offset, layer_cache,
+                                           shared)
+            if self.layer_hook is not None:
+                self.layer_hook(i, planes)
+        return self.unembed(planes).squeeze(-2)
 
 
 class Gemma3nWrapper(nn.Module):

@@ -1,7 +1,7 @@
 """The bundle's tokenizer: `tokenizer.json` through the `tokenizers` library, nothing else.
 
 Also here: the stop tokens a bundle declares (manifest, config.json, generation_config.json,
-tokenizer_config.json), Gemma's chat turn format, and streaming detokenization that never
+tokenizer_config.json), Gemma's turn markers, and streaming detokenization that never
 emits half a character.
 """
 
@@ -22,11 +22,6 @@ REPLACEMENT_CHAR = "\ufffd"
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
-
-
-def chat_turn(message: str) -> str:
-    """One user turn in Gemma's format, ending where the model's reply begins."""
-    return f"{START_OF_TURN}user\n{message}{END_OF_TURN}\n{START_OF_TURN}model\n"
 
 
 class StreamingDetokenizer:

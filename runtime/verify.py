@@ -1,7 +1,8 @@
 """`verify BUNDLE`: replay the manifest against the files on disk.
 
 Re-hashes every file the manifest lists (size and sha256), flags files it does not list, and
-checks every projection and embedding against the safetensors headers: the key is where the
+checks every projection and embedding (and every tensor kept for another reader, `unread`)
+against the safetensors headers: the key is where the
 index says, the stored dtype and shape are the recorded ones, the shape fits the layout
 (`standard` keeps the source shape, `pretransposed` stores it reversed, `--quantize` packs its
 rows), and the tensors stored beside it (a quantized one's scales and biases) are there with
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from manifests import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, recorded_manifest_digest
 from manifests.files import TOKENIZER_LIMIT, not_regular, open_regular_file, read_limited
-from manifests.records import Storage, records
+from manifests.records import Storage, records, unread
 from manifests.vocab import tokenizer_problem
 from manifests.safetensors_header import DTYPE_NAMES
 from runtime.bundle import outside_bundle, read_bundle_manifest, read_header, read_index, shard_names
@@ -176,6 +177,11 @@ def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]], index: d
                                 f"{list(tensor.shape)}")
             if found is None or found[1] != list(tensor.shape):
                 break
+    for where, key, entry in unread(manifest):  # stored for another reader (mlx-lm): as recorded
+        found = lookup(where, key)
+        if found is not None and (found[1] != list(entry["shape"]) or found[2] != entry["dtype"]):
+            problems.append(f"{where}: {found[0]} holds {key} as {found[2]} {found[1]}, "
+                            f"the manifest says {entry['dtype']} {list(entry['shape'])}")
     return problems
 
 
@@ -220,8 +226,11 @@ def verify_command(path) -> int:
         print(problem, file=sys.stderr)
     if problems:
         return 1
-    tensors = len(manifest["projections"]) + len(manifest["embeddings"])
+    # The words `convert` reports a bundle in: its tensors, and the manifest records among them.
+    tensors = len(stored_tensors(Path(path), manifest)[0])
+    records = len(manifest["projections"]) + len(manifest["embeddings"])
     signed = (f"{MANIFEST_NAME} matches {MANIFEST_DIGEST_NAME}" if check_manifest_digest(Path(path))[1]
               else f"no {MANIFEST_DIGEST_NAME}: {MANIFEST_NAME} itself is unchecked")
-    print(f"ok: {path}: {len(manifest['files'])} files and {tensors} tensor records match {MANIFEST_NAME}; {signed}")
+    print(f"ok: {path}: {len(manifest['files'])} files, {tensors} tensors and {records} manifest records match "
+          f"{MANIFEST_NAME}; {signed}")
     return 0

@@ -18,7 +18,7 @@ import numpy as np
 
 from convert.gemma3n import expected_tensors, kv_shared_unused
 
-# At least one full and one sliding layer before the KV-shared ones (DESIGN.md pitfalls); the
+# At least one full and one sliding layer before the KV-shared ones (docs/GEMMA3N.md, pitfalls); the
 # window (8) is shorter than the test sequences; the first half of the layers is sparse.
 TINY_TEXT_CONFIG = {
     "model_type": "gemma3n_text",
@@ -110,10 +110,8 @@ def checkpoint_tensors(text_config: dict, naming: str = "hf", *, towers: bool | 
     shapes = expected_tensors(text_config)
     out = {prefix + name: mx.array(random_weight(name, shape, rng)).astype(dtype) for name, shape in shapes.items()}
     if kv_shared_extras:
-        # Real checkpoints may carry K/V for KV-shared layers; the model never reads them.
-        base = shapes["layers.0.self_attn.k_proj.weight"]
-        for name in kv_shared_unused(text_config):
-            shape = base if name.endswith("proj.weight") else shapes["layers.0.self_attn.k_norm.weight"]
+        # Hub checkpoints carry K/V for KV-shared layers (newer transformers saves none); the model never reads them.
+        for name, shape in kv_shared_unused(text_config).items():
             out[prefix + name] = mx.array(random_weight(name, shape, rng)).astype(dtype)
     if towers is None:
         towers = naming in TOWER_PREFIXES

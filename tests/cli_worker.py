@@ -31,7 +31,7 @@ def main() -> None:
     from manifests.cli import run_program
     from runtime.cli import main as runtime_main
 
-    programs = {"convert": (convert_command, "Error: "), "runtime": (runtime_main, "error: ")}
+    programs = {"convert": (convert_command, "error: "), "runtime": (runtime_main, "error: ")}
     answer = sys.stdout
     for line in sys.stdin:
         request = json.loads(line)

@@ -7,6 +7,7 @@ with the converter or the runtime.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -18,7 +19,26 @@ import numpy as np
 import mlx.core as mx
 
 from convert.gemma3n import expected_tensors
+from manifests.safetensors_header import read_header_file
 from tests.checkpoints import PREFIXES, make_checkpoint, write_tokenizer
+
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "zen-gemma3n"
+
+
+# The embedded demo (examples/README.md): a trained Gemma3n, so unlike a random tiny checkpoint
+# its logits are well conditioned (bfloat16 rounding is not amplified tenfold).
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "zen-gemma3n"
+
+
+def zen_of_python() -> str:
+    """The text the demo was trained on: the standard library's `this`, decoded."""
+    import codecs
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    return codecs.decode(this.s, "rot13")
 
 
 def convert(source: Path, out: Path, target: str, *extra: str) -> Path:
@@ -114,6 +134,40 @@ def check_compiled_steps(model, seq: np.ndarray, ref: np.ndarray, prefill: int, 
     return decoder
 
 
+def edit_manifest(bundle: Path, edit) -> None:
+    """Edit the manifest and re-record its digest, so that only the edited records disagree
+    (an edit without the new digest is caught on its own: tests/test_hardening.py)."""
+    import yaml
+
+    from manifests import manifest_digest_line
+
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    edit(manifest)
+    text = yaml.safe_dump(manifest, sort_keys=False)
+    (bundle / "manifest.yaml").write_text(text)
+    (bundle / "manifest.sha256").write_text(manifest_digest_line(text.encode()))
+
+
+def nudge(bundle: Path, key: str, index: tuple[int, int], delta: float) -> None:
+    """Add `delta` to one float32 element of a stored tensor, then re-record the shard's size and
+    sha256 and the manifest's digest, so that plain `verify` finds nothing."""
+    for shard in bundle.glob("*.safetensors"):
+        entries, _, start = read_header_file(shard)
+        entry = next((e for e in entries if e.name == key), None)
+        if entry is None:
+            continue
+        assert entry.dtype == "F32"
+        data = bytearray(shard.read_bytes())
+        at = start + entry.begin + 4 * (index[0] * entry.shape[1] + index[1])
+        value = np.frombuffer(data[at:at + 4], np.float32)[0]
+        data[at:at + 4] = np.float32(value + delta).tobytes()
+        shard.write_bytes(bytes(data))
+        record = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        edit_manifest(bundle, lambda m: m["files"].__setitem__(shard.name, record))
+        return
+    raise KeyError(key)
+
+
 def make_sources(root: Path, seed: int = 0) -> dict[str, Path]:
     """Tiny checkpoints: Hugging Face naming in one file, mlx-vlm naming in three shards."""
     return {
@@ -130,6 +184,12 @@ def source_and_bundles(root: Path, seed: int) -> dict[str, Path]:
         "m5": convert(src, root / "m5", "m5", "--max-shard-size", "700KB"),
         "generic": convert(src, root / "generic", "generic"),
     }
+
+
+def demo_bundle(root: Path, target: str = "generic") -> Path:
+    """The embedded demo checkpoint (a trained tiny Gemma3n with Gemma's tokenizer files and chat
+    template), converted by the real CLI."""
+    return convert(DEMO, Path(root) / f"demo-{target}", target)
 
 
 def text_checkpoint(path: Path) -> Path:

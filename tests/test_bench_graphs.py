@@ -1,34 +1,41 @@
-"""benchmarks/bench_graphs.py: the settings it compares are the ones each side runs with."""
+"""benchmarks/bench_graphs.py, run as a user runs it (`--dry-run`): the settings it compares are
+the ones each side's workers get, whatever the shell running the benchmark set."""
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_graphs.py"
+OPS, CACHE = "MLX_MAX_OPS_PER_BUFFER", "MLX_CUDA_GRAPH_CACHE_SIZE"
 
-from bench_graphs import environment, parse_try  # noqa: E402
-from common import CUDA_GRAPH_VARS  # noqa: E402
+
+def dry_run(*tries: str, **env: str) -> subprocess.CompletedProcess:
+    args = [a for t in tries for a in ("--try", t)]
+    return subprocess.run([sys.executable, str(SCRIPT), "OURS", "PEER", *args, "--dry-run"], capture_output=True,
+                          text=True, env={**{k: v for k, v in os.environ.items() if k not in (OPS, CACHE)}, **env})
 
 
 def test_a_setting_for_both_sides_and_for_ours_only():
-    name, ours, peer = parse_try("2000/300")
-    assert name == "2000/300 for both"
-    assert ours == peer == {"MLX_MAX_OPS_PER_BUFFER": "2000", "MLX_CUDA_GRAPH_CACHE_SIZE": "300"}
-    name, ours, peer = parse_try("ours:20/2000")
-    assert name == "20/2000 for ours only"
-    assert ours == {"MLX_MAX_OPS_PER_BUFFER": "20", "MLX_CUDA_GRAPH_CACHE_SIZE": "2000"} and peer == {}
+    done = dry_run("2000/300", "ours:20/2000")
+    assert done.returncode == 0, done.stderr
+    settings = json.loads(done.stdout)
+    assert settings["2000/300 for both"] == {"ours": {OPS: "2000", CACHE: "300"}, "mlx-lm": {OPS: "2000", CACHE: "300"}}
+    assert settings["20/2000 for ours only"] == {"ours": {OPS: "20", CACHE: "2000"}, "mlx-lm": {}}
 
 
 @pytest.mark.parametrize("text", ["2000", "a/b", "ours:", "1/2/3"])
 def test_a_malformed_setting_is_refused(text):
-    with pytest.raises(SystemExit, match="expected OPS/CACHE"):
-        parse_try(text)
+    done = dry_run(text)
+    assert done.returncode != 0 and "expected OPS/CACHE" in done.stderr
 
 
-def test_a_worker_does_not_inherit_the_callers_settings(monkeypatch):
+def test_a_worker_does_not_inherit_the_callers_settings():
     # `MLX defaults` must mean unset in the worker, whatever the shell running the benchmark set.
-    for var in CUDA_GRAPH_VARS:
-        monkeypatch.setenv(var, "7")
-    assert not set(CUDA_GRAPH_VARS) & set(environment({}))
-    assert environment({"MLX_MAX_OPS_PER_BUFFER": "20"})["MLX_MAX_OPS_PER_BUFFER"] == "20"
+    done = dry_run("ours:20/2000", **{OPS: "7", CACHE: "7"})
+    settings = json.loads(done.stdout)
+    assert settings["MLX defaults"] == {"ours": {}, "mlx-lm": {}}
+    assert settings["20/2000 for ours only"] == {"ours": {OPS: "20", CACHE: "2000"}, "mlx-lm": {}}

@@ -7,6 +7,7 @@ The full-size runs are benchmarks (benchmarks/, docs/BENCHMARKS.md), not tests.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ def test_names_shapes_dtype_and_values(tmp_path):
     assert {v.dtype for v in tensors.values()} == {mx.bfloat16}
     for name, value in tensors.items():
         assert mx.all(mx.isfinite(value)).item(), name
-    # Tame values (DESIGN.md pitfalls): unit norm scales, q/k norms head_dim^-1/4, projections
+    # Tame values (docs/GEMMA3N.md, pitfalls): unit norm scales, q/k norms head_dim^-1/4, projections
     # with std 1/sqrt(fan_in).
     hd = text["head_dim"]
     assert np.allclose(np.array(tensors[PREFIX + "norm.weight"].astype(mx.float32)), 1.0)
@@ -91,3 +92,28 @@ def test_refuses_to_overwrite(tmp_path):
     r = subprocess.run([sys.executable, str(GENERATOR), "--size", "tiny", "--quiet", str(ckpt)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "already holds" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("given", [None, "0123abc"])
+def test_a_result_names_the_commit_and_the_device_it_ran_on(tmp_path, given):
+    """A benchmark's JSON says which code and which device it measured (benchmarks/common.py):
+    the commit from git, or from BENCH_COMMIT in a copy of the tree without git."""
+    import mlx.core as mx
+
+    from tests.runtime_helpers import demo_bundle
+
+    bundle, out = demo_bundle(tmp_path), tmp_path / "graph.json"
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_COMMIT"} | ({"BENCH_COMMIT": given} if given else {})
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_graph.py"), str(bundle), "--no-mlx-lm",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(out.read_text())["facts"]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if given:
+        assert facts["commit"] == given
+    elif head.returncode == 0:
+        assert facts["commit"].removesuffix("-dirty") == head.stdout.strip()
+    else:
+        assert facts["commit"] == "unknown"
+    assert facts["device"]["default_device"] == str(mx.default_device())
+    assert facts["device"]["device_name"] == mx.device_info()["device_name"]

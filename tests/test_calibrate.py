@@ -209,3 +209,44 @@ def test_a_calibrated_profile_converts_a_bundle_whose_layouts_follow_it(tmp_path
     assert ups == {STANDARD}
     assert any(p.endswith("gate_up_proj") for p in layouts) == (expected == STANDARD)
     assert manifest["target"]["name"] == "calibrated-x86-64-amd-epyc"
+
+
+def test_progress_counts_rows_and_estimates_the_time_left():
+    """Each row measured is one stderr line: its number of the total and the time left, from the
+    mean row so far (a clock that advances 10 s per row here; 60 s on the third)."""
+    from runtime.calibrate import calibrate
+
+    shapes = {"mlp.gate_proj": [(128, 64), (256, 64)], "lm_head": [(320, 64)]}
+    measure, _ = fake_timer({})
+    now = [0.0]
+
+    def timed(shape, dtype):
+        now[0] += 60.0 if shape == (320, 64) else 10.0
+        return measure(shape, dtype)
+
+    lines = []
+    calibrate(shapes, ["float32"], measure=timed, info=CPU, progress=lines.append, clock=lambda: now[0])
+    assert [(line[:5], line.split("  ")[-1]) for line in lines] == [
+        ("[1/3]", "about 20 s left"), ("[2/3]", "about 10 s left"), ("[3/3]", "done in 80 s")]
+    assert "mlp.gate_proj" in lines[0] and "(256, 64)" in lines[1] and "lm_head" in lines[2]
+
+
+def test_help_says_how_long_the_defaults_take():
+    """The numbers `runtime calibrate --help` gives are the ones the defaults measure."""
+    from runtime.calibrate import DEFAULT_DTYPES, Settings, calibrate_command, streamed_bytes
+
+    rows = sum(len(s) for s in merge_shapes(DEFAULT_CONFIGS.values()).values()) * len(DEFAULT_DTYPES)
+    text = " ".join(calibrate_command.help.split())
+    assert f"streams about {streamed_bytes(Settings()) / 1e9:.1f} GB of weights" in text  # 7.0
+    assert f"The defaults measure {rows} rows" in text and "minutes" in text
+
+
+def test_cli_progress_goes_to_stderr_one_line_per_row(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "runtime", "calibrate", "--role", "attn.k_proj", "--role",
+                        "attn.v_proj", "--dtype", "float32", "--cache-mb", "1", "--repeats", "1", "--out",
+                        str(tmp_path / "p.yaml")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    lines = r.stderr.splitlines()
+    assert "2 rows (role, shape, dtype), each streaming 10 MB of weights" in lines[0]  # 2 x ((1 + 1) x 2 + 1) MiB
+    assert lines[1].startswith("[1/2] attn.k_proj") and " left" in lines[1]
+    assert lines[2].startswith("[2/2] attn.v_proj") and "  done in " in lines[2]

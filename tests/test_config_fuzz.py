@@ -5,7 +5,7 @@ a converted bundle's manifest.yaml (whose digest is then recorded again, as a ca
 would): a type, a sign, zero, a huge number, NaN or infinity, a list of the wrong length, a field
 deleted. Then it runs the real command:
 
-- `convert --target generic SRC OUT`: exit 0, or exit 2 with one `Error:` line. When it succeeds,
+- `convert --target generic SRC OUT`: exit 0, or exit 2 with one `error:` line. When it succeeds,
   `runtime generate OUT` must succeed as well: convert never writes a bundle the runtime cannot
   load.
 - `runtime generate BUNDLE --prompt hi`: exit 0, or exit 2 with one `error:` line.
@@ -254,7 +254,7 @@ def test_mutated_config_json_converts_or_is_one_line(worker, base, mutations):
         (src / "config.json").write_text(json.dumps(config))
         out = Path(tmp) / "out"
         what = f"convert with {mutations}"
-        code = judged(worker.run("convert", ["--target", "generic", "-q", str(src), str(out)]), what, "Error: ")
+        code = judged(worker.run("convert", ["--target", "generic", "-q", str(src), str(out)]), what, "error: ")
         if code == 0:  # convert never writes a bundle the runtime cannot load
             result = worker.run("runtime", ["generate", str(out), "--prompt", "hi", "--max-tokens", "3"])
             assert judged(result, f"generate after {what}", "error: ") == 0, result["stderr"]

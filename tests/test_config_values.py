@@ -126,7 +126,7 @@ def test_bad_config_values_through_convert(tmp_path):
         r = CliRunner().invoke(command, ["--target", "generic", str(src), str(tmp_path / "out")])
         lines = r.output.strip().splitlines()
         assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), (field, r.output)
-        assert len(lines) == 1 and lines[0].startswith(f"Error: {src}/config.json: text_config: "), lines
+        assert len(lines) == 1 and lines[0].startswith(f"error: {src}/config.json: text_config: "), lines
         assert says in lines[0], (says, lines[0])
         assert not (tmp_path / "out").exists()
 

@@ -37,12 +37,6 @@ NAMINGS = ("hf", "mlx-lm", "mlx-vlm", "hf-text")
 GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    # `--target auto` prefers a profile calibrated on this machine; tests must not see the user's.
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 def run_cli(*args, env=None, timeout=120):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "convert", *map(str, args)], capture_output=True, text=True,
@@ -80,8 +74,13 @@ def source_key(bundle_key: str, naming: str) -> str:
     return PREFIXES[naming] + path
 
 
+# Targets whose bundles mlx-lm's own loader reads (every projection standard, none fused): they
+# keep the K/V of KV-shared layers (zeros where the source has none) and complete config.json.
+MLX_LM_TARGETS = ("generic",)
+
+
 def expected_bundle_keys(text_config: dict, target: str) -> set[str]:
-    keys = set()
+    keys = {PREFIX + name for name in kv_shared_unused(text_config)} if target in MLX_LM_TARGETS else set()
     for name in expected_tensors(text_config):
         module = name.rsplit(".", 1)[0]
         role = projection_role(module)
@@ -101,7 +100,13 @@ def check_bundle(src: Path, out: Path, naming: str, target: str, *, text_config=
     bundle, source = load_dir(out), load_dir(src)
 
     assert set(bundle) == expected_bundle_keys(text_config, target)
+    unread = manifest.get("unread") or {}
+    assert set(unread) == (set(bundle) - expected_bundle_keys(text_config, "m5" if target == "m5" else "cuda"))
     for key, arr in bundle.items():
+        if key in unread and unread[key]["source_key"] is None:  # not in the source: zeros for mlx-lm's loader
+            assert source_key(key, naming) not in source and not np.any(np.array(arr)), key
+            assert [list(arr.shape), str(arr.dtype).rsplit(".")[-1]] == [unread[key]["shape"], unread[key]["dtype"]]
+            continue
         original = source[source_key(key, naming)]
         if dtype_check is not None:
             dtype_check(key, arr, original)
@@ -135,6 +140,12 @@ def check_bundle(src: Path, out: Path, naming: str, target: str, *, text_config=
     for name, f in manifest["files"].items():
         assert f == {"sha256": sha256(out / name), "bytes": (out / name).stat().st_size}, name
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        if name == "config.json" and target in MLX_LM_TARGETS:  # completed for mlx-lm's loader, nothing else
+            want = json.loads((src / name).read_text())
+            text = want.get("text_config", want)
+            text.update(rope_theta=1e6, rope_local_base_freq=1e4)  # tiny_text_config's rope_parameters
+            assert json.loads((out / name).read_text()) == want
+            continue
         assert (out / name).read_bytes() == (src / name).read_bytes()
     # source: every file read, hashed
     assert manifest["source"]["files"] == {p.name: sha256(p) for p in src.iterdir()}
@@ -143,7 +154,7 @@ def check_bundle(src: Path, out: Path, naming: str, target: str, *, text_config=
     # dropped: exactly the towers and the unused K/V of KV-shared layers
     kept = {source_key(k, naming) for k in bundle}
     assert {d["key"] for d in manifest["dropped"]} == set(source) - kept
-    expect_dropped = {PREFIXES[naming] + n for n in kv_shared_unused(text_config)}
+    expect_dropped = set() if target in MLX_LM_TARGETS else {PREFIXES[naming] + n for n in kv_shared_unused(text_config)}
     if naming in TOWER_PREFIXES:
         expect_dropped |= {TOWER_PREFIXES[naming] + n for n in TOWER_TENSORS}
     assert {d["key"] for d in manifest["dropped"]} == expect_dropped
@@ -252,7 +263,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(checkpoints, tmp_path):
     assert rows["mlp.gate_proj"] == ["0", "10"] and rows["mlp.up_proj"] == ["0", "10"]
     assert rows["lm_head"] == ["0", "1"] and rows["attn.q_proj"] == ["10", "0"]
     assert rows["attn.k_proj"] == ["6", "0"]  # the 4 KV-shared layers have none
-    for field in ("bytes in", "bytes out", "predicted peak memory", "disk needed"):
+    for field in ("bytes in", "bytes out", "peak memory at most", "disk needed"):
         assert field in r.stdout
     assert list(tmp_path.iterdir()) == []
 
@@ -515,7 +526,7 @@ def test_bad_input_is_refused_in_one_line(tmp_path, kind):
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for part in parts:
         assert part in lines[0], (part, lines[0])
     if before is None:
@@ -530,7 +541,7 @@ def test_bad_input_through_the_real_cli(tmp_path):
     r = run_cli("--target", "generic", src, tmp_path / "out")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
-        f"Error: {src}/model.safetensors: tensor 'language_model.model.norm.weight': unknown dtype 'Q4' "
+        f"error: {src}/model.safetensors: tensor 'language_model.model.norm.weight': unknown dtype 'Q4' "
         "(known: BOOL, U8, I8, F8_E4M3, F8_E5M2, I16, U16, F16, BF16, I32, U32, F32, I64, U64, F64)"]
     _no_leftovers(tmp_path, "out")
 

@@ -66,6 +66,11 @@ def test_demo_continues_the_zen_of_python(target, tmp_path):
     assert f"name: {target}" in manifest
     r = run("runtime", "generate", str(bundle), "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS))
     assert r.returncode == 0, r.stderr
+    # The quick start's first run, on any machine: the stats line, and at most one calm note where
+    # the bundle is laid out for another device (it runs correctly; only the layouts differ).
+    *notes, stats = r.stderr.splitlines()
+    assert stats.startswith("prompt: ") and len(notes) <= 1, r.stderr
+    assert all(n.startswith("note: ") and "runs correctly here" in n for n in notes), r.stderr
     assert r.stdout.endswith("\n")
     generated = r.stdout[:-1]
     expected = continuation()

@@ -26,11 +26,6 @@ SEED = 20261125
 KILLS = 6
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
     cfg = tiny_text_config(vocab_size=1 << 19)
@@ -119,7 +114,7 @@ def test_two_conversions_started_at_once(big, tmp_path):
     finally:
         held.send_signal(signal.SIGCONT)
     assert code == 2 and err.splitlines() == [
-        f"Error: {out}: another conversion (pid {held.pid}) is writing this OUT; wait for it to finish or "
+        f"error: {out}: another conversion (pid {held.pid}) is writing this OUT; wait for it to finish or "
         "choose another OUT"], err
     assert finish(held) == (0, "")
     assert verify_bundle(out) == []
@@ -148,7 +143,7 @@ def test_a_second_conversion_while_the_first_writes(big, tmp_path):
     finally:
         first.send_signal(signal.SIGCONT)
     assert code == 2 and err.splitlines() == [
-        f"Error: {out}: another conversion (pid {first.pid}) is writing this OUT; wait for it to finish or "
+        f"error: {out}: another conversion (pid {first.pid}) is writing this OUT; wait for it to finish or "
         "choose another OUT"]
     assert finish(first) == (0, "")
     assert verify_bundle(out) == []

@@ -22,11 +22,6 @@ from tests.runtime_helpers import convert, load_quietly, text_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 def run(module: str, *args, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MTL_CAPTURE_ENABLED", "MLX_PREPARED_CAPTURE_DECODE")}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
@@ -77,7 +72,7 @@ def bundle(pristine, tmp_path) -> Path:
                                         ("generation_config.json", "fifo"), ("tokenizer.json", "dev-zero")])
 def test_convert_refuses_a_special_file_in_source(src, tmp_path, name, kind):
     says = replace_with(src / name, kind)
-    line = one_error(run("convert", "--target", "generic", "-q", src, tmp_path / "out"), f"Error: {src}/{name}: ")
+    line = one_error(run("convert", "--target", "generic", "-q", src, tmp_path / "out"), f"error: {src}/{name}: ")
     assert says in line, line
     assert not (tmp_path / "out").exists()
 
@@ -89,7 +84,7 @@ def test_convert_refuses_a_device_in_source(src, tmp_path):
         os.mknod(src / "tokenizer.json", 0o600 | 0o020000, os.makedev(1, 5))  # /dev/zero's numbers
     except PermissionError:
         pytest.skip("mknod needs root")
-    line = one_error(run("convert", "--target", "generic", "-q", src, tmp_path / "out"), f"Error: {src}/tokenizer.json: ")
+    line = one_error(run("convert", "--target", "generic", "-q", src, tmp_path / "out"), f"error: {src}/tokenizer.json: ")
     assert "a character device, not a regular file" in line, line
 
 

@@ -24,11 +24,6 @@ from runtime.verify import verify_bundle
 from tests.checkpoints import make_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("force") / "src", "hf", extra_files=False)
@@ -73,7 +68,7 @@ def test_force_refuses_a_user_tree_holding_a_manifest_yaml(source, tmp_path):
     p = a_user_tree(tmp_path / "project")
     before = tree(p)
     r = convert_cli("--force", source, p, cwd=tmp_path)
-    refused(r, f"Error: {p}: OUT is not a bundle this tool wrote ({p / 'manifest.yaml'}: format_version missing or not an integer); "
+    refused(r, f"error: {p}: OUT is not a bundle this tool wrote ({p / 'manifest.yaml'}: format_version missing or not an integer); "
                "refusing to replace it (remove it yourself or choose another OUT)")
     assert tree(p) == before
     assert sorted(x.name for x in tmp_path.iterdir()) == ["project"]
@@ -84,11 +79,11 @@ def test_force_never_replaces_the_working_directory(source, bundle, tmp_path):
     p = a_user_tree(tmp_path / "project")
     before = tree(p)
     refused(convert_cli("--force", source, ".", cwd=p),
-            f"Error: {p}: OUT is the working directory ({p}); refusing to replace it")
+            f"error: {p}: OUT is the working directory ({p}); refusing to replace it")
     assert tree(p) == before
     before = tree(bundle)
     refused(convert_cli("--force", source, ".", cwd=bundle),
-            f"Error: {bundle}: OUT is the working directory ({bundle}); refusing to replace it")
+            f"error: {bundle}: OUT is the working directory ({bundle}); refusing to replace it")
     assert tree(bundle) == before
 
 
@@ -96,11 +91,11 @@ def test_force_never_replaces_a_directory_holding_the_working_directory_or_sourc
     p = a_user_tree(tmp_path / "project")
     before = tree(p)
     refused(convert_cli("--force", source, p, cwd=p / "src"),
-            f"Error: {p}: OUT contains the working directory ({p / 'src'}); refusing to replace it")
+            f"error: {p}: OUT contains the working directory ({p / 'src'}); refusing to replace it")
     copy = Path(shutil.copytree(source, p / "src" / "checkpoint"))
     before = tree(p)
     refused(convert_cli("--force", copy, p, cwd=tmp_path),
-            f"Error: {p}: SOURCE ({copy}) is inside OUT; write the bundle elsewhere")
+            f"error: {p}: SOURCE ({copy}) is inside OUT; write the bundle elsewhere")
     assert tree(p) == before
 
 
@@ -126,7 +121,7 @@ def test_force_refuses_a_bundle_it_cannot_prove_its_own(source, bundle, tmp_path
         why = f"{bundle / 'manifest.yaml'}: <root>: missing required field 'tool'"
     before = tree(bundle)
     refused(convert_cli("--force", source, bundle, cwd=tmp_path),
-            f"Error: {bundle}: OUT is not a bundle this tool wrote ({why}); refusing to replace it "
+            f"error: {bundle}: OUT is not a bundle this tool wrote ({why}); refusing to replace it "
             "(remove it yourself or choose another OUT)")
     assert tree(bundle) == before
 
@@ -194,7 +189,7 @@ def test_a_file_named_like_the_lock_is_never_truncated(source, tmp_path, kind):
         lock.symlink_to(precious)
     before = tree(tmp_path)
     refused(convert_cli(source, tmp_path / "out", cwd=tmp_path),
-            f"Error: {lock}: in the way of this conversion's lock, and not a lock this tool left (one holds a "
+            f"error: {lock}: in the way of this conversion's lock, and not a lock this tool left (one holds a "
             "process id and nothing else); remove it or choose another OUT")
     assert tree(tmp_path) == before and precious.read_text() == "years of work\n"
     lock.unlink()

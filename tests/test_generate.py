@@ -112,6 +112,40 @@ def test_decode_builds_next_step_before_handing_out_a_token(model):
     assert [received for _, received in decode_calls] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("compiled", [False, True, None])
+def test_generate_decodes_eagerly_with_compiled_false(model, tokenizer, compiled, monkeypatch):
+    """`compiled` passes through generate and stream_generate: False decodes through the model
+    itself (no compiled decoder is made), True and the default through runtime/fast.py for the
+    runtime's model; the greedy text is the same. mlx-lm's model decodes eagerly by default and
+    cannot be compiled."""
+    from runtime.model import Model
+
+    gen = sys.modules["runtime.generate"]  # the module (`runtime.generate` is also the function)
+
+    made = []
+
+    class Recorded(gen.CompiledDecoder):
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "CompiledDecoder", Recorded)
+    ours = isinstance(model, Model)
+    if compiled and not ours:
+        with pytest.raises(ValueError, match="compiled decoding needs this runtime's model"):
+            generate(model, tokenizer, PROMPT, max_tokens=6, compiled=compiled)
+        return
+    text = generate(model, tokenizer, PROMPT, max_tokens=6, eos_token_ids=[], compiled=compiled)
+    assert text == generate(model, tokenizer, PROMPT, max_tokens=6, eos_token_ids=[], compiled=False) != ""
+    assert len(made) == (1 if ours and compiled is not False else 0)  # the compiled=False run made none
+
+
+@pytest.mark.parametrize("compiled", ["no", 0, 1])
+def test_compiled_takes_a_bool(model, compiled):
+    with pytest.raises(TypeError, match="compiled must be True, False or None"):
+        generate(model, None, PROMPT, max_tokens=2, compiled=compiled)
+
+
 def test_stop_on_any_eos_id(model, greedy):
     stop_at = 3
     eos = greedy[stop_at]

@@ -1,4 +1,4 @@
-"""Issue 7's catalogue of bad input, for `convert` and for the runtime's `load` and `verify`.
+"""A catalogue of bad input, for `convert` and for the runtime's `load` and `verify`.
 
 Every case is refused in one line naming the file (and the tensor, where there is one): the
 converter exits 2 with no traceback and leaves nothing at OUT (no OUT, no `.OUT.*` temporary or
@@ -40,11 +40,6 @@ from tests.runtime_helpers import load_quietly
 REPO = Path(__file__).resolve().parents[1]
 UP = "model.language_model.layers.3.mlp.up_proj.weight"
 GATE = "model.language_model.layers.0.mlp.gate_proj.weight"
-
-
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
 
 
 # --- raw safetensors surgery -------------------------------------------------------------------
@@ -131,11 +126,14 @@ def names_all(line: str, parts) -> None:
     assert not missing, (missing, line)
 
 
-def refused(result, parts, out: Path) -> str:
+def refused(result, parts, out: Path, warned: int = 0) -> str:
+    """One error line naming `parts` (after `warned` warning lines), exit 2, nothing left at OUT."""
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert all(line.startswith("warning: ") for line in lines[:warned]), result.output
+    lines = lines[warned:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     names_all(lines[0], parts)
     no_leftovers(out.parent, out.name)
     return lines[0]
@@ -263,7 +261,8 @@ def test_check_finite_catches_overflow_of_a_narrowing_cast(tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(command, ["--target", "generic", "--dtype", "float16", "--check-finite",
                                           str(src), str(out)])
-    refused(result, [f"tensor {UP!r}", "0 NaN and 1 infinite values after narrowing F32 to F16"], out)
+    refused(result, [f"tensor {UP!r}", "0 NaN and 1 infinite values after narrowing F32 to F16"], out,
+            warned=1)  # --dtype float16's warning, then the error
 
 
 def test_out_whose_parent_is_a_file(tmp_path):
@@ -272,7 +271,7 @@ def test_out_whose_parent_is_a_file(tmp_path):
     out = tmp_path / "file" / "out"
     result = CliRunner().invoke(command, ["--target", "generic", str(src), str(out)])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
-        f"Error: {out}: cannot be created, {tmp_path / 'file'} is not a directory"]
+        f"error: {out}: cannot be created, {tmp_path / 'file'} is not a directory"]
 
 
 def test_out_not_writable(tmp_path):
@@ -292,7 +291,7 @@ def test_out_not_writable(tmp_path):
         r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *convert], capture_output=True, text=True,
                            cwd=REPO)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.splitlines() == [f"Error: {ro / 'out'}: cannot be created, {ro} is not writable"]
+    assert r.stderr.splitlines() == [f"error: {ro / 'out'}: cannot be created, {ro} is not writable"]
     assert list(ro.iterdir()) == []
 
 
@@ -312,7 +311,7 @@ def test_disk_filling_up_mid_write(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, preexec_fn=_fsize_limit(1_000_000))
     assert r.returncode == 2, r.stderr
     (line,) = r.stderr.splitlines()
-    assert line.startswith(f"Error: {out}/model.safetensors: out of disk space or over the file-size limit ("), line
+    assert line.startswith(f"error: {out}/model.safetensors: out of disk space or over the file-size limit ("), line
     assert "while writing tensor 'model.language_model." in line and line.endswith(f"; {out} was left as it was")
     no_leftovers(tmp_path, "out")
 

@@ -11,14 +11,18 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 
+import mlx.core as mx
 import pytest
 import yaml
 
 from convert import convert_checkpoint
 from manifests import read_manifest
-from runtime.hub import HubError, choose_variant, is_hub_id, model_card, publish_bundle, resolve_bundle
+from runtime.hub import HubError, choose_variant, is_hub_id, resolve_bundle
+from runtime.publish import model_card, publish_bundle
 from tests.checkpoints import make_checkpoint, write_tokenizer
+from tests.runtime_helpers import nudge
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "acme/gemma-3n-tiny-prepared"
@@ -29,8 +33,8 @@ def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub-bundles")
     src = write_tokenizer(make_checkpoint(root / "src", "hf"))
     return {
-        "m5": convert_checkpoint(src, root / "m5", target="m5", dtype="float32"),
-        "generic": convert_checkpoint(src, root / "generic", target="generic", dtype="float32"),
+        "m5": convert_checkpoint(src, root / "m5", target="m5", dtype="float32", known_answers=True),
+        "generic": convert_checkpoint(src, root / "generic", target="generic", dtype="float32", known_answers=True),
     }
 
 
@@ -116,7 +120,7 @@ def test_resolve_asks_only_for_the_chosen_variant(offline_cache, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
     resolve_bundle(REPO, device_info={"architecture": "applegpu_g17s"})
     first, second = asked
-    assert all("manifest.yaml" in p for p in first)
+    assert all("manifest.yaml" in p or p == "config.json" for p in first)  # small files only, first
     assert second and all(p.startswith("m5/") for p in second)
     manifest = read_manifest(offline_cache[1] / "m5")
     assert sorted(second) == sorted(["m5/manifest.yaml", "m5/manifest.sha256"] + [f"m5/{f}" for f in manifest["files"]])
@@ -203,6 +207,29 @@ def test_publish_uploads_verified_bundle_with_card(bundles):
     assert "lm_head, mlp.gate_proj, mlp.up_proj" in card  # what the layout means here
     assert manifest["versions"]["mlx"] in card
     assert f"runtime generate {REPO}:m5" in card
+    numeric = card.split("## Numeric check", 1)[1].split("##", 1)[0]  # where it passed, with what, when
+    assert "`runtime verify --numeric` passed on **cpu (" in numeric
+    assert f"with MLX {mx.__version__} on {datetime.now(timezone.utc):%Y-%m-%d}" in numeric
+
+
+def test_publish_refuses_a_bundle_whose_numeric_check_fails_here(bundles, tmp_path):
+    """A weight nudged with every hash recomputed passes `verify`, not the numeric check."""
+    nudged = shutil.copytree(bundles["generic"], tmp_path / "nudged")
+    nudge(nudged, "model.language_model.layers.2.mlp.up_proj.weight", (3, 4), 0.05)
+    api = FakeApi()
+    with pytest.raises(HubError, match="refusing to publish: the numeric check failed on this machine .*cpu.* "
+                                       "eager run 1: layer 2 diverges first"):
+        publish_bundle(nudged, REPO, api=api)
+    assert api.commits == [] and api.created == []
+
+
+def test_publish_refuses_a_bundle_without_known_answers(tmp_path):
+    src = make_checkpoint(tmp_path / "src", "hf")
+    bundle = convert_checkpoint(src, tmp_path / "b", target="generic", dtype="float32")
+    api = FakeApi()
+    with pytest.raises(HubError, match=f"records no known answers; add them with: python -m convert known-answers {bundle}"):
+        publish_bundle(bundle, REPO, api=api)
+    assert api.commits == []
 
 
 def test_publish_refuses_a_bundle_that_fails_verify(bundles, tmp_path):
@@ -250,3 +277,32 @@ def test_card_names_fused_modules(tmp_path):
     row = lambda card: next(line for line in card.splitlines() if line.startswith("| `v/`"))  # noqa: E731
     assert "| gate_up_proj, q_laurel_proj, qkv_laurel_proj |" in row(model_card(fused, REPO, "v", ["v"]))
     assert "| none | float32 |" in row(model_card(plain, REPO, "v", ["v"]))
+
+
+def test_a_hub_checkpoint_is_answered_with_the_convert_command(tmp_path, monkeypatch):
+    """No network: the real hub client (HF_HUB_OFFLINE=1) reads a cache laid out as `hf download`
+    of a model's own repo leaves it, a checkpoint without manifest.yaml; the real CLI runs on it."""
+    import os
+
+    from runtime.bundle import device_target
+
+    cache = tmp_path / "hub"
+    repo_dir = cache / "models--acme--raw-gemma"
+    make_checkpoint(repo_dir / "snapshots" / COMMIT, "hf")
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    target = device_target()
+    r = subprocess.run([sys.executable, "-m", "runtime", "generate", "acme/raw-gemma", "--prompt", "x"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: acme/raw-gemma: a model checkpoint at revision main, not an mlx-prepared bundle (no manifest.yaml); "
+        f"prepare it first: python -m convert --target {target} acme/raw-gemma raw-gemma-{target}"]
+    # Offline and not in the cache at all: the hint is the command that makes a bundle, not `hf download`.
+    r = subprocess.run([sys.executable, "-m", "runtime", "generate", "acme/absent", "--prompt", "x"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: acme/absent: not in the local hub cache, and the hub is unreachable or HF_HUB_OFFLINE is set; once "
+        "online, `runtime generate acme/absent ...` downloads a bundle, and an original checkpoint needs preparing "
+        f"first: python -m convert --target {target} acme/absent absent-{target}"]
+    assert "hf download" not in r.stderr

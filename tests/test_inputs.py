@@ -36,11 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 VOCAB = tiny_text_config()["vocab_size"]  # 320
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     return text_checkpoint(tmp_path_factory.mktemp("inputs") / "src")
@@ -199,7 +194,7 @@ def test_convert_usage_errors_are_one_line(source, tmp_path):
     r = subprocess.run([sys.executable, "-m", "convert", "--dtype", "int3", str(source), str(tmp_path / "out")],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 2 and r.stderr.splitlines() == [
-        "Error: Invalid value for '--dtype': 'int3' is not one of 'keep', 'bfloat16', 'float16', 'float32'."]
+        "error: Invalid value for '--dtype': 'int3' is not one of 'keep', 'bfloat16', 'float16', 'float32'."]
 
 
 def wait_for(predicate, proc, what: str) -> None:
@@ -246,7 +241,7 @@ def test_convert_refuses_a_tokenizer_with_ids_past_the_vocabulary(source, tmp_pa
     widen(src / "tokenizer.json")
     r = CliRunner().invoke(convert_command, ["--target", "generic", str(src), str(tmp_path / "out")])
     assert r.exit_code == 2 and r.output.strip().splitlines() == [
-        f"Error: {src}/tokenizer.json: token '<extra_39>' has id 331 (12 tokens at or past 320), outside the "
+        f"error: {src}/tokenizer.json: token '<extra_39>' has id 331 (12 tokens at or past 320), outside the "
         "model's vocabulary [0, 320): the model has no embedding for it (config.json vocab_size)"]
     assert not (tmp_path / "out").exists()
     (src / "tokenizer.json").write_text("{not json")

@@ -155,7 +155,7 @@ def _transpose_eagerly(arrays):
 
 
 def _contiguous_copy_of_transposed(arrays):
-    """The seed's habit: bring pretransposed tables back to [out, in]... and back again."""
+    """A load-time habit of runtimes that pretranspose: bring tables back to [out, in]... and back again."""
     return {k: (mx.contiguous(v.T).T if k.endswith(".weight_t") else v) for k, v in arrays.items()}
 
 
@@ -239,8 +239,36 @@ def test_target_mismatch_warns_with_the_command_for_this_device(bundles, monkeyp
     with pytest.warns(TargetMismatchWarning) as record:
         runtime.load(bundles["m5"])
     message = str(record[0].message)
-    assert "'m5'" in message and f"python -m convert --target generic {bundles['src']}" in message
+    assert "'m5'" in message and "runs correctly here" in message
+    assert f"python -m convert --target generic {bundles['src']} src-generic" in message  # OUT in the current dir
     assert record[0].filename == __file__  # the warning points at the caller's line
+
+
+@pytest.mark.parametrize("source,command", [
+    ({"kind": "hub", "repo_id": "org/gemma-x", "revision": "main", "commit": "c0ffee", "path": "/cache/snapshots/c0"},
+     "python -m convert --target generic org/gemma-x --revision c0ffee gemma-x-generic"),
+    ({"kind": "local", "path": "/the/publishers/own/gemma-x"},
+     "python -m convert --target generic CHECKPOINT OUT, CHECKPOINT being a copy of the checkpoint it was "
+     "converted from (/the/publishers/own/gemma-x, not on this machine)"),
+], ids=["hub-source", "source-elsewhere"])
+def test_the_proposed_command_works_for_where_the_source_is(copy_of, monkeypatch, tmp_path, source, command):
+    """A bundle converted from a hub repo names the repo at its commit, not the hub cache's folder
+    (OUT would land inside the cache); one converted from a folder of another machine (a bundle
+    from the hub) does not name that folder as if it were here. OUT is in the current directory."""
+    bundle = copy_of("m5")
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    manifest["source"] = dict(source, naming="hf", files={})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BundleError) as e:
+        loader.check_target(manifest, bundle, strict=True, device_info=M1_DEVICE)
+    assert str(e.value).endswith("for weights laid out for this device ('generic', applegpu_g13s): " + command)
+
+
+def test_the_proposed_out_is_beside_the_source_when_run_inside_it(bundles, monkeypatch):
+    from runtime.bundle import convert_command
+
+    monkeypatch.chdir(bundles["src"])
+    assert convert_command(".", "m5") == f"python -m convert --target m5 . {bundles['src'].parent / 'src-m5'}"
 
 
 def test_strict_target_makes_the_mismatch_an_error(bundles, monkeypatch):
@@ -316,10 +344,33 @@ def test_a_tensor_the_model_has_no_place_for_is_an_error(copy_of):
     bundle = copy_of("generic")
     shard = bundle / "model.safetensors"
     arrays = mx.load(str(shard))
-    arrays["model.language_model.layers.9.self_attn.k_proj.weight"] = mx.zeros((32, 64))
+    arrays["model.language_model.layers.9.self_attn.x_proj.weight"] = mx.zeros((32, 64))
     mx.save_safetensors(str(shard), arrays)
-    with pytest.raises(BundleError, match="no place for .*layers.9.self_attn.k_proj.weight"):
+    with pytest.raises(BundleError, match="no place for .*layers.9.self_attn.x_proj.weight"):
         load_quietly(bundle)
+
+
+def test_tensors_kept_for_mlx_lm_stay_out_of_the_model_and_are_checked(bundles, copy_of):
+    """A generic bundle keeps the KV-shared layers' K/V for mlx-lm's loader (the manifest's
+    `unread`): they are stored as recorded, never reach the model, and a stored one that differs
+    from its entry is refused by load and reported by verify."""
+    from runtime.verify import verify_bundle
+
+    manifest = yaml.safe_load((bundles["generic"] / "manifest.yaml").read_text())
+    unread = manifest["unread"]
+    model, _ = load_quietly(bundles["generic"])
+    params = {k for k, _ in tree_flatten(model.parameters())}
+    assert len(unread) == 3 * model.config.num_kv_shared_layers and not set(unread) & params
+    assert not yaml.safe_load((bundles["m5"] / "manifest.yaml").read_text()).get("unread")
+
+    bundle = copy_of("generic")
+    key = next(k for k in unread if k.endswith("v_proj.weight"))
+    arrays = mx.load(str(bundle / "model.safetensors"))
+    arrays[key] = arrays[key][:-1]
+    mx.save_safetensors(str(bundle / "model.safetensors"), arrays)
+    with pytest.raises(BundleError, match=f"unread.{re.escape(key)} says {key} is float32 "):
+        load_quietly(bundle)
+    assert any(f"unread.{key}:" in p and "the manifest says" in p for p in verify_bundle(bundle))
 
 
 def test_a_missing_shard_is_named(copy_of):

@@ -243,11 +243,13 @@ def test_a_bfloat16_bundle_stays_bfloat16(tmp_path, ids):
 
 
 @pytest.mark.parametrize("capacity", [4, 64], ids=["buffers-grow", "room-to-spare"])
-def test_every_step_of_compiled_decoding(case, capacity):
+def test_every_step_of_compiled_decoding(workdir, references, ids, capacity):
     """The compiled decode step (fixed-shape caches, runtime/fast.py) against the reference at
     every position past the window; then the eager caches it hands back carry on correctly.
-    The step decodes one sequence (as generation does), so each row is its own run."""
-    model, ids, ref = case
+    The step decodes one sequence (as generation does), so each row is its own run. One bundle:
+    on every kind of bundle the compiled step equals the eager forward (test_fast.py), which
+    every bundle here matches to the reference."""
+    model, ref = load_quietly(workdir[1]["generic", "hf"])[0], references["hf"]
     handover = LENGTH - 3
     for row in range(ids.shape[0]):
         seq, want = ids[row : row + 1], ref[row : row + 1]

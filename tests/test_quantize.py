@@ -47,11 +47,6 @@ FLOAT_ONLY = ("altup.correction_coefs", "altup.prediction_coefs", "altup.modalit
 BUNDLES = [("generic", 4, 32), ("m5", 8, 64), ("m5", 4, 128)]
 
 
-@pytest.fixture(autouse=True)
-def _no_saved_profiles(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PREPARED_PROFILE_DIR", str(tmp_path / "no-profiles"))
-
-
 def should_quantize(name: str, shape: tuple[int, ...], group: int) -> bool:
     """This test's own rule: every matrix of the decoder (linear weights and embedding tables)
     but AltUp's coefficients and router, when its rows split into whole groups."""
@@ -132,9 +127,10 @@ def test_quantized_tensors_are_mx_quantize_of_the_whole_tensor(tmp_path, dtype_o
     for name, shape in ((k[len("language_model.model."):], v.shape) for k, v in source.items()
                         if k.startswith("language_model.model.")):
         key = PREFIX + name
-        if name.endswith(".weight") and should_quantize(name, shape, 32):
-            if key not in bundle:  # K/V of a KV-shared layer: dropped
-                continue
+        if key in (manifest.get("unread") or {}):  # K/V of a KV-shared layer, kept for mlx-lm: as it was
+            assert raw(bundle[key]) == raw(source["language_model.model." + name].astype(written)), key
+            assert PREFIX + name.rsplit(".", 1)[0] + ".scales" not in bundle, key
+        elif name.endswith(".weight") and should_quantize(name, shape, 32):
             w, s, b = mx.quantize(source["language_model.model." + name].astype(written), group_size=32, bits=4)
             module = key[: -len(".weight")]
             assert raw(bundle[key]) == raw(w) and bundle[key].dtype == mx.uint32, key
@@ -379,7 +375,7 @@ def test_requantizing_a_quantized_source_is_refused(tmp_path):
                         str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
     [line] = r.stderr.strip().splitlines()
-    assert line.startswith(f"Error: {src}/model-0000") and "tensor 'language_model.model." in line
+    assert line.startswith(f"error: {src}/model-0000") and "tensor 'language_model.model." in line
     assert "already MLX-quantized" in line and "--quantize" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
@@ -391,7 +387,7 @@ def test_requantizing_a_quantized_source_is_refused(tmp_path):
 def test_quantization_options_without_quantize_are_refused(source, tmp_path, args, message):
     result = CliRunner().invoke(command, ["--target", "m5", *args, str(source), str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [f"Error: {message} 4 or --quantize 8"]
+    assert result.output.strip().splitlines() == [f"error: {message} 4 or --quantize 8"]
     assert list(tmp_path.iterdir()) == []
 
 

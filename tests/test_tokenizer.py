@@ -18,9 +18,9 @@ from runtime.tokenizer import (
     StreamingDetokenizer,
     Tokenizer,
     bundle_eos_token_ids,
-    chat_turn,
     load_tokenizer,
 )
+from runtime.chat import chat_turn
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 CORPUS = ["Beautiful is better than ugly.", "Explicit is better than implicit.", "naïve café — 日本語 🙂"]

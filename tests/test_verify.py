@@ -5,11 +5,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
-from manifests import manifest_digest_line
 from runtime.verify import verify_bundle, verify_command
-from tests.runtime_helpers import convert, load_quietly, source_and_bundles
+from tests.runtime_helpers import convert, edit_manifest, load_quietly, source_and_bundles
 
 GATE = "model.language_model.layers.1.mlp.gate_proj"
 
@@ -26,16 +24,6 @@ def m5(bundles, tmp_path) -> Path:
 
 def shards(bundle: Path) -> list[Path]:
     return sorted(bundle.glob("model-*.safetensors"))
-
-
-def edit_manifest(bundle: Path, edit) -> None:
-    """Edit the manifest and re-record its digest, so that only the edited records disagree
-    (an edit without the new digest is caught on its own: tests/test_hardening.py)."""
-    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
-    edit(manifest)
-    text = yaml.safe_dump(manifest, sort_keys=False)
-    (bundle / "manifest.yaml").write_text(text)
-    (bundle / "manifest.sha256").write_text(manifest_digest_line(text.encode()))
 
 
 @pytest.mark.parametrize("name", ["m5", "generic"])

@@ -1,0 +1,144 @@
+"""Known answers in the manifest: `convert --known-answers`, `convert known-answers BUNDLE`, and
+the optional `known_answers` section of the schema (manifests/known_answers.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from convert.reference import PROMPT_LENGTH, RECORDED_POSITIONS, TOP_K, known_answers
+from manifests import ManifestError, read_manifest, validate_manifest
+from manifests.known_answers import check_section
+from runtime.verify import verify_bundle
+from tests.checkpoints import make_checkpoint
+from tests.runtime_helpers import convert
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("known-answers")
+    src = make_checkpoint(root / "src", "hf")
+    return {"with": convert(src, root / "with", "m5", "--known-answers", "--max-shard-size", "700KB"),
+            "without": convert(src, root / "without", "m5", "--max-shard-size", "700KB")}
+
+
+def add(bundle):
+    return subprocess.run([sys.executable, "-m", "convert", "known-answers", str(bundle)], capture_output=True, text=True)
+
+
+def without_timing(section: dict) -> dict:
+    return {k: v for k, v in section.items() if k != "reference"}
+
+
+def test_convert_records_the_references_answers(bundles):
+    manifest = read_manifest(bundles["with"])
+    section = manifest["known_answers"]
+    assert len(section["prompt"]) == PROMPT_LENGTH
+    assert section["positions"] == list(range(PROMPT_LENGTH - RECORDED_POSITIONS, PROMPT_LENGTH))
+    assert [len(e["ids"]) for e in section["logits"]] == [TOP_K] * RECORDED_POSITIONS
+    assert len(section["hidden"]["layers"]) == manifest["model"]["text_config"]["num_hidden_layers"]
+    assert section["tolerance"]["activations"] == "float32" and "tf32" in section["tolerance"]
+    assert section["reference"]["name"] == "numpy-float32" and section["reference"]["seconds"] >= 0
+    check_section(section, manifest["model"]["text_config"], "manifest.yaml")
+    # The answers are what the reference computes from the bundle's files, nothing else.
+    assert without_timing(known_answers(bundles["with"], manifest)) == without_timing(section)
+    assert verify_bundle(bundles["with"]) == []
+
+
+def test_the_subcommand_adds_them_without_copying_a_weight(bundles, tmp_path):
+    bundle = shutil.copytree(bundles["without"], tmp_path / "b")
+    assert "known_answers" not in read_manifest(bundle)
+    inodes = {p.name: p.stat().st_ino for p in bundle.glob("*.safetensors")}
+    done = add(bundle)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"added known answers to {bundle}: 12-token prompt, top-8 logits at 4 positions, "
+                                  "10 layers; reference ")
+    assert "peak memory" in done.stdout
+    section = read_manifest(bundle)["known_answers"]
+    assert without_timing(section) == without_timing(read_manifest(bundles["with"])["known_answers"])
+    assert {p.name: p.stat().st_ino for p in bundle.glob("*.safetensors")} == inodes  # hard links, not copies
+    assert verify_bundle(bundle) == []  # manifest.sha256 was renewed with the manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary, .old- or lock left beside it
+    assert add(bundle).returncode == 0  # again: renewed in place
+
+
+@pytest.mark.parametrize("damage", ["edited shard", "stray file", "edited manifest"])
+def test_a_bundle_that_is_not_what_its_manifest_says_is_refused(bundles, tmp_path, damage):
+    bundle = shutil.copytree(bundles["without"], tmp_path / "b")
+    if damage == "edited shard":
+        shard = sorted(bundle.glob("*.safetensors"))[0]
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 1
+        shard.write_bytes(bytes(data))
+        said = f"{shard}: differs from manifest.yaml (size or sha256)"
+    elif damage == "stray file":
+        (bundle / "notes.txt").write_text("mine")
+        said = f"{bundle}: not as converted ({bundle / 'notes.txt'} is not listed in its manifest.yaml)"
+    else:
+        (bundle / "manifest.yaml").write_text((bundle / "manifest.yaml").read_text() + "# edited\n")
+        said = f"{bundle}: not as converted ({bundle / 'manifest.yaml'} differs from manifest.sha256 (edited after conversion))"
+    before = (bundle / "manifest.yaml").read_bytes()
+    done = add(bundle)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {said}; known answers vouch for the weights as converted; "
+                                                "convert the bundle again"]
+    assert (bundle / "manifest.yaml").read_bytes() == before
+
+
+def test_not_a_bundle(tmp_path):
+    done = add(tmp_path / "missing")
+    assert done.returncode == 2 and "not a bundle directory" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "empty").mkdir()
+    done = add(tmp_path / "empty")
+    assert done.returncode == 2 and "no manifest" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_source_named_like_the_subcommand_is_reached_by_its_path(tmp_path):
+    src = make_checkpoint(tmp_path / "known-answers", "hf")
+    done = subprocess.run([sys.executable, "-m", "convert", "--target", "generic", "--quiet", "./known-answers", "out"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "manifest.yaml").is_file() and src.is_dir()
+
+
+def test_the_section_is_optional_and_checked(bundles):
+    plain = read_manifest(bundles["without"])
+    validate_manifest(plain)  # a bundle without known answers stays valid
+    manifest = read_manifest(bundles["with"])
+    broken = dict(manifest, known_answers={k: v for k, v in manifest["known_answers"].items() if k != "tolerance"})
+    with pytest.raises(ManifestError, match="known_answers: missing required field 'tolerance'"):
+        validate_manifest(broken)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s.__setitem__("prompt", [0, 10_000]), r"known_answers.prompt: needs token ids in \[0, 320\)"),
+    (lambda s: s.__setitem__("positions", [8, 9, 10]), "must ascend, start after position 0 and end at"),
+    (lambda s: s["hidden"]["layers"].pop(), "known_answers.hidden.layers: 9 entries for 10 layers"),
+    (lambda s: s["hidden"]["input"]["values"].pop(), r"known_answers.hidden.input: needs 8 values and 4 planes_rms"),
+    (lambda s: s["logits"][0]["values"].__setitem__(0, float("nan")), "holds a NaN or infinite value"),
+    (lambda s: s["tolerance"].__setitem__("hidden", 0.0), "tolerance: logits, hidden, values must be positive"),
+    (lambda s: s["coordinates"].__setitem__(0, 64), r"known_answers.coordinates: need coordinates in \[0, 64\)"),
+])
+def test_check_section_names_what_is_wrong(bundles, edit, message):
+    import copy
+
+    manifest = read_manifest(bundles["with"])
+    section = copy.deepcopy(manifest["known_answers"])
+    edit(section)
+    with pytest.raises(ManifestError, match=message):
+        check_section(section, manifest["model"]["text_config"], "manifest.yaml")
+
+
+def test_a_killed_rewrite_is_put_back_by_the_next_run(bundles, tmp_path):
+    """Killed between its two renames, the rewrite leaves the bundle under `.b.old-<pid>`; the next
+    run (any run for that directory) puts it back before doing anything else."""
+    bundle = shutil.copytree(bundles["without"], tmp_path / "b")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    os.rename(bundle, tmp_path / f".b.old-{int(dead.stdout)}")
+    done = add(bundle)
+    assert done.returncode == 0, done.stderr
+    assert "known_answers" in read_manifest(bundle) and verify_bundle(bundle) == []
