@@ -2,8 +2,9 @@
 
     python3 benchmarks/bench_convert.py ~/bench-data/e2b-bf16 --work ~/bench-data/tmp --runs 3
 
-Each tool runs as its own child process on the same source, in a rotating order per run (so
-no tool always comes first after the page cache changed); its output is deleted before the next.
+Each tool runs as its own child process on the same source, in a rotating order per run, with
+the source read into the page cache just before (untimed: a tool writing through the page cache
+evicts part of the source for the next one); its output is deleted before the next.
 Per tool: wall time to exit, wall time including `sync` (our converter fsyncs every file it
 writes, the peers do not: `+sync` puts all on the same footing: bytes on disk), GB/s of source
 safetensors bytes over the synced time, and the child's peak RSS from `os.wait4`.
@@ -92,10 +93,7 @@ def main(argv=None) -> int:
     print(f"source {src}: {src_bytes / 1e9:.2f} GB of safetensors; {a.runs} runs; order rotates per run",
           flush=True)
 
-    # Bring the source into the page cache once, so the first tool is not the only one to read
-    # from disk (whether it stays cached depends on free memory: see the doc).
-    run_child(["cat", *map(str, sorted(src.glob("*.safetensors")))], sync=False)
-
+    warm = ["cat", *map(str, sorted(src.glob("*.safetensors")))]
     runs: dict[str, list] = {t: [] for t in tools}
     for r in range(a.runs):
         order = tools[r % len(tools):] + tools[: r % len(tools)]
@@ -103,6 +101,9 @@ def main(argv=None) -> int:
             out = work / "out"
             if out.exists():
                 shutil.rmtree(out)
+            # Every tool starts with the source in the page cache (read just before, untimed): a tool
+            # that writes through the page cache evicts part of it for whichever tool comes next.
+            run_child(warm, sync=False)
             child = run_child(known[tool](str(src), str(out)))
             out_bytes = dir_bytes(out, "*.safetensors") if out.exists() else 0
             if child.returncode != 0:
