@@ -63,9 +63,15 @@ class Fence:
             self._pending.append(future)
 
     def wait(self) -> None:
-        """Until the work is done; its first error (a full disk) is raised here."""
+        """Until the work is done; its first error (a full disk) is raised here. A future leaves
+        the fence only once done, so a wait cut short (Ctrl-C) leaves it for `settle`."""
         while self._pending:
-            self._pending.pop(0).result()
+            first = self._pending[0]
+            try:
+                first.result()
+            finally:
+                if first.done():
+                    self._pending.pop(0)
 
     def settle(self) -> None:
         """Until the work is done, its errors left to whoever raised first (on the way out)."""

@@ -257,10 +257,12 @@ class SafetensorsWriter:
             raise
 
     def _settle(self) -> None:
-        """Until the lane has written everything submitted (the lane runs in order); its error here."""
+        """Until the lane has written everything submitted (the lane runs in order); its error here.
+        `_last` is forgotten only once done: a wait cut short (Ctrl-C, SIGTERM) leaves it for
+        `abort`, which must not close the file under a write still running on the lane."""
         if self._last is not None:
-            last, self._last = self._last, None
-            last.result()
+            self._last.result()
+            self._last = None
 
     def _emit(self, data, count: bool = True, fence: Fence | None = None) -> None:
         view = memoryview(data).cast("B")

@@ -20,6 +20,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,7 +29,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file as st_load_numpy
 
-from convert.overlap import DEPTH, OVERLAP_MIN, Buffers
+from convert.overlap import DEPTH, OVERLAP_MIN, Buffers, Fence
 from convert.safetensors_io import SafetensorsWriter
 from convert.shardfile import ALIGN, STAGE, ShardFile
 from tests.checkpoints import make_checkpoint, tiny_text_config
@@ -78,6 +79,41 @@ def test_a_shard_file_holds_exactly_the_bytes_written(tmp_path, direct):
     assert path.read_bytes() == data
     with pytest.raises(FileExistsError):
         ShardFile(path, None)
+
+
+def test_an_interrupted_wait_still_lets_the_lane_finish_before_the_file_closes(tmp_path):
+    """Ctrl-C (here a KeyboardInterrupt from SIGALRM) while the main thread waits on the lane: the
+    abort that follows waits for the write still running on the lane before it closes the file,
+    so that write never lands on a closed (or reused) descriptor."""
+    w = SafetensorsWriter(tmp_path / "o.safetensors", [("x", "U8", (2 * MB,))])
+    gate = threading.Event()
+    write = w._file.write
+
+    def held(view, what):
+        gate.wait(10)
+        write(view, what)
+
+    w._file.write = held
+    w.begin("x")
+    buf = bytearray(2 * MB)
+    w.write(memoryview(buf), Fence())  # on the lane, held there
+    job = w._last
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(KeyboardInterrupt):
+            w.finish()  # waits on the lane, cut short
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert not job.done()
+    threading.Timer(0.2, gate.set).start()
+    w.abort()
+    assert job.done() and job.exception() is None
 
 
 def _rss() -> int:
