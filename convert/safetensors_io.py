@@ -233,7 +233,11 @@ class SafetensorsWriter:
         self._last: Future | None = None  # the lane's latest write of this file
         self._error: OSError | None = None  # the write that failed; the file takes no more
         self._file = ShardFile(self.path, self._failed)
-        self._emit(header if header is not None else build_header(entries, metadata), count=False)
+        try:
+            self._emit(header if header is not None else build_header(entries, metadata), count=False)
+        except BaseException:  # no writer is returned to abort: close the file here
+            self._file.close()
+            raise
 
     def _what(self) -> str:
         return f"tensor {self._entries[self._next - 1][0]!r}" if self._next else "the header"

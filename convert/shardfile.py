@@ -49,10 +49,14 @@ class ShardFile:
     def __init__(self, path, failed, direct: bool = True):
         self._failed = failed
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-        # `_staged` is fixed here: bytes go through the staging buffers in order. `_direct` may be
-        # turned off later by the disk lane (a short write), which then writes the stages buffered.
-        self._direct = self._staged = bool(direct and _DIRECT) and self._set_direct(True)
-        self._stages = [mmap.mmap(-1, STAGE) for _ in range(DEPTH)] if self._staged else []
+        try:
+            # `_staged` is fixed here: bytes go through the staging buffers in order. `_direct` may be
+            # turned off later by the disk lane (a short write), which then writes the stages buffered.
+            self._direct = self._staged = bool(direct and _DIRECT) and self._set_direct(True)
+            self._stages = [mmap.mmap(-1, STAGE) for _ in range(DEPTH)] if self._staged else []
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._turn = 0
         self._fill = 0  # bytes in the current staging buffer
         self._offset = 0  # where the current staging buffer goes in the file
@@ -156,8 +160,11 @@ class ShardFile:
         return self._size
 
     def sync(self) -> None:
-        os.fsync(self._fd)
-        self.close()
+        """fsync, then close (also when the fsync fails: a full disk on delayed allocation)."""
+        try:
+            os.fsync(self._fd)
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Close the file once the disk lane is done with it (also after a failure)."""

@@ -15,7 +15,9 @@ blocks large enough to take that path (the tiny checkpoints of the other tests n
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import resource
 import signal
 import subprocess
@@ -29,6 +31,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file as st_load_numpy
 
+from convert import shardfile
 from convert.overlap import DEPTH, OVERLAP_MIN, Buffers, Fence
 from convert.safetensors_io import SafetensorsWriter
 from convert.shardfile import ALIGN, STAGE, ShardFile
@@ -68,7 +71,7 @@ def test_a_shard_file_holds_exactly_the_bytes_written(tmp_path, direct):
     data = rng.integers(0, 256, sum(sizes), dtype=np.uint8).tobytes()
     path = tmp_path / "shard"
     f = ShardFile(path, lambda e, what: OSError(e.errno, f"{e.strerror} while writing {what}", str(path)), direct)
-    if direct and hasattr(__import__("os"), "O_DIRECT"):
+    if direct and hasattr(os, "O_DIRECT"):
         assert f.direct  # this file system takes O_DIRECT, so the staged path is the one tested
     done = 0
     for n in sizes:
@@ -79,6 +82,19 @@ def test_a_shard_file_holds_exactly_the_bytes_written(tmp_path, direct):
     assert path.read_bytes() == data
     with pytest.raises(FileExistsError):
         ShardFile(path, None)
+
+
+def test_a_failed_fsync_still_closes_the_shard(tmp_path, monkeypatch):
+    f = ShardFile(tmp_path / "shard", None)
+    f.write(memoryview(b"x" * 5000), "x")
+    f.finish("x")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(shardfile.os, "fsync", full)
+    with pytest.raises(OSError):
+        f.sync()
+    assert f._fd == -1
 
 
 def test_an_interrupted_wait_still_lets_the_lane_finish_before_the_file_closes(tmp_path):
