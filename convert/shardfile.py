@@ -133,7 +133,7 @@ class ShardFile:
                 n = 0  # O_DIRECT refused after all: write this and the rest buffered
             if n == view.nbytes:
                 return
-            self._set_direct(False)
+            self._direct = self._set_direct(False)
             view, offset = view[n:], offset + n
         self._write_all(view, offset, what)
 

@@ -16,6 +16,7 @@ blocks large enough to take that path (the tiny checkpoints of the other tests n
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import resource
@@ -31,7 +32,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file as st_load_numpy
 
-from convert import shardfile
+from convert import convert_checkpoint, shardfile
 from convert.overlap import DEPTH, OVERLAP_MIN, Buffers, Fence
 from convert.safetensors_io import SafetensorsWriter
 from convert.shardfile import ALIGN, STAGE, ShardFile
@@ -82,6 +83,42 @@ def test_a_shard_file_holds_exactly_the_bytes_written(tmp_path, direct):
     assert path.read_bytes() == data
     with pytest.raises(FileExistsError):
         ShardFile(path, None)
+
+
+needs_o_direct = pytest.mark.skipif(not getattr(os, "O_DIRECT", 0), reason="no O_DIRECT on this platform")
+
+
+def refuse_o_direct(monkeypatch, where: str) -> None:
+    """A file system without O_DIRECT (ramfs; tmpfs before Linux 6.6): `fcntl` refuses to set it
+    (EINVAL), or, for `where="pwrite"`, it is set but every write through it fails with EINVAL."""
+    real_fcntl, real_pwrite = fcntl.fcntl, os.pwrite
+    if where == "fcntl":
+        def refusing(fd, cmd, arg=0):
+            if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_fcntl(fd, cmd, arg)
+        monkeypatch.setattr(shardfile.fcntl, "fcntl", refusing)
+    else:
+        def refusing(fd, data, offset):
+            if real_fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_pwrite(fd, data, offset)
+        monkeypatch.setattr(shardfile.os, "pwrite", refusing)
+
+
+@needs_o_direct
+@pytest.mark.parametrize("where", ["fcntl", "pwrite"])
+def test_a_shard_file_where_o_direct_is_refused_is_written_buffered(tmp_path, monkeypatch, where):
+    refuse_o_direct(monkeypatch, where)
+    data = np.random.default_rng(2).integers(0, 256, 2 * STAGE + 3 * MB + 7, dtype=np.uint8).tobytes()
+    path = tmp_path / "shard"
+    f = ShardFile(path, lambda e, what: OSError(e.errno, f"{e.strerror} while writing {what}", str(path)))
+    for i in range(0, len(data), 3 * MB):
+        f.write(memoryview(data)[i:i + 3 * MB], "x")
+    assert f.finish("x") == len(data)
+    assert not f.direct
+    f.sync()
+    assert path.read_bytes() == data
 
 
 def test_a_failed_fsync_still_closes_the_shard(tmp_path, monkeypatch):
@@ -187,6 +224,14 @@ def test_block_and_band_sizes_do_not_change_a_byte(wide, tmp_path):
     assert len(heads) == 1 and np.array_equal(bundle[heads[0]], embed.T)
     per_layer = "model.language_model.embed_tokens_per_layer.weight"
     assert np.array_equal(bundle[per_layer], source[per_layer])
+
+
+@needs_o_direct
+def test_a_conversion_where_o_direct_is_refused_writes_the_same_bytes(wide, tmp_path, monkeypatch):
+    default = _convert(wide, tmp_path / "default", "--read-block-size", "1.5MiB")
+    refuse_o_direct(monkeypatch, "fcntl")
+    convert_checkpoint(wide, tmp_path / "buffered", target="m5", read_block=3 * MB // 2)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "buffered").iterdir()} == default
 
 
 def _fsize_limit(limit: int):
