@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from bench_runtime import greedy, id_limit, load_ours, mlx_lm_gemma3n, shard_paths  # noqa: E402
-from common import dir_bytes, graph_env, machine_facts, median, print_facts, run_child, table  # noqa: E402
+from common import dir_bytes, graph_env, json_child, machine_facts, median, print_facts, run_child, table  # noqa: E402
 
 PEER_SAME = "mlx-lm gemma3n, same arrays"
 PEER_OWN = "mlx-lm, its own convert -q"
@@ -112,11 +112,7 @@ def worker_decode(impl: str, path: str, prompt_len: int, tokens: int, reps: int,
 # --- in the parent -----------------------------------------------------------------------------
 
 def child(args: list[str]) -> tuple[dict, object]:
-    run = run_child([sys.executable, str(Path(__file__).resolve()), "worker", *args], sync=False,
-                    capture_stdout=True)
-    if run.returncode != 0:
-        raise SystemExit(f"worker {' '.join(args)} failed ({run.returncode}):\n{run.stderr[-3000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1]), run
+    return json_child(__file__, args)
 
 
 def make_up(bundle: Path) -> dict:

@@ -54,6 +54,17 @@ def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None,
     return ChildRun(wall, synced, rss, proc.returncode, stderr, stdout, usage.ru_utime + usage.ru_stime, load)
 
 
+def json_child(script: str, args: list[str]) -> tuple[dict, ChildRun]:
+    """Run `script worker ARGS` in a child and return the JSON object its last stdout line holds
+    (and the run); a failing worker ends the benchmark with its stderr's tail."""
+    run = run_child([sys.executable, str(Path(script).resolve()), "worker", *args], sync=False, capture_stdout=True)
+    if run.returncode != 0:
+        raise SystemExit(f"worker {' '.join(args)} failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    import json
+
+    return json.loads(run.stdout.strip().splitlines()[-1]), run
+
+
 # MLX's CUDA graph settings (benchmarks/bench_graphs.py): a worker reports what it ran with.
 CUDA_GRAPH_VARS = ("MLX_MAX_OPS_PER_BUFFER", "MLX_CUDA_GRAPH_CACHE_SIZE")
 

@@ -9,7 +9,8 @@
 # first token with empty vs warm kernel caches), profile (device time per kernel class of a step), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), graphs / graphs-q4
 # (MLX's CUDA graph settings tried on either side vs its defaults, bench_graphs.py), calibrate (GEMV
 # layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments), numeric
-# (`runtime verify --numeric --runs RUNS` on the 4-bit and bf16 cuda bundles). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
+# (`runtime verify --numeric --runs RUNS` on the 4-bit and bf16 cuda bundles), ple (the per-layer
+# embedding table resident vs mapped, bf16 and 4-bit: memory, TTFT, decode; bench_ple.py). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
 # (every layer at tiny widths: launch cost alone, made in seconds).
 # The random full-size checkpoint and its bundle are made there, in /tmp (nothing that big travels).
 set -euo pipefail
@@ -32,7 +33,7 @@ bundles() {  # the bf16 bundles (the q4 and calibrate steps need neither)
   [ -d "$data/$size-generic" ] || python3 -m convert --target generic --quiet "$data/$size" "$data/$size-generic"
 }
 for step in $steps; do
-  case $step in q4|graphs-q4|calibrate|probe|sanitize) ;; *) bundles ;; esac
+  case $step in q4|graphs-q4|calibrate|probe|sanitize|ple) ;; *) bundles ;; esac
   case $step in
     decode)
       python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --compiled \
@@ -115,6 +116,17 @@ for step in $steps; do
       timeout 300 "$ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
         --log-file "$out/ncu-$size.csv" python3 benchmarks/profile_step.py kernels "$data/$size-cuda" --steps 1 || true
       python3 benchmarks/profile_step.py parse "$out/ncu-$size.csv" --wall-ms "$wall" --steps 1 | tee "$out/profile-$size.txt" ;;
+    ple)
+      # One conversion per dtype (--ple mapped) and its resident twin (bench_ple.py twin: hard links, the
+      # same bytes, the table loaded as a shard); then both placements side by side, alternating children.
+      for q in ${PLE_DTYPES:-bf16 q4}; do  # PLE_DTYPES=q4 (or bf16) runs one of them
+        m="$data/$size-cuda-$q-mapped"
+        [ -d "$m" ] || python3 -m convert --target cuda --ple mapped $([ $q = q4 ] && echo --quantize 4) --quiet \
+          "$data/$size" "$m"
+        [ -d "$data/$size-cuda-$q-resident" ] || python3 benchmarks/bench_ple.py twin "$m" "$data/$size-cuda-$q-resident"
+        python3 benchmarks/bench_ple.py decode "$data/$size-cuda-$q-resident" "$m" --rounds "${ROUNDS:-2}" --reps 3 \
+          --prompt 64 --tokens "${TOKENS:-128}" --json "$out/ple-$size-$q.json"
+      done ;;
     calibrate)
       python3 -m runtime calibrate --config "$data/$size/config.json" --dtype bfloat16 --dtype float32 \
         --out "$out/cuda-$size.yaml" ;;

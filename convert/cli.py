@@ -14,6 +14,7 @@ from convert.pipeline import execute, plan, preflight, run_report
 from convert.planning import BAND_BYTES, DTYPE_OPTIONS, READ_BLOCK, human, parse_size
 from manifests import known_targets
 from manifests.cli import WARNING_PREFIX, run_program
+from manifests.format import PLACEMENTS
 
 
 def _size(ctx, param, value):
@@ -47,6 +48,10 @@ def _size(ctx, param, value):
               help="Store q/k/v (with LAuReL's left projection) and gate/up as one projection each (--fuse) "
                    "or apart (--no-fuse), "
                    "whatever the target profile's `fuse` says  [default: as the profile says]")
+@click.option("--ple", type=click.Choice(PLACEMENTS), default=None,
+              help="Place the per-layer embedding table resident (loaded like every weight) or mapped (a file of "
+                   "its own, memory-mapped; each token's row gathered on the host), whatever the target "
+                   "profile's `per_layer_embeddings` says  [default: as the profile says, else resident]")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SOURCE is a repo id.")
 @click.option("--max-shard-size", default="5GB", show_default=True, callback=_size,
               help="Largest shard, e.g. 500MB, 2GB.")
@@ -60,7 +65,7 @@ def _size(ctx, param, value):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--read-block-size", default=None, callback=_size, hidden=True)
 @click.option("--band-size", default=None, callback=_size, hidden=True)
-def command(source, out, target, target_profile, dtype, quantize, group_size, quant_mode, fuse, revision,
+def command(source, out, target, target_profile, dtype, quantize, group_size, quant_mode, fuse, ple, revision,
             max_shard_size, force, check_finite, known_answers, dry_run, quiet, read_block_size, band_size):
     """Convert the Gemma3n checkpoint SOURCE (a directory or a hub repo id like org/name) into a
     bundle at OUT whose projections have the layout TARGET decodes fastest."""
@@ -70,7 +75,7 @@ def command(source, out, target, target_profile, dtype, quantize, group_size, qu
         p = plan(source, out, target=target, target_profile=target_profile, dtype=dtype, revision=revision,
                  max_shard_size=max_shard_size, read_block=read_block_size or READ_BLOCK,
                  band_bytes=band_size or BAND_BYTES, quantize=quantize and int(quantize),
-                 group_size=group_size and int(group_size), quant_mode=quant_mode, fuse=fuse)
+                 group_size=group_size and int(group_size), quant_mode=quant_mode, fuse=fuse, ple=ple)
     for w in caught:
         click.echo(f"{WARNING_PREFIX}{w.message}", err=True)
     if dry_run:

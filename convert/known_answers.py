@@ -29,7 +29,7 @@ from convert.planning import human, peak_rss
 from convert.reference import known_answers
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
 from manifests.known_answers import SECTION
-from manifests.manifest import write_manifest
+from manifests.manifest import needed_version, write_manifest
 
 _CHUNK = 8 << 20
 
@@ -112,6 +112,7 @@ def add_known_answers(bundle: str | os.PathLike) -> dict:
                 raise ConvertError(str(e)) from None
             check_intact(bundle, manifest)
             manifest[SECTION] = known_answers(bundle, manifest)
+        manifest["format_version"] = needed_version(manifest)  # known answers came with version 2
         replace_manifest(bundle, manifest)
     return manifest[SECTION]
 

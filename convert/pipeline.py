@@ -65,6 +65,7 @@ from manifests import (
     write_manifest,
 )
 from manifests.known_answers import SECTION
+from manifests.manifest import needed_version
 from manifests.profiles import saved_profile_for_device
 
 
@@ -109,12 +110,15 @@ def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = Non
          target_profile: str | os.PathLike | None = None, dtype: str = "keep", revision: str | None = None,
          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, device_info: dict | None = None,
          read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES, quantize: int | None = None,
-         group_size: int | None = None, quant_mode: str | None = None, fuse: bool | None = None) -> Plan:
+         group_size: int | None = None, quant_mode: str | None = None, fuse: bool | None = None,
+         ple: str | None = None) -> Plan:
     """Open SOURCE and plan its conversion; reads headers and configs only, writes nothing.
 
     `quantize` (4 or 8 bits, with `group_size` and `quant_mode`): quantize the float projections
     and embeddings with mx.quantize on the way (convert/quantize.py). `fuse`: None stores fused
     the groups the profile's `fuse` lists, True every group, False none (convert/fusion.py).
+    `ple`: `resident` or `mapped` places the per-layer embedding table whatever the profile's
+    `per_layer_embeddings` says (None: as it says).
     """
     spec = quant_spec(quantize, group_size, quant_mode)
     if dtype == "float16":
@@ -125,7 +129,7 @@ def plan(source: str | os.PathLike | Source, out: str | os.PathLike | None = Non
             check_destination(src, Path(out))
         profile, device = resolve_target(target, target_profile, device_info)
         return make_plan(src, profile, dtype=dtype, device=device, max_shard_size=parse_size(max_shard_size),
-                         read_block=read_block, band_bytes=band_bytes, quantize=spec, fuse=fuse)
+                         read_block=read_block, band_bytes=band_bytes, quantize=spec, fuse=fuse, ple=ple)
 
 
 # A destination out of room: a full disk, a quota, or a file-size limit (RLIMIT_FSIZE).
@@ -301,7 +305,7 @@ def build_manifest(p: Plan, files: dict, source_files: dict) -> dict:
     else:
         source = {"kind": "local", "path": str(Path(src.root).resolve())}
     source.update(naming=src.naming, files=source_files)
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "mlx-prepared", "version": _version("mlx-prepared")},
         "versions": {"mlx": _version("mlx"), "python": platform.python_version(), "numpy": _version("numpy"),
@@ -314,10 +318,13 @@ def build_manifest(p: Plan, files: dict, source_files: dict) -> dict:
         "dtype": p.dtype,
         "projections": p.projections,
         "embeddings": p.embeddings,
+        **({"mapped_embeddings": p.mapped} if p.mapped else {}),
         "dropped": p.dropped,
         **({"unread": p.unread} if p.unread else {}),  # only where tensors are kept for mlx-lm
         "files": files,
     }
+    manifest["format_version"] = needed_version(manifest)  # older readers load what they can read
+    return manifest
 
 
 def _fsync_dir(path: Path) -> None:
@@ -391,6 +398,7 @@ def _execute_locked(p: Plan, out: Path, force: bool, on_write, check_finite: boo
         manifest = build_manifest(p, files, source_files)
         if known_answers:
             manifest[SECTION] = reference_answers(tmp, manifest)
+            manifest["format_version"] = needed_version(manifest)
         try:
             write_manifest(manifest, tmp)
         except ManifestError as e:  # a bug of ours, not bad input; still one line
@@ -426,7 +434,8 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
                        force: bool = False, device_info: dict | None = None, on_write=None,
                        read_block: int = READ_BLOCK, band_bytes: int = BAND_BYTES, quantize: int | None = None,
                        group_size: int | None = None, quant_mode: str | None = None,
-                       check_finite: bool = False, fuse: bool | None = None, known_answers: bool = False) -> Path:
+                       check_finite: bool = False, fuse: bool | None = None, ple: str | None = None,
+                       known_answers: bool = False) -> Path:
     """Convert SOURCE (directory or hub repo id) into a prepared bundle at OUT; return OUT.
 
     Every refusal is a `ConvertError` (a `click.ClickException`, exit code 2) with one line naming
@@ -435,14 +444,15 @@ def convert_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *, tar
     p = plan(source, out, target=target, target_profile=target_profile, dtype=dtype, revision=revision,
              max_shard_size=max_shard_size, device_info=device_info, read_block=read_block,
              band_bytes=band_bytes, quantize=quantize, group_size=group_size, quant_mode=quant_mode,
-             fuse=fuse)
+             fuse=fuse, ple=ple)
     return execute(p, out, force=force, on_write=on_write, check_finite=check_finite, known_answers=known_answers)
 
 
 def run_report(p: Plan, out: Path, seconds: float) -> str:
     moved = p.tensor_bytes_out
-    return (f"wrote {out}: {len(p.items)} tensors ({p.records} manifest records) in {len(p.shards)} "
-            f"shard{'s' if len(p.shards) != 1 else ''}, "
+    shards = len(p.model_shards)
+    return (f"wrote {out}: {len(p.items)} tensors ({p.records} manifest records) in {shards} "
+            f"shard{'s' if shards != 1 else ''}{' + the mapped per-layer embedding table' if p.mapped else ''}, "
             f"{human(moved)} in {seconds:.1f} s ({moved / max(seconds, 1e-9) / 1e9:.2f} GB/s), "
             f"peak memory {human(peak_rss())} (planned: at most {human(p.predicted_peak)})")
 

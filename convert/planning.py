@@ -10,6 +10,12 @@ makes a tensor a source lacks that mlx-lm's loader wants and nothing reads (`kep
 `--quantize`, `quantize` makes three bundle tensors (packed weight, scales, biases) of one source
 tensor (convert/quantize.py). A fused projection (the profile's `fuse`, convert/fusion.py) is
 made of several source tensors stacked along their rows (`Item.members`), by the same transforms.
+
+Two choices about where a tensor goes rather than how it is made: the per-layer embedding table
+placed `mapped` (the profile's `per_layer_embeddings`, or `--ple`) is written to a file of its
+own (manifests/format.py MAPPED_FILE) and recorded under `mapped_embeddings`, not in a shard;
+and where the LM head is stored pretransposed, the token embedding is not stored a second time:
+its record reads its rows as columns of `lm_head.weight_t` (manifests/records.py).
 """
 
 from __future__ import annotations
@@ -37,10 +43,34 @@ from convert.shardfile import STAGE
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
 from manifests.config import check_quantization
-from manifests.format import FUSE_ALL, INDEX_NAME, LM_HEAD, NAMINGS, PREFIX, PRETRANSPOSED, STANDARD, ManifestError
+from manifests.format import (
+    EMBED_TOKENS,
+    EMBED_TOKENS_PER_LAYER,
+    FUSE_ALL,
+    INDEX_NAME,
+    LM_HEAD,
+    MAPPED,
+    MAPPED_FILE,
+    NAMINGS,
+    PLACEMENTS,
+    PREFIX,
+    PRETRANSPOSED,
+    STANDARD,
+    ManifestError,
+)
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.profiles import TargetProfile
-from manifests.records import BIASES, EMBEDDINGS, PROJECTIONS, SCALES, WEIGHT, Kind, Quantization, Storage
+from manifests.records import (
+    BIASES,
+    EMBEDDINGS,
+    MAPPED_EMBEDDINGS,
+    PROJECTIONS,
+    SCALES,
+    WEIGHT,
+    Kind,
+    Quantization,
+    Storage,
+)
 
 DTYPE_OPTIONS = ("keep", "bfloat16", "float16", "float32")
 
@@ -93,6 +123,7 @@ class Shard:
     name: str
     items: list[Item]
     header: bytes
+    mapped: bool = False  # a mapped table's own file (MAPPED_FILE), not a shard the index lists
 
     @property
     def nbytes(self) -> int:
@@ -125,14 +156,21 @@ class Plan:
     unread: dict[str, dict] = field(default_factory=dict)
     config_json: bytes | None = None
     mlx_lm: bool = False  # written for mlx-lm's loader too
+    mapped: dict[str, dict] = field(default_factory=dict)  # records of tables placed `mapped`
+    placement: str = "resident"  # of the per-layer embedding table (manifests/format.py PLACEMENTS)
 
     @property
     def items(self) -> list[Item]:
         return [i for s in self.shards for i in s.items]
 
     @property
+    def model_shards(self) -> list[Shard]:
+        """The shards proper (what the index lists), without the mapped table's own file."""
+        return [s for s in self.shards if not s.mapped]
+
+    @property
     def index_bytes(self) -> int:
-        return len(index_text(self)) if len(self.shards) > 1 else 0
+        return len(index_text(self)) if len(self.model_shards) > 1 else 0
 
     @property
     def bytes_out(self) -> int:
@@ -141,8 +179,8 @@ class Plan:
 
     @property
     def records(self) -> int:
-        """The manifest's projection and embedding records (`runtime verify` counts the same)."""
-        return len(self.projections) + len(self.embeddings)
+        """The manifest's projection and embedding records, mapped ones too (`runtime verify` counts the same)."""
+        return len(self.projections) + len(self.embeddings) + len(self.mapped)
 
     @property
     def tensor_bytes_out(self) -> int:
@@ -199,17 +237,23 @@ class Plan:
                 lines.append(f"  float   {n:5d}  {reason}")
         if self.profile.mlx_lm:
             lines.append("mlx-lm   " + ("loads it too (mlx_lm.load)" if self.mlx_lm else
-                                        "cannot load it: fused projections (--fuse)"))
+                                        "cannot load it: the per-layer table mapped (--ple mapped)" if self.mapped
+                                        else "cannot load it: fused projections (--fuse)"))
         if self.fuse:
             lines.append("fuse     " + ", ".join(f"{g} {self.fused[g]} layers" for g in self.fuse))
             for reason, n in sorted(self.unfused.items()):
                 lines.append(f"  unfused {n:5d}  {reason}")
+        lines.append(f"per-layer embeddings  {self.placement}"
+                     + (f": in {MAPPED_FILE}, memory-mapped by the runtime" if self.mapped else ""))
+        if self.embeddings.get(EMBED_TOKENS, {}).get("layout") == PRETRANSPOSED:
+            lines.append(f"token embedding  read from {self.embeddings[EMBED_TOKENS]['key']} (stored once)")
         transforms = Counter(i.transform for i in self.items if i.part in ("", WEIGHT))
         lines += [
             "writes   " + ", ".join(f"{n} {t}" for t, n in sorted(transforms.items())),
             f"bytes in   {human(src.bytes_in)}",
-            f"bytes out  {human(self.bytes_out)} in {len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}"
-            + (" + index" if len(self.shards) > 1 else ""),
+            f"bytes out  {human(self.bytes_out)} in {len(self.model_shards)} shard"
+            f"{'s' if len(self.model_shards) != 1 else ''}" + (" + index" if len(self.model_shards) > 1 else "")
+            + "".join(f" + {s.name} ({human(s.nbytes)}, mapped)" for s in self.shards if s.mapped),
             f"peak memory at most  {human(self.predicted_peak)}",
             f"disk needed  {human(self.disk_needed)}",
         ]
@@ -358,10 +402,15 @@ def _quant_params(q: dict | None, module_key: str, weight: TensorInfo, scales: T
 def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", device: dict | None = None,
               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, read_block: int = READ_BLOCK,
               band_bytes: int = BAND_BYTES, baseline_rss: int | None = None,
-              quantize: QuantSpec | None = None, fuse: bool | None = None) -> Plan:
-    """`fuse`: None fuses the groups the profile's `fuse` lists; True every group; False none."""
+              quantize: QuantSpec | None = None, fuse: bool | None = None, ple: str | None = None) -> Plan:
+    """`fuse`: None fuses the groups the profile's `fuse` lists; True every group; False none.
+    `ple`: where the per-layer embedding table goes (`resident` or `mapped`; None: as the
+    profile's `per_layer_embeddings` says)."""
     if dtype not in DTYPE_OPTIONS:
         raise ConvertError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_OPTIONS)}")
+    placement = ple or profile.per_layer_embeddings
+    if placement not in PLACEMENTS:
+        raise ConvertError(f"--ple {placement!r}: use one of {', '.join(PLACEMENTS)}")
     tc, cfg = source.text_config, source.config
     arch_name = architecture_of(source.model_type)
     arch = architecture(arch_name)  # what the architecture's checkpoints hold (convert/architectures.py)
@@ -529,6 +578,8 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
                                            "dtype": r["dtype"], "quantized": r["quantized"]}
             if module == "embed_tokens":
                 add_projection(LM_HEAD, "lm_head", info, key, file, module)
+                if projections[LM_HEAD]["layout"] == PRETRANSPOSED:
+                    read_from_head(embeddings[EMBED_TOKENS], projections[LM_HEAD], items)
 
     # 5. Fused groups: the members' items and records become one each (convert/fusion.py).
     fuse_names = profile.fuse if fuse is None else (FUSE_ALL if fuse else ())
@@ -537,11 +588,22 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
         items, projections, fused, unfused = fuse_groups(items, projections, roles, fuse_names,
                                                          arch.kv_shared_layers(tc))
 
+    # 6. The per-layer embedding table placed `mapped`: its tensors go to a file of their own.
+    mapped: dict[str, dict] = {}
+    table_items: list[Item] = []
+    if placement == MAPPED:
+        record = embeddings.pop(EMBED_TOKENS_PER_LAYER)
+        mapped[EMBED_TOKENS_PER_LAYER] = {**record, "file": MAPPED_FILE}
+        keys = {t.key for t in MAPPED_EMBEDDINGS.stored(mapped[EMBED_TOKENS_PER_LAYER])}
+        table_items = [i for i in items if i.key in keys]
+        items = [i for i in items if i.key not in keys]
+
     # 7. A profile that promises mlx-lm (`mlx_lm: true`, the generic target) gets bundles mlx-lm's
     # own loader reads: the KV-shared layers' K/V kept (unread here), config.json completed;
-    # unless --fuse made projections mlx-lm cannot read. Any other bundle drops them.
+    # unless --fuse made projections mlx-lm cannot read, or --ple mapped took the per-layer table
+    # out of the shards (mlx-lm reads it there). Any other bundle drops them.
     config_json = None
-    mlx_lm = profile.mlx_lm and mlx_lm_readable(projections)
+    mlx_lm = profile.mlx_lm and not mapped and mlx_lm_readable(projections)
     if mlx_lm:
         floats = Counter(it.dtype for it in items if it.dtype in FLOATS)  # the bundle's own float dtype
         new_items, unread = kept_for_mlx_lm(unused, shared_kv, source, quant, where, out_dtype,
@@ -571,13 +633,31 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
         name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         header = build_header([(it.key, it.dtype, it.shape) for it in group], SHARD_METADATA)
         shards.append(Shard(name, group, header))
+    if table_items:  # in row-major order as stored: one token's row for every layer is contiguous
+        table_items.sort(key=lambda it: -ITEMSIZE[it.dtype])
+        header = build_header([(it.key, it.dtype, it.shape) for it in table_items], SHARD_METADATA)
+        shards.append(Shard(MAPPED_FILE, table_items, header, mapped=True))
 
     return Plan(source=source, profile=profile, device=device, dtype=dtype, shards=shards,
                 projections=projections, embeddings=embeddings, dropped=dropped, tied=tied,
                 read_block=read_block, band_bytes=band_bytes,
                 baseline_rss=current_rss() if baseline_rss is None else baseline_rss, roles=roles,
                 quantize=quantize, unquantized=unquantized, fuse=fuse_names, fused=fused, unfused=unfused,
-                architecture=arch_name, unread=unread, config_json=config_json, mlx_lm=mlx_lm)
+                architecture=arch_name, unread=unread, config_json=config_json, mlx_lm=mlx_lm, mapped=mapped,
+                placement=placement)
+
+
+def read_from_head(embedding: dict, head: dict, items: list[Item]) -> None:
+    """Store the token embedding once: where the LM head is pretransposed (`lm_head.weight_t`,
+    `[hidden, vocab]`), the embedding's record reads its rows as that tensor's columns, and the
+    `[vocab, hidden]` copy is not written (an m5 bundle then holds no more bytes than its source's
+    text weights). A column gather costs more than a row gather, but a token's row is one read
+    among a decode step's gigabytes (docs/BENCHMARKS.md measures it)."""
+    storage = Storage(PRETRANSPOSED)
+    weight = EMBEDDINGS.expected(EMBED_TOKENS, storage, *storage.dims(head["shape"]), head["dtype"])[0]
+    own = EMBEDDINGS.weight_key(EMBED_TOKENS)
+    items[:] = [i for i in items if i.key != own]
+    embedding.update(key=weight.key, shape=list(weight.shape), layout=PRETRANSPOSED)
 
 
 UNREAD_REASON = "K/V of a KV-shared layer: never read here, kept for mlx-lm's loader"
@@ -651,8 +731,9 @@ SHARD_METADATA = {"format": "mlx", "producer": "mlx-prepared"}
 
 
 def index_text(plan: Plan) -> bytes:
-    weight_map = {it.key: s.name for s in plan.shards for it in s.items}
-    doc = {"metadata": {"total_size": plan.tensor_bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
+    weight_map = {it.key: s.name for s in plan.model_shards for it in s.items}
+    total = sum(it.nbytes for s in plan.model_shards for it in s.items)
+    doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 

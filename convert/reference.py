@@ -205,10 +205,9 @@ class StoredTensors:
             packed, _ = self.rows(stored[WEIGHT], want)
             scales, biases = (to_float32(*self.rows(stored[part], want)) for part in (SCALES, BIASES))
             return dequantize(packed, scales, biases, q.bits, q.group_size)
-        if storage.layout == PRETRANSPOSED:
-            if not isinstance(want, range):
-                raise ConvertError(f"known answers: {where}: rows of a pretransposed weight must be a range")
-            return np.ascontiguousarray(to_float32(*self.columns(stored[WEIGHT_T], want)).T)
+        if storage.layout == PRETRANSPOSED:  # the rows are columns of `[in, out]`: a range at once, ids one by one
+            ranges = [want] if isinstance(want, range) else [range(int(i), int(i) + 1) for i in want]
+            return np.concatenate([to_float32(*self.columns(stored[WEIGHT_T], r)).T for r in ranges])
         return to_float32(*self.rows(stored[WEIGHT], want))
 
     def activation_dtype(self) -> str:

@@ -176,7 +176,7 @@ def write_bundle(plan: Plan, directory: Path, on_write=None, check_finite: bool 
         spills.close()
         for reader in readers.values():
             reader.close()
-    if len(plan.shards) > 1:
+    if len(plan.model_shards) > 1:
         sha, nbytes = _write_small(directory / INDEX_NAME, index_text(plan))
         files[INDEX_NAME] = {"sha256": sha, "bytes": nbytes}
     for name in source.copied_files:

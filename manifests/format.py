@@ -1,6 +1,12 @@
 """Constants of the bundle format. Reader and writer both import these, so they cannot drift."""
 
-FORMAT_VERSION = 1
+# The newest version this code reads and writes. Version 2 adds what a version-1 reader would
+# misread or refuse: embedding tables placed `mapped` (the `mapped_embeddings` section), the token
+# embedding read from the pretransposed head (an embedding record's `layout`), tensors kept for
+# other tools but never read (`unread`) and numeric known answers (`known_answers`). A bundle that
+# uses none of them is written as version 1, which version-1 readers still load; one that does is
+# version 2, which they refuse with "upgrade mlx-prepared" (manifests/manifest.py `needed_version`).
+FORMAT_VERSION = 2
 
 MANIFEST_NAME = "manifest.yaml"
 # The manifest's own sha256, written beside it after it, in the form `sha256sum` prints and checks
@@ -30,6 +36,16 @@ PRETRANSPOSED_SUFFIX = ".weight_t"
 
 LM_HEAD = "lm_head"
 EMBED_TOKENS = PREFIX + "embed_tokens"
+EMBED_TOKENS_PER_LAYER = PREFIX + "embed_tokens_per_layer"
+
+# Where the per-layer embedding table (`[vocab_per_layer, layers * per-layer width]`, 3.75 GiB of
+# a bfloat16 E2B, of which one token reads one row) lives at run time: a target profile's
+# `per_layer_embeddings`, `convert --ple`. `resident`: in a shard like every other tensor, loaded
+# into accelerator memory. `mapped`: in a file of its own (MAPPED_FILE), memory-mapped read-only
+# by the runtime, each token's row gathered on the host (manifests/records.py MAPPED).
+RESIDENT, MAPPED = "resident", "mapped"
+PLACEMENTS = (RESIDENT, MAPPED)
+MAPPED_FILE = "embed_tokens_per_layer.safetensors"
 
 STANDARD = "standard"
 PRETRANSPOSED = "pretransposed"

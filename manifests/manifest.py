@@ -12,16 +12,20 @@ from pathlib import Path
 import yaml
 
 from manifests.format import (
+    EMBED_TOKENS,
     FORMAT_VERSION,
     FUSED_GROUPS,
+    LM_HEAD,
     MANIFEST_DIGEST_NAME,
     MANIFEST_LIMIT,
     MANIFEST_NAME,
+    PRETRANSPOSED,
+    STANDARD,
     ManifestError,
 )
 from manifests.config import check_quantization, checked_text_config
 from manifests.files import FileRefused, read_limited
-from manifests.records import Storage
+from manifests.records import KINDS, Storage
 from manifests.schema import SchemaError, validate
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -50,13 +54,51 @@ def validate_manifest(manifest: object, where: str = MANIFEST_NAME) -> dict:
         validate(manifest, manifest_schema())
     except SchemaError as e:  # folded: a key or value may hold a newline, the message stays one line
         raise ManifestError(f"{where}: {' '.join(str(e).split())}") from None
-    for section in ("projections", "embeddings"):  # before anything computes with bits or group size
-        for name, record in manifest[section].items():
+    for section in KINDS:  # before anything computes with bits or group size
+        for name, record in (manifest.get(section) or {}).items():
             if record.get("quantized") is not None:
                 check_quantization(record["quantized"], f"{where}: {section}.{name}.quantized")
     check_fused(manifest["projections"], where)
+    check_placements(manifest, where)
+    if version < needed_version(manifest):
+        raise ManifestError(f"{where}: format_version {version}, but it records what version "
+                            f"{needed_version(manifest)} added (mapped embedding tables, an embedding's layout, "
+                            "unread tensors or known answers)")
     checked_text_config(manifest["model"]["text_config"], f"{where}: model.text_config")
     return manifest
+
+
+# Sections version 1 did not have: a version-1 reader's schema refuses a manifest holding one.
+VERSION_2_SECTIONS = ("mapped_embeddings", "unread", "known_answers")
+
+
+def needed_version(manifest: dict) -> int:
+    """The lowest format version that describes this manifest's bundle (manifests/format.py):
+    what the writer records, so that older readers refuse only the bundles they cannot read, and
+    with "upgrade mlx-prepared" rather than a schema error."""
+    from_head = any("layout" in record for record in manifest["embeddings"].values())
+    return 2 if from_head or any(manifest.get(s) for s in VERSION_2_SECTIONS) else 1
+
+
+def check_placements(manifest: dict, where: str = MANIFEST_NAME) -> None:
+    """Each embedding table is recorded once, resident or mapped, and a mapped one's file is one of
+    the bundle's listed files; only the token embedding is read from the pretransposed head, whose
+    record must be there (under the same key) to read from."""
+    mapped = manifest.get("mapped_embeddings") or {}
+    for path, record in mapped.items():
+        at = f"{where}: mapped_embeddings.{path}"
+        if path in manifest["embeddings"]:
+            raise ManifestError(f"{at}: recorded twice, also under embeddings (a table is resident or mapped)")
+        if record["file"] not in manifest["files"]:
+            raise ManifestError(f"{at}: file {record['file']!r} is not listed under files")
+    for path, record in manifest["embeddings"].items():
+        if record.get("layout", STANDARD) == STANDARD:
+            continue
+        at = f"{where}: embeddings.{path}"
+        head = manifest["projections"].get(LM_HEAD) or {}
+        if path != EMBED_TOKENS or head.get("layout") != PRETRANSPOSED or head.get("key") != record["key"]:
+            raise ManifestError(f"{at}: only {EMBED_TOKENS} may be read from the pretransposed LM head, and only "
+                                f"where {LM_HEAD} is recorded pretransposed under the same key")
 
 
 def fused_group(path: str) -> tuple[str, str, tuple[str, ...]] | None:

@@ -10,10 +10,16 @@ A profile is data (`manifests/targets/NAME.yaml`):
       lm_head: {float32: pretransposed, default: standard}   # per-dtype rule
     fuse: [qkv, gate_up]     # optional: projection groups stored fused (manifests.format.FUSED_GROUPS)
     mlx_lm: true             # optional: bundles also load in mlx-lm's own loader (no layouts, no fuse)
+    per_layer_embeddings: mapped   # optional: resident (the default) or mapped (manifests.format.PLACEMENTS)
 
 A fused group takes the layout its first member's rule gives (attn.q_proj for qkv, qkv_laurel and
 q_laurel, mlp.gate_proj for gate_up); where its members' rules disagree for the dtype written, the
 group stays unfused. `qkv` and `qkv_laurel` fuse the same projections: a profile lists one.
+
+`per_layer_embeddings` places the per-layer embedding table: `resident` in accelerator memory
+like every weight, or `mapped`, memory-mapped on the host with each token's row gathered there
+(the trade: the table's gigabytes of accelerator memory against a host gather per token, which
+`runtime calibrate --config BUNDLE` measures).
 
 `target_for_device` maps an `mx.device_info()` dictionary to a built-in target name. It is a
 pure function so tests feed it recorded dictionaries instead of needing the hardware.
@@ -30,7 +36,8 @@ from pathlib import Path
 
 import yaml
 
-from manifests.format import DTYPES, FUSED_EXCLUSIVE, FUSED_GROUPS, LAYOUTS, STANDARD
+from manifests.format import DTYPES, FUSED_EXCLUSIVE, FUSED_GROUPS, LAYOUTS, MAPPED, PLACEMENTS, RESIDENT, STANDARD
+from manifests.safetensors_header import shown
 
 ROLES = (
     "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
@@ -74,6 +81,11 @@ class TargetProfile:
         """Whether this profile's bundles are written for mlx-lm's own loader too (its weights as
         mlx-lm's modules hold them, the tensors and config keys it wants)."""
         return bool(self.content.get("mlx_lm"))
+
+    @property
+    def per_layer_embeddings(self) -> str:
+        """Where this profile places the per-layer embedding table (manifests.format.PLACEMENTS)."""
+        return self.content.get("per_layer_embeddings") or RESIDENT
 
 
 def _targets_dir():
@@ -120,6 +132,9 @@ def _check(content: object, where: str) -> dict:
             listed = [g for g in groups if g in fuse]
             if len(listed) > 1:
                 raise ProfileError(f"{where}: fuse: {' and '.join(listed)} fuse the same projections; list one")
+    placement = content.get("per_layer_embeddings")
+    if placement is not None and placement not in PLACEMENTS:
+        raise ProfileError(f"{where}: per_layer_embeddings: {shown(placement)} is not {' or '.join(PLACEMENTS)}")
     mlx_lm = content.get("mlx_lm", False)
     if not isinstance(mlx_lm, bool):
         raise ProfileError(f"{where}: `mlx_lm` must be true or false")
@@ -130,6 +145,9 @@ def _check(content: object, where: str) -> dict:
                                    "otherwise")
         if fuse:
             raise ProfileError(f"{where}: mlx_lm: mlx-lm reads no fused projection, but `fuse` lists some")
+        if placement == MAPPED:
+            raise ProfileError(f"{where}: mlx_lm: mlx-lm reads the per-layer embedding table from the shards, but "
+                               "per_layer_embeddings is mapped")
     return content
 
 

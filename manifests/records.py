@@ -1,8 +1,9 @@
 """What a manifest record stores: keys, shapes and dtypes, written once for writer and readers.
 
-A record (`projections.<path>` or `embeddings.<path>` in manifest.yaml) stands for one matrix the
-model multiplies by (`[out, in]`, the Hugging Face way round) or looks rows up in (`[num, dims]`),
-and says how the converter stored it. The tensors that means:
+A record (`projections.<path>`, `embeddings.<path>` or `mapped_embeddings.<path>` in
+manifest.yaml) stands for one matrix the model multiplies by (`[out, in]`, the Hugging Face way
+round) or looks rows up in (`[num, dims]`), and says how the converter stored it. The tensors
+that means:
 
     record                     part      key              shape                   dtype
     standard                   weight    <base>.weight    [out, in]               the record's
@@ -16,20 +17,29 @@ and says how the converter stored it. The tensors that means:
 (1) In `affine` mode the float dtype the weight was quantized from. Only `affine` stores biases;
 mx.quantize's other modes make a weight and scales alone.
 
-`<base>` is the record's own path, except for the LM head: tied (standard), it reads the
-embedding table's tensors (`model.language_model.embed_tokens.*`), pretransposed it stores
-`lm_head.weight_t`. A fused record (`fused: [{path, out}, ...]`) is any of these over its
-members' rows concatenated: out is the sum of the members' outs.
+`<base>` is the record's own path, except where the LM head and the token embedding share one
+table: tied (standard), the head reads the embedding table's tensors
+(`model.language_model.embed_tokens.*`); pretransposed, the head stores `lm_head.weight_t`, and
+an embedding record with `layout: pretransposed` reads its rows as columns of that same tensor
+(so the table is stored once either way). A fused record (`fused: [{path, out}, ...]`) is any of
+these over its members' rows concatenated: out is the sum of the members' outs.
+
+Where the tensors are: a record of `projections` or `embeddings` in the bundle's shards (its
+index, or its one shard); a record of `mapped_embeddings` (the per-layer embedding table placed
+`mapped`, manifests/format.py) in the file its `file` names, a safetensors file holding that
+record's tensors alone, which the runtime memory-maps instead of loading (`Kind.file`).
 
 Each tensor's `part` is also its MLX parameter name in the module built for the record, so the
 runtime's modules take the bundle's arrays by name. Everything that writes a bundle (convert's
 planning, fusion and quantization) and everything that reads one (the runtime's modules, load's
-and verify's checks, the hub's model card) asks this module instead of re-deriving the rule.
+and verify's checks, the hub's model card) asks this module instead of re-deriving the rule;
+a reader of stored tensors walks `records(manifest)` and asks each record's kind for its
+tensors (`stored`) and their file (`file`).
 
 A new kind of record is a new manifest section: a `Kind` in KINDS (a subclass where its records
-store something other than one matrix: `stored` says what), its schema in manifest.schema.yaml,
-and the runtime module built for it; `records` walks every kind, so load's and verify's checks
-cover it at once.
+store something other than one matrix in the shards: `stored` and `file` say what and where),
+its schema in manifest.schema.yaml, and the runtime module built for it; `records` walks every
+kind, so load's and verify's checks cover it at once.
 """
 
 from __future__ import annotations
@@ -119,7 +129,8 @@ class Storage:
     @classmethod
     def of(cls, record: dict, where: str = MANIFEST_NAME) -> Storage:
         """A record's storage; a combination no writer makes is a ManifestError naming `where`."""
-        layout = record.get("layout", STANDARD)  # embedding records have no layout: rows are looked up
+        # Embedding records have no layout (rows are looked up), but the one read from the head's.
+        layout = record.get("layout", STANDARD)
         if layout not in (STANDARD, PRETRANSPOSED):
             raise ManifestError(f"{where}: unknown layout {layout!r}")
         quantized = Quantization.of(record.get("quantized"))
@@ -175,11 +186,20 @@ class Kind:
     """A section of the manifest whose records each stand for stored tensors."""
 
     section: str
-    laid_out: bool  # records carry a `layout` (projections) or are always standard (embeddings)
+    laid_out: bool  # records carry a `layout` (projections) or are standard (embeddings; but see base)
 
     def base(self, path: str, layout: str = STANDARD) -> str:
         """The key every tensor of the record at `path` starts with."""
-        return head_base(layout) if self.laid_out and path == LM_HEAD else path
+        if self.laid_out and path == LM_HEAD:
+            return head_base(layout)
+        if path == EMBED_TOKENS and layout == PRETRANSPOSED:
+            return LM_HEAD  # the token embedding read from the pretransposed head: one table, stored once
+        return path
+
+    def file(self, record: dict) -> str | None:
+        """The bundle file holding the record's tensors where the record names one; None where
+        they are in the shards."""
+        return None
 
     def weight_key(self, path: str, layout: str = STANDARD) -> str:
         """The key a record at `path` names (its `key`): no renaming at load."""
@@ -201,9 +221,20 @@ class Kind:
         return [Tensor(tensors[0].part, record["key"], tuple(record["shape"]), record["dtype"]), *tensors[1:]]
 
 
+@dataclass(frozen=True)
+class MappedKind(Kind):
+    """Embedding tables placed `mapped`: stored like any embedding (plain or quantized rows), but
+    in a safetensors file of their own (`file`), which the runtime memory-maps read-only and
+    gathers rows from on the host instead of loading it."""
+
+    def file(self, record: dict) -> str | None:
+        return record["file"]
+
+
 PROJECTIONS = Kind("projections", laid_out=True)
 EMBEDDINGS = Kind("embeddings", laid_out=False)
-KINDS = {kind.section: kind for kind in (PROJECTIONS, EMBEDDINGS)}
+MAPPED_EMBEDDINGS = MappedKind("mapped_embeddings", laid_out=False)
+KINDS = {kind.section: kind for kind in (PROJECTIONS, EMBEDDINGS, MAPPED_EMBEDDINGS)}
 
 
 def records(manifest: dict) -> Iterator[tuple[str, Kind, str, dict]]:
@@ -212,6 +243,11 @@ def records(manifest: dict) -> Iterator[tuple[str, Kind, str, dict]]:
     for kind in KINDS.values():  # a section added later is absent from older manifests
         for path, record in (manifest.get(kind.section) or {}).items():
             yield f"{MANIFEST_NAME}: {kind.section}.{path}", kind, path, record
+
+
+def mapped_files(manifest: dict) -> list[str]:
+    """The files of the bundle that records name as their own (memory-mapped, not shards)."""
+    return sorted({f for _, kind, _, record in records(manifest) if (f := kind.file(record)) is not None})
 
 
 UNREAD = "unread"
@@ -231,5 +267,6 @@ def fused_members(record: dict) -> list[tuple[str, int]]:
     return [(m["path"], int(m["out"])) for m in record.get("fused") or []]
 
 
-__all__ = ["BIAS", "BIASES", "EMBEDDINGS", "KINDS", "Kind", "PACKED_DTYPE", "PROJECTIONS", "Quantization", "SCALES",
-           "Storage", "Tensor", "UNREAD", "WEIGHT", "WEIGHT_T", "fused_members", "head_base", "records", "unread"]
+__all__ = ["BIAS", "BIASES", "EMBEDDINGS", "KINDS", "Kind", "MAPPED_EMBEDDINGS", "MappedKind", "PACKED_DTYPE",
+           "PROJECTIONS", "Quantization", "SCALES", "Storage", "Tensor", "UNREAD", "WEIGHT", "WEIGHT_T",
+           "fused_members", "head_base", "mapped_files", "records", "unread"]

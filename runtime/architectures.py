@@ -1,7 +1,8 @@
 """The architectures the runtime builds, by the manifest's `model.architecture`.
 
 Each is one module of this package holding what is particular to it: `Model(text_config,
-projections, embeddings)`, the model built from the manifest's records, and
+projections, embeddings, mapped=...)`, the model built from the manifest's records (and the
+tables placed `mapped`, opened by the loader), and
 `projection_shapes(text_config)`, the `[out, in]` shapes of its projections by target-profile
 role, which `runtime calibrate` measures. A second architecture is a module of its own and a
 line in MODULES; loading, verifying and calibrating read it from here.

@@ -18,7 +18,8 @@ import mlx.core as mx
 from manifests import INDEX_NAME, MANIFEST_NAME, ManifestError, read_manifest, target_for_device
 from manifests.files import FileRefused, open_regular_file, read_limited
 from manifests.format import MANIFEST_LIMIT
-from manifests.safetensors_header import HeaderError, read_header_file
+from manifests.records import mapped_files
+from manifests.safetensors_header import Entry, HeaderError, read_header_file
 
 
 class BundleError(ManifestError):
@@ -122,11 +123,13 @@ def read_index(path: Path) -> dict[str, str]:
 
 
 def shard_names(manifest: dict, index: dict[str, str] | None) -> list[str]:
-    """The safetensors files of a bundle: those its index maps tensors to, or (a bundle of one
-    shard has no index) those its manifest lists."""
+    """The shards of a bundle: the files its index maps tensors to, or (a bundle of one shard has
+    no index) the safetensors files its manifest lists, but for the files of mapped tables
+    (manifests/records.py), which are mapped, never loaded."""
     if index is not None:
         return sorted(set(index.values()))
-    return [n for n in manifest["files"] if n.endswith(".safetensors")]
+    mapped = set(mapped_files(manifest))
+    return [n for n in manifest["files"] if n.endswith(".safetensors") and n not in mapped]
 
 
 def shard_files(path: Path, manifest: dict) -> list[str]:
@@ -140,10 +143,14 @@ def shard_files(path: Path, manifest: dict) -> list[str]:
         except ValueError as e:
             raise BundleError(str(e)) from None
     names = shard_names(manifest, index)
+    mapped = set(mapped_files(manifest))
     for name in names:
         escape = outside_bundle(path, name, INDEX_NAME if index is not None else MANIFEST_NAME)
         if escape:
             raise BundleError(escape)
+        if name in mapped:
+            raise BundleError(f"{path / INDEX_NAME}: maps tensors to {name}, the file of a mapped table, which is "
+                              "never loaded as a shard")
         if name not in manifest["files"]:
             raise BundleError(f"{path / name}: shard not listed in {MANIFEST_NAME}")
         if not os.path.lexists(path / name):
@@ -164,6 +171,26 @@ def check_shard(path: Path, name: str) -> None:
         raise BundleError(f"{path / name}: malformed safetensors header ({e})") from None
     except OSError as e:
         raise BundleError(f"{path / name}: unreadable ({e.strerror or e})") from None
+
+
+def mapped_headers(path: Path, manifest: dict) -> dict[str, tuple[dict[str, Entry], int]]:
+    """The header of each mapped table's file (manifests/records.py `Kind.file`): name ->
+    (entries by key, where its data begins). Headers only: not a byte of a table is read."""
+    headers = {}
+    for name in mapped_files(manifest):
+        escape = outside_bundle(path, name, MANIFEST_NAME)
+        if escape:
+            raise BundleError(escape)
+        if not os.path.lexists(path / name):
+            raise BundleError(f"{path / name}: missing (the file of a mapped table)")
+        try:
+            entries, _, start = read_header_file(path / name)
+        except HeaderError as e:
+            raise BundleError(f"{path / name}: malformed safetensors header ({e})") from None
+        except OSError as e:
+            raise BundleError(f"{path / name}: unreadable ({e.strerror or e})") from None
+        headers[name] = ({e.name: e for e in entries}, start)
+    return headers
 
 
 # The small files the runtime reads besides the manifest and the shards (tokenizer.json,

@@ -18,6 +18,14 @@ per-call overhead is not what is measured), a warm-up pass, then the median of `
 the two layouts alternating sample by sample (noise from elsewhere hits both).
 A role switches to pretransposed only when that is faster by more than `margin` over all of the
 role's shapes together; a tie keeps the layout that needs no conversion.
+
+Given a bundle (`--config BUNDLE`), calibrate also measures where the per-layer embedding table
+should live (the profile's `per_layer_embeddings`, manifests/profiles.py): it loads the bundle and
+decodes with the table resident (in accelerator memory) and mapped (memory-mapped on the host, a
+row gathered per token: runtime/mapped.py), over the same stored bytes (the other placement is
+made from the file the bundle holds the table in), alternating, medians. Mapped frees the table's
+gigabytes of accelerator memory; it is chosen when it decodes at least `placement_floor` (0.9)
+as fast as resident.
 """
 
 from __future__ import annotations
@@ -39,13 +47,16 @@ import yaml
 
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
 from manifests.cli import CommandError
-from manifests.format import DTYPES, PRETRANSPOSED, STANDARD
+from manifests.format import DTYPES, EMBED_TOKENS_PER_LAYER, MAPPED, PRETRANSPOSED, RESIDENT, STANDARD
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.gemma3n import MODEL_TYPES, SIZES, published_text_config
 from manifests.profiles import ROLES, load_profile, profile_sha256, save_user_profile, target_for_device
-from manifests.records import Storage
+from manifests.records import EMBEDDINGS, Storage
+from manifests.safetensors_header import read_header_file
 from runtime.architectures import architecture
-from runtime.projections import projection_over
+from runtime.bundle import shard_files
+from runtime.mapped import MappedTable
+from runtime.projections import build_embedding, projection_over
 
 # Projections whose weight goes through a plain matmul. The AltUp coefficient and router tensors
 # (4x4, 16x4, 4x2048) are left out: too small for the layout to matter, and their math runs in
@@ -72,6 +83,9 @@ class Settings:
     graph_bytes: int = 512 << 20   # weight bytes streamed per evaluated graph
     max_copies: int = 1024
     margin: float = 0.03
+    placement_floor: float = 0.9  # mapped when it decodes at least this fraction of resident's rate
+    placement_rounds: int = 3
+    placement_tokens: int = 32
 
 
 def role_shapes(text_config: dict, arch: str = GEMMA3N) -> dict[str, list[Shape]]:
@@ -298,6 +312,117 @@ def calibrate(shapes: dict[str, list[Shape]], dtypes: Iterable[str] = DEFAULT_DT
     return profile
 
 
+# --- Where the per-layer embedding table lives (needs a bundle) --------------------------------
+
+def placement_tables(model) -> dict[str, object]:
+    """The loaded model's per-layer table in both placements over the same stored bytes: resident
+    (the module, its arrays in accelerator memory) and mapped (a MappedTable over the file holding
+    them: the table's own file, or the shard it shares with other tensors)."""
+    lm, bundle, manifest = model.model.language_model, Path(model.bundle_path), model.manifest
+    table = lm.embed_tokens_per_layer
+    if isinstance(table, MappedTable):
+        record = {k: v for k, v in table.record.items() if k != "file"}
+        resident = build_embedding(EMBED_TOKENS_PER_LAYER, record, table.num, table.dims)
+        arrays = mx.load(str(table.file))
+        resident.load_weights([(t.part, arrays[t.key]) for t in EMBEDDINGS.stored(record)])
+        mx.eval(resident.parameters())
+        return {RESIDENT: resident, MAPPED: table}
+    record = manifest["embeddings"][EMBED_TOKENS_PER_LAYER]
+    keys = {t.key for t in EMBEDDINGS.stored(record)}
+    for name in shard_files(bundle, manifest):
+        entries, _, start = read_header_file(bundle / name)
+        held = {e.name: e for e in entries}
+        if keys <= held.keys():
+            return {RESIDENT: table, MAPPED: MappedTable(bundle / name, record, held, start, EMBED_TOKENS_PER_LAYER)}
+    raise CalibrationError(f"{bundle}: the per-layer table's tensors are spread over several shards; "
+                           "convert it with --ple mapped to measure the placement")
+
+
+def decode_rate(model, tokens: int, prompt: list[int]) -> float:
+    """Tokens per second of a greedy decode (compiled step, the product's loop), after the first token."""
+    from runtime.generate import generate_step
+
+    first = None
+    n = 0
+    for _ in generate_step(prompt, model, max_tokens=tokens):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    return (n - 1) / (time.perf_counter() - first)
+
+
+def choose_placement(resident_tps: float, mapped_tps: float, floor: float) -> str:
+    return MAPPED if mapped_tps >= floor * resident_tps else RESIDENT
+
+
+def measure_placement(model, settings: Settings = Settings(), rate=decode_rate) -> dict:
+    """Decode tok/s with the table resident and mapped (alternating, after a warm-up of each), and
+    the placement chosen: `per_layer_embeddings` and its measurement for the profile. `rate(model,
+    tokens, prompt)` defaults to `decode_rate`; tests inject their own."""
+    lm = model.model.language_model
+    tables = placement_tables(model)
+    original = lm.embed_tokens_per_layer
+    vocab = min(model.config.vocab_size, model.config.vocab_size_per_layer_input)
+    prompt = [3 + (7919 * i) % (vocab - 3) for i in range(16)]
+    samples: dict[str, list[float]] = {RESIDENT: [], MAPPED: []}
+    try:
+        for r in range(1 + settings.placement_rounds):
+            for placement in ((RESIDENT, MAPPED) if r % 2 == 0 else (MAPPED, RESIDENT)):
+                lm.embed_tokens_per_layer = tables[placement]  # the compiled step is made anew per table
+                tps = rate(model, settings.placement_tokens, prompt)
+                if r:
+                    samples[placement].append(tps)
+    finally:
+        lm.embed_tokens_per_layer = original
+    resident, mapped = (statistics.median(samples[p]) for p in (RESIDENT, MAPPED))
+    table = tables[MAPPED]
+    return {
+        "per_layer_embeddings": choose_placement(resident, mapped, settings.placement_floor),
+        "measurement": {
+            "bundle": str(model.bundle_path), "table_bytes": table.nbytes,
+            "resident_tok_s": round(resident, 3), "mapped_tok_s": round(mapped, 3),
+            "ratio": round(mapped / resident, 3), "floor": settings.placement_floor,
+            "tokens": settings.placement_tokens, "rounds": settings.placement_rounds,
+        },
+    }
+
+
+def add_placement(profile: dict, placement: dict) -> dict:
+    """The profile with the measured placement of the per-layer table and its evidence."""
+    m = placement["measurement"]
+    profile["per_layer_embeddings"] = placement["per_layer_embeddings"]
+    profile["evidence"] += (
+        f" Per-layer embeddings {placement['per_layer_embeddings']}: decoding {m['tokens']} tokens of {m['bundle']} "
+        f"with the table mapped ran at {m['ratio']:.2f}x its resident rate (median of {m['rounds']}, "
+        f"alternating; mapped when at least {m['floor']:.2f}x, freeing {m['table_bytes'] / 1e9:.2f} GB of "
+        "accelerator memory).")
+    profile["placement_measurement"] = m
+    return profile
+
+
+def placed(bundle: str, settings: Settings, say=None) -> dict:
+    """`measure_placement` on the bundle at `bundle`, loaded here; one line per outcome to `say`."""
+    from runtime.loader import load_model
+
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a bundle made for another device class measures all the same
+            model = load_model(bundle)
+    except (ManifestError, ValueError, OSError) as e:
+        raise BadInput(str(e).splitlines()[0]) from None
+    try:
+        result = measure_placement(model, settings)
+    except CalibrationError as e:
+        raise BadInput(str(e)) from None
+    if say:
+        m = result["measurement"]
+        say(f"per-layer embeddings: resident {m['resident_tok_s']:.2f} tok/s, mapped {m['mapped_tok_s']:.2f} tok/s "
+            f"({m['ratio']:.2f}x): {result['per_layer_embeddings']}")
+    return result
+
+
 def profile_text(profile: dict) -> str:
     header = ("# Target profile written by `runtime calibrate`; use it with\n"
               "# `convert --target-profile THIS_FILE`, or save it with `runtime calibrate --save`.\n")
@@ -338,15 +463,22 @@ class BadInput(CommandError):
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="write the profile here")
 @click.option("--save", is_flag=True, help="store the profile in the user profile directory, where "
                                            "`convert --target auto` prefers it for this device")
+@click.option("--placement/--no-placement", default=True, show_default=True,
+              help="with a bundle as --config: also decode with the per-layer embedding table resident and "
+                   "mapped, and choose its placement (per_layer_embeddings)")
+@click.option("--placement-floor", type=click.FloatRange(0.0, 1.0), default=Settings.placement_floor,
+              show_default=True, help="mapped is chosen when it decodes at least this fraction of resident's rate")
 @click.option("--quiet", is_flag=True, help="no progress or table on stderr")
-def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out, save, quiet):
+def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out, save, quiet, placement,
+                      placement_floor):
     """Measure standard vs pretransposed GEMV per projection role on this device; write a profile.
 
     It takes minutes: every row (a role's shape in one dtype) streams about 7.0 GB of weights at
     the defaults, so its time is set by the device's memory bandwidth. The defaults measure 38
     rows (19 shapes of E2B and E4B, bfloat16 and float32): 10 to 30 minutes on a 2-core x86_64
     CPU (17 to 42 s a row). --role, --dtype, --repeats and --cache-mb measure less. Progress, with the time left,
-    goes to stderr, one line per row.
+    goes to stderr, one line per row. With a bundle as --config, it then decodes with the bundle's
+    per-layer embedding table resident and mapped and chooses its placement (--no-placement skips it).
     """
     try:
         if config_path:
@@ -360,7 +492,7 @@ def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out
     if roles:
         shapes = {r: s for r, s in shapes.items() if r in roles}
     settings = Settings(repeats=repeats, margin=margin, cache_bytes=cache_mb << 20,
-                        graph_bytes=2 * (cache_mb << 20))
+                        graph_bytes=2 * (cache_mb << 20), placement_floor=placement_floor)
     say = None if quiet else (lambda line: click.echo(line, err=True))
     dtypes = dtypes or bundle_dtypes or DEFAULT_DTYPES
     if say:
@@ -369,6 +501,11 @@ def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out
             f"MLX {mx.__version__}, shapes of {source}: {rows} row{'s' if rows != 1 else ''} (role, shape, dtype), "
             f"each streaming {_size(streamed_bytes(settings))} of weights; one line per row as it is measured")
     profile = calibrate(shapes, dtypes, settings=settings, source=source, progress=say)
+    bundle = config_path and (Path(config_path) / MANIFEST_NAME).is_file()
+    if placement and bundle:
+        profile = add_placement(profile, placed(config_path, settings, say))
+    elif say:
+        say("per_layer_embeddings: not measured (give a bundle as --config to measure its placement)")
     text = profile_text(profile)
     if say:
         say(layout_table(profile))

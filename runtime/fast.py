@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from runtime.cache import KVCache, RotatingKVCache, pad_positions
+from runtime.mapped import MappedTable
 from runtime.model import rms_norm, softcap
 from runtime.projections import transposed_view
 
@@ -57,7 +58,9 @@ def transposed_views(lm, head) -> dict[int, mx.array]:
 
 
 class DecodeStep:
-    """One token through the decoder: `step(token [1, 1], position, *buffers)`.
+    """One token through the decoder: `step(token [1, 1], position, *buffers)`, or, where the
+    per-layer table is placed `mapped`, `step(token, position, rows, *buffers)` with the token's
+    row gathered on the host (runtime/mapped.py): the one input not made in the graph.
 
     The same arithmetic as `Model.__call__` (runtime/model.py) for a single position of a single
     sequence: the layers run `DecoderLayer.forward`, the head `LanguageModel.unembed`, the formulas
@@ -103,6 +106,7 @@ class DecodeStep:
         self.owners = cache_owners(c)
         self.producers = c.kv_producers()
         self.head = self.lm.embed_tokens if model.tied_head else model.lm_head
+        self.mapped = isinstance(self.lm.embed_tokens_per_layer, MappedTable)
         self.weights_t = transposed_views(self.lm, self.head)
         self.rope_tables = self._rope_tables()
 
@@ -158,9 +162,11 @@ class DecodeStep:
         y = x @ w_t
         return y + module.bias if "bias" in module else y
 
-    def __call__(self, token: mx.array, position: mx.array, *buffers):
-        """`buffers`: one `[1, 2 * kv_heads, slots, head_dim]` key/value buffer per cache owner."""
+    def __call__(self, token: mx.array, position: mx.array, *arrays):
+        """`arrays`: the token's gathered per-layer row where the table is mapped, then one
+        `[1, 2 * kv_heads, slots, head_dim]` key/value buffer per cache owner."""
         c, lm = self.config, self.lm
+        rows, buffers = (arrays[0], arrays[1:]) if self.mapped else (None, arrays)
         if token.shape != (1, 1):
             raise ValueError(f"the compiled decode step takes one token of one sequence ([1, 1]), not {list(token.shape)}")
         ids = token.reshape(1)
@@ -169,7 +175,7 @@ class DecodeStep:
         embeds = embeds * mx.array(c.hidden_size**0.5, dtype)
         # The model's own per-layer inputs and AltUp planes: layers x [1, width], [n, hidden].
         layers = c.num_hidden_layers
-        per_layer = mx.split(lm.per_layer_inputs(ids, embeds).reshape(1, -1), layers, axis=1)
+        per_layer = mx.split(lm.per_layer_inputs(ids, embeds, rows).reshape(1, -1), layers, axis=1)
         planes = lm.altup_planes(embeds, 0, self.linear).reshape(c.altup_num_inputs, -1)
         plane_mask = lm.plane_mask.astype(dtype)
 
@@ -225,15 +231,16 @@ class DecodeStep:
 
 
 def compiled_step(model):
-    """The model's compiled decode step (`DecodeStep`), made once per model: `mx.compile` keeps
-    its traces per input shape on the function object, so every generation after the first
-    replays them."""
-    step = getattr(model, "_compiled_decode_step", None)
-    if step is not None:
-        return step
+    """The model's compiled decode step (`DecodeStep`), made once per model and placement of its
+    per-layer table: `mx.compile` keeps its traces per input shape on the function object, so
+    every generation after the first replays them."""
+    table = model.model.language_model.embed_tokens_per_layer
+    made = getattr(model, "_compiled_decode_step", None)
+    if made is not None and made[0] is table:
+        return made[1]
     decode = DecodeStep(model)
-    step = mx.compile(lambda token, position, *buffers: decode(token, position, *buffers))
-    object.__setattr__(model, "_compiled_decode_step", step)  # not a parameter: outside the module tree
+    step = mx.compile(lambda token, position, *arrays: decode(token, position, *arrays))
+    object.__setattr__(model, "_compiled_decode_step", (table, step))  # not a parameter: outside the module tree
     return step
 
 
@@ -262,6 +269,8 @@ class CompiledDecoder:
                 keys, values = cache[i].to_ring()
             self.buffers.append(mx.concatenate([keys, values], axis=1))
         self._step = compiled_step(model)
+        table = model.model.language_model.embed_tokens_per_layer
+        self.table = table if isinstance(table, MappedTable) else None
 
     def _grow(self) -> None:
         """Double the full-attention buffers; the next call traces the new shapes once."""
@@ -273,7 +282,10 @@ class CompiledDecoder:
     def __call__(self, token: mx.array) -> mx.array:
         if self.position >= self.capacity:
             self._grow()
-        out = self._step(token.reshape(-1, 1).astype(mx.int32), mx.array(self.position, mx.int32), *self.buffers)
+        # A mapped per-layer table: the token's row, gathered on the host, which waits for the token.
+        rows = () if self.table is None else (self.table.gather(token),)
+        out = self._step(token.reshape(-1, 1).astype(mx.int32), mx.array(self.position, mx.int32), *rows,
+                         *self.buffers)
         self.buffers = list(out[1:])
         self.position += 1
         return out[0]

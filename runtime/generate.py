@@ -5,6 +5,16 @@ The decode loop overlaps graph building with evaluation: while step n is being e
 only then waits for step n's token to hand it out. The price is one step computed past a stop
 token, which is fed to the cache (what a chat turn wants anyway: <end_of_turn> stays in context).
 
+With the per-layer embedding table placed `mapped` (runtime/mapped.py), step n + 1 needs the
+row of step n's token, gathered on the host, so it cannot be built before that token exists:
+building it waits for step n (inside the gather), gathers (a few microseconds), then builds and
+dispatches it, and only then hands token n out, so the caller's work on it (detokenizing,
+streaming) still overlaps step n + 1. Everything else stays lazy. The row is first used at the end
+of the first layer and every later layer depends on it, so at most the embedding and the first
+layer (about 1/30 of a step) could run ahead of the gather; what mapped decoding costs is the
+host's build and dispatch of a step no longer hiding behind the device
+(`benchmarks/bench_ple.py` measures both).
+
 Works with any model shaped like mlx-lm's: `model(ids[batch, len], cache=...) -> logits
 [batch, len, vocab]` and `model.make_cache()`.
 """
@@ -265,7 +275,13 @@ def _steps(prompt, model, *, cache, sampler, max_tokens, prefill_step_size, capt
 
 
 def _decode_loop(model, prompt, cache, pick, decode, max_tokens, prefill_step_size, capture, progress):
-    """Prefill, then decode with the next step's graph built while the current token computes."""
+    """Prefill, then decode with the next step's graph built while the current token computes.
+
+    The prompt's own token goes out before the first decode step is built: that build is the
+    dearest a step ever is (the compiled decoder starts, and where its kernels were never
+    compiled on this machine, MLX compiles them: over a minute on CUDA), and the first token need
+    not wait for it. It is still handed out as fed to the cache: should the caller stop there,
+    it is fed on the way out (one eager step, what decoding it would have cost anyway)."""
     y, logits = pick(prefill(model, prompt, cache, prefill_step_size, progress))
     mx.async_eval(y)
     for n in range(max_tokens):
@@ -284,6 +300,16 @@ def _decode_loop(model, prompt, cache, pick, decode, max_tokens, prefill_step_si
                 capture.stop()
             yield int(y.item()), True, logits
             return
+        if n == 0:  # out before the first decode step is built (see above)
+            try:
+                yield _first(y, n, prompt, progress), True, logits
+            except GeneratorExit:
+                model(y.reshape(1, 1), cache=cache)  # fed, as promised
+                mx.eval(_cache_arrays(cache))
+                raise
+            y, logits = decode(y)
+            mx.async_eval(y)
+            continue
         next_y, next_logits = decode(y)
         mx.async_eval(next_y)
         yield _first(y, n, prompt, progress), True, logits

@@ -2,7 +2,9 @@
 
 The promise: no transpose, copy, cast, concatenation or renaming of any weight at load. The
 converter did that work once; here `mx.load` maps each tensor lazily and `load_weights` puts
-that very array into the module the manifest named. tests/test_loader.py holds the check.
+that very array into the module the manifest named. A table placed `mapped` is not loaded at
+all: its file is memory-mapped (runtime/mapped.py) and read a row at a time as tokens need it.
+tests/test_loader.py holds the check.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from mlx.utils import tree_flatten
 
 from manifests import MANIFEST_NAME, ManifestError, target_for_device
 from manifests.records import records, unread
+from manifests.safetensors_header import DTYPE_NAMES
 from runtime.architectures import architecture
-from runtime.bundle import BundleError, read_bundle_manifest, shard_files, source_command
+from runtime.bundle import BundleError, mapped_headers, read_bundle_manifest, shard_files, source_command
+from runtime.mapped import MAPPABLE, MappedTable
 from runtime.tokenizer import load_tokenizer
 
 
@@ -70,16 +74,59 @@ def dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str, str]) -> None:
+def check_records(manifest: dict, arrays: dict[str, mx.array], origin: dict[str, str],
+                  mapped: dict[str, tuple[dict, int]] | None = None) -> None:
     """Each manifest record must describe the tensor it names exactly, and every other tensor it
-    stores (manifests/records.py: scales, biases, a bias) must be there; say both when not."""
+    stores (manifests/records.py: scales, biases, a bias) must be there: in the shards, or, for a
+    mapped table, in its own file (`mapped`: bundle.mapped_headers), which holds nothing else.
+    Say both when not."""
+    files = {file: {k: (list(e.shape), DTYPE_NAMES[e.dtype]) for k, e in entries.items()}
+             for file, (entries, _) in (mapped or {}).items()}
     for where, kind, _, record in records(manifest):
+        file = kind.file(record)
+        if file is not None:  # a mapped table: its own file's header
+            check_mapped(where, file, record, kind.stored(record, where), files[file])
+            continue
         check_stored(where, record["key"], record, arrays, origin)
         for extra in kind.stored(record, where)[1:]:
             if extra.key not in arrays:
                 raise BundleError(f"{where} needs tensor {extra.key}, which no shard holds")
     for where, key, entry in unread(manifest):
         check_stored(where, key, entry, arrays, origin)
+
+
+def check_mapped(where: str, file: str, record: dict, stored: list, held: dict[str, tuple[list, str]]) -> None:
+    """A mapped table's own file (its header: key -> (shape, dtype)) holds the record's tensors
+    (`stored`, manifests/records.py) as recorded, in a dtype a mapped table is read as, and nothing else."""
+    key = record["key"]
+    if key not in held:
+        raise BundleError(f"{where} names tensor {key}, which {file} lacks")
+    want, found = (list(record["shape"]), record["dtype"]), held[key]
+    if want != found:
+        raise BundleError(f"{where} says {key} is {want[1]} {want[0]}, but {file} holds {found[1]} {found[0]}")
+    for extra in stored[1:]:
+        if extra.key not in held:
+            raise BundleError(f"{where} needs tensor {extra.key}, which {file} lacks")
+        if held[extra.key][0] != list(extra.shape):
+            raise BundleError(f"{where} needs {extra.key} of shape {list(extra.shape)}, but {file} holds "
+                              f"{held[extra.key][0]}")
+    others = sorted(set(held) - {t.key for t in stored})
+    if others:
+        raise BundleError(f"{where}: {file} also holds {others[0]}; a mapped table's file holds its own tensors alone")
+    for k, (_, dtype) in held.items():
+        if dtype not in MAPPABLE:
+            raise BundleError(f"{where}: {file} holds {k} as {dtype}, which a mapped table is not stored as")
+
+
+def open_mapped(path: Path, manifest: dict, headers: dict[str, tuple[dict, int]]) -> dict[str, MappedTable]:
+    """Every table placed `mapped`, by path: its file memory-mapped, not read (runtime/mapped.py)."""
+    tables = {}
+    for where, kind, table_path, record in records(manifest):
+        file = kind.file(record)
+        if file is not None:
+            entries, start = headers[file]
+            tables[table_path] = MappedTable(path / file, record, entries, start, where)
+    return tables
 
 
 def check_stored(where: str, key: str, said: dict, arrays: dict[str, mx.array], origin: dict[str, str]) -> None:
@@ -127,15 +174,17 @@ def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bo
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise BundleError(problems[0] + more)
     arrays, origin = read_shards(path, shard_files(path, manifest))
+    headers = mapped_headers(path, manifest)
     try:
-        check_records(manifest, arrays, origin)
+        check_records(manifest, arrays, origin, headers)
     except BundleError:
         raise
     except ManifestError as e:  # a record no writer makes (manifests/records.py), like those Model refuses
         raise BundleError(f"{path / MANIFEST_NAME}: {str(e).removeprefix(MANIFEST_NAME + ': ')}") from None
+    mapped = open_mapped(path, manifest, headers)
     try:
         model = architecture(manifest["model"]["architecture"]).Model(
-            manifest["model"]["text_config"], manifest["projections"], manifest["embeddings"])
+            manifest["model"]["text_config"], manifest["projections"], manifest["embeddings"], mapped=mapped)
     except ManifestError as e:
         raise BundleError(f"{path / MANIFEST_NAME}: {str(e).removeprefix(MANIFEST_NAME + ': ')}") from None
     except (ValueError, KeyError, TypeError) as e:

@@ -25,7 +25,8 @@ from manifests.config import SLIDING as CONFIG_SLIDING
 from manifests.config import kv_producers, rope_thetas
 from manifests.format import EMBED_TOKENS, FUSED_GROUPS, LM_HEAD, PREFIX, ManifestError, fused_groups_in
 from runtime.cache import KVCache, RotatingKVCache
-from runtime.projections import build_embedding, build_fused, build_head, build_projection
+from runtime.mapped import MappedTable
+from runtime.projections import HeadColumns, Pretransposed, build_embedding, build_fused, build_head, build_projection
 
 FULL, SLIDING = CONFIG_FULL, CONFIG_SLIDING
 
@@ -232,14 +233,15 @@ class Fused:
 class Projections:
     """Looks up manifest records by module path while the tree is being built."""
 
-    def __init__(self, records: dict, embeddings: dict):
-        self.records, self.embeddings = records, embeddings
+    def __init__(self, records: dict, embeddings: dict, mapped: dict | None = None):
+        self.records, self.embeddings, self.mapped = records, embeddings, mapped or {}
 
     def linear(self, path: str, input_dims: int, output_dims: int) -> nn.Module:
         return build_projection(path, self.records.get(path), input_dims, output_dims)
 
-    def embedding(self, path: str, num: int, dims: int) -> nn.Module:
-        return build_embedding(path, self.embeddings.get(path), num, dims)
+    def embedding(self, path: str, num: int, dims: int):
+        """The table's module, or the MappedTable of a table placed `mapped` (runtime/mapped.py)."""
+        return build_embedding(path, self.embeddings.get(path), num, dims, self.mapped.get(path))
 
     def fused_groups(self, path: str, layer: int, kv_shared: bool,
                      dims: dict[str, tuple[int, int]]) -> list[tuple[Fused, nn.Module]]:
@@ -542,12 +544,19 @@ class LanguageModel(nn.Module):
         # Not a parameter: planes 1.. receive the per-layer input (transformers: `corrected[1:] += ...`).
         object.__setattr__(self, "plane_mask", mx.array([[0.0]] + [[1.0]] * (c.altup_num_inputs - 1)))  # [n, 1]
 
-    def per_layer_inputs(self, ids: mx.array, embeds: mx.array) -> mx.array:
+    def per_layer_inputs(self, ids: mx.array, embeds: mx.array, rows: mx.array | None = None) -> mx.array:
+        """`rows`: the per-layer table's rows of `ids` already gathered, where the table is placed
+        `mapped` (MappedTable.gather; the compiled decode step takes them as an input); gathered
+        here, on the host, when not given."""
         c = self.config
         shape = (*ids.shape, c.num_hidden_layers, c.hidden_size_per_layer_input)
-        # Ids beyond the per-layer table (e.g. multimodal tokens) read row 0.
-        in_table = (ids >= 0) & (ids < c.vocab_size_per_layer_input)
-        table = self.embed_tokens_per_layer(mx.where(in_table, ids, 0))
+        ple = self.embed_tokens_per_layer
+        if isinstance(ple, MappedTable):
+            table = ple.values(ple.gather(ids) if rows is None else rows)  # ids beyond the table: row 0
+        else:
+            # Ids beyond the per-layer table (e.g. multimodal tokens) read row 0.
+            in_table = (ids >= 0) & (ids < c.vocab_size_per_layer_input)
+            table = ple(mx.where(in_table, ids, 0))
         table = (table * mx.array(c.hidden_size_per_layer_input**0.5, table.dtype)).reshape(shape)
         projected = self.per_layer_model_projection(embeds) * mx.array(c.hidden_size**-0.5, embeds.dtype)
         projected = self.per_layer_projection_norm(projected.reshape(shape))
@@ -603,17 +612,24 @@ class Gemma3nWrapper(nn.Module):
 class Model(nn.Module):
     """Gemma3n text decoder with its (tied) LM head; `model(ids, cache) -> logits [b, t, vocab]`."""
 
-    def __init__(self, config: TextConfig | dict, projections: dict, embeddings: dict):
+    def __init__(self, config: TextConfig | dict, projections: dict, embeddings: dict, mapped: dict | None = None):
+        """`mapped`: path -> MappedTable of the tables placed `mapped` (runtime/loader.py opens them)."""
         super().__init__()
         c = config if isinstance(config, TextConfig) else TextConfig.from_dict(config)
         self.config = c
-        p = Projections(projections, embeddings)
+        p = Projections(projections, embeddings, mapped)
         self.model = Gemma3nWrapper(c, p)
         # The tied head reads the embedding table as it is; a pretransposed one is a module of its own.
         head = build_head(projections.get(LM_HEAD), *model_projections(c)[LM_HEAD])
         self.tied_head = head is None
         if head is not None:
             self.lm_head = head
+        embed = self.model.language_model.embed_tokens
+        if isinstance(embed, HeadColumns):  # the table stored once, as the pretransposed head
+            if not isinstance(head, Pretransposed):
+                raise ManifestError(f"manifest.yaml: embeddings.{EMBED_TOKENS}: reads the LM head's columns, but "
+                                    f"{LM_HEAD} is not stored pretransposed")
+            embed.head = head
 
     @property
     def layers(self) -> list:

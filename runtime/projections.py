@@ -8,7 +8,9 @@ multiplies by them:
   (`<module>.scales`/`.biases` beside it, with the recorded bits, group size and mode). `x @ W.T`.
 - `pretransposed`: contiguous `[in, out]` under `<module>.weight_t`. `x @ Wt`, a plain matmul
   that MLX runs as `gemv_t`, which is faster for some shapes on some devices.
-- the LM head: tied, it is the embedding table (`Embedding.as_linear`); pretransposed, a module.
+- the LM head: tied, it is the embedding table (`Embedding.as_linear`); pretransposed, a module,
+  and then the token embedding reads its rows as the head's columns (`HeadColumns`), so the table
+  is stored once either way.
 
 A fused record (`fused: [{path, out}, ...]`, manifests/format.py FUSED_GROUPS) is one of these
 over its members' rows concatenated; `build_fused` checks the members against the config, and the
@@ -195,20 +197,42 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         return quantized_product(self, x)
 
 
-def build_embedding(path: str, record: dict | None, num_embeddings: int, dims: int) -> nn.Module:
+class HeadColumns:
+    """The token embedding of a bundle whose LM head is pretransposed: `table(ids)` is the ids'
+    columns of the head's `[hidden, vocab]` weight, as rows. No parameter of its own (the head
+    module holds the one tensor), so not a module; `Model` points it at the head it reads."""
+
+    def __init__(self):
+        self.head: Pretransposed | None = None
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return mx.moveaxis(mx.take(self.head.weight_t, ids, axis=1), 0, -1)
+
+
+def build_embedding(path: str, record: dict | None, num_embeddings: int, dims: int, mapped=None):
+    """The module for the embedding table at `path`; for a table placed `mapped`, the
+    `MappedTable` the loader opened (`mapped`; runtime/mapped.py); for one read from the
+    pretransposed head (manifests/records.py), a `HeadColumns`. Each record is checked against
+    the config the same way."""
+    section = "mapped_embeddings" if mapped is not None else "embeddings"
+    record = mapped.record if mapped is not None else record
     if record is None:
         raise ManifestError(f"manifest.yaml: no embeddings entry for {path}")
-    where = f"manifest.yaml: embeddings.{path}"
-    key = EMBEDDINGS.weight_key(path)
+    where = f"manifest.yaml: {section}.{path}"
+    storage = Storage.of(record, where)
+    key = EMBEDDINGS.weight_key(path, storage.layout)
     if record["key"] != key:
         raise ManifestError(f"{where}: key {record['key']!r} is not {key!r}")
-    storage = Storage.of(record, where)
     tensors = EMBEDDINGS.expected(path, storage, num_embeddings, dims)
     if list(record["shape"]) != list(tensors[0].shape):
         raise ManifestError(
             f"{where}: shape {list(record['shape'])} disagrees with the "
             f"model config, which implies {list(tensors[0].shape)}"
         )
+    if mapped is not None:
+        return mapped
+    if storage.layout != STANDARD:  # read from the pretransposed head's tensor, checked as the head's
+        return HeadColumns()
     if storage.quantized:
         return QuantizedEmbedding(tensors, storage.quantized, num_embeddings, dims)
     return Embedding(tensors)

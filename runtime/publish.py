@@ -85,6 +85,10 @@ def model_card(manifest: dict, repo_id: str, variant: str, variants: list[str], 
     )
     if profile.get("evidence"):
         lines.append(f"- Evidence for this layout: {profile['evidence']}")
+    for path, record in (manifest.get("mapped_embeddings") or {}).items():
+        lines.append(f"- `{path.rsplit('.', 1)[-1]}` is placed `mapped`: stored in `{record['file']}`, which the "
+                     "runtime memory-maps and reads a row per token from, so the table never enters accelerator "
+                     "memory")
     if source.get("repo_id"):
         lines.append(f"- Source: `{source['repo_id']}` at revision `{source.get('revision') or 'main'}` "
                      f"(commit `{source.get('commit')}`)")

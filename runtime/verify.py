@@ -8,8 +8,9 @@ index says, the stored dtype and shape are the recorded ones, the shape fits the
 rows), and the tensors stored beside it (a quantized one's scales and biases) are there with
 their shapes (manifests/records.py). A fused record (q/k/v, gate/up) is checked like any other
 against its members' stacked source shape; that its members add up was checked when the
-manifest was read. Only headers are read for that (runtime/bundle.py); the weights themselves
-are only hashed. The manifest itself is checked against the
+manifest was read. A table placed `mapped` is checked the same way against the header of its own
+file, which holds its tensors alone. Only headers are read for that (runtime/bundle.py); the
+weights themselves are only hashed. The manifest itself is checked against the
 digest recorded beside it (manifest.sha256), and no file the manifest or the index names may lead
 outside the bundle (absolute, `..`, or a symlink to elsewhere).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from manifests import INDEX_NAME, MANIFEST_DIGEST_NAME, MANIFEST_NAME, ManifestError, recorded_manifest_digest
 from manifests.files import TOKENIZER_LIMIT, not_regular, open_regular_file, read_limited
-from manifests.records import Storage, records, unread
+from manifests.records import Storage, mapped_files, records, unread
 from manifests.vocab import tokenizer_problem
 from manifests.safetensors_header import DTYPE_NAMES
 from runtime.bundle import outside_bundle, read_bundle_manifest, read_header, read_index, shard_names
@@ -106,19 +107,10 @@ def stored_tensors(path: Path, manifest: dict) -> tuple[dict[str, tuple[str, dic
                 problems.append(f"{f}: named in {INDEX_NAME} but missing")
             unreadable.add(name)  # a missing listed file was reported by check_files
             continue
-        try:
-            header = read_header(f)
-        except (OSError, ValueError) as e:
-            problems.append(f"{f}: malformed safetensors header ({e})")
-            unreadable.add(name)
+        header = _add_header(f, name, tensors, problems, unreadable)
+        if header is None:
             continue
-        misplaced = []
-        for key, info in header.items():
-            if key in tensors:
-                problems.append(f"{f}: tensor {key} is also in {tensors[key][0]}")
-            elif index is not None and index.get(key) != name:
-                misplaced.append(key)
-            tensors.setdefault(key, (name, info))
+        misplaced = [key for key in header if index is not None and index.get(key) != name and tensors[key][0] == name]
         if misplaced:  # one line per shard: a swapped or renamed shard misplaces all of its tensors
             more = f" (and {len(misplaced) - 1} more of its tensors)" if len(misplaced) > 1 else ""
             problems.append(f"{f}: tensor {misplaced[0]} is not where {INDEX_NAME} says "
@@ -127,7 +119,31 @@ def stored_tensors(path: Path, manifest: dict) -> tuple[dict[str, tuple[str, dic
         for key, name in index.items():
             if key not in tensors and name not in unreadable:
                 problems.append(f"{path / name}: tensor {key} named in {INDEX_NAME} is not in the shard")
+    for name in mapped_files(manifest):  # a mapped table's own file (missing or escaping: check_files said)
+        f = path / name
+        if name in shards or outside_bundle(path, name, MANIFEST_NAME) or not f.is_file():
+            if name in shards:
+                problems.append(f"{path / INDEX_NAME}: maps tensors to {name}, the file of a mapped table")
+            unreadable.add(name)
+            continue
+        _add_header(f, name, tensors, problems, unreadable)
     return tensors, index, problems, unreadable
+
+
+def _add_header(f: Path, name: str, tensors: dict, problems: list[str], unreadable: set) -> dict | None:
+    """The header of the bundle file `name` (at `f`), its tensors added to `tensors` (one that another
+    file holds already is a problem); None, and `name` unreadable, when it cannot be read."""
+    try:
+        header = read_header(f)
+    except (OSError, ValueError) as e:
+        problems.append(f"{f}: malformed safetensors header ({e})")
+        unreadable.add(name)
+        return None
+    for key, info in header.items():
+        if key in tensors:
+            problems.append(f"{f}: tensor {key} is also in {tensors[key][0]}")
+        tensors.setdefault(key, (name, info))
+    return header
 
 
 def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]], index: dict | None = None,
@@ -152,6 +168,10 @@ def check_tensors(manifest: dict, tensors: dict[str, tuple[str, dict]], index: d
         if found is None:
             continue
         shard, shape, dtype = found
+        file = kind.file(record)
+        if file is not None and shard != file:
+            problems.append(f"{where}: {key} is in {shard}, not in {file}, the mapped table's own file")
+            continue
         if shape != list(record["shape"]) or dtype != record["dtype"]:
             problems.append(f"{where}: {shard} holds {key} as {dtype} {shape}, "
                             f"the manifest says {record['dtype']} {list(record['shape'])}")
@@ -228,9 +248,9 @@ def verify_command(path) -> int:
         return 1
     # The words `convert` reports a bundle in: its tensors, and the manifest records among them.
     tensors = len(stored_tensors(Path(path), manifest)[0])
-    records = len(manifest["projections"]) + len(manifest["embeddings"])
+    described = sum(1 for _ in records(manifest))
     signed = (f"{MANIFEST_NAME} matches {MANIFEST_DIGEST_NAME}" if check_manifest_digest(Path(path))[1]
               else f"no {MANIFEST_DIGEST_NAME}: {MANIFEST_NAME} itself is unchecked")
-    print(f"ok: {path}: {len(manifest['files'])} files, {tensors} tensors and {records} manifest records match "
+    print(f"ok: {path}: {len(manifest['files'])} files, {tensors} tensors and {described} manifest records match "
           f"{MANIFEST_NAME}; {signed}")
     return 0

@@ -211,6 +211,73 @@ def test_a_calibrated_profile_converts_a_bundle_whose_layouts_follow_it(tmp_path
     assert manifest["target"]["name"] == "calibrated-x86-64-amd-epyc"
 
 
+# -- the placement of the per-layer embedding table (with a bundle) ------------------------------
+
+@pytest.fixture(scope="module")
+def ple_bundles(tmp_path_factory):
+    from tests.runtime_helpers import convert
+
+    root = tmp_path_factory.mktemp("calibrate-ple")
+    src = make_checkpoint(root / "src", "hf", seed=6)
+    q4 = ("--quantize", "4", "--group-size", "32")
+    return {"resident": convert(src, root / "resident", "generic"),
+            "q4-mapped": convert(src, root / "q4-mapped", "generic", "--ple", "mapped", *q4)}
+
+
+@pytest.mark.parametrize("name", ["resident", "q4-mapped"])
+def test_both_placements_are_made_from_the_bundle_and_compute_the_same(ple_bundles, name):
+    import mlx.core as mx
+
+    from manifests.format import MAPPED, RESIDENT
+    from runtime.calibrate import placement_tables
+    from runtime.mapped import MappedTable
+    from tests.runtime_helpers import load_quietly
+
+    model, _ = load_quietly(ple_bundles[name])
+    tables = placement_tables(model)
+    assert isinstance(tables[MAPPED], MappedTable) and not isinstance(tables[RESIDENT], MappedTable)
+    every = mx.arange(256)
+    assert mx.array_equal(tables[RESIDENT](every), tables[MAPPED](every)).item()
+
+
+@pytest.mark.parametrize("mapped_rate, expected", [(95.0, "mapped"), (80.0, "resident")])
+def test_the_placement_follows_the_measured_rates(ple_bundles, mapped_rate, expected):
+    from runtime.calibrate import measure_placement
+    from runtime.mapped import MappedTable
+    from tests.runtime_helpers import load_quietly
+
+    model, _ = load_quietly(ple_bundles["q4-mapped"])
+    original = model.model.language_model.embed_tokens_per_layer
+    seen = []
+
+    def rate(m, tokens, prompt):  # resident 100 tok/s, mapped `mapped_rate`
+        mapped = isinstance(m.model.language_model.embed_tokens_per_layer, MappedTable)
+        seen.append(mapped)
+        return mapped_rate if mapped else 100.0
+
+    result = measure_placement(model, Settings(placement_rounds=2), rate=rate)
+    assert result["per_layer_embeddings"] == expected
+    assert result["measurement"]["ratio"] == pytest.approx(mapped_rate / 100)
+    assert seen.count(True) == seen.count(False) == 3  # a warm-up and two rounds each, alternating
+    assert model.model.language_model.embed_tokens_per_layer is original  # put back
+
+
+def test_calibrate_with_a_bundle_writes_the_placement_it_measured(ple_bundles, tmp_path):
+    from runtime.calibrate import choose_placement
+
+    out = tmp_path / "p.yaml"
+    cmd = [sys.executable, "-m", "runtime", "calibrate", "--config", str(ple_bundles["q4-mapped"]), "--role",
+           "lm_head", "--repeats", "1", "--cache-mb", "8", "--quiet", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    profile = load_profile_file(out)
+    m = profile.content["placement_measurement"]
+    assert profile.per_layer_embeddings == choose_placement(m["resident_tok_s"], m["mapped_tok_s"], m["floor"])
+    assert m["resident_tok_s"] > 0 and m["mapped_tok_s"] > 0 and "Per-layer embeddings" in profile.content["evidence"]
+    done = subprocess.run(cmd + ["--no-placement"], capture_output=True, text=True)
+    assert done.returncode == 0 and "per_layer_embeddings" not in yaml.safe_load(out.read_text())
+
+
 def test_progress_counts_rows_and_estimates_the_time_left():
     """Each row measured is one stderr line: its number of the total and the time left, from the
     mean row so far (a clock that advances 10 s per row here; 60 s on the third)."""

@@ -88,8 +88,9 @@ def expected_bundle_keys(text_config: dict, target: str) -> set[str]:
             keys.add(PREFIX + module + ".weight_t")
         else:
             keys.add(PREFIX + name)
-    if target == "m5":
+    if target == "m5":  # the head pretransposed, and the token embedding read from it: stored once
         keys.add("lm_head.weight_t")
+        keys.discard(PREFIX + "embed_tokens.weight")
     return keys
 
 

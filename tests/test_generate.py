@@ -104,12 +104,49 @@ def test_decode_builds_next_step_before_handing_out_a_token(model):
     log = CallLog(model)
     for token, _ in generate_step(PROMPT, log, max_tokens=6):
         log.received += 1
-    # One prefill call, then a one-token step per token but the last; the step that feeds
-    # token k was built before the consumer received token k (look-ahead of one).
+    # One prefill call, then a one-token step per token but the last. The first token goes out
+    # before any step is built (building the first one may compile kernels); after that, the step
+    # that feeds token k is built before the consumer receives token k (look-ahead of one).
     assert log.calls[0] == (len(PROMPT), 0)
     decode_calls = log.calls[1:]
     assert [n for n, _ in decode_calls] == [1] * 5
-    assert [received for _, received in decode_calls] == [0, 1, 2, 3, 4]
+    assert [received for _, received in decode_calls] == [1, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("compiled", [False, None])
+def test_the_first_token_is_fed_even_when_the_caller_stops_there(model, greedy, compiled):
+    """It goes out as fed before its step is built: stopping at it must still leave it in the
+    cache, so that the cache holds the prompt and the token, as after any other token."""
+    cache = model.make_cache()
+    steps = generate_step(PROMPT, model, cache=cache, max_tokens=5, compiled=compiled)
+    token, fed = next(steps)
+    steps.close()
+    assert (token, fed) == (greedy[0], True)
+    assert cache[0].offset == len(PROMPT) + 1
+    following = model(mx.array([[greedy[1]]]), cache=cache)[0, -1]
+    whole = model(mx.array([PROMPT + greedy[:2]]), cache=model.make_cache())[0, -1]
+    assert mx.allclose(following, whole, atol=1e-4).item()
+
+
+def test_the_first_token_comes_before_the_compiled_decoder_starts(monkeypatch, model, greedy):
+    """The compiled decoder (and, on a fresh machine, MLX's kernel compilation) comes after the
+    first token is out, not before it."""
+    import importlib
+
+    generation = importlib.import_module("runtime.generate")  # the module: `runtime.generate` is the function
+    if not isinstance(model, generation.Model):
+        pytest.skip("the compiled decoder is this runtime's")
+    events = []
+    real = generation.CompiledDecoder
+
+    def starting(*args, **kwargs):
+        events.append("decoder")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "CompiledDecoder", starting)
+    for token, _ in generate_step(PROMPT, model, max_tokens=3):
+        events.append(token)
+    assert events == [greedy[0], "decoder", greedy[1], greedy[2]]
 
 
 @pytest.mark.parametrize("compiled", [False, True, None])

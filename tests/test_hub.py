@@ -35,6 +35,9 @@ def bundles(tmp_path_factory):
     return {
         "m5": convert_checkpoint(src, root / "m5", target="m5", dtype="float32", known_answers=True),
         "generic": convert_checkpoint(src, root / "generic", target="generic", dtype="float32", known_answers=True),
+        # the per-layer embedding table in a file of its own (runtime/mapped.py), which must travel too
+        "mapped": convert_checkpoint(src, root / "mapped", target="generic", dtype="float32", ple="mapped",
+                                     known_answers=True),
     }
 
 
@@ -277,6 +280,30 @@ def test_card_names_fused_modules(tmp_path):
     row = lambda card: next(line for line in card.splitlines() if line.startswith("| `v/`"))  # noqa: E731
     assert "| gate_up_proj, q_laurel_proj, qkv_laurel_proj |" in row(model_card(fused, REPO, "v", ["v"]))
     assert "| none | float32 |" in row(model_card(plain, REPO, "v", ["v"]))
+
+
+def test_a_mapped_table_travels_with_its_bundle(offline_cache, bundles, monkeypatch):
+    """`publish` uploads the mapped table's own file and `load` of the hub id downloads it (it is
+    listed under the manifest's files like every other) and maps it where the hub cache keeps it."""
+    from runtime import load
+    from runtime.mapped import MappedTable
+
+    api = FakeApi()
+    publish_bundle(bundles["mapped"], REPO, variant="mapped", api=api)
+    (commit,) = api.commits
+    assert "mapped/embed_tokens_per_layer.safetensors" in {op.path_in_repo for op in commit["ops"]}
+    card = next(op for op in commit["ops"] if op.path_in_repo == "README.md").path_or_fileobj.decode()
+    assert "is placed `mapped`: stored in `embed_tokens_per_layer.safetensors`" in card
+
+    import huggingface_hub
+
+    asked, real = [], huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, **k: asked.append(k.get("allow_patterns")) or real(*a, **k))
+    model, _ = load(REPO + ":mapped")
+    assert "mapped/embed_tokens_per_layer.safetensors" in asked[-1]
+    table = model.model.language_model.embed_tokens_per_layer
+    assert isinstance(table, MappedTable) and table.file == offline_cache[1] / "mapped" / "embed_tokens_per_layer.safetensors"
 
 
 def test_a_hub_checkpoint_is_answered_with_the_convert_command(tmp_path, monkeypatch):

@@ -22,7 +22,14 @@ from click.testing import CliRunner
 
 from convert.cli import command
 from manifests import PREFIX, read_manifest
-from runtime.projections import Embedding, Pretransposed, QuantizedEmbedding, QuantizedStandard, Standard
+from runtime.projections import (
+    Embedding,
+    HeadColumns,
+    Pretransposed,
+    QuantizedEmbedding,
+    QuantizedStandard,
+    Standard,
+)
 from tests.checkpoints import checkpoint_tensors, full_config, make_checkpoint, tiny_text_config, write_tensors
 from tests.runtime_helpers import (
     convert,
@@ -219,7 +226,7 @@ def test_mixed_bundles_load_with_the_right_projection_types(bundles):
     assert isinstance(mlp(m5_128, 0).gate_proj, Pretransposed) and isinstance(mlp(m5_128, 0).up_proj, Pretransposed)
     assert isinstance(mlp(m5_128, 0).down_proj, QuantizedStandard) and mlp(m5_128, 0).down_proj.group_size == 128
     assert type(mlp(m5_128, 5).down_proj) is Standard
-    assert type(lm(m5_128).embed_tokens) is Embedding
+    assert type(lm(m5_128).embed_tokens) is HeadColumns  # the float table stored once, as the head
     assert not m5_128.tied_head and isinstance(m5_128.lm_head, Pretransposed)
 
 

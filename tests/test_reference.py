@@ -24,7 +24,8 @@ from tests.runtime_helpers import convert, reference_model, relative_error, sour
 pytest.importorskip("transformers")
 
 BOUND = 1e-4
-BUNDLES = [("generic", "hf", ()), ("m5", "hf", ()), ("cuda", "hf", ()), ("m5", "mlx-vlm", ("--max-shard-size", "600KB"))]
+BUNDLES = [("generic", "hf", ()), ("m5", "hf", ()), ("cuda", "hf", ()), ("m5", "mlx-vlm", ("--max-shard-size", "600KB")),
+           ("cuda", "hf", ("--ple", "mapped"))]  # the per-layer table in a file of its own
 
 
 @pytest.fixture(scope="module")
