@@ -121,6 +121,32 @@ def test_a_shard_file_where_o_direct_is_refused_is_written_buffered(tmp_path, mo
     assert path.read_bytes() == data
 
 
+@needs_o_direct
+def test_a_short_o_direct_write_goes_on_buffered_and_reports_the_limit(tmp_path):
+    """A file-size limit 1 MiB into a staging buffer: the O_DIRECT write of that buffer comes back
+    short, the rest goes buffered and fails with EFBIG, as a buffered write would; the file holds
+    the bytes up to the limit."""
+    limit = 2 * STAGE + MB
+    data = np.random.default_rng(3).integers(0, 256, 4 * STAGE, dtype=np.uint8).tobytes()
+    path = tmp_path / "shard"
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+        f = ShardFile(path, lambda e, what: OSError(e.errno, f"{e.strerror} while writing {what}", str(path)))
+        assert f.direct
+        with pytest.raises(OSError) as raised:
+            for i in range(0, len(data), MB):
+                f.write(memoryview(data)[i:i + MB], "x")
+            f.finish("x")
+        f.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert raised.value.errno == errno.EFBIG and raised.value.filename == str(path)
+    assert not f.direct
+    assert path.read_bytes() == data[:limit]
+
+
 def test_a_failed_fsync_still_closes_the_shard(tmp_path, monkeypatch):
     f = ShardFile(tmp_path / "shard", None)
     f.write(memoryview(b"x" * 5000), "x")
