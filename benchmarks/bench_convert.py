@@ -41,7 +41,7 @@ from common import dir_bytes, machine_facts, median, print_facts, run_child, tab
 TOOLS = {
     "convert m5": lambda src, out: [sys.executable, "-m", "convert", "--target", "m5", "--quiet", src, out],
     "convert generic": lambda src, out: [sys.executable, "-m", "convert", "--target", "generic", "--quiet", src, out],
-    # m5 without the LM head written a second time, transposed: what that copy costs (not a target).
+    # m5 with the tied embedding stored as it is, not transposed into the head: what that transpose costs (not a target).
     "convert m5 head standard": lambda src, out: [sys.executable, "-m", "convert", "--target-profile",
                                                   str(HERE / "profiles" / "m5-head-standard.yaml"), "--quiet", src, out],
     "mlx_lm.convert": lambda src, out: [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", src,
