@@ -89,7 +89,7 @@ needs_o_direct = pytest.mark.skipif(not getattr(os, "O_DIRECT", 0), reason="no O
 
 
 def refuse_o_direct(monkeypatch, where: str) -> None:
-    """A file system without O_DIRECT (ramfs; tmpfs before Linux 6.6): `fcntl` refuses to set it
+    """A file system without O_DIRECT (ramfs; tmpfs on Linux 6.18 takes it): `fcntl` refuses to set it
     (EINVAL), or, for `where="pwrite"`, it is set but every write through it fails with EINVAL."""
     real_fcntl, real_pwrite = fcntl.fcntl, os.pwrite
     if where == "fcntl":
