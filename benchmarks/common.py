@@ -29,6 +29,7 @@ class ChildRun:
     stderr: str
     stdout: str = ""
     cpu_s: float = 0.0  # user + system CPU time of the child (what a loaded machine distorts least)
+    loadavg: float = 0.0  # the machine's 1-minute load average when the child started
 
 
 def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None,
@@ -36,6 +37,7 @@ def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None,
     """Run `argv`, timing it; peak RSS from `os.wait4`, i.e. of that child alone."""
     if sync:
         os.sync()  # the previous run's dirty pages are not this run's cost
+    load = os.getloadavg()[0]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=out if capture_stdout else subprocess.DEVNULL, stderr=err, env=env)
@@ -49,7 +51,7 @@ def run_child(argv: list[str], *, sync: bool = True, env: dict | None = None,
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return ChildRun(wall, synced, rss, proc.returncode, stderr, stdout, usage.ru_utime + usage.ru_stime)
+    return ChildRun(wall, synced, rss, proc.returncode, stderr, stdout, usage.ru_utime + usage.ru_stime, load)
 
 
 def json_child(script: str, args: list[str]) -> tuple[dict, ChildRun]:

@@ -34,9 +34,12 @@ from convert.dtypes import CODE_FOR_OPTION, FLOATS
 from convert.errors import ConvertError
 from convert.fusion import fuse as fuse_groups
 from convert.items import Item
+from convert.overlap import DEPTH, HOT_CHUNK
 from convert.quantize import QuantSpec, not_quantized_because, spill_bytes
 from convert.quantize import buffers as quant_buffers
 from convert.safetensors_io import DTYPE_CODES, DTYPE_NAMES, ITEMSIZE, TensorInfo, build_header
+from convert.shardfile import DEPTH as STAGE_DEPTH
+from convert.shardfile import STAGE
 from convert.source import NAMING_PREFIXES, TOWERS, Source
 from convert.transpose import TILE_ROWS
 from manifests.config import check_quantization
@@ -71,13 +74,18 @@ from manifests.records import (
 
 DTYPE_OPTIONS = ("keep", "bfloat16", "float16", "float32")
 
-# Bytes read per pread (and per cast): big enough that syscalls cost nothing, small beside 2 GB.
-READ_BLOCK = 64 * 1024 * 1024
+# Bytes read per block (and per cast): big enough that the Python loop around each costs nothing,
+# small beside 2 GB. Two of each kind are held (convert/overlap.py), so 32 MB keeps the working
+# set of a copy or cast where one 64 MB block had it.
+READ_BLOCK = 32 * 1024 * 1024
 # Output band of a transposed tensor held in memory at once (in source dtype). A tensor whose
 # transpose is larger is written in several bands, each a full pass over the source rows.
 BAND_BYTES = 512 * 1024 * 1024
-# The buffer that reads bytes only to hash them (gaps between tensors, dropped tensors).
-HASH_SCRATCH = 8 * 1024 * 1024
+# The buffer that reads bytes only to hash them (gaps between tensors, dropped tensors), one
+# cache-sized piece at a time (convert/overlap.py).
+HASH_SCRATCH = HOT_CHUNK
+# The staging buffers of the shard being written with O_DIRECT (convert/shardfile.py).
+SHARD_STAGING = STAGE * STAGE_DEPTH
 # numpy's temporaries inside a cast (a few sub-chunks of 2^18 elements) and Python's own objects.
 CAST_SLACK = 8 * 1024 * 1024
 
@@ -187,12 +195,21 @@ class Plan:
     @property
     def predicted_peak(self) -> int:
         """A bound on the run's peak resident memory: what the process held when it planned, the
-        hash scratch and slack, the writer's buffers at their largest (each is kept from item to
-        item and only grows, so their largest sizes add up), and the most MLX holds for one item."""
-        sizes = [buffer_sizes(i, self.read_block, self.band_bytes) for i in self.items]
-        kept = sum(max((s.get(name, 0) for s in sizes), default=0) for name in WRITER_BUFFERS)
-        mlx = max((s.get("mlx", 0) for s in sizes), default=0)
-        return self.baseline_rss + HASH_SCRATCH + CAST_SLACK + kept + mlx
+        hash scratch, the shard's staging buffers and slack, the writer's buffers at their largest
+        (each is kept from item to item and only grows, so their largest sizes add up), and the most
+        MLX holds for one item."""
+        asked: dict[str, list[int]] = {}
+        mlx = 0
+        for item in self.items:
+            for kind, sizes in buffer_sizes(item, self.read_block, self.band_bytes).items():
+                if kind == "mlx":
+                    mlx = max([mlx, *sizes])
+                else:
+                    asked.setdefault(kind, []).extend(sizes)
+        # A kind the writer rotates `DEPTH` buffers of ends with each at the largest size it got:
+        # at most the `DEPTH` largest asked for; any other kind is one buffer.
+        kept = sum(sum(sorted(sizes, reverse=True)[:DEPTH if kind in RINGS else 1]) for kind, sizes in asked.items())
+        return self.baseline_rss + HASH_SCRATCH + SHARD_STAGING + CAST_SLACK + kept + mlx
 
     def summary(self) -> str:
         src = self.source
@@ -252,9 +269,10 @@ def rows_per_block(item: Item, read_block: int) -> int:
 
 
 def band_rows(item: Item, band_bytes: int) -> int:
-    """Output rows of a transpose held in memory at once (held in the source dtype)."""
+    """Output rows of a transpose held in one band (in the source dtype): `DEPTH` bands, one
+    being filled while the one before is hashed and written, share `band_bytes`."""
     rows, cols = item.source.shape
-    return max(1, min(cols, band_bytes // max(rows * item.source.itemsize, 1)))
+    return max(1, min(cols, band_bytes // DEPTH // max(rows * item.source.itemsize, 1)))
 
 
 def block_bytes(item: Item, read_block: int) -> int:
@@ -263,26 +281,36 @@ def block_bytes(item: Item, read_block: int) -> int:
     return max(size, min(item.source.nbytes, read_block) // size * size)
 
 
-# The writer's named buffers (convert/write.py), each kept and grown from item to item.
-WRITER_BUFFERS = ("read", "cast", "band", "spill")
+# The writer's named buffers, each kept and grown from item to item: `DEPTH` of each kind the main
+# thread rotates through (convert/overlap.py: one filled while the output lane writes another),
+# named `read0`, `read1`, ..., and the single ones of --quantize (convert/quantize.py).
+RINGS = ("read", "cast", "band")
 
 
-def buffer_sizes(item: Item, read_block: int, band_bytes: int) -> dict[str, int]:
-    """Bytes of each buffer the writer needs for `item`, by its name in convert/write.py (and
-    `mlx`: what MLX holds while a quantized item is written)."""
+def buffer_sizes(item: Item, read_block: int, band_bytes: int) -> dict[str, list[int]]:
+    """The buffers the writer fills for `item`, by kind: the size of each, up to `DEPTH` of a kind
+    the writer rotates (`RINGS`: a tensor of one block fills one, of several fills them all), and
+    `mlx`: what MLX holds while a quantized item is written."""
     src, out_size = item.source, ITEMSIZE[item.dtype]
-    if item.transform == "quantize":
-        return quant_buffers(item, read_block)
+    if item.transform == "quantize":  # a block at a time, from the same rotating read and cast buffers
+        return {kind: [n] * (DEPTH if kind in RINGS else 1) for kind, n in quant_buffers(item, read_block).items()}
     if item.transform == "transpose":
         rows, cols = src.shape
-        read = rows_per_block(item, read_block) * cols * src.itemsize
-        band = band_rows(item, band_bytes) * rows * src.itemsize
-        cast = 0 if item.dtype == src.dtype else block_bytes(item, read_block) // src.itemsize * out_size
-        return {"read": read, "band": band, "cast": cast}
-    read = block_bytes(item, read_block)
-    if item.transform == "zeros":
-        return {"read": read, "cast": 0}
-    return {"read": read, "cast": 0 if item.transform == "copy" else read // src.itemsize * out_size}
+        block_rows = rows_per_block(item, read_block)
+        height = band_rows(item, band_bytes)
+        bands = -(-cols // height)
+        blocks = bands * sum(-(-part.shape[0] // block_rows) for _, part in item.parts)
+        step = block_bytes(item, read_block)
+        sizes = {"read": (block_rows * cols * src.itemsize, blocks), "band": (height * rows * src.itemsize, bands)}
+        if item.dtype != src.dtype:
+            sizes["cast"] = (step // src.itemsize * out_size, bands * -(-height * rows * src.itemsize // step))
+    else:
+        step = block_bytes(item, read_block)
+        blocks = sum(-(-part.nbytes // step) for _, part in item.parts)
+        sizes = {"read": (step, blocks)}
+        if item.transform == "cast":
+            sizes["cast"] = (step // src.itemsize * out_size, blocks)
+    return {kind: [n] * min(count, DEPTH) for kind, (n, count) in sizes.items()}
 
 
 def current_rss() -> int:

@@ -186,11 +186,11 @@ def _write_weight(item, readers, writer, bufs, read_block: int, spills: Spills) 
             reader, rows, per_row = readers[file], src.shape[0], cols * src.itemsize
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                raw = reader.read_into(src.offset + r0 * per_row, bufs.get("read", (r1 - r0) * per_row))
+                raw = reader.read_into(src.offset + r0 * per_row, bufs.next("read", (r1 - r0) * per_row)[0])
                 block = view(raw, src.dtype).reshape(r1 - r0, cols)
                 cast_buf = None
                 if out_dtype != src.dtype:
-                    cast_buf = bufs.get("cast", (r1 - r0) * cols * ITEMSIZE[out_dtype])
+                    cast_buf = bufs.next("cast", (r1 - r0) * cols * ITEMSIZE[out_dtype])[0]
                 packed, *rest = quantize_rows(block, src.dtype, out_dtype, spec, cast_buf)
                 # --check-finite: packed integers hold no NaN, and mx.quantize turns a group's NaN
                 # into finite scales; so count the values quantized (after any narrowing cast).

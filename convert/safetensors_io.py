@@ -17,11 +17,15 @@ import json
 import math
 import os
 import struct
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 from convert.dtypes import count_nonfinite
 from convert.errors import ConvertError
+from convert.overlap import HOT_CHUNK, OUTPUT_LANE, OVERLAP_MIN, Fence
+from convert.shardfile import ShardFile
 from manifests.files import FileRefused, open_regular
 from manifests.safetensors_header import (
     DTYPE_NAMES,
@@ -122,28 +126,6 @@ def parse_header(text: bytes, size: int, path: Path, display: str) -> Header:
     return Header(path, display, size, data_start, infos, metadata)
 
 
-# Hashing runs on one helper thread (hashlib and file I/O release the GIL, so it overlaps the
-# reading, casting, transposing and writing on the main thread); updates of this size or more go
-# there. One thread keeps every hash's updates in order.
-OVERLAP_MIN = 1 << 20
-_POOL = None
-_PENDING: list = []  # source-hash updates still reading a buffer the caller will reuse
-
-
-def _hash_pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-    return _POOL
-
-
-def _wait_pending() -> None:
-    while _PENDING:
-        _PENDING.pop(0).result()
-
-
 class HashingReader:
     """Reads byte ranges of one source file with `pread` and hashes the whole file on the way.
 
@@ -165,36 +147,40 @@ class HashingReader:
             raise SafetensorsError(f"{header.display}: cannot open ({e.strerror})") from None
         if os.fstat(self._fd).st_size != header.size:
             raise SafetensorsError(f"{header.display}: file changed size since its header was read")
+        if hasattr(os, "posix_fadvise"):  # a cold source: let the kernel read ahead further
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def _read_hashing(self, view: memoryview, offset: int) -> None:
+        """pread `view` piece by piece, hashing each piece while it is in this core's cache."""
+        for i in range(0, len(view), HOT_CHUNK):
+            part = view[i:i + HOT_CHUNK]
+            _pread_into(self._fd, part, offset + i, self.header.display)
+            self._sha.update(part)
 
     def _catch_up(self, offset: int) -> None:
-        _wait_pending()
-        scratch = memoryview(self._scratch)
+        scratch = memoryview(self._scratch)[:HOT_CHUNK]
         while self._hashed < offset:
             n = min(len(scratch), offset - self._hashed)
-            _pread_into(self._fd, scratch[:n], self._hashed, self.header.display)
-            self._sha.update(scratch[:n])
+            self._read_hashing(scratch[:n], self._hashed)
             self._hashed += n
 
     def read_into(self, offset: int, view: memoryview) -> memoryview:
-        """Fill `view` from `offset`. The bytes may still be being hashed when this returns: the
-        caller may read them but not change them; the next read waits for the hash first."""
+        """Fill `view` from `offset`, hashing what extends the hashed prefix."""
         if offset > self._hashed:
             self._catch_up(offset)
-        _wait_pending()  # `view` may be a buffer an earlier read is still hashing
-        _pread_into(self._fd, view, offset, self.header.display)
         end = offset + len(view)
         if offset <= self._hashed < end:
-            part = view[self._hashed - offset:]
-            if part.nbytes >= OVERLAP_MIN:
-                _PENDING.append(_hash_pool().submit(self._sha.update, part))
-            else:
-                self._sha.update(part)
+            behind = self._hashed - offset  # read before (another pass of a transpose): not hashed twice
+            if behind:
+                _pread_into(self._fd, view[:behind], offset, self.header.display)
+            self._read_hashing(view[behind:], self._hashed)
             self._hashed = end
+        else:
+            _pread_into(self._fd, view, offset, self.header.display)
         return view
 
     def finish(self) -> str:
         self._catch_up(self.header.size)
-        _wait_pending()
         return self._sha.hexdigest()
 
     def close(self) -> None:
@@ -249,30 +235,58 @@ class SafetensorsWriter:
         self._sha = hashlib.sha256()
         self._bytes = 0
         self._on_write = on_write
-        self._file = open(self.path, "xb")
-        self._emit(header if header is not None else build_header(entries, metadata), count=False)
-
-    def _failed(self, e: OSError, doing: str) -> OSError:
-        """The OS error of a write, naming this file and the tensor being written (a full disk)."""
-        what = f"tensor {self._entries[self._next - 1][0]!r}" if self._next else "the header"
-        return OSError(e.errno, f"{e.strerror or e} while {doing} {what}", str(self.path))
-
-    def _emit(self, data, count: bool = True) -> None:
-        view = memoryview(data).cast("B")
+        self._last: Future | None = None  # the lane's latest write of this file
+        self._error: OSError | None = None  # the write that failed; the file takes no more
+        self._file = ShardFile(self.path, self._failed)
         try:
-            if view.nbytes >= OVERLAP_MIN:
-                # hashlib and file writes both release the GIL: hash on a second core while this one
-                # writes, and wait before returning because the caller reuses the buffer.
-                hashed = _hash_pool().submit(self._sha.update, view)
-                try:
-                    self._file.write(view)
-                finally:
-                    hashed.result()
-            else:
-                self._sha.update(view)
-                self._file.write(view)
+            self._emit(header if header is not None else build_header(entries, metadata), count=False)
+        except BaseException:  # no writer is returned to abort: close the file here
+            self._file.close()
+            raise
+
+    def _what(self) -> str:
+        return f"tensor {self._entries[self._next - 1][0]!r}" if self._next else "the header"
+
+    def _failed(self, e: OSError, what: str | None = None, doing: str = "writing") -> OSError:
+        """The OS error of a write, naming this file and the tensor being written (a full disk)."""
+        return OSError(e.errno, f"{e.strerror or e} while {doing} {what or self._what()}", str(self.path))
+
+    def _put(self, view: memoryview, what: str) -> None:
+        """Write `view` and hash it, piece by piece while each is in this core's cache (on the
+        output lane for a large buffer). The file names its errors (`_failed`)."""
+        if self._error is not None:
+            raise self._error
+        try:
+            for i in range(0, view.nbytes, HOT_CHUNK):
+                part = view[i:i + HOT_CHUNK]
+                self._file.write(part, what)
+                self._sha.update(part)
         except OSError as e:
-            raise self._failed(e, "writing") from None
+            self._error = e
+            raise
+
+    def _settle(self) -> None:
+        """Until the lane has written everything submitted (the lane runs in order); its error here.
+        `_last` is forgotten only once done: a wait cut short (Ctrl-C, SIGTERM) leaves it for
+        `abort`, which must not close the file under a write still running on the lane."""
+        if self._last is not None:
+            self._last.result()
+            self._last = None
+
+    def _emit(self, data, count: bool = True, fence: Fence | None = None) -> None:
+        view = memoryview(data).cast("B")
+        if view.nbytes >= OVERLAP_MIN:
+            # Written and hashed on the output lane while this thread reads and transforms the
+            # next block. Without a fence, wait before returning, as the caller may reuse the
+            # buffer at once; with one, the caller waits on it before reusing the buffer.
+            self._last = OUTPUT_LANE.submit(self._put, view, self._what())
+            if fence is None:
+                self._settle()
+            else:
+                fence.add(self._last)
+        else:
+            self._settle()
+            self._put(view, self._what())
         self._bytes += view.nbytes
         if count and self._on_write:
             self._on_write(view.nbytes)
@@ -296,7 +310,9 @@ class SafetensorsWriter:
             self._nonfinite[0] += nan
             self._nonfinite[1] += inf
 
-    def write(self, data) -> None:
+    def write(self, data, fence: Fence | None = None) -> None:
+        """Append `data` to the current tensor. With a `fence`, `data` may still be being written
+        on return: the caller waits on the fence before changing it."""
         n = memoryview(data).nbytes
         if n > self._left:
             raise RuntimeError(f"{self.path.name}: {n} bytes written where {self._left} remain in "
@@ -306,24 +322,37 @@ class SafetensorsWriter:
             self._nonfinite[0] += nan
             self._nonfinite[1] += inf
         self._left -= n
-        self._emit(data)
+        self._emit(data, fence=fence)
         if self._check_finite and not self._left and any(self._nonfinite):
             raise NonFiniteError(self.path, self._entries[self._next - 1][0], *self._nonfinite)
 
-    def close(self) -> tuple[str, int]:
-        """Finish the file (flushed and fsynced); return its sha256 and size."""
+    def finish(self) -> tuple[str, int]:
+        """Every tensor written and flushed to the kernel; return the file's sha256 and size. The
+        file is not durable until `sync()` (which may run on another thread meanwhile)."""
         if self._left or self._next != len(self._entries):
-            self._file.close()
+            self.abort()
             raise RuntimeError(f"{self.path.name}: closed before every tensor was written")
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-        except OSError as e:
-            raise self._failed(e, "finishing") from None
+        self._settle()
+        self._file.finish(self._what())
         return self._sha.hexdigest(), self._bytes
 
+    def sync(self) -> None:
+        """fsync and close the finished file (a full disk may only show here, on delayed allocation)."""
+        try:
+            self._file.sync()
+        except OSError as e:
+            raise self._failed(e, doing="finishing") from None
+
+    def close(self) -> tuple[str, int]:
+        """Finish the file (flushed and fsynced); return its sha256 and size."""
+        done = self.finish()
+        self.sync()
+        return done
+
     def abort(self) -> None:
+        if self._last is not None:  # the lane is done with the file before it is closed
+            futures.wait([self._last])
+            self._last = None
         try:
             self._file.close()
         except OSError:  # the unwritten buffer of a full disk fails again; the file is discarded

@@ -1,12 +1,15 @@
 """Execute a plan: stream every tensor from the source into the bundle's shards, hashing both sides.
 
-One tensor, or one block of one, is in memory at a time. A copy or cast moves `read_block` bytes
-per `pread`. A transpose of a source [R, C] into [C, R] is written in bands of output rows: for
-each band the source rows are read block by block and the band's columns of each block are
-tile-transposed into the band buffer, which is then cast (if asked) and written. The output is
-therefore written strictly in order (so it can be hashed on the way) and never held whole; the
-price is one pass over the source rows per band, which for a band budget of 512 MB means 3 passes
-over a full-size bfloat16 embedding table (1.07 GB), served from the page cache after the first.
+One tensor, or one block of one, is in memory at a time, twice over: the main thread reads (and
+hashes what it read), casts and transposes one block while the output lane writes (and hashes)
+the one before (convert/overlap.py). A copy or cast moves `read_block` bytes per block. A
+transpose of a source [R, C] into [C, R] is written in bands of output rows: for each band the
+source rows are read block by block and the band's columns of each block are tile-transposed
+into the band buffer, which is then cast (if asked) and written. The output is therefore written
+strictly in order (so it can be hashed on the way) and never held whole; the price is one pass
+over the source rows per band. The band budget (512 MB) holds two bands, one filled while the
+other is written, so a full-size bfloat16 embedding table (1.07 GB) is read 4 times for its
+transpose, served from the page cache after the first.
 
 A fused item (convert/fusion.py) is its members read one after another: a copy or cast writes
 them back to back (rows concatenated); a transpose fills each band's columns member by member.
@@ -15,13 +18,14 @@ them back to back (rows concatenated); a transpose fills each band's columns mem
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
+from concurrent import futures
 from pathlib import Path
 
 import numpy as np
 
 from convert.dtypes import STORAGE, cast, view
+from convert.overlap import SYNC_LANE, Buffers
 from convert.planning import (
     HASH_SCRATCH,
     Item,
@@ -33,7 +37,6 @@ from convert.planning import (
 )
 from convert.quantize import Spills, write_quantized
 from convert.safetensors_io import HashingReader, SafetensorsWriter
-from convert.safetensors_io import _wait_pending as wait_for_hashes
 from convert.source import CONFIG_NAME
 from convert.transpose import transpose_into
 from manifests.files import open_regular_file
@@ -42,53 +45,35 @@ from manifests.format import INDEX_NAME
 COPY_CHUNK = 1024 * 1024
 
 
-class _Buffers:
-    """Reused byte buffers, grown on demand, so a run allocates its working set once."""
-
-    def __init__(self):
-        self._named: dict[str, bytearray] = {}
-
-    def get(self, name: str, nbytes: int) -> memoryview:
-        buf = self._named.get(name)
-        if buf is None or len(buf) < nbytes:
-            wait_for_hashes()  # a source hash may still read the old one: it must go before the larger comes
-            self._named.pop(name, None)
-            # Mapped, not malloc'd: an outgrown buffer goes back to the system when dropped (malloc
-            # may keep one of up to 32 MiB for reuse), so the plan's memory bound holds.
-            buf = self._named[name] = mmap.mmap(-1, max(nbytes, 1))
-        return memoryview(buf)[:nbytes]
-
-    def release(self) -> None:
-        self._named.clear()
-
-
-def _write_stream(item: Item, readers: dict[str, HashingReader], writer: SafetensorsWriter, bufs: _Buffers,
+def _write_stream(item: Item, readers: dict[str, HashingReader], writer: SafetensorsWriter, bufs: Buffers,
                   read_block: int) -> None:
     step = block_bytes(item, read_block)
     for file, src in item.parts:
         reader = readers[file]
         for offset in range(0, src.nbytes, step):
             n = min(step, src.nbytes - offset)
-            raw = reader.read_into(src.offset + offset, bufs.get("read", n))
+            buf, fence = bufs.next("read", n)
+            raw = reader.read_into(src.offset + offset, buf)
             if item.transform == "copy":
-                writer.write(raw)
+                writer.write(raw, fence)
             else:
                 count = n // src.itemsize
-                out = np.frombuffer(bufs.get("cast", count * STORAGE[item.dtype].itemsize), STORAGE[item.dtype])
-                writer.write(cast(view(raw, src.dtype), src.dtype, item.dtype, out))
+                buf, fence = bufs.next("cast", count * STORAGE[item.dtype].itemsize)
+                out = np.frombuffer(buf, STORAGE[item.dtype])
+                writer.write(cast(view(raw, src.dtype), src.dtype, item.dtype, out), fence)
 
 
-def _write_zeros(item: Item, writer: SafetensorsWriter, bufs: _Buffers, read_block: int) -> None:
+def _write_zeros(item: Item, writer: SafetensorsWriter, bufs: Buffers, read_block: int) -> None:
     """A tensor of zeros (no source: planning.kept_for_mlx_lm), written a block at a time."""
     step = block_bytes(item, read_block)
     for offset in range(0, item.nbytes, step):
         n = min(step, item.nbytes - offset)
-        block = bufs.get("read", n)
-        block[:] = bytes(n)
-        writer.write(block)
+        block, fence = bufs.next("read", n)
+        np.frombuffer(block, np.uint8).fill(0)
+        writer.write(block, fence)
 
 
-def _write_transposed(item: Item, readers: dict[str, HashingReader], writer: SafetensorsWriter, bufs: _Buffers,
+def _write_transposed(item: Item, readers: dict[str, HashingReader], writer: SafetensorsWriter, bufs: Buffers,
                       read_block: int, band_bytes: int) -> None:
     src = item.source  # for a fused item, the members' stack: rows is the fused output dimension
     rows, cols = src.shape
@@ -96,29 +81,31 @@ def _write_transposed(item: Item, readers: dict[str, HashingReader], writer: Saf
     block_rows = rows_per_block(item, read_block)
     height = band_rows(item, band_bytes)
     storage = STORAGE[src.dtype]
-    band_all = np.frombuffer(bufs.get("band", height * rows * src.itemsize), storage).reshape(height, rows)
     for c0 in range(0, cols, height):
         c1 = min(cols, c0 + height)
-        band = band_all[: c1 - c0]
+        buf, band_fence = bufs.next("band", (c1 - c0) * rows * src.itemsize)
+        band = np.frombuffer(buf, storage).reshape(c1 - c0, rows)
         first_row = 0  # where the current member's rows start among the band's columns
         for file, part in item.parts:
             reader, part_rows = readers[file], part.shape[0]
             for r0 in range(0, part_rows, block_rows):
                 r1 = min(part_rows, r0 + block_rows)
-                raw = reader.read_into(part.offset + r0 * per_row, bufs.get("read", (r1 - r0) * per_row))
+                buf, _ = bufs.next("read", (r1 - r0) * per_row)
+                raw = reader.read_into(part.offset + r0 * per_row, buf)
                 block = view(raw, src.dtype).reshape(r1 - r0, cols)
                 transpose_into(block[:, c0:c1], band[:, first_row + r0:first_row + r1])
             first_row += part_rows
         flat = band.reshape(-1)
         if item.dtype == src.dtype:
-            writer.write(flat)
+            writer.write(flat, band_fence)
             continue
-        # Cast the band in slices of about one read block, so the cast buffer stays small.
+        # Cast the band in slices of about one read block, so the cast buffers stay small.
         step = max(1, block_bytes(item, read_block) // src.itemsize)
         for i in range(0, flat.size, step):
             part = flat[i:i + step]
-            out = np.frombuffer(bufs.get("cast", part.size * STORAGE[item.dtype].itemsize), STORAGE[item.dtype])
-            writer.write(cast(part, src.dtype, item.dtype, out))
+            buf, fence = bufs.next("cast", part.size * STORAGE[item.dtype].itemsize)
+            out = np.frombuffer(buf, STORAGE[item.dtype])
+            writer.write(cast(part, src.dtype, item.dtype, out), fence)
 
 
 def _copy_file(src: Path, dst: Path) -> tuple[str, int]:
@@ -150,10 +137,11 @@ def write_bundle(plan: Plan, directory: Path, on_write=None, check_finite: bool 
     source = plan.source
     files: dict[str, dict] = {}
     source_hashes: dict[str, str] = dict(source.metadata_hashes)
-    bufs = _Buffers()
+    bufs = Buffers()
     scratch = bytearray(HASH_SCRATCH)
     readers = {name: HashingReader(header, scratch) for name, header in source.headers.items()}
     spills = Spills(directory)  # scales and biases of --quantize, until their place in a shard
+    syncing = []  # fsyncs of finished shards, waiting on the disk while the next shard is written
     try:
         for shard in plan.shards:
             writer = SafetensorsWriter(directory / shard.name, [(i.key, i.dtype, i.shape) for i in shard.items],
@@ -169,17 +157,22 @@ def write_bundle(plan: Plan, directory: Path, on_write=None, check_finite: bool 
                         _write_zeros(item, writer, bufs, plan.read_block)
                     else:
                         _write_stream(item, readers, writer, bufs, plan.read_block)
-                sha, nbytes = writer.close()
+                sha, nbytes = writer.finish()
             except BaseException:
                 writer.abort()
                 raise
+            syncing.append(SYNC_LANE.submit(writer.sync))
             files[shard.name] = {"sha256": sha, "bytes": nbytes}
         bufs.release()
         # Bytes of a source file no tensor needed (the header, dropped towers) are read here, once,
         # only to complete the file's hash; see HashingReader.
         for name, reader in readers.items():
             source_hashes[name] = reader.finish()
+        for done in syncing:
+            done.result()  # a full disk may show only now (delayed allocation): one line, OUT untouched
     finally:
+        futures.wait(syncing)  # every shard closed before the caller may remove the directory
+        bufs.settle()
         spills.close()
         for reader in readers.values():
             reader.close()
