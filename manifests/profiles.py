@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from manifests.files import CONFIG_LIMIT, FileRefused, read_limited
 from manifests.format import DTYPES, FUSED_EXCLUSIVE, FUSED_GROUPS, LAYOUTS, MAPPED, PLACEMENTS, RESIDENT, STANDARD
 from manifests.safetensors_header import shown
 
@@ -169,11 +170,19 @@ def load_profile(name: str) -> TargetProfile:
 
 
 def load_profile_file(path: str | os.PathLike) -> TargetProfile:
+    """A profile from a file, through the small-file door (manifests/files.py): a FIFO or a device
+    (`/dev/zero`) is refused by type before any read, and at most CONFIG_LIMIT bytes are read."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = read_limited(path, CONFIG_LIMIT, "target profile")
+    except FileRefused as e:
+        raise ProfileError(str(e)) from None
     except OSError as e:
         raise ProfileError(f"{path}: cannot read target profile ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     return _from_text(text, str(path))
 
 

@@ -89,6 +89,22 @@ def test_convert_refuses_a_device_in_source(src, tmp_path):
     assert "a character device, not a regular file" in line, line
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "not-utf8"])
+def test_convert_refuses_a_special_target_profile(src, tmp_path, kind):
+    """`--target-profile FILE` goes through the same door: a FIFO blocked the reader forever and
+    /dev/zero was read until memory ran out; bytes that are not UTF-8 were a traceback."""
+    profile = tmp_path / "profile.yaml"
+    if kind == "not-utf8":
+        profile.write_bytes(b"name: \xff\n")
+        says = "not UTF-8 text (byte 0xff at offset 6)"
+    else:
+        profile.write_text("name: x\n")
+        says = replace_with(profile, kind)
+    line = one_error(run("convert", "--target-profile", profile, "-q", src, tmp_path / "out"), f"error: {profile}: ")
+    assert says in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_size_limits_count_the_bytes_read(tmp_path):
     """/proc files report st_size 0 yet hold bytes; a limit checked against st_size would read on."""
     big = tmp_path / "big.json"
