@@ -8,7 +8,6 @@ data is read here.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,7 +18,16 @@ from convert.gemma3n import ARCHITECTURES
 from convert.safetensors_io import Header, read_header
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
 from manifests.config import checked_text_config
-from manifests.files import CONFIG_LIMIT, TOKENIZER_LIMIT, FileRefused, is_regular, not_regular, read_limited
+from manifests.files import (
+    CONFIG_LIMIT,
+    TOKENIZER_LIMIT,
+    FileRefused,
+    NotParsed,
+    is_regular,
+    not_regular,
+    parse_json,
+    read_limited,
+)
 from manifests.format import INDEX_NAME
 from manifests.vocab import tokenizer_problem
 
@@ -116,9 +124,9 @@ def _read_json(path: Path, display: str, hashes: dict[str, str], name: str) -> o
         raise ConvertError(f"{display}: cannot read ({e.strerror})") from None
     hashes[name] = hashlib.sha256(raw).hexdigest()
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{display}: not valid JSON ({e})") from None
+        return parse_json(raw)
+    except NotParsed as e:
+        raise ConvertError(f"{display}: {e}") from None
 
 
 def text_config_of(config: dict, display: str) -> tuple[str, dict]:

@@ -7,6 +7,10 @@ Two rules, for the converter and the runtime alike:
   socket is nobody's weights. The type is checked with `stat` before the file is opened, so a
   device is never even opened, and again on the open descriptor (`fstat`, the file was opened
   non-blocking), so a file swapped for a FIFO between the two cannot block either.
+- **Parsing never raises past the door.** `parse_json` and `parse_yaml` turn every way a text can
+  fail to parse into one `NotParsed` (a ValueError) line: besides syntax errors, nesting deep
+  enough to exhaust the interpreter's stack (RecursionError) and an integer past Python's digit
+  limit (a plain ValueError), which `json` and `yaml` raise as they are.
 - **Size limits count the bytes read.** `read_limited` reads at most `limit + 1` bytes and refuses
   the file if it got them; `st_size` is only a hint (a file may grow while it is read, and some
   files report 0).
@@ -19,8 +23,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import stat
+
+import yaml
 
 READ_CHUNK = 1 << 16  # small: a read allocates its whole request, even of an empty file
 # What each small file may hold at most, counted as it is read. Real ones are far smaller: a
@@ -118,3 +125,35 @@ def read_limited(path, limit: int, what: str = "file") -> bytes:
         raise FileRefused(path, f"more than {limit} bytes, larger than any {what} this tool reads; "
                                 "refusing to read it")
     return b"".join(chunks)
+
+
+class NotParsed(ValueError):
+    """A text that is not valid JSON or YAML; `str()` is one line saying why (the caller names the file)."""
+
+
+def _why_not(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    return first.split("; use sys.set_int_max_str_digits()")[0][:200]  # advice for programmers, not users
+
+
+def parse_json(raw: bytes | str, **kwargs) -> object:
+    """`json.loads(raw)`; NotParsed (one line) for invalid UTF-8 or JSON, nesting deep enough to
+    exhaust the stack, or an integer past Python's digit limit."""
+    try:
+        return json.loads(raw, **kwargs)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, digit limits
+        raise NotParsed(f"not valid JSON ({_why_not(e)})") from None
+
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def parse_yaml(text: str) -> object:
+    """`yaml.safe_load(text)` (the C loader where built); NotParsed (one line) for invalid YAML,
+    nesting deep enough to exhaust the stack, or an integer past Python's digit limit."""
+    try:
+        return yaml.load(text, Loader=_YAML_LOADER)
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        raise NotParsed(f"not valid YAML ({_why_not(e)})") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from manifests.config import check_quantization, checked_text_config
-from manifests.files import FileRefused, read_limited
+from manifests.files import FileRefused, NotParsed, parse_yaml, read_limited
 from manifests.format import (
     EMBED_TOKENS,
     FORMAT_VERSION,
@@ -205,10 +205,9 @@ def load_manifest(path: str | os.PathLike) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: unreadable ({e})") from None
     try:
-        data = yaml.load(text, Loader=_Loader)
-    except (yaml.YAMLError, RecursionError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ManifestError(f"{path}: not valid YAML ({first})") from None
+        data = parse_yaml(text)
+    except NotParsed as e:
+        raise ManifestError(f"{path}: {e}") from None
     try:
         return validate_manifest(data, str(path))
     except RecursionError:

@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
-from manifests.files import CONFIG_LIMIT, FileRefused, read_limited
+from manifests.files import CONFIG_LIMIT, FileRefused, NotParsed, parse_yaml, read_limited
 from manifests.format import DTYPES, FUSED_EXCLUSIVE, FUSED_GROUPS, LAYOUTS, MAPPED, PLACEMENTS, RESIDENT, STANDARD
 from manifests.safetensors_header import shown
 
@@ -154,9 +152,9 @@ def _check(content: object, where: str) -> dict:
 
 def _from_text(text: str, where: str) -> TargetProfile:
     try:
-        content = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ProfileError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+        content = parse_yaml(text)
+    except NotParsed as e:
+        raise ProfileError(f"{where}: {e}") from None
     content = _check(content, where)
     return TargetProfile(name=content["name"], content=content, sha256=profile_sha256(text))
 

@@ -47,6 +47,7 @@ import yaml
 
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
 from manifests.cli import CommandError
+from manifests.files import CONFIG_LIMIT, FileRefused, NotParsed, parse_json, read_limited
 from manifests.format import DTYPES, EMBED_TOKENS_PER_LAYER, MAPPED, PRETRANSPOSED, RESIDENT, STANDARD
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.gemma3n import MODEL_TYPES, SIZES, published_text_config
@@ -121,12 +122,14 @@ def read_text_config(path: str | Path) -> tuple[dict, str, list[str]]:
         return manifest["model"]["text_config"], str(path), dtypes
     if path.is_dir():
         path = path / "config.json"
-    try:
-        config = yaml.safe_load(path.read_text())  # JSON is YAML
+    try:  # through the small-file door: a FIFO or /dev/zero is refused before any read
+        config = parse_json(read_limited(path, CONFIG_LIMIT, "config.json"))
+    except FileRefused as e:
+        raise CalibrationError(str(e)) from None
     except OSError as e:
         raise CalibrationError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError:
-        raise CalibrationError(f"{path}: not valid JSON") from None
+    except NotParsed as e:
+        raise CalibrationError(f"{path}: {e}") from None
     if not isinstance(config, dict):
         raise CalibrationError(f"{path}: not a JSON object")
     text = config.get("text_config", config)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from manifests.files import NotParsed, parse_json
 from runtime.chat import MessageError, render_messages
 from runtime.sampling import SamplingParams
 
@@ -98,9 +99,9 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 def parse_body(raw: bytes) -> dict:
     """The JSON object of a request body."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise bad(f"the body is not valid JSON ({e})", code="invalid_json") from None
+        body = parse_json(raw)
+    except NotParsed as e:  # also nesting that exhausts the stack, an integer past the digit limit
+        raise bad(f"the body is {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad(f"the body must be a JSON object, not {type(body).__name__}", code="invalid_json")
     return body

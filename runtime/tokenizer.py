@@ -7,13 +7,12 @@ emits half a character.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import tokenizers
 
-from manifests.files import CONFIG_LIMIT, TOKENIZER_LIMIT
+from manifests.files import CONFIG_LIMIT, TOKENIZER_LIMIT, NotParsed, parse_json
 from runtime.bundle import read_bundle_file
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -138,9 +137,9 @@ def _read_json(bundle_dir: Path, name: str) -> dict:
     if raw is None:
         return {}
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{bundle_dir / name}: unreadable JSON ({e})") from None
+        data = parse_json(raw)
+    except NotParsed as e:
+        raise ValueError(f"{bundle_dir / name}: {e}") from None
     return data if isinstance(data, dict) else {}
 
 

@@ -151,6 +151,24 @@ def test_command_refuses_a_config_that_is_not_gemma3n(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("kind, says", [("fifo", "a FIFO, not a regular file"), ("huge int", "not valid JSON (Exceeds"),
+                                        ("nested", "not valid JSON (nested too deeply)")])
+def test_command_refuses_a_config_file_it_cannot_read_in_one_line(tmp_path, kind, says):
+    """--config through the small-file door and the one JSON parser: a FIFO blocked forever, an
+    integer of 5000 digits and nesting 100 000 deep were tracebacks."""
+    import os
+
+    cfg = tmp_path / "config.json"
+    if kind == "fifo":
+        os.mkfifo(cfg)
+    else:
+        cfg.write_text('{"a": ' + "9" * 5000 + "}" if kind == "huge int" else "[" * 100_000 + "]" * 100_000)
+    r = subprocess.run([sys.executable, "-m", "runtime.calibrate", "--config", str(cfg), "--quiet"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and says in r.stderr and str(cfg) in r.stderr
+
+
 def test_user_profile_dir_lookup(tmp_path, monkeypatch):
     monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path / "profiles"))
     assert user_profile_dir() == tmp_path / "profiles"

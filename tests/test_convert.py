@@ -427,6 +427,12 @@ def _bad(kind: str, src: Path, tmp: Path) -> tuple[list[str], list[str]]:
     if kind == "config not json":
         (src / "config.json").write_text("{nope")
         return [], ["config.json", "not valid JSON"]
+    if kind == "config nested too deeply":  # a RecursionError traceback
+        (src / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+        return [], ["config.json", "not valid JSON (nested too deeply)"]
+    if kind == "config integer of 5000 digits":  # a ValueError traceback (Python's digit limit)
+        (src / "config.json").write_text('{"model_type": ' + "9" * 5000 + "}")
+        return [], ["config.json", "not valid JSON (Exceeds the limit (4300 digits)"]
     if kind == "not gemma3n":
         (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
         return [], ["config.json", "'llama'", "LlamaForCausalLM", "not Gemma3n"]
@@ -511,7 +517,8 @@ def _sharded_bad(kind: str, src: Path, tmp: Path) -> tuple[list[str], list[str]]
     raise AssertionError(kind)
 
 
-BAD_SINGLE = ["no config", "config not json", "not gemma3n", "text config incomplete", "pickle only", "truncated",
+BAD_SINGLE = ["no config", "config not json", "config nested too deeply", "config integer of 5000 digits",
+              "not gemma3n", "text config incomplete", "pickle only", "truncated",
               "header not json", "unknown dtype", "wrong shape", "shape vs config", "missing tensor",
               "unexpected tensor", "out inside source", "unknown target", "out exists", "force on a non-bundle"]
 BAD_SHARDED = ["missing shard", "absolute path", "dot-dot path", "symlink escape"]

@@ -79,6 +79,8 @@ def test_unknown_target_lists_known_ones():
         ("name: x\nlayouts: {lm_head: sideways}", "unknown layout"),
         ("name: x\nlayouts: {lm_head: {int4: standard}}", "unknown dtype"),
         ("name: [", "not valid YAML"),
+        ("name: " + "9" * 5000, "not valid YAML \\(Exceeds the limit"),
+        ("[" * 100_000 + "]" * 100_000, "not valid YAML"),
     ],
 )
 def test_bad_profile_file(tmp_path, content, message):
@@ -132,7 +134,13 @@ def test_manifest_refused(tmp_path, edit, message):
         load_manifest(tmp_path / "manifest.yaml")
 
 
-def test_manifest_not_yaml(tmp_path):
-    (tmp_path / "manifest.yaml").write_text("format_version: [")
-    with pytest.raises(ManifestError, match="not valid YAML"):
+@pytest.mark.parametrize("text, message", [
+    ("format_version: [", "not valid YAML"),
+    # an integer past Python's digit limit was a bare ValueError (a traceback in `runtime verify`)
+    ("format_version: " + "9" * 6000, r"not valid YAML \(Exceeds the limit \(4300 digits\)"),
+])
+def test_manifest_not_yaml(tmp_path, text, message):
+    (tmp_path / "manifest.yaml").write_text(text)
+    with pytest.raises(ManifestError, match=message) as caught:
         load_manifest(tmp_path / "manifest.yaml")
+    assert "\n" not in str(caught.value) and "set_int_max_str_digits" not in str(caught.value)

@@ -103,7 +103,9 @@ def test_bad_fields(door, fields, status, param):
     assert set(body) == {"message", "type", "param", "code"} and body["message"]
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"null", b"[1]", b'"x"', b"\xff"])
+@pytest.mark.parametrize("raw", [b"", b"{", b"null", b"[1]", b'"x"', b"\xff",
+                                 b"[" * 100_000 + b"]" * 100_000,  # a RecursionError: the handler died, no answer
+                                 b'{"max_tokens": ' + b"9" * 5000 + b"}"])
 def test_not_a_json_object(raw):
     with pytest.raises(ApiError) as caught:
         chat_request(raw, SERVED)
