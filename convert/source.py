@@ -115,6 +115,19 @@ def _inside(path: Path, root: Path) -> bool:
     return real == str(root) or real.startswith(str(root) + os.sep)
 
 
+def _recordable(name: str, where: str, what: str) -> None:
+    """Refuse a path or file name the manifest would record (SOURCE's path, the names of the files
+    read and copied) unless it is valid UTF-8: an undecodable byte in a name reaches Python as a
+    lone surrogate, which YAML cannot write (it was a traceback as the manifest was written)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        offset = len(name[:e.start].encode("utf-8", "surrogateescape"))
+        byte = name[e.start].encode("utf-8", "surrogateescape")[:1].hex()
+        raise ConvertError(f"{where}: {what} is not valid UTF-8 (byte 0x{byte} at offset {offset}), and the "
+                           "manifest records it as text; rename it") from None
+
+
 def _read_json(path: Path, display: str, hashes: dict[str, str], name: str) -> object:
     try:
         raw = read_limited(path, CONFIG_LIMIT, "JSON file")  # by type first: a FIFO or device is refused
@@ -199,6 +212,7 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
             raise ConvertError(f"{text}: --revision applies to hub repo ids, not to a local directory")
         kind, display = "local", text
         containment = Path(os.path.realpath(root))
+        _recordable(str(containment), display, "the path of SOURCE")
         if os.path.lexists(root / MANIFEST_NAME):
             raise _bundle_given(root, display)
     elif is_repo_id(text):
@@ -238,6 +252,7 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
         for key, name in weight_map.items():
             if not isinstance(name, str) or not name:
                 raise ConvertError(f"{where}: tensor {key!r}: file {name!r} is not a file name")
+            _recordable(name, f"{where}: tensor {key!r}", "the file name")
             if os.path.isabs(name) or ".." in Path(name).parts:
                 raise ConvertError(f"{where}: tensor {key!r}: file {name!r} points outside SOURCE")
             if name not in files:
@@ -285,6 +300,7 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
     present = sorted(p.name for p in root.iterdir())
     for name in present:
         if name in COPIED_FILES or name.startswith(COPIED_PREFIX):
+            _recordable(name, f"{display}/{name}", "the name of a file to copy")
             path = checked(name, "a copied file")
             if is_regular(path):
                 copied.append(name)

@@ -546,6 +546,31 @@ def test_bad_input_is_refused_in_one_line(tmp_path, kind):
         assert sorted(p.name for p in out.iterdir()) == before  # untouched
 
 
+@pytest.mark.parametrize("where", ["source path", "copied file", "index file name"])
+def test_a_name_the_manifest_records_must_be_utf8(tmp_path, where):
+    """SOURCE's path and the names of the files read or copied go into the manifest as text: a
+    byte that is not UTF-8 in one of them was a traceback from the YAML writer."""
+    bad = os.fsdecode(b"\xff")  # how Python hands such a byte over: a lone surrogate
+    src = make_checkpoint(tmp_path / "src", "hf", shards=3 if where == "index file name" else 1)
+    if where == "source path":
+        src = src.rename(tmp_path / f"src{bad}")
+    elif where == "copied file":
+        (src / f"chat_template{bad}.jinja").write_text("{{ messages }}")
+    else:
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        first = sorted(set(index["weight_map"].values()))[0]
+        (src / first).rename(src / f"{first}{bad}")
+        index["weight_map"] = {k: v + bad if v == first else v for k, v in index["weight_map"].items()}
+        (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(command, ["--target", "generic", str(src), str(out)])
+    assert result.exit_code == 2 and (result.exception is None or isinstance(result.exception, SystemExit)), \
+        result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "is not valid UTF-8 (byte 0xff at offset" in lines[0], result.output
+    _no_leftovers(tmp_path, "out")
+
+
 def test_bad_input_through_the_real_cli(tmp_path):
     src = make_checkpoint(tmp_path / "src", "mlx-vlm")
     _edit_header(src / "model.safetensors", lambda h: h["language_model.model.norm.weight"].update(dtype="Q4"))
