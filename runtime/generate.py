@@ -32,7 +32,7 @@ import mlx.core as mx
 
 from runtime.chat import chat_turn, render_messages, user_and_system
 from runtime.compat import from_mlx_lm
-from runtime.fast import CompiledDecoder
+from runtime.fast import DEFAULT_CAPACITY, CompiledDecoder
 from runtime.inputs import (
     BadType,
     check_count,
@@ -251,6 +251,16 @@ def _compiled(compiled, model) -> bool:
     return compiled
 
 
+def decode_capacity(model, start: int, max_tokens: int) -> int:
+    """The KV slots the compiled decoder starts with, after `start` cached positions: room for
+    `max_tokens` more, but not past the model's context (or DEFAULT_CAPACITY past `start`, when
+    that is further): `max_tokens` is only a bound, and a caller's "until EOS" of 10**9 allocated
+    buffers of that length (a segfault; 2**31 or more an OverflowError, 10**30 a C++ bad_cast).
+    Past this the decoder doubles its buffers as it goes (runtime/fast.py)."""
+    limit = max(context_length_of(model) or DEFAULT_CAPACITY, start + DEFAULT_CAPACITY)
+    return min(start + max_tokens + 1, limit)
+
+
 def _steps(prompt, model, *, cache, sampler, max_tokens, prefill_step_size, capture, compiled: bool,
            logits_processors, progress) -> Iterator[tuple[int, bool, mx.array]]:
     """generate_step's loop, also yielding each token's processed logits `[vocab]` (lazy); its
@@ -269,7 +279,7 @@ def _steps(prompt, model, *, cache, sampler, max_tokens, prefill_step_size, capt
         pick.feed(token)
         if compiled:
             if decoder is None:
-                decoder = CompiledDecoder(model, cache, capacity=cache[0].offset + max_tokens + 1)
+                decoder = CompiledDecoder(model, cache, capacity=decode_capacity(model, cache[0].offset, max_tokens))
             logits = decoder(token)
         else:
             logits = model(token.reshape(1, 1), cache=cache)[:, -1, :]

@@ -113,6 +113,19 @@ def test_decode_builds_next_step_before_handing_out_a_token(model):
     assert [received for _, received in decode_calls] == [1, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("max_tokens", [2**40, 10**30])
+def test_a_huge_max_tokens_is_a_bound_not_an_allocation(model, greedy, max_tokens):
+    """"Until EOS" as mlx-lm callers write it: the compiled decoder sized its KV buffers by
+    max_tokens (10**9 a segfault, 2**40 an OverflowError, 10**30 a C++ bad_cast); now by the
+    model's context at most, and the tokens are the same."""
+    out = []
+    for token, _ in generate_step(PROMPT, model, max_tokens=max_tokens):
+        out.append(token)
+        if len(out) == 10:
+            break
+    assert out == greedy
+
+
 @pytest.mark.parametrize("compiled", [False, None])
 def test_the_first_token_is_fed_even_when_the_caller_stops_there(model, greedy, compiled):
     """It goes out as fed before its step is built: stopping at it must still leave it in the
