@@ -35,6 +35,7 @@ from runtime.compat import from_mlx_lm
 from runtime.fast import DEFAULT_CAPACITY, CompiledDecoder
 from runtime.inputs import (
     BadType,
+    BadValue,
     check_count,
     check_option,
     check_text,
@@ -181,15 +182,30 @@ class _Picker:
 
     `sampler` is this runtime's `Sampler` (called on the logits) or mlx-lm's kind, any callable
     `sampler(logprobs [1, vocab]) -> ids [1]`. Keeps the ids seen so far when something reads them.
+
+    A caller's sampler is a door (runtime/inputs.py's rule: the model never reads a table with an
+    unchecked id): what it returns must be one integer id, and the id must be in the vocabulary.
+    The range can only be read once the id is computed, and the next step is built before that
+    (the decode loop's look-ahead), so `safe` puts 0 in place of an id out of range for everything
+    the model reads (the embedding tables, the repetition history), and `token`, which hands the
+    id out, refuses it there with a ValueError.
     """
 
-    def __init__(self, sampler, processors: Sequence[LogitsProcessor] | None, prompt: mx.array):
+    def __init__(self, sampler, processors: Sequence[LogitsProcessor] | None, prompt: mx.array,
+                 vocab_size: int | None = None):
         self.sampler = sampler or Sampler()
+        if not callable(self.sampler):
+            raise BadType(f"sampler must be callable (logprobs [1, vocab]) -> token ids, not "
+                          f"{type(self.sampler).__name__}")
         self.ours = isinstance(self.sampler, Sampler)
+        self.vocab_size = vocab_size
         self.params = self.sampler.params if self.ours else SamplingParams()
         self.processors = list(processors or [])
         if not all(callable(p) for p in self.processors):
             raise BadType("logits_processors must be callables (token ids, logits) -> logits")
+        # The ids to check: any a caller's code could choose (a sampler's; ours, on logits a
+        # caller's processor may have widened past the vocabulary).
+        self.checked = (not self.ours or bool(self.processors)) and vocab_size is not None
         needs_history = self.params.repetition_penalty != 1.0 or bool(self.processors)
         self.history = prompt.reshape(1, -1) if needs_history else None
 
@@ -208,7 +224,29 @@ class _Picker:
         if self.ours:
             return self.sampler(logits), logits[0]
         x = logits.astype(mx.float32)
-        return self.sampler(x - mx.logsumexp(x, axis=-1, keepdims=True)), logits[0]
+        ids = self.sampler(x - mx.logsumexp(x, axis=-1, keepdims=True))
+        if not isinstance(ids, mx.array) or not mx.issubdtype(ids.dtype, mx.integer):
+            what = f"an array of {ids.dtype}" if isinstance(ids, mx.array) else type(ids).__name__
+            raise BadType(f"sampler must return an integer mx.array of token ids, not {what}")
+        if ids.size != 1:
+            raise BadValue(f"sampler must return one token id for the one sequence, not an array of shape "
+                           f"{tuple(ids.shape)}")
+        return ids, logits[0]
+
+    def safe(self, ids: mx.array) -> mx.array:
+        """`ids` for the model to read: a caller's sampler's id out of the vocabulary becomes 0
+        (`token` refuses it when it is handed out)."""
+        if not self.checked:
+            return ids
+        return mx.where((ids >= 0) & (ids < self.vocab_size), ids, 0).astype(ids.dtype)
+
+    def token(self, ids: mx.array) -> int:
+        """The id as an int, refused (ValueError) if a caller's sampler chose it outside the vocabulary."""
+        token = int(ids.item())
+        if self.checked and not 0 <= token < self.vocab_size:
+            raise BadValue(f"the sampler returned token id {token}, outside the model's vocabulary "
+                           f"[0, {self.vocab_size})")
+        return token
 
 
 def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sampler=None,
@@ -271,11 +309,12 @@ def _steps(prompt, model, *, cache, sampler, max_tokens, prefill_step_size, capt
         return
     cache = model.make_cache() if cache is None else cache
     prompt = mx.array(prompt, dtype=mx.int32) if not isinstance(prompt, mx.array) else prompt.astype(mx.int32)
-    pick = _Picker(sampler, logits_processors, prompt)
+    pick = _Picker(sampler, logits_processors, prompt, vocab_size_of(model))
     decoder = None
 
     def decode(token: mx.array):
         nonlocal decoder
+        token = pick.safe(token)
         pick.feed(token)
         if compiled:
             if decoder is None:
@@ -306,7 +345,7 @@ def _decode_loop(model, prompt, cache, pick, decode, max_tokens, prefill_step_si
         decode_step = n + 1  # feeding generated token n + 1 to the cache
         last = n + 1 == max_tokens
         if last:
-            yield _first(y, n, prompt, progress), False, logits
+            yield _first(pick, y, n, prompt, progress), False, logits
             return
         if capture is not None and decode_step == capture.step:
             mx.eval(y)  # nothing of earlier steps may run inside the capture
@@ -316,13 +355,13 @@ def _decode_loop(model, prompt, cache, pick, decode, max_tokens, prefill_step_si
                 mx.eval(next_y)
             finally:
                 capture.stop()
-            yield int(y.item()), True, logits
+            yield pick.token(y), True, logits
             return
         if n == 0:  # out before the first decode step is built (see above)
             try:
-                yield _first(y, n, prompt, progress), True, logits
+                yield _first(pick, y, n, prompt, progress), True, logits
             except GeneratorExit:
-                model(y.reshape(1, 1), cache=cache)  # fed, as promised
+                model(pick.safe(y).reshape(1, 1), cache=cache)  # fed, as promised
                 mx.eval(_cache_arrays(cache))
                 raise
             y, logits = decode(y)
@@ -330,13 +369,13 @@ def _decode_loop(model, prompt, cache, pick, decode, max_tokens, prefill_step_si
             continue
         next_y, next_logits = decode(y)
         mx.async_eval(next_y)
-        yield _first(y, n, prompt, progress), True, logits
+        yield _first(pick, y, n, prompt, progress), True, logits
         y, logits = next_y, next_logits
 
 
-def _first(y: mx.array, n: int, prompt: mx.array, progress) -> int:
+def _first(pick: _Picker, y: mx.array, n: int, prompt: mx.array, progress) -> int:
     """The token id; after the first one, the prompt is done (mlx-lm's last progress call)."""
-    token = int(y.item())
+    token = pick.token(y)
     if n == 0 and progress is not None:
         progress(prompt.size, prompt.size)
     return token

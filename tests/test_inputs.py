@@ -84,6 +84,48 @@ def test_every_door_refuses_bad_token_ids(loaded, ids, error, says):
         assert says in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
 
 
+class _Spy:
+    """A model that records every id it is given (the eager path), so a test can tell that no id
+    outside the vocabulary ever reached an embedding table."""
+
+    def __init__(self, model):
+        self.model, self.fed = model, []
+
+    def __call__(self, ids, cache=None):
+        self.fed += ids.reshape(-1).tolist()
+        return self.model(ids, cache=cache)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+WIDEN = [lambda tokens, logits: mx.concatenate([logits, mx.full((1, 8), 1e9, logits.dtype)], axis=-1)]
+BAD_SAMPLERS = [
+    ({"sampler": lambda lp: mx.array([10**6])}, ValueError,
+     "the sampler returned token id 1000000, outside the model's vocabulary [0, 320)"),
+    ({"sampler": lambda lp: mx.array([-1], mx.int32)}, ValueError, "the sampler returned token id -1, outside"),
+    ({"logits_processors": WIDEN}, ValueError, "the sampler returned token id 320, outside"),  # logits widened
+    ({"sampler": lambda lp: "7"}, TypeError, "sampler must return an integer mx.array of token ids, not str"),
+    ({"sampler": lambda lp: mx.array([1.0])}, TypeError, "not an array of mlx.core.float32"),
+    ({"sampler": lambda lp: mx.array([1, 2])}, ValueError, "one token id for the one sequence, not an array of shape"),
+    ({"sampler": 5}, TypeError, "sampler must be callable"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, says", BAD_SAMPLERS, ids=[str(i) for i in range(len(BAD_SAMPLERS))])
+def test_ids_a_callers_sampler_chooses_are_checked_before_the_model_reads_them(loaded, kwargs, error, says):
+    """A caller's sampler (mlx-lm's `sampler=`) is a door too: an id it returned outside the
+    vocabulary was fed to the embedding table (a read past it, a segfault), a str was an
+    AttributeError. The id is refused where it is handed out; until then the model reads 0."""
+    model, _ = loaded
+    spy = _Spy(model)
+    for subject, compiled in ((model, None), (spy, False)):
+        with pytest.raises(error) as e:
+            list(generate_step([2, 17, 33], subject, max_tokens=4, compiled=compiled, **kwargs))
+        assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert all(0 <= i < VOCAB for i in spy.fed), spy.fed
+
+
 def test_good_ids_in_any_container_generate_the_same(loaded):
     model, tok = loaded
     want = runtime.generate(model, tok, [2, 17, 33, VOCAB - 1], max_tokens=4)
