@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from runtime.inputs import BadValue, check_text
 from runtime.tokenizer import END_OF_TURN, START_OF_TURN
 
 ROLES = ("system", "user", "assistant")
@@ -38,10 +39,19 @@ class MessageTypeError(MessageError, TypeError):
     """A field of the wrong type (a TypeError as well as a MessageError)."""
 
 
+def _unicode(text: str, param: str) -> str:
+    """`text` if it is valid Unicode (JSON's "\\ud800" and undecodable bytes of an argument are
+    not: a tokenizer refuses them, with a TypeError)."""
+    try:
+        return check_text(text, param)
+    except BadValue as e:
+        raise MessageError(param, str(e).removeprefix(f"{param} is ")) from None
+
+
 def _content_text(content, where: str) -> list[str]:
     """The text parts of one message's content."""
     if isinstance(content, str):
-        return [content]
+        return [_unicode(content, f"{where}.content")]
     if not isinstance(content, (list, tuple)):
         raise MessageTypeError(f"{where}.content", f"a string or a list of text parts, not {type(content).__name__}")
     parts = []
@@ -54,7 +64,7 @@ def _content_text(content, where: str) -> list[str]:
             raise MessageError(f"{here}.type", f"only text parts are supported, not {part.get('type')!r}")
         if not isinstance(part.get("text"), str):
             raise MessageTypeError(f"{here}.text", "a string")
-        parts.append(part["text"])
+        parts.append(_unicode(part["text"], f"{here}.text"))
     return parts
 
 

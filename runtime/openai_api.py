@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from manifests.files import NotParsed, parse_json
 from runtime.chat import MessageError, render_messages
+from runtime.inputs import BadValue, check_text
 from runtime.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4          # OpenAI's limit
@@ -192,7 +193,18 @@ def _stop(f: Fields) -> list[str]:
                   code="invalid_value")
     if any(not s for s in stop):
         raise bad("stop: an empty stop string would stop at once", param="stop", code="invalid_value")
+    for s in stop:
+        _unicode(s, "stop")
     return stop
+
+
+def _unicode(text: str, param: str) -> str:
+    """A string field's text, refused unless valid Unicode: JSON lets "\\ud800" stand alone, and
+    the tokenizer raised a TypeError on it (the handler died without an answer)."""
+    try:
+        return check_text(text, param)
+    except BadValue as e:
+        raise bad(str(e), param=param, code="invalid_value") from None
 
 
 def _logit_bias(f: Fields, served: Served) -> dict[int, float]:
@@ -308,7 +320,7 @@ def _prompt_ids(f: Fields, served: Served) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise bad("prompt: empty; there is nothing to continue", param="prompt", code="invalid_value")
-        return served.tokenizer.encode(prompt)
+        return served.tokenizer.encode(_unicode(prompt, "prompt"))
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         wrong = next((t for t in prompt if not 0 <= t < served.vocab_size), None)
         if wrong is not None:

@@ -93,6 +93,13 @@ def test_defaults_nulls_and_the_context():
     (completion, {"logprobs": 6}, 400, "logprobs"),
     (completion, {"logprobs": True}, 400, "logprobs"),
     (completion, {"messages": HELLO}, 400, "messages"),
+    # JSON lets a lone surrogate escape stand; the tokenizer's TypeError killed the handler (no answer)
+    (completion, {"prompt": "\ud800"}, 400, "prompt"),
+    (completion, {"prompt": ["a\udcff"]}, 400, "prompt"),
+    (chat, {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages[0].content"),
+    (chat, {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, 400,
+     "messages[0].content[0].text"),
+    (chat, {"stop": ["ok", "\ud800"]}, 400, "stop"),
 ])
 def test_bad_fields(door, fields, status, param):
     with pytest.raises(ApiError) as caught:
