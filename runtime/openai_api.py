@@ -163,6 +163,11 @@ class Fields:
                       code="unsupported_value")
 
 
+def _is_decimal(text: str, most: int) -> bool:
+    """Whether `text` is 1 to `most` ASCII digits (what int() reads, and nothing longer)."""
+    return 0 < len(text) <= most and text.isascii() and text.isdigit()
+
+
 def _range(low, high, low_open=False) -> str:
     if high is None:
         return f"{'>' if low_open else '>='} {low}"
@@ -213,7 +218,9 @@ def _logit_bias(f: Fields, served: Served) -> dict[int, float]:
         raise bad("logit_bias: expected an object of token id -> bias", param="logit_bias", code="invalid_type")
     out = {}
     for key, value in bias.items():
-        if not key.isdigit() or int(key) >= served.vocab_size:
+        # ASCII digits only, and few of them: str.isdigit() takes "²" (which int() refuses) and
+        # "٣"; int() refuses 5000 digits (both were a ValueError that killed the handler)
+        if not _is_decimal(key, len(str(served.vocab_size))) or int(key) >= served.vocab_size:
             raise bad(f"logit_bias: {key!r} is not a token id in [0, {served.vocab_size})", param="logit_bias",
                       code="invalid_value")
         if not _is_number(value) or abs(value) > MAX_LOGIT_BIAS:

@@ -339,9 +339,9 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise ApiError(411, "a request body with a Content-Length header is required", code="length_required")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()) or len(length) > 20:  # "²".isdigit(); int() refuses it
             self.close_connection = True
-            raise ApiError(400, f"Content-Length: not a byte count: {length!r}", code="invalid_header")
+            raise ApiError(400, f"Content-Length: not a byte count: {length[:40]!r}", code="invalid_header")
         n, limit = int(length), self.server.max_body_bytes
         if n > limit:
             # Read and drop a body up to DRAIN_BYTES, so the client, still sending, gets to read the

@@ -73,6 +73,10 @@ def test_defaults_nulls_and_the_context():
     (chat, {"logit_bias": {"x": 1}}, 400, "logit_bias"),
     (chat, {"logit_bias": {"300": 1}}, 400, "logit_bias"),
     (chat, {"logit_bias": {"3": 101}}, 400, "logit_bias"),
+    # str.isdigit() takes these; int() refused the first two with a ValueError that killed the handler
+    (chat, {"logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),
+    (chat, {"logit_bias": {"9" * 5000: 1}}, 400, "logit_bias"),
+    (chat, {"logit_bias": {"\u0663": 1}}, 400, "logit_bias"),
     (chat, {"modalities": ["audio"]}, 400, "modalities"),
     (chat, {"response_format": {"type": "json_object"}}, 400, "response_format"),
     (chat, {"user": 5}, 400, "user"),
