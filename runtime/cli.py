@@ -175,6 +175,13 @@ def _option_names(message: str) -> str:
     return message
 
 
+def _finite(value: float, option: str) -> float:
+    """click's FloatRange lets NaN through (every comparison with it is false)."""
+    if value != value:
+        raise UserError(f"{option} must be a number, got nan")
+    return value
+
+
 def _text(value: str | bytes, what: str) -> str:
     """An argument (str, undecodable bytes kept as surrogate escapes) or bytes read from stdin, as
     valid UTF-8 text; one line and exit 2 otherwise."""
@@ -291,11 +298,15 @@ def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetiti
               help="tokens to generate for a request that does not say")
 @click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True,
               help="largest request body accepted (larger ones get 413)")
+@click.option("--client-timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
+              callback=lambda ctx, param, value: _finite(value, "--client-timeout"),
+              help="seconds a client may send or read nothing before it is dropped (a body must arrive whole "
+                   "within twice this)")
 @click.option("--no-cache-reuse", is_flag=True, help="prefill every request from scratch (for measurements)")
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @click.option("--strict-target", is_flag=True,
               help="refuse a bundle prepared for another device class instead of warning")
-def serve(bundle, host, port, max_tokens, max_body_bytes, no_cache_reuse, verify, strict_target):
+def serve(bundle, host, port, max_tokens, max_body_bytes, client_timeout, no_cache_reuse, verify, strict_target):
     """Serve BUNDLE over an OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions,
     /v1/completions (streamed or not). One generation at a time, in arrival order."""
     from runtime.server import make_server
@@ -306,7 +317,8 @@ def serve(bundle, host, port, max_tokens, max_body_bytes, no_cache_reuse, verify
     model_id = bundle.rstrip("/")
     try:
         server = make_server(model, tokenizer, model_id, host, port, default_max_tokens=max_tokens,
-                             max_body_bytes=max_body_bytes, reuse_cache=not no_cache_reuse)
+                             max_body_bytes=max_body_bytes, reuse_cache=not no_cache_reuse,
+                             client_timeout=client_timeout)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -38,6 +38,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlx.core as mx
@@ -65,6 +66,12 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 64 << 20  # an oversized body up to this is read (and dropped) before the 413 goes out
 GEMMA3N_CONTEXT = 32768  # max_position_embeddings of every Gemma3n, for configs that omit it
 CLIENT_POLL_S = 0.2
+# A client that sends nothing for this long (mid-request line, headers or body, or idle between
+# requests on a kept-alive connection), or reads nothing of an answer for this long, is dropped
+# (`serve --client-timeout`); and a body must arrive whole within twice that of its headers, so
+# one byte now and then cannot hold a connection (slow loris). Waiting in the queue or for tokens
+# is not sending.
+DEFAULT_CLIENT_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -286,8 +293,10 @@ class _Released:
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, engine: Engine, served: Served, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    def __init__(self, address, engine: Engine, served: Served, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 client_timeout: float = DEFAULT_CLIENT_TIMEOUT_S):
         self.engine, self.served, self.max_body_bytes = engine, served, max_body_bytes
+        self.client_timeout = client_timeout
         self.started = int(time.time())
         super().__init__(address, Handler)
 
@@ -295,14 +304,61 @@ class Server(ThreadingHTTPServer):
 ROUTES = {"/v1/chat/completions": chat_request, "/v1/completions": completion_request}
 
 
+# BaseHTTPRequestHandler's own refusals, before a route is reached, as OpenAI error codes.
+_HTTP_CODES = {400: "bad_request", 405: "method_not_allowed", 408: "request_timeout", 414: "uri_too_long",
+               431: "headers_too_large"}
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mlx-prepared"
     server: Server
 
+    def setup(self):
+        self.timeout = self.server.client_timeout  # StreamRequestHandler.setup applies it to the socket
+        super().setup()
+
     def log_request(self, code="-", size="-"):
         if isinstance(code, int) and code >= 400:
             self.log_message('"%s" %s', self.requestline, str(code))
+
+    def handle_one_request(self):
+        """One request; a client gone or silent past the client timeout (an OSError on its socket)
+        closes the connection in one log line, and a bug in a handler is a 500 in OpenAI's shape
+        (and its traceback in the log) rather than a connection closed without an answer."""
+        try:
+            super().handle_one_request()
+        except OSError as e:  # TimeoutError, BrokenPipeError, ConnectionResetError: the client's doing
+            self.close_connection = True
+            self.log_message("client connection dropped (%s)", type(e).__name__)
+        except Exception as e:
+            self.close_connection = True
+            traceback.print_exc(file=sys.stderr)
+            try:
+                self._error(ApiError(500, f"internal error: {type(e).__name__}", kind="server_error"))
+            except OSError:
+                pass
+
+    def send_error(self, code, message=None, explain=None):
+        """BaseHTTPRequestHandler's own refusals (a request line it cannot parse, headers too many or
+        too long, a URI too long, a method with no handler) with OpenAI's JSON error body, not an
+        HTML page; a method other than GET and POST is 405 with Allow."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9" and len(getattr(self, "requestline", "").split()) >= 3:
+            self.request_version = "HTTP/1.0"  # a version it could not read, not HTTP/0.9: answer with a status line
+        if code == 501 and getattr(self, "command", None):  # BaseHTTPRequestHandler: no do_<METHOD>
+            code, message = 405, f"method {self.command} is not allowed here (GET or POST)"
+        e = ApiError(code, message or HTTPStatus(code).phrase, code=_HTTP_CODES.get(code, "bad_request"))
+        data = json.dumps(e.body()).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        if code == 405:
+            self.send_header("Allow", "GET, POST")
+        self.end_headers()
+        if getattr(self, "command", None) != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(data)
 
     def _route(self) -> str:
         return self.path.split("?", 1)[0].rstrip("/")
@@ -339,21 +395,46 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise ApiError(411, "a request body with a Content-Length header is required", code="length_required")
-        if not (length.isascii() and length.isdigit()) or len(length) > 20:  # "²".isdigit(); int() refuses it
+        if not (length.isascii() and length.isdigit()):  # "²".isdigit() too, and int() refuses it
             self.close_connection = True
             raise ApiError(400, f"Content-Length: not a byte count: {length[:40]!r}", code="invalid_header")
-        n, limit = int(length), self.server.max_body_bytes
+        limit = self.server.max_body_bytes
+        n = int(length) if len(length) <= 18 else 10**18  # longer is past any limit (and int() stops at 4300 digits)
         if n > limit:
             # Read and drop a body up to DRAIN_BYTES, so the client, still sending, gets to read the
             # answer (closing on it mid-send makes it see a broken pipe instead); close on a larger one.
             if n <= max(DRAIN_BYTES, limit):
-                for left in range(n, 0, -(1 << 16)):
-                    self.rfile.read(min(left, 1 << 16))
+                self._read(n, keep=False)
             else:
                 self.close_connection = True
-            raise ApiError(413, f"the body is {n} bytes; this server accepts at most {limit}",
+            raise ApiError(413, f"the body is {length if len(length) <= 18 else 'over 10^18'} bytes; this server "
+                                f"accepts at most {limit}",
                            code="request_too_large")
-        return self.rfile.read(n)
+        return self._read(n)
+
+    def _read(self, n: int, keep: bool = True) -> bytes:
+        """`n` bytes of body (fewer if the client closes), within twice the client timeout in all."""
+        within = 2 * self.server.client_timeout
+        deadline = time.monotonic() + within
+        chunks = []
+        try:
+            while n > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(min(left, self.server.client_timeout))
+                chunk = self.rfile.read1(min(n, 1 << 16))
+                if not chunk:
+                    break
+                n -= len(chunk)
+                if keep:
+                    chunks.append(chunk)
+        except TimeoutError:
+            self.close_connection = True
+            raise ApiError(408, f"the body did not arrive within {within:g} s", code="request_timeout") from None
+        finally:
+            self.connection.settimeout(self.server.client_timeout)
+        return b"".join(chunks)
 
     # Responses ----------------------------------------------------------------------------------
 
@@ -443,14 +524,15 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
                 default_max_tokens: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                reuse_cache: bool = True, log: Callable[[str], None] | None = None) -> Server:
+                reuse_cache: bool = True, log: Callable[[str], None] | None = None,
+                client_timeout: float = DEFAULT_CLIENT_TIMEOUT_S) -> Server:
     """A server bound to (host, port), not yet serving: see `serve`."""
     if tokenizer is None:
         raise ValueError("serving needs a tokenizer; this bundle has no tokenizer.json")
     served = Served(model_id=model_id, tokenizer=tokenizer, vocab_size=model.config.vocab_size,
                     context_length=context_length(model), default_max_tokens=default_max_tokens)
     engine = Engine(model, tokenizer, reuse_cache=reuse_cache, log=log)
-    return Server((host, port), engine, served, max_body_bytes)
+    return Server((host, port), engine, served, max_body_bytes, client_timeout)
 
 
 def serve(server: Server) -> None:

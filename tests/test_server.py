@@ -351,6 +351,80 @@ def test_unknown_endpoint(server):
     assert got == 404 and data["error"]["code"] == "not_found"
 
 
+def raw_exchange(port: int, data: bytes, timeout: float = 30) -> tuple[bytes, dict | None]:
+    """Send `data` as it is, read the answer until the server closes: (status line, JSON body)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], json.loads(body) if body else None
+
+
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"PUT /v1/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", b"405", "method_not_allowed"),
+    (b"DELETE /v1/models HTTP/1.1\r\n\r\n", b"405", "method_not_allowed"),
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", b"414", "uri_too_long"),
+    (b"GET /v1/models HTTP/1.1\r\n" + b"X: a\r\n" * 200 + b"\r\n", b"431", "headers_too_large"),
+    (b"GET /v1/models HTTP/x.y\r\n\r\n", b"400", "bad_request"),
+    (b"GET /v1/models HTTP/1.1 extra\r\n\r\n", b"400", "bad_request"),
+])
+def test_http_level_refusals_are_openai_errors_too(server, client, request_bytes, status, code):
+    """What http.server refuses before a route is reached was an HTML page (a method other than
+    GET and POST: 501); now OpenAI's JSON error body, 405 with Allow for a method."""
+    line, body = raw_exchange(server.port, request_bytes)
+    assert line.split(b" ")[1] == status, line
+    assert body is not None and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["code"] == code
+    assert_still_serving(client, server.model_id)
+
+
+def test_a_slow_or_silent_client_is_dropped_and_others_are_served(bundle):
+    """Slow loris: a body that never completes held its connection (and thread) for ever; now a
+    client silent for --client-timeout is dropped, a body must arrive within twice that (408),
+    and nobody waits for either meanwhile. Writes to clients gone leave no traceback."""
+    import socket
+
+    live = LiveServer(bundle, "--client-timeout", "1")
+    try:
+        slow = socket.create_connection(("127.0.0.1", live.port), timeout=30)
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro")
+        trickle = socket.create_connection(("127.0.0.1", live.port), timeout=30)
+        trickle.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n")
+        idle = socket.create_connection(("127.0.0.1", live.port), timeout=30)
+        started = time.monotonic()
+        assert_still_serving(live.client(), live.model_id)  # not behind any of them
+        assert time.monotonic() - started < 5
+        for _ in range(8):  # a byte every half second: never silent for 1 s, but not done within 2 s
+            time.sleep(0.5)
+            try:
+                trickle.sendall(b" ")
+            except OSError:  # the server has answered and closed
+                break
+        for sock, status in ((slow, b"408"), (trickle, b"408"), (idle, None)):
+            answer = sock.recv(65536)
+            if status is None:
+                assert answer == b"", answer[:80]  # idle: closed without a word
+            else:
+                assert answer.split(b"\r\n")[0].split(b" ")[1] == status, answer[:80]
+                assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+            sock.close()
+        assert time.monotonic() - started < 15
+        # a client that sends a bad body and leaves at once
+        for _ in range(5):
+            gone = socket.create_connection(("127.0.0.1", live.port))
+            gone.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 1\r\n\r\n{")
+            gone.close()
+        assert_still_serving(live.client(), live.model_id)
+    finally:
+        live.close()
+    time.sleep(0.2)
+    assert not any("Traceback" in line for line in live.lines), "\n".join(live.lines)
+
+
 def test_a_client_that_goes_away_stops_its_generation(server, client):
     mark = len(server.lines)
     stream = client.completions.create(model=server.model_id, prompt=ZEN, max_tokens=900, stream=True,
