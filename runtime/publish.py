@@ -16,6 +16,7 @@ sits above both the loader and the hub's download side, which it uses, so neithe
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import click
@@ -121,6 +122,31 @@ def _variants_in(files: list[str]) -> list[str]:
     return sorted({f.split("/")[0] for f in files if f.count("/") == 1 and f.endswith("/" + MANIFEST_NAME)})
 
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_VARIANT = re.compile(r"[A-Za-z0-9][\w.-]{0,63}")
+
+
+def check_publish_args(repo_id, variant, base_model) -> None:
+    """The names publish writes with, checked before anything is verified or sent: the hub's
+    validator raised them as tracebacks, after the numeric check; a variant is one folder."""
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        raise HubError(f"{repo_id!r}: not a hub repo id (org/name: letters, digits, '-', '_', '.')")
+    if base_model is not None and (not isinstance(base_model, str) or not _REPO_ID.fullmatch(base_model)
+                                   or ".." in base_model):
+        raise HubError(f"--base-model {base_model!r}: not a hub repo id (org/name)")
+    if variant is not None and (not isinstance(variant, str) or not _VARIANT.fullmatch(variant) or ".." in variant):
+        raise HubError(f"--variant {variant!r}: not a folder name (letters, digits, '-', '_', '.'; one level)")
+
+
+def _hub_call(what: str, call, *args, **kwargs):
+    """One call to the hub; whatever it raises (HTTP, offline mode, auth, validation) is one line."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as e:  # the hub raises many types: report one line, as convert does
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise HubError(f"{what} failed ({type(e).__name__}: {first})") from None
+
+
 def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | None = None,
                    base_model: str | None = None, private: bool = False, revision: str | None = None,
                    token: str | None = None, api=None):
@@ -130,6 +156,7 @@ def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | No
     from runtime.numeric import passed_numeric_check
     from runtime.verify import verify_bundle
 
+    check_publish_args(repo_id, variant, base_model)
     bundle = Path(bundle)
     manifest = read_bundle_manifest(bundle)
     problems = verify_bundle(bundle, manifest)
@@ -141,7 +168,7 @@ def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | No
         raise HubError(f"{bundle}: refusing to publish: {e}") from None
     variant = variant or manifest["target"]["name"]
     api = api or HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    _hub_call(f"{repo_id}: creating the repo", api.create_repo, repo_id, private=private, exist_ok=True)
     try:
         existing = api.list_repo_files(repo_id, revision=revision)
     except Exception:  # a repo created just now may have no revision yet
@@ -154,7 +181,8 @@ def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | No
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     message = (f"Add {variant} bundle ({manifest['target']['name']}, {manifest['dtype']}) "
                f"made by mlx-prepared {manifest['tool']['version']}")
-    return api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision)
+    return _hub_call(f"{repo_id}: uploading {variant}/", api.create_commit, repo_id, operations=ops,
+                     commit_message=message, revision=revision)
 
 
 @click.command("publish")
@@ -171,6 +199,7 @@ def publish_command(bundle, repo_id, variant, base_model, private, revision):
     One repo per model, one folder per device class: `runtime generate REPO_ID` later downloads
     only the variant for the device it runs on.
     """
+    check_publish_args(repo_id, variant, base_model)
     if not (Path(bundle) / MANIFEST_NAME).is_file():
         raise HubError(f"{bundle}: not a bundle (no {MANIFEST_NAME})")
     info = publish_bundle(bundle, repo_id, variant=variant, base_model=base_model, private=private, revision=revision)

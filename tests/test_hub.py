@@ -8,6 +8,7 @@ files, commit message and model card that would be sent.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -245,6 +246,36 @@ def test_publish_refuses_a_bundle_that_fails_verify(bundles, tmp_path):
     with pytest.raises(HubError, match="verify failed.*config.json"):
         publish_bundle(broken, REPO, api=api)
     assert api.commits == [] and api.created == []
+
+
+class FailingApi(FakeApi):
+    """The hub refusing, as it does offline or without a token."""
+
+    def create_repo(self, repo_id, **kwargs):
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled.")
+
+
+@pytest.mark.parametrize("repo_id, kwargs, says", [
+    ("not a repo!!", {}, "'not a repo!!': not a hub repo id"),
+    ("org/../x", {}, "not a hub repo id"),
+    (REPO, {"variant": "../../etc"}, "--variant '../../etc': not a folder name"),
+    (REPO, {"variant": "a/b"}, "not a folder name"),
+    (REPO, {"base_model": "x y"}, "--base-model 'x y': not a hub repo id"),
+])
+def test_publish_checks_its_names_before_anything_else(bundles, repo_id, kwargs, says):
+    """The hub's validator raised a bad repo id as a traceback, after the numeric check had run."""
+    api = FakeApi()
+    with pytest.raises(HubError, match=re.escape(says)):
+        publish_bundle(bundles["m5"], repo_id, api=api, **kwargs)
+    assert api.created == [] and api.commits == []
+
+
+def test_publish_reports_a_hub_failure_in_one_line(bundles):
+    """Offline, without a token, a network error: the hub's exception was a traceback."""
+    with pytest.raises(HubError, match=f"{REPO}: creating the repo failed \\(OfflineModeIsEnabled: Cannot reach"):
+        publish_bundle(bundles["m5"], REPO, api=FailingApi())
 
 
 def test_card_for_hub_source_names_revision(bundles):
