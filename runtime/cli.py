@@ -33,6 +33,7 @@ from runtime.generate import (
 )
 from runtime.inputs import BadType, BadValue, check_text, decode_text
 from runtime.kernels import noting_compilation
+from runtime.numeric import MAX_RUNS
 from runtime.sampling import SamplingParams
 
 
@@ -333,6 +334,11 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
+# Bounds of bench's counts, far past any real use (Gemma3n's context is 32768 tokens): its prompt is
+# made in memory at once (10**12 tokens was a numpy MemoryError traceback), and a mistyped count
+# of runs would run for ever.
+MAX_BENCH_TOKENS = 1 << 20
+
 # The decode rate is (tokens - 1) steps over their time: fewer steps than this are a sample or
 # a few, not a rate (one step has read five times the rate eight steps give).
 MIN_DECODE_STEPS = 4
@@ -352,11 +358,12 @@ def _decode_cells(first, steady, generation_tokens: int) -> tuple[str, str]:
 
 @main.command()
 @bundle_argument
-@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True,
+@click.option("--prompt-tokens", type=click.IntRange(1, MAX_BENCH_TOKENS), default=128, show_default=True,
               help="length of the prompt (random token ids) each run prefills")
-@click.option("--generation-tokens", type=click.IntRange(2), default=64, show_default=True,
+@click.option("--generation-tokens", type=click.IntRange(2, MAX_BENCH_TOKENS), default=64, show_default=True,
               help=f"tokens each run generates (a decode rate needs {MIN_DECODE_STEPS + 1} or more)")
-@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="steady-state runs after the first")
+@click.option("--runs", type=click.IntRange(1, MAX_RUNS), default=3, show_default=True,
+              help="steady-state runs after the first")
 @click.option("--prefill-step-size", type=click.IntRange(1), default=DEFAULT_PREFILL_STEP, show_default=True,
               help="prompt tokens per prefill chunk")
 @click.option("--strict-target", is_flag=True,
@@ -410,7 +417,8 @@ def bench(bundle, prompt_tokens, generation_tokens, runs, prefill_step_size, str
 @bundle_argument
 @click.option("--numeric", is_flag=True, help="then run the bundle's known answers on this device, eager and "
               "compiled, twice each (exit 1 if they differ; 2 if it has none)")
-@click.option("--runs", type=click.IntRange(2), default=None, help="with --numeric: runs of each path  [default: 2]")
+@click.option("--runs", type=click.IntRange(2, MAX_RUNS), default=None,
+              help="with --numeric: runs of each path  [default: 2]")
 def verify(bundle, numeric, runs):
     """Check the bundle's files and tensors against its manifest (hashes, shapes, dtypes)."""
     from runtime.verify import verify_command

@@ -242,14 +242,19 @@ def compare_runs(second: Run, first: Run) -> tuple[bool, str]:
     return True, f"identical to {first.name}"
 
 
+# Runs of each path at most: a determinism check does not need more, and a mistyped count (10**20)
+# would run for ever.
+MAX_RUNS = 1000
+
+
 def verify_numeric(bundle: str | Path, runs: int = 2) -> NumericReport:
     """Run BUNDLE's known answers on this device (eager and compiled, `runs` times each: the
     first against the answers, the others against the first) and report.
 
     A bundle that cannot be checked (not a bundle, no known answers, a malformed section, a load
     that fails) raises a one-line BundleError (NoKnownAnswers when there are none)."""
-    if not isinstance(runs, int) or isinstance(runs, bool) or runs < 2:
-        raise ValueError(f"runs must be an integer of at least 2 (the second checks the first), not {runs!r}")
+    if not isinstance(runs, int) or isinstance(runs, bool) or not 2 <= runs <= MAX_RUNS:
+        raise ValueError(f"runs must be an integer from 2 (the second checks the first) to {MAX_RUNS}, not {runs!r}")
     path = Path(bundle)
     started = time.perf_counter()
     manifest = read_bundle_manifest(path)

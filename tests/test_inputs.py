@@ -229,6 +229,14 @@ def error_line(r) -> str:
      "error: Invalid value for '--prefill-step-size': 0 is not in the range x>=1."),
     ([b"generate", b"B", b"--prompt", b"hi", b"--max-tokens", b"many"], None,
      "error: Invalid value for '--max-tokens': 'many' is not a valid integer range."),
+    # bench's prompt is made in memory at once: 10**12 tokens was a numpy MemoryError traceback;
+    # a count of runs mistyped ran for ever
+    ([b"bench", b"B", b"--prompt-tokens", b"1000000000000"], None,
+     "error: Invalid value for '--prompt-tokens': 1000000000000 is not in the range 1<=x<=1048576."),
+    ([b"bench", b"B", b"--runs", b"100000000000000000000"], None,
+     "error: Invalid value for '--runs': 100000000000000000000 is not in the range 1<=x<=1000."),
+    ([b"verify", b"--numeric", b"--runs", b"100000000000000000000", b"B"], None,
+     "error: Invalid value for '--runs': 100000000000000000000 is not in the range 2<=x<=1000."),
 ])
 def test_bad_cli_input_is_one_line_and_exit_2(bundle, args, stdin, says):
     args = [str(bundle).encode() if a == b"B" else a for a in args]

@@ -151,3 +151,10 @@ def test_a_malformed_section_is_refused_in_one_line(bundles, tmp_path):
 def test_not_a_bundle(tmp_path):
     done = run_cli("verify", "--numeric", tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("runs", [0, 1, "2", True, 10**20])
+def test_runs_is_a_count_from_2_to_1000(bundles, runs):
+    """10**20 ran for ever (one check after another); refused before the bundle is read."""
+    with pytest.raises(ValueError, match=r"runs must be an integer from 2 \(the second checks the first\) to 1000"):
+        verify_numeric(bundles["float32"], runs=runs)
