@@ -313,6 +313,7 @@ def serve(bundle, host, port, max_tokens, max_body_bytes, client_timeout, no_cac
     from runtime.server import make_server
     from runtime.server import serve as serve_until_stopped
 
+    host = _text(host, "--host")  # undecodable bytes: socket.bind's TypeError, after the whole load
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "serve")
     model_id = bundle.rstrip("/")

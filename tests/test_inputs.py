@@ -231,6 +231,8 @@ def error_line(r) -> str:
      "error: Invalid value for '--max-tokens': 'many' is not a valid integer range."),
     # bench's prompt is made in memory at once: 10**12 tokens was a numpy MemoryError traceback;
     # a count of runs mistyped ran for ever
+    ([b"serve", b"B", b"--host", b"\xff", b"--port", b"0"], None,  # a TypeError from bind() before
+     "error: --host is not valid UTF-8 (byte 0xff at character 0)"),
     ([b"bench", b"B", b"--prompt-tokens", b"1000000000000"], None,
      "error: Invalid value for '--prompt-tokens': 1000000000000 is not in the range 1<=x<=1048576."),
     ([b"bench", b"B", b"--runs", b"100000000000000000000"], None,
