@@ -47,6 +47,11 @@ def run_program(command: click.Command, args, prog_name: str, prefix: str = ERRO
     signal.signal(signal.SIGTERM, _unwind)
     try:
         code = command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as e:  # a group without its command: not the help
+        names = ", ".join(sorted(getattr(e.ctx.command, "commands", {}))) if e.ctx else ""
+        click.echo(f"{prefix}missing command{f': one of {names}' if names else ''} ({prog_name} --help says more)",
+                   err=True)
+        return 2
     except click.UsageError as e:
         click.echo(f"{prefix}{e.format_message()}", err=True)
         return e.exit_code

@@ -229,10 +229,13 @@ def error_line(r) -> str:
      "error: Invalid value for '--prefill-step-size': 0 is not in the range x>=1."),
     ([b"generate", b"B", b"--prompt", b"hi", b"--max-tokens", b"many"], None,
      "error: Invalid value for '--max-tokens': 'many' is not a valid integer range."),
-    # bench's prompt is made in memory at once: 10**12 tokens was a numpy MemoryError traceback;
-    # a count of runs mistyped ran for ever
+    ([], None,  # click printed the whole help after "error: Usage:"
+     "error: missing command: one of bench, calibrate, chat, generate, publish, serve, verify "
+     "(runtime --help says more)"),
     ([b"serve", b"B", b"--host", b"\xff", b"--port", b"0"], None,  # a TypeError from bind() before
      "error: --host is not valid UTF-8 (byte 0xff at character 0)"),
+    # bench's prompt is made in memory at once: 10**12 tokens was a numpy MemoryError traceback;
+    # a count of runs mistyped ran for ever
     ([b"bench", b"B", b"--prompt-tokens", b"1000000000000"], None,
      "error: Invalid value for '--prompt-tokens': 1000000000000 is not in the range 1<=x<=1048576."),
     ([b"bench", b"B", b"--runs", b"100000000000000000000"], None,
