@@ -173,6 +173,18 @@ def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bo
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise BundleError(problems[0] + more)
+    model = build_model(path, manifest)
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def build_model(path: Path, manifest: dict):
+    """The model the manifest describes, its weights the shards' lazy arrays (nothing read but
+    headers): every record checked against the stored tensors and against the model the text
+    config builds (a key where the runtime looks for it, a shape the config implies, every
+    module covered, every stored tensor placed); BundleError (one line) otherwise. `verify` runs
+    it too, so that a bundle it passes is one that loads."""
     arrays, origin = read_shards(path, shard_files(path, manifest))
     headers = mapped_headers(path, manifest)
     try:
@@ -192,8 +204,6 @@ def load_model(path, strict_target: bool = False, verify: bool = False, lazy: bo
     put_weights(model, arrays, path, [key for _, key, _ in unread(manifest)])
     object.__setattr__(model, "manifest", manifest)
     object.__setattr__(model, "bundle_path", path)
-    if not lazy:
-        mx.eval(model.parameters())
     return model
 
 

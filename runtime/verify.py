@@ -216,8 +216,22 @@ def verify_bundle(path, manifest: dict | None = None) -> list[str]:
         manifest = read_bundle_manifest(path)
     problems = check_manifest_digest(path)[0] + check_files(path, manifest)
     tensors, index, header_problems, unreadable = stored_tensors(path, manifest)
-    return (problems + header_problems + check_tensors(manifest, tensors, index, unreadable)
-            + check_tokenizer(path, manifest))
+    problems += header_problems + check_tensors(manifest, tensors, index, unreadable) + check_tokenizer(path, manifest)
+    return problems or check_model(path, manifest)
+
+
+def check_model(path: Path, manifest: dict) -> list[str]:
+    """What only the model shows, once every record matches its tensors: a record whose key is
+    not where the model looks, a shape the text config does not imply, a module without a
+    record, a stored tensor nothing places (runtime/loader.py's build_model, headers only). A
+    manifest edited that way, its digest recorded again, passed verify and failed to load."""
+    from runtime.loader import build_model
+
+    try:
+        build_model(path, manifest)
+    except ManifestError as e:  # BundleError is one
+        return [str(e)]
+    return []
 
 
 def check_tokenizer(path: Path, manifest: dict) -> list[str]:

@@ -91,6 +91,29 @@ def test_a_recorded_key_that_no_shard_holds(m5):
     assert verify_bundle(m5) == [f"manifest.yaml: projections.{GATE}: tensor {GATE}.weight is in no shard"]
 
 
+UP = "model.language_model.layers.1.mlp.up_proj"
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m["projections"][GATE].update(key=UP + ".weight_t"),
+     f"projections.{GATE}: key '{UP}.weight_t' is not where a pretransposed projection at {GATE} lives"),
+    (lambda m: m["projections"].pop(GATE), f"no projection entry for {GATE}"),
+    (lambda m: m["model"]["text_config"].update(vocab_size=1000),
+     "embeddings.model.language_model.embed_tokens: shape [64, 320] disagrees with the model config, which "
+     "implies [64, 1000]"),
+])
+def test_what_only_the_model_shows_is_a_problem_too(m5, edit, says):
+    """Every record matching its tensors, but not the model the config builds (a key where the
+    model does not look, a module without a record, a config whose shapes are not stored): verify
+    said ok, then the bundle did not load."""
+    edit_manifest(m5, edit)
+    (problem,) = verify_bundle(m5)
+    assert says in problem, problem
+    with pytest.raises(ValueError) as loading:
+        load_quietly(m5)
+    assert says in str(loading.value)
+
+
 @pytest.fixture(scope="module")
 def q4(bundles, tmp_path_factory) -> Path:
     return convert(bundles["src"], tmp_path_factory.mktemp("verify-q4") / "q4", "generic", "--quantize", "4")
