@@ -32,6 +32,7 @@ import numpy as np
 from convert.dtypes import STORAGE, bf16_to_f32
 from convert.errors import ConvertError
 from convert.gemma3n import TextShapes, text_shapes
+from manifests import ManifestError
 from manifests.format import EMBED_TOKENS, LM_HEAD, PREFIX, PRETRANSPOSED
 from manifests.known_answers import checksum
 from manifests.records import BIASES, SCALES, WEIGHT, WEIGHT_T, Storage, fused_members, records
@@ -128,6 +129,7 @@ class StoredTensors:
         # record's members at their rows (manifests/records.py says what a record stores).
         self.modules: dict[str, tuple] = {}
         for where, kind, path, record in records(manifest):
+            self._check(where, kind, path, record)
             out = Storage.of(record, where).dims(record["shape"])[0]
             self.modules[path] = (where, kind, record, 0, out)
             first = 0
@@ -135,6 +137,31 @@ class StoredTensors:
                 self.modules[member] = (where, kind, record, first, rows)
                 first += rows
         self._fds: dict[Path, int] = {}
+
+    def _check(self, where: str, kind, path: str, record: dict) -> None:
+        """The reference's door: a record names its tensors where the runtime looks for them, and
+        each is stored with the shape (and dtype) the record says. The manifest's digest proves
+        only that nobody changed it since it was written; one written (or recomputed) with records
+        that disagree with the headers made the reference fail with numpy's errors (shapes that do
+        not stack, arrays too big) or compute answers for tensors that are not the model's."""
+        try:
+            stored = kind.stored(record, where)
+            layout = Storage.of(record, where).layout
+        except ManifestError as e:
+            raise ConvertError(f"{self.directory}/{e}") from None
+        want = kind.weight_key(path, layout)
+        if record["key"] != want:
+            raise ConvertError(f"{self.directory}/{where}: key {record['key']!r} is not where a {layout} record at "
+                               f"{path} lives ({want!r})")
+        for tensor in stored:
+            if tensor.key not in self.tensors:
+                raise ConvertError(f"{self.directory}/{where}: tensor {tensor.key} is in no shard")
+            file, _, entry = self.tensors[tensor.key]
+            dtype = DTYPE_NAMES.get(entry.dtype, entry.dtype)
+            if list(entry.shape) != list(tensor.shape) or (tensor.dtype is not None and dtype != tensor.dtype):
+                said = f"{tensor.dtype or dtype} {list(tensor.shape)}"
+                raise ConvertError(f"{self.directory}/{where}: {file.name} holds {tensor.key} as {dtype} "
+                                   f"{list(entry.shape)}, the manifest says {said}")
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -15,7 +15,7 @@ from manifests import ManifestError, read_manifest, validate_manifest
 from manifests.known_answers import check_section
 from runtime.verify import verify_bundle
 from tests.checkpoints import make_checkpoint
-from tests.runtime_helpers import convert
+from tests.runtime_helpers import convert, edit_manifest
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,34 @@ def test_a_bundle_that_is_not_what_its_manifest_says_is_refused(bundles, tmp_pat
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {said}; known answers vouch for the weights as converted; "
                                                 "convert the bundle again"]
+    assert (bundle / "manifest.yaml").read_bytes() == before
+
+
+GATE = "model.language_model.layers.1.mlp.gate_proj"
+UP = "model.language_model.layers.1.mlp.up_proj"
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m["projections"][GATE].update(shape=m["projections"][GATE]["shape"][::-1]),
+     f"manifest.yaml: projections.{GATE}: model-00002-of-00003.safetensors holds {GATE}.weight_t as float32 "
+     "[64, 128], the manifest says float32 [128, 64]"),
+    (lambda m: m["projections"][GATE].update(shape=[2**62, 2**62]), "the manifest says float32 [4611686018427387904"),
+    (lambda m: m["projections"][GATE].update(key=UP + ".weight_t"),
+     f"key '{UP}.weight_t' is not where a pretransposed record at {GATE} lives ('{GATE}.weight_t')"),
+    (lambda m: m["projections"][GATE].update(quantized={"bits": 8, "group_size": 64, "mode": "affine"}),
+     f"manifest.yaml: projections.{GATE}: "),
+])
+def test_records_that_disagree_with_the_stored_tensors_are_refused(bundles, tmp_path, edit, says):
+    """The digest recorded again, so only the reference's own door can see it: shapes that do not
+    stack or allocate were numpy tracebacks, a record over another's tensor gave answers for
+    weights that are not the model's."""
+    bundle = shutil.copytree(bundles["without"], tmp_path / "b")
+    edit_manifest(bundle, edit)
+    before = (bundle / "manifest.yaml").read_bytes()
+    done = add(bundle)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"error: {bundle}/") and says in lines[0], lines[0]
     assert (bundle / "manifest.yaml").read_bytes() == before
 
 
