@@ -9,6 +9,7 @@ tests/test_loader.py holds the check.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from manifests.records import records, unread
 from manifests.safetensors_header import DTYPE_NAMES
 from runtime.architectures import architecture
 from runtime.bundle import BundleError, mapped_headers, read_bundle_manifest, shard_files, source_command
+from runtime.inputs import BadType
 from runtime.mapped import MAPPABLE, MappedTable
 from runtime.tokenizer import load_tokenizer
 
@@ -220,6 +222,13 @@ def load(path, strict_target: bool = False, verify: bool = False, lazy: bool = F
     """
     from runtime.hub import is_hub_id, resolve_bundle
 
+    for value, name in ((strict_target, "strict_target"), (verify, "verify"), (lazy, "lazy")):
+        if not isinstance(value, bool):  # a string ("no") was read as true: strict, verified
+            raise BadType(f"{name} must be True or False, not {type(value).__name__} {value!r:.40}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise BadType(f"path must be a bundle directory or a hub id (a str or a path), not {type(path).__name__}")
+    if revision is not None and not isinstance(revision, str):
+        raise BadType(f"revision must be a str (a branch, tag or commit), not {type(revision).__name__}")
     if is_hub_id(path):
         path, verify = resolve_bundle(str(path), revision=revision), True
     model = load_model(path, strict_target=strict_target, verify=verify, lazy=lazy, _stacklevel=3)

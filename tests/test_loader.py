@@ -387,3 +387,22 @@ def test_verify_runs_first_when_asked(copy_of):
     load_quietly(bundle)  # the weights are intact: a plain load does not re-hash
     with pytest.raises(BundleError, match="config.json"):
         load_quietly(bundle, verify=True)
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"verify": "yes"}, "verify must be True or False, not str 'yes'"),
+    ({"strict_target": "no"}, "strict_target must be True or False, not str 'no'"),  # "no" was strict
+    ({"lazy": 1}, "lazy must be True or False, not int 1"),
+    ({"revision": 3}, "revision must be a str"),
+])
+def test_load_options_are_checked_at_the_door(bundles, kwargs, says):
+    """load's flags were read for their truth: verify="yes" verified, strict_target="no" refused
+    the bundle for another device class; now a TypeError naming the option."""
+    with pytest.raises(TypeError, match=re.escape(says)):
+        runtime.load(bundles["m5"], **kwargs)
+
+
+@pytest.mark.parametrize("path", [None, 5, b"/tmp"])
+def test_load_path_must_be_a_str_or_a_path(path):
+    with pytest.raises(TypeError, match="path must be a bundle directory or a hub id"):
+        runtime.load(path)
