@@ -17,7 +17,7 @@ from convert.errors import ConvertError
 from convert.gemma3n import ARCHITECTURES
 from convert.safetensors_io import Header, read_header
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
-from manifests.config import checked_text_config
+from manifests.config import check_eos_token_ids, checked_text_config
 from manifests.files import (
     CONFIG_LIMIT,
     TOKENIZER_LIMIT,
@@ -126,6 +126,14 @@ def _recordable(name: str, where: str, what: str) -> None:
         byte = name[e.start].encode("utf-8", "surrogateescape")[:1].hex()
         raise ConvertError(f"{where}: {what} is not valid UTF-8 (byte 0x{byte} at offset {offset}), and the "
                            "manifest records it as text; rename it") from None
+
+
+def _eos(config: dict, vocab_size: int, where: str) -> None:
+    """The stop ids a config declares (manifests/config.py's check), as a ConvertError."""
+    try:
+        check_eos_token_ids(config.get("eos_token_id"), vocab_size, where)
+    except ManifestError as e:
+        raise ConvertError(str(e)) from None
 
 
 def _read_json(path: Path, display: str, hashes: dict[str, str], name: str) -> object:
@@ -240,6 +248,10 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
     if not isinstance(config, dict):
         raise ConvertError(f"{display}/{CONFIG_NAME}: not a JSON object")
     model_type, text_config = text_config_of(config, f"{display}/{CONFIG_NAME}")
+    for where, holder in ((f"{display}/{CONFIG_NAME}", config),
+                          (f"{display}/{CONFIG_NAME}: text_config", config.get("text_config"))):
+        if isinstance(holder, dict):
+            _eos(holder, text_config["vocab_size"], where)
 
     index_name, files, weight_map = None, [], None
     if os.path.lexists(root / INDEX_NAME):
@@ -323,6 +335,7 @@ def open_source(source: str | os.PathLike, revision: str | None = None) -> Sourc
                                        gen_hashes, GENERATION_CONFIG_NAME)
         if not isinstance(generation_config, dict):
             raise ConvertError(f"{display}/{GENERATION_CONFIG_NAME}: not a JSON object")
+        _eos(generation_config, text_config["vocab_size"], f"{display}/{GENERATION_CONFIG_NAME}")
 
     return Source(root=root, display=display, kind=kind, config=config, text_config=text_config,
                   model_type=model_type, naming=naming, headers=headers, tensors=tensors,

@@ -235,6 +235,21 @@ QUANT_MODES = {"affine": ((1, 2, 3, 4, 5, 6, 8), (32, 64, 128)), "mxfp4": ((4,),
                "nvfp4": ((4,), (16,))}
 
 
+def check_eos_token_ids(value: object, vocab_size: int, where: str) -> list[int]:
+    """An `eos_token_id` (of config.json, its text config or generation_config.json): absent,
+    one id or a list of ids, each an integer in [0, vocab_size): generation stops on each. A
+    string or a bool was skipped without a word, a negative id failed the manifest's own check
+    at the end of the conversion ("internal error")."""
+    if value is None:
+        return []
+    ids = value if isinstance(value, list) else [value]
+    for v in ids:
+        if not _is_int(v) or not 0 <= v < vocab_size:
+            raise ManifestError(f"{where}: eos_token_id: must be a token id or a list of token ids in "
+                                f"[0, {vocab_size}) (vocab_size), got {_shown(value)}")
+    return list(ids)
+
+
 def check_quantization(q: object, where: str) -> dict:
     """A `{bits, group_size, mode}` MLX can compute with (a source's quantization block, a
     manifest record's `quantized`); ManifestError naming `where` otherwise."""

@@ -132,6 +132,27 @@ def test_bad_config_values_through_convert(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("file, value", [
+    ("generation_config.json", "x"),  # skipped without a word
+    ("generation_config.json", [1, -5]),  # "internal error, manifest does not validate" at the end
+    ("generation_config.json", [1, 10**6]),
+    ("config.json", True),
+    ("text_config", [1.5]),
+])
+def test_stop_ids_are_checked_at_the_door(tmp_path, file, value):
+    src = make_checkpoint(tmp_path / "src", "hf")
+    name = "config.json" if file == "text_config" else file
+    config = json.loads((src / name).read_text()) if (src / name).exists() else {}
+    (config["text_config"] if file == "text_config" else config)["eos_token_id"] = value
+    (src / name).write_text(json.dumps(config))
+    r = CliRunner().invoke(command, ["--target", "generic", str(src), str(tmp_path / "out")])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    assert len(lines) == 1 and lines[0].startswith(f"error: {src}/{name}"), lines
+    assert "eos_token_id: must be a token id or a list of token ids in [0, 320) (vocab_size)" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("config-values")
