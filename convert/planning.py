@@ -482,6 +482,10 @@ def make_plan(source: Source, profile: TargetProfile, *, dtype: str = "keep", de
         what = f"{where(first)}: already MLX-quantized" if first else f"{config_where}: has a quantization block"
         raise ConvertError(f"{what}; --quantize needs a float checkpoint (without --quantize, quantized weights "
                            "pass through as they are)")
+    if quant is not None and not quantized:
+        # Copied with config.json, the block would tell mlx-lm's loader to quantize float weights.
+        raise ConvertError(f"{config_where}: has a quantization block, but no tensor is quantized (no scales "
+                           "beside any weight); remove the block, or convert the quantized checkpoint it belongs to")
 
     # 3. Every other decoder tensor must be expected, of a float dtype and of the expected shape.
     for path, key in decoder.items():

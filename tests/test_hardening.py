@@ -245,6 +245,18 @@ def test_a_quantization_block_mlx_cannot_compute_with_is_refused(tmp_path):
                      "config.json's quantization: mode 'fp3' is not one MLX quantizes with"], tmp_path / "out")
 
 
+def test_a_quantization_block_without_quantized_tensors_is_refused(tmp_path):
+    """Copied with config.json, such a block made a generic bundle that mlx-lm's loader builds
+    with quantized layers for float weights (it was converted without a word)."""
+    from tests.checkpoints import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "src", "mlx-lm")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(config, quantization={"group_size": 7, "bits": 3})))
+    result = CliRunner().invoke(command, ["--target", "generic", str(src), str(tmp_path / "out")])
+    refused(result, [f"{src}/config.json: has a quantization block, but no tensor is quantized"], tmp_path / "out")
+
+
 def test_check_finite_covers_mlx_quantized_pass_through(tmp_path):
     """An MLX-quantized source is copied byte for byte: a NaN in its float scales is counted."""
     module = MLX_QUANTIZED
