@@ -431,7 +431,11 @@ class Handler(BaseHTTPRequestHandler):
                     chunks.append(chunk)
         except TimeoutError:
             self.close_connection = True
-            raise ApiError(408, f"the body did not arrive within {within:g} s", code="request_timeout") from None
+            silent = time.monotonic() < deadline  # the client sent nothing for a whole timeout
+            why = (f"nothing of it came for {self.server.client_timeout:g} s" if silent
+                   else f"it did not arrive whole within {within:g} s")
+            raise ApiError(408, f"the body stopped short of its Content-Length: {why}", code="request_timeout") \
+                from None
         finally:
             self.connection.settimeout(self.server.client_timeout)
         return b"".join(chunks)
