@@ -38,6 +38,7 @@ from runtime.inputs import (
     BadValue,
     check_count,
     check_option,
+    check_prompt_ids,
     check_text,
     check_token_ids,
     context_length_of,
@@ -267,7 +268,7 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
     otherwise, runtime/inputs.py), as must `max_tokens` >= 0 and `prefill_step_size` >= 1."""
     max_tokens = check_count(max_tokens, "max_tokens", 0)
     prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
-    prompt = check_token_ids(prompt, vocab_size_of(model))
+    prompt = check_prompt_ids(prompt, vocab_size_of(model))
     steps = _steps(prompt, model, cache=cache, sampler=sampler, max_tokens=max_tokens,
                    prefill_step_size=prefill_step_size, capture=capture, compiled=_compiled(compiled, model),
                    logits_processors=logits_processors, progress=prompt_progress_callback)
@@ -420,8 +421,8 @@ def _prompt_ids(model, tokenizer: Tokenizer | None, prompt, messages, chat: bool
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; this bundle has none (pass token ids)")
         return tokenizer.encode(chat_turn(text) if chat else text), chat or messages is not None
-    ids = check_token_ids(prompt, vocab_size_of(model))
-    return (ids.reshape(-1).tolist() if isinstance(ids, mx.array) else ids), chat
+    ids = check_prompt_ids(prompt, vocab_size_of(model))
+    return (ids.tolist() if isinstance(ids, mx.array) else ids), chat
 
 
 def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[int] | None = None, *,

@@ -8,6 +8,7 @@ SamplingParams, the CLI) calls the function for each value it takes, once, where
 enters, and code past it trusts the value:
 
 - `check_token_ids`: integers in [0, vocab_size), whatever container they come in;
+  `check_prompt_ids`: the same for one sequence (a generation's prompt);
 - `check_text`: a str that is valid Unicode (no lone surrogates: what a non-UTF-8 argument
   becomes), and `decode_text` for bytes read from stdin;
 - `check_count`: an integer (not a bool) with a lower bound;
@@ -80,6 +81,20 @@ def _index(value, position: int) -> int:
     except TypeError:
         raise BadType(f"token ids must be integers; position {position} holds {type(value).__name__} "
                         f"{_shown(value)}") from None
+
+
+def check_prompt_ids(ids, vocab_size: int | None):
+    """One sequence's token ids, checked like `check_token_ids`: a list of ints, or an integer
+    mx.array `[n]` or `[1, n]` (given back as `[n]`). A `[batch, n]` array with batch > 1 is
+    refused: generation decodes one sequence, and joining the rows would silently decode
+    something nobody asked for."""
+    ids = check_token_ids(ids, vocab_size)
+    if isinstance(ids, mx.array) and ids.ndim == 2:
+        if ids.shape[0] != 1:
+            raise BadValue(f"a prompt is one sequence of token ids ([n] or [1, n]); got a batch of shape "
+                           f"{tuple(ids.shape)}: generate each row on its own")
+        ids = ids.reshape(-1)
+    return ids
 
 
 def _out_of_range(value: int, position: int, vocab_size: int | None) -> BadValue:

@@ -4,7 +4,8 @@ MLX compiles some kernels at first use (on the CPU: C++ for each fused elementwi
 CUDA: every kernel, through NVRTC) and caches them on disk, under `$TMPDIR/mlx/<version>/cpu`
 and `MLX_PTX_CACHE_DIR` (default `$TMPDIR/mlx/<version>/ptx`). Until a dtype or quantization
 has run once on a machine, its first generation stalls while that happens, silently: 45 s for
-the 2 MB demo on a busy 2-core CPU (then 1 s), about 40 s for an E2B on CUDA.
+the 2 MB demo on a busy 2-core CPU (then 1 s); on an H100, E2B's compiled decode step took
+115-125 s (21 kernels).
 
 Whether it is happening is read off those caches, not guessed: the note is given only when a
 kernel cache changes while the command runs (a new kernel written), so it never appears on a

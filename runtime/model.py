@@ -26,7 +26,17 @@ from manifests.config import kv_producers, rope_thetas
 from manifests.format import EMBED_TOKENS, FUSED_GROUPS, LM_HEAD, PREFIX, ManifestError, fused_groups_in
 from runtime.cache import KVCache, RotatingKVCache
 from runtime.mapped import MappedTable
-from runtime.projections import HeadColumns, Pretransposed, build_embedding, build_fused, build_head, build_projection
+from runtime.projections import (
+    HeadColumns,
+    Pretransposed,
+    QuantizedStandard,
+    build_embedding,
+    build_fused,
+    build_head,
+    build_projection,
+    quantized_parts,
+)
+from runtime.quirks import rows
 
 FULL, SLIDING = CONFIG_FULL, CONFIG_SLIDING
 
@@ -456,9 +466,15 @@ class DecoderLayer(nn.Module):
                     last[3] += 1
                 else:
                     runs.append([at[0], at[1], out, 1])
-            y = linear(self.module_at(fused.path), x)
-            cuts = list(itertools.accumulate(width for _, _, width, _ in runs[:-1]))
-            for (rb, ri, _, _), part in zip(runs, mx.split(y, cuts, axis=-1) if cuts else [y], strict=True):
+            module = self.module_at(fused.path)
+            if len(runs) > 1 and linear is call and isinstance(module, QuantizedStandard) and rows(x) > 1:
+                # a prefill: run by run (projections.quantized_parts says why), skipping unused rows
+                parts = quantized_parts(module, x, [r[2] for r in runs], [r[0] is not None for r in runs])
+            else:
+                y = linear(module, x)
+                cuts = list(itertools.accumulate(width for _, _, width, _ in runs[:-1]))
+                parts = mx.split(y, cuts, axis=-1) if cuts else [y]
+            for (rb, ri, _, _), part in zip(runs, parts, strict=True):
                 if rb is not None:
                     pieces[rb][ri] = part
         return [p[0] if len(p) == 1 else mx.concatenate([p[i] for i in sorted(p)], axis=-1) for p in pieces]

@@ -82,6 +82,31 @@ def quantized_product(module: nn.Module, x: mx.array) -> mx.array:
     return mx.quantized_matmul(x, module["weight"], module["scales"], module.get("biases"), transpose=True, **q)
 
 
+def quantized_parts(module: nn.Module, x: mx.array, widths: list[int], wanted: list[bool]) -> list[mx.array | None]:
+    """`x @ W.T (+ b)` of a quantized fused module, cut into consecutive output `widths`, each
+    part computed only where `wanted` (None otherwise): one product per part, over its rows of the
+    packed weight, scales and biases (slices of whole rows: views of the same buffers, the same
+    numbers as one product then a split). For several rows (a prefill), where MLX's CUDA build
+    multiplies with its tiled kernel only if the output width is a multiple of 128 and with a
+    much slower one otherwise, and a fused width need not be one where its members' are
+    (LAuReL's 64 outputs beside q/k/v: 3136 wide in E2B; docs/CUDA_QMM_K64.md)."""
+    parts, start = [], 0
+    for width, want in zip(widths, wanted, strict=True):
+        if want:
+            span = slice(start, start + width)
+            part = nn.Module()
+            part.group_size, part.bits, part.mode = module.group_size, module.bits, module.mode
+            part.weight, part.scales = module["weight"][span], module["scales"][span]
+            if "biases" in module:
+                part.biases = module["biases"][span]
+            y = quantized_product(part, x)
+            parts.append(y + module["bias"][span] if "bias" in module else y)
+        else:
+            parts.append(None)
+        start += width
+    return parts
+
+
 class Pretransposed(nn.Module):
     """`x @ Wt (+ b)` over a weight stored contiguous `[in, out]` under `weight_t`."""
 

@@ -553,6 +553,34 @@ def test_quantized_laurel_fused_rows_and_logits_are_the_unfused_ones(bundles, id
     assert relative_error(model(mx.array(ids)), np.array(plain(mx.array(ids)))) < 1e-6
 
 
+def test_a_quantized_prefill_multiplies_each_run_of_members_on_its_own(bundles, ids, monkeypatch):
+    """A fused quantized module multiplies several rows (a prefill) run of members by run (its
+    q/k/v, then LAuReL's left; gate, then up), never at the fused width: MLX's CUDA build takes its
+    fast tiled kernel only for widths that are multiples of 128, which q/k/v's are and q/k/v plus
+    LAuReL's 64 is not. One row (a decode step) stays one product. The same logits either way."""
+    model, _ = load_quietly(bundles["laurel-q4"])
+    plain, _ = load_quietly(bundles["q4-unfused"])
+    fused_widths = {sum(f.outs) for layer in model.layers for f in layer.fused.values()}
+    member_widths = {o for layer in model.layers for f in layer.fused.values() for o in f.outs}
+    assert fused_widths and not fused_widths & member_widths  # what the test tells apart
+    want = np.array(plain(mx.array(ids)))
+    model(mx.array(ids))  # the device's quirk probes (runtime/quirks.py) run once, here, not under the spy
+    calls, real = [], mx.quantized_matmul
+
+    def spy(x, w, *args, **kwargs):
+        calls.append((x.size // x.shape[-1], w.shape[0]))
+        return real(x, w, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "quantized_matmul", spy)
+    logits = model(mx.array(ids))
+    several = {n for r, n in calls if r > 1}
+    assert several & member_widths and not several & fused_widths, sorted(several)
+    assert relative_error(logits, want) < 1e-6
+    calls.clear()
+    model(mx.array(ids[:1, :1]))
+    assert {n for r, n in calls if r == 1} >= fused_widths
+
+
 def test_a_laurel_group_in_the_wrong_kind_of_layer_is_named(bundles, tmp_path):
     """A KV-shared layer's q_laurel_proj renamed into a layer with its own K/V: one line naming it."""
     bundle = Path(shutil.copytree(bundles["laurel"], tmp_path / "b"))

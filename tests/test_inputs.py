@@ -65,6 +65,9 @@ BAD_IDS = [
     (mx.array([2, 400]), ValueError, "token id 400 at position 1 is outside"),
     (mx.array([[2, 5], [7, -3]]), ValueError, "token id -3 at position 3 is outside"),
     (mx.array([[[2, 5]]]), ValueError, "token ids must be an array [n] or [batch, n], not one of shape (1, 1, 2)"),
+    # generation decodes one sequence: a batch's rows were once joined into one prompt
+    (mx.array([[2, 10, 20], [2, 30, 40]]), ValueError, "a prompt is one sequence of token ids ([n] or [1, n]); "
+     "got a batch of shape (2, 3)"),
     (mx.array([2.0, 5.0]), TypeError, "token ids must be integers, not an array of mlx.core.float32"),
     (np.array([2, 999]), ValueError, "token id 999 at position 1 is outside"),
 ]
@@ -130,8 +133,12 @@ def test_good_ids_in_any_container_generate_the_same(loaded):
     model, tok = loaded
     want = runtime.generate(model, tok, [2, 17, 33, VOCAB - 1], max_tokens=4)
     for ids in ((2, 17, 33, VOCAB - 1), np.array([2, 17, 33, VOCAB - 1]), mx.array([2, 17, 33, VOCAB - 1]),
-                [np.int64(2), 17, 33, VOCAB - 1]):
+                mx.array([[2, 17, 33, VOCAB - 1]]), [np.int64(2), 17, 33, VOCAB - 1]):
         assert runtime.generate(model, tok, ids, max_tokens=4) == want
+    steps = [t for t, _ in generate_step([2, 17, 33, VOCAB - 1], model, max_tokens=4)]
+    for compiled in (True, False):  # a [1, n] array is the same one sequence through generate_step
+        assert [t for t, _ in generate_step(mx.array([[2, 17, 33, VOCAB - 1]]), model, max_tokens=4,
+                                            compiled=compiled)] == steps
 
 
 def test_chat_refuses_ids_its_tokenizer_makes_outside_the_vocabulary(loaded, bundle, tmp_path):
