@@ -27,6 +27,7 @@ from manifests.files import TOKENIZER_LIMIT, not_regular, open_regular_file, rea
 from manifests.records import Storage, mapped_files, records, unread
 from manifests.safetensors_header import DTYPE_NAMES
 from manifests.vocab import tokenizer_problem
+from runtime.assemble import build_model
 from runtime.bundle import outside_bundle, read_bundle_manifest, read_header, read_index, shard_names
 
 _CHUNK = 8 << 20
@@ -223,10 +224,8 @@ def verify_bundle(path, manifest: dict | None = None) -> list[str]:
 def check_model(path: Path, manifest: dict) -> list[str]:
     """What only the model shows, once every record matches its tensors: a record whose key is
     not where the model looks, a shape the text config does not imply, a module without a
-    record, a stored tensor nothing places (runtime/loader.py's build_model, headers only). A
+    record, a stored tensor nothing places (runtime/assemble.py's build_model, headers only). A
     manifest edited that way, its digest recorded again, passed verify and failed to load."""
-    from runtime.loader import build_model
-
     try:
         build_model(path, manifest)
     except ManifestError as e:  # BundleError is one

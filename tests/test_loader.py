@@ -24,6 +24,7 @@ import yaml
 from mlx.utils import tree_flatten
 
 import runtime
+import runtime.assemble as assemble
 import runtime.loader as loader
 from manifests import FORMAT_VERSION, target_for_device
 from runtime.loader import BundleError, TargetMismatchWarning
@@ -169,26 +170,26 @@ def _concatenate(arrays):
 @pytest.mark.parametrize("variant", [_transpose_square, _T_square, _transpose_eagerly,
                                      _contiguous_copy_of_transposed, _cast, _concatenate])
 def test_a_loader_that_transforms_weights_is_caught(bundles, variant, monkeypatch, tmp_path):
-    real = loader.read_shards
+    real = assemble.read_shards
 
     def regressed(path, names):
         arrays, origin = real(path, names)
         return variant(arrays), origin
 
-    monkeypatch.setattr(loader, "read_shards", regressed)
+    monkeypatch.setattr(assemble, "read_shards", regressed)
     problems = load_violations(bundles["m5"], monkeypatch, tmp_path)
     assert problems, f"{variant.__name__} went unnoticed"
 
 
 def test_every_check_alone_sees_a_transpose(bundles, monkeypatch, tmp_path):
     """Graph, calls and bytes each flag a square transpose on their own."""
-    real = loader.read_shards
+    real = assemble.read_shards
 
     def regressed(path, names):
         arrays, origin = real(path, names)
         return _T_square(arrays), origin
 
-    monkeypatch.setattr(loader, "read_shards", regressed)
+    monkeypatch.setattr(assemble, "read_shards", regressed)
     kinds = {problem.split(":")[0] for problem in load_violations(bundles["m5"], monkeypatch, tmp_path)}
     assert kinds == {"graph", "calls", "bytes"}
 
