@@ -104,6 +104,11 @@ def _check(content: object, where: str) -> dict:
         raise ProfileError(f"{where}: a target profile must be a mapping")
     if not isinstance(content.get("name"), str) or not content["name"]:
         raise ProfileError(f"{where}: missing `name`")
+    for key, kind, types in (("description", "a string", str), ("evidence", "a string", str),
+                             ("device_class", "a string", str), ("device", "a mapping", dict),
+                             ("calibration", "a mapping", dict)):
+        if content.get(key) is not None and not isinstance(content[key], types):
+            raise ProfileError(f"{where}: `{key}` must be {kind}, got {shown(content[key])}")
     layouts = content.get("layouts") or {}
     if not isinstance(layouts, dict):
         raise ProfileError(f"{where}: `layouts` must be a mapping of role to layout")
