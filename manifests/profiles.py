@@ -219,9 +219,13 @@ PROFILE_DIR_ENV = "MLX_PREPARED_PROFILE_DIR"
 def user_profile_dir() -> Path:
     """Where saved calibrated profiles live: `$MLX_PREPARED_PROFILE_DIR`, else
     `$XDG_CONFIG_HOME/mlx-prepared/profiles` (`~/.config/mlx-prepared/profiles`)."""
-    if os.environ.get(PROFILE_DIR_ENV):
-        return Path(os.environ[PROFILE_DIR_ENV]).expanduser()
-    config_home = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    try:
+        if os.environ.get(PROFILE_DIR_ENV):
+            return Path(os.environ[PROFILE_DIR_ENV]).expanduser()
+        config_home = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    except RuntimeError as e:  # `~nosuchuser/...`, or no home directory to be found
+        name = PROFILE_DIR_ENV if os.environ.get(PROFILE_DIR_ENV) else "the home directory"
+        raise ProfileError(f"{name}: cannot find the saved profile directory ({e})") from None
     return Path(config_home) / "mlx-prepared" / "profiles"
 
 

@@ -187,6 +187,14 @@ def test_user_profile_dir_lookup(tmp_path, monkeypatch):
     assert saved_profile_for_device({}) is None
 
 
+def test_a_profile_dir_naming_an_unknown_user_is_a_profile_error(monkeypatch):
+    monkeypatch.setenv(PROFILE_DIR_ENV, "~no-such-user-here/profiles")
+    with pytest.raises(ProfileError, match=PROFILE_DIR_ENV):
+        user_profile_dir()
+    with pytest.raises(ProfileError, match=PROFILE_DIR_ENV):
+        saved_profile_for_device(CPU)
+
+
 def test_user_profile_dir_defaults_under_xdg_config(tmp_path, monkeypatch):
     monkeypatch.delenv(PROFILE_DIR_ENV, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
