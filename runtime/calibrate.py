@@ -51,7 +51,15 @@ from manifests.files import CONFIG_LIMIT, FileRefused, NotParsed, parse_json, re
 from manifests.format import DTYPES, EMBED_TOKENS_PER_LAYER, MAPPED, PRETRANSPOSED, RESIDENT, STANDARD
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
 from manifests.gemma3n import MODEL_TYPES, SIZES, published_text_config
-from manifests.profiles import ROLES, load_profile, profile_sha256, save_user_profile, target_for_device
+from manifests.profiles import (
+    ROLES,
+    ProfileError,
+    load_profile,
+    profile_sha256,
+    save_user_profile,
+    target_for_device,
+    user_profile_dir,
+)
 from manifests.records import EMBEDDINGS, Storage
 from manifests.safetensors_header import read_header_file
 from runtime.architectures import architecture
@@ -490,6 +498,16 @@ def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out
             shapes = merge_shapes(DEFAULT_CONFIGS.values())
     except CalibrationError as e:
         raise BadInput(str(e)) from None
+    # Where the profile goes is checked before minutes of measuring, not after.
+    if out and not Path(out).parent.is_dir():
+        raise BadInput(f"{out}: cannot write the profile (no directory {Path(out).parent})")
+    if save:
+        try:
+            saved_dir = user_profile_dir()
+        except ProfileError as e:
+            raise BadInput(str(e)) from None
+        if saved_dir.exists() and not saved_dir.is_dir():
+            raise BadInput(f"{saved_dir}: cannot save the profile there (not a directory)")
     if roles:
         shapes = {r: s for r, s in shapes.items() if r in roles}
     settings = Settings(repeats=repeats, margin=margin, cache_bytes=cache_mb << 20,
@@ -511,11 +529,20 @@ def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out
     if say:
         say(layout_table(profile))
     if out:
-        Path(out).write_text(text)
+        try:
+            Path(out).write_text(text)
+        except OSError as e:
+            raise BadInput(f"{out}: cannot write the profile ({e.strerror or e})") from None
         if say:
             say(f"wrote {out} (sha256 {profile_sha256(text)[:12]})")
     if save:
-        path = save_user_profile(text, profile["device"])
+        try:
+            path = save_user_profile(text, profile["device"])
+        except ProfileError as e:
+            raise BadInput(str(e)) from None
+        except OSError as e:
+            raise BadInput(f"{e.filename or user_profile_dir()}: cannot save the profile there "
+                           f"({e.strerror or e})") from None
         if say:
             say(f"saved {path}: `convert --target auto` uses it on this device")
     if not out and not save:

@@ -169,6 +169,29 @@ def test_command_refuses_a_config_file_it_cannot_read_in_one_line(tmp_path, kind
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and says in r.stderr and str(cfg) in r.stderr
 
 
+@pytest.mark.parametrize("where", ["out: no such parent", "save: dir is a file", "save: ~nosuchuser"])
+def test_command_that_cannot_write_its_profile_says_so_in_one_line(tmp_path, where):
+    """--out into a missing directory, --save where the profile directory is a file or names an
+    unknown user's home: FileNotFoundError, FileExistsError and ProfileError tracebacks, after
+    the whole measurement."""
+    import os
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "gemma3n", "text_config": tiny_text_config()}))
+    (tmp_path / "a-file").write_text("x")
+    env = dict(os.environ)
+    args = [sys.executable, "-m", "runtime.calibrate", "--config", str(cfg), "--role", "lm_head",
+            "--repeats", "1", "--cache-mb", "1", "--quiet"]
+    if where.startswith("out"):
+        args += ["--out", str(tmp_path / "nope" / "p.yaml")]
+    else:
+        args += ["--save"]
+        env[PROFILE_DIR_ENV] = str(tmp_path / "a-file") if "file" in where else "~no-such-user-here/p"
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: ")
+
+
 def test_user_profile_dir_lookup(tmp_path, monkeypatch):
     monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path / "profiles"))
     assert user_profile_dir() == tmp_path / "profiles"
