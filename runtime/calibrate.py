@@ -455,6 +455,13 @@ class BadInput(CommandError):
     """One `error:` line, exit 2 (manifests/cli.py)."""
 
 
+def _not_nan(ctx, param, value):
+    """click's FloatRange lets NaN through (every comparison with it is false)."""
+    if value != value:
+        raise BadInput(f"--{param.name.replace('_', '-')} must be a number, got nan")
+    return value
+
+
 @click.command("calibrate")
 @click.option("--config", "config_path", type=click.Path(exists=False), default=None,
               help="config.json, a checkpoint directory, or a bundle directory whose shapes to measure "
@@ -466,7 +473,7 @@ class BadInput(CommandError):
 @click.option("--repeats", type=click.IntRange(1), default=Settings.repeats, show_default=True,
               help="timed samples per layout and shape (their median counts)")
 @click.option("--margin", type=click.FloatRange(0.0, 0.5), default=Settings.margin, show_default=True,
-              help="how much faster pretransposed must be to be chosen")
+              callback=_not_nan, help="how much faster pretransposed must be to be chosen")
 @click.option("--cache-mb", type=click.IntRange(1), default=Settings.cache_bytes >> 20, show_default=True,
               help="distinct weight bytes per sample (MiB)")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="write the profile here")
@@ -475,7 +482,7 @@ class BadInput(CommandError):
 @click.option("--placement/--no-placement", default=True, show_default=True,
               help="with a bundle as --config: also decode with the per-layer embedding table resident and "
                    "mapped, and choose its placement (per_layer_embeddings)")
-@click.option("--placement-floor", type=click.FloatRange(0.0, 1.0), default=Settings.placement_floor,
+@click.option("--placement-floor", type=click.FloatRange(0.0, 1.0), default=Settings.placement_floor, callback=_not_nan,
               show_default=True, help="mapped is chosen when it decodes at least this fraction of resident's rate")
 @click.option("--quiet", is_flag=True, help="no progress or table on stderr")
 def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out, save, quiet, placement,

@@ -169,6 +169,15 @@ def test_command_refuses_a_config_file_it_cannot_read_in_one_line(tmp_path, kind
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and says in r.stderr and str(cfg) in r.stderr
 
 
+@pytest.mark.parametrize("option", ["--margin", "--placement-floor"])
+def test_command_refuses_nan_for_a_fraction(option):
+    """click's FloatRange lets NaN through: --margin nan chose standard for every role and wrote
+    `margin: .nan` into the profile, after the whole measurement."""
+    r = subprocess.run([sys.executable, "-m", "runtime.calibrate", option, "nan", "--quiet"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {option} must be a number, got nan", r.stderr
+
+
 @pytest.mark.parametrize("where", ["out: no such parent", "save: dir is a file", "save: ~nosuchuser"])
 def test_command_that_cannot_write_its_profile_says_so_in_one_line(tmp_path, where):
     """--out into a missing directory, --save where the profile directory is a file or names an
