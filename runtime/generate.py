@@ -564,8 +564,18 @@ class ChatSession:
         kwargs.setdefault("prefill_step_size", self.prefill_step_size)
         if self.sampling is not None:
             kwargs.setdefault("sampling", self.sampling)
+        before = self.cache[0].offset if self.cache else 0
+        last = self._last_token, self._last_cached
         self._last_token, self._last_cached = None, True
-        for response in stream_generate(self.model, self.tokenizer, ids, cache=self.cache,
-                                        eos_token_ids=self.tokenizer.chat_stop_ids(), **kwargs):
-            self._last_token, self._last_cached = response.token, response.cached
-            yield response
+        try:
+            for response in stream_generate(self.model, self.tokenizer, ids, cache=self.cache,
+                                            eos_token_ids=self.tokenizer.chat_stop_ids(), **kwargs):
+                self._last_token, self._last_cached = response.token, response.cached
+                yield response
+        except BaseException:
+            # Refused before anything reached the cache (a bad keyword): this turn did not
+            # happen, so the next one must open the conversation as this one would have.
+            if (self.cache[0].offset if self.cache else 0) == before:
+                self._turns -= 1
+                self._last_token, self._last_cached = last
+            raise

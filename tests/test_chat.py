@@ -170,6 +170,19 @@ def test_chat_session_system_prompt_opens_the_first_turn(loaded):
     assert plain._turn_ids("x") != ChatSession(model, tokenizer, system="Zen.")._turn_ids("x")
 
 
+@pytest.mark.parametrize("bad", [{"max_tokens": "x"}, {"temperature": -1.0}, {"nope": 1}])
+def test_a_turn_refused_for_its_keywords_leaves_the_session_as_it_was(loaded, bad):
+    """send(..., max_tokens="x") raised, but counted the turn: the next one was rendered as a
+    continuation (no <bos>, no system prompt) into an empty cache."""
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, max_tokens=3, system="Zen.")
+    with pytest.raises((TypeError, ValueError)):
+        list(session.send("hi", **bad))
+    fresh = ChatSession(model, tokenizer, max_tokens=3, system="Zen.")
+    assert session._turn_ids("hello") == fresh._turn_ids("hello")
+    assert [r.token for r in session.send("hello")] == [r.token for r in fresh.send("hello")]
+
+
 def run(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True, text=True, input=stdin,
                           timeout=300)
