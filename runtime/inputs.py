@@ -40,6 +40,7 @@ class BadType(TypeError):
 
 # mx.random.key takes a seed in [0, 2^64).
 SEED_MAX = 2**64 - 1
+INDEX_MAX = 2**31 - 1  # the largest slice bound MLX takes
 
 _SHOWN = 40
 
@@ -195,7 +196,9 @@ def check_sampling(params) -> None:
         raise BadValue(f"min_p must be in [0, 1], got {min_p}")
     if penalty <= 0:
         raise BadValue(f"repetition_penalty must be > 0, got {penalty}")
-    check_count(params.repetition_context_size, "repetition_context_size", 1)
+    context = check_count(params.repetition_context_size, "repetition_context_size", 1)
+    if context > INDEX_MAX:  # a slice bound MLX casts to int32: 10**30 was a C++ bad_cast
+        raise BadValue(f"repetition_context_size must be at most {INDEX_MAX}, got {context}")
     if params.seed is not None:
         seed = check_count(params.seed, "seed", 0)
         if seed > SEED_MAX:

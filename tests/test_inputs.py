@@ -197,6 +197,15 @@ def test_counts_and_sampling_values_are_checked_at_the_door(loaded, kwargs, erro
     assert str(e.value) == says
 
 
+@pytest.mark.parametrize("size", [2**31, 10**30])
+def test_a_repetition_context_past_any_index_is_refused(loaded, size):
+    """repetition_context_size=10**30 reached the history slice: a C++ std::bad_cast."""
+    model, tok = loaded
+    with pytest.raises(ValueError, match=f"repetition_context_size must be at most {2**31 - 1}, got {size}"):
+        runtime.generate(model, tok, [2, 17, 33], max_tokens=2,
+                         sampling=SamplingParams(repetition_penalty=1.2, repetition_context_size=size))
+
+
 def test_the_largest_seed_is_taken():
     assert SamplingParams(temperature=1.0, seed=2**64 - 1).seed == 2**64 - 1
 
