@@ -222,6 +222,11 @@ class _Picker:
                                               p.repetition_penalty)
         for processor in self.processors:
             logits = processor(self.history[0], logits)
+            if not isinstance(logits, mx.array) or logits.ndim != 2 or logits.shape[0] != 1:
+                what = (f"an array of shape {tuple(logits.shape)}" if isinstance(logits, mx.array)
+                        else type(logits).__name__)
+                raise BadType(f"logits_processors: {getattr(processor, '__name__', type(processor).__name__)} "
+                              f"must return an mx.array of logits [1, vocab], not {what}")
         if self.ours:
             return self.sampler(logits), logits[0]
         x = logits.astype(mx.float32)

@@ -112,6 +112,12 @@ BAD_SAMPLERS = [
     ({"sampler": lambda lp: mx.array([1.0])}, TypeError, "not an array of mlx.core.float32"),
     ({"sampler": lambda lp: mx.array([1, 2])}, ValueError, "one token id for the one sequence, not an array of shape"),
     ({"sampler": 5}, TypeError, "sampler must be callable"),
+    # A processor's result (an IndexError, an argmax TypeError, an MLX "length-1 arrays" error):
+    ({"logits_processors": [lambda t, logits: logits.sum()]}, TypeError,
+     "must return an mx.array of logits [1, vocab], not an array of shape ()"),
+    ({"logits_processors": [lambda t, logits: None]}, TypeError, "[1, vocab], not NoneType"),
+    ({"logits_processors": [lambda t, logits: mx.concatenate([logits, logits])]}, TypeError,
+     "[1, vocab], not an array of shape (2, 320)"),
 ]
 
 
