@@ -274,6 +274,7 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
     max_tokens = check_count(max_tokens, "max_tokens", 0)
     prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
     prompt = check_prompt_ids(prompt, vocab_size_of(model))
+    _check_cache_and_capture(cache, capture, model)
     steps = _steps(prompt, model, cache=cache, sampler=sampler, max_tokens=max_tokens,
                    prefill_step_size=prefill_step_size, capture=capture, compiled=_compiled(compiled, model),
                    logits_processors=logits_processors, progress=prompt_progress_callback)
@@ -282,6 +283,22 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
             yield token, cached
     finally:
         steps.close()
+
+
+def _check_cache_and_capture(cache, capture, model) -> None:
+    """`cache` as `model.make_cache()` makes it (a list of per-layer caches), `capture` a
+    DecodeCapture: a str or a list of ints was an AttributeError deep in the decode loop."""
+    if cache is not None:
+        if not isinstance(cache, list) or not cache or not all(isinstance(getattr(c, "offset", None), int)
+                                                                for c in cache):
+            raise BadType(f"cache must be a list of per-layer caches from model.make_cache(), not "
+                          f"{type(cache).__name__} {cache!r:.40}")
+        layers = getattr(model, "layers", None) if isinstance(model, Model) else None
+        if layers is not None and len(cache) != len(layers):
+            raise BadValue(f"cache holds {len(cache)} layer caches, but this model has {len(layers)} layers; "
+                           "make it with model.make_cache()")
+    if capture is not None and not isinstance(capture, DecodeCapture):
+        raise BadType(f"capture must be a DecodeCapture, not {type(capture).__name__}")
 
 
 def _compiled(compiled, model) -> bool:
@@ -468,6 +485,7 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
     if eos_token_ids is None:
         eos_token_ids = [] if tokenizer is None else (tokenizer.chat_stop_ids() if chat else tokenizer.eos_token_ids)
     stop = set(check_token_ids(eos_token_ids, None))
+    _check_cache_and_capture(cache, capture, model)
     warn_past_context(model, cache[0].offset if cache else 0, len(ids), max_tokens)
     detok = tokenizer.detokenizer() if tokenizer is not None else None
 

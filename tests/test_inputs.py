@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -210,6 +211,27 @@ def test_a_repetition_context_past_any_index_is_refused(loaded, size):
     with pytest.raises(ValueError, match=f"repetition_context_size must be at most {2**31 - 1}, got {size}"):
         runtime.generate(model, tok, [2, 17, 33], max_tokens=2,
                          sampling=SamplingParams(repetition_penalty=1.2, repetition_context_size=size))
+
+
+@pytest.mark.parametrize("kwargs, error, says", [
+    (dict(cache="abc"), TypeError, "cache must be a list of per-layer caches from model.make_cache(), not str"),
+    (dict(cache=[1, 2, 3]), TypeError, "cache must be a list of per-layer caches"),
+    (dict(cache=[]), TypeError, "cache must be a list of per-layer caches"),
+    (dict(capture="x.gputrace"), TypeError, "capture must be a DecodeCapture, not str"),
+])
+def test_cache_and_capture_are_checked_at_the_door(loaded, kwargs, error, says):
+    """cache="abc", cache=[1, 2, 3], capture="x": AttributeErrors deep in the decode loop."""
+    model, tok = loaded
+    with pytest.raises(error, match=re.escape(says)):
+        list(runtime.stream_generate(model, tok, [2, 17, 33], max_tokens=2, **kwargs))
+    with pytest.raises(error, match=re.escape(says)):
+        list(generate_step([2, 17, 33], model, max_tokens=2, **kwargs))
+
+
+def test_a_cache_for_another_model_is_refused(loaded):
+    model, tok = loaded
+    with pytest.raises(ValueError, match="layer caches, but this model has"):
+        list(runtime.stream_generate(model, tok, [2, 17, 33], max_tokens=2, cache=model.make_cache()[:-1]))
 
 
 def test_the_largest_seed_is_taken():
