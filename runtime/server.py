@@ -326,6 +326,12 @@ class Handler(BaseHTTPRequestHandler):
         """One request; a client gone or silent past the client timeout (an OSError on its socket)
         closes the connection in one log line, and a bug in a handler is a 500 in OpenAI's shape
         (and its traceback in the log) rather than a connection closed without an answer."""
+        # The request line and headers whole within three client timeouts (the first of them may
+        # be the idle wait for a request): a header sent one byte a timeout apart would otherwise
+        # hold the connection for ever. Past it, the socket is shut under the read.
+        self._headers_due = threading.Timer(3 * self.server.client_timeout, self._drop)
+        self._headers_due.daemon = True
+        self._headers_due.start()
         try:
             super().handle_one_request()
         except OSError as e:  # TimeoutError, BrokenPipeError, ConnectionResetError: the client's doing
@@ -338,6 +344,23 @@ class Handler(BaseHTTPRequestHandler):
                 self._error(ApiError(500, f"internal error: {type(e).__name__}", kind="server_error"))
             except OSError:
                 pass
+        finally:
+            self._headers_due.cancel()
+
+    def parse_request(self) -> bool:
+        try:
+            return super().parse_request()  # reads the headers
+        finally:
+            self._headers_due.cancel()
+
+    def _drop(self):
+        """The request's headers did not come whole in time: end the connection under the read."""
+        self.close_connection = True
+        self.log_message("client connection dropped (headers not whole within %g s)", 3 * self.server.client_timeout)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def send_error(self, code, message=None, explain=None):
         """BaseHTTPRequestHandler's own refusals (a request line it cannot parse, headers too many or

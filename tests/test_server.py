@@ -382,6 +382,41 @@ def test_http_level_refusals_are_openai_errors_too(server, client, request_bytes
     assert_still_serving(client, server.model_id)
 
 
+def test_headers_sent_a_byte_at_a_time_cannot_hold_a_connection(bundle):
+    """Slow loris in the headers: a byte every half second is never silent for the 1 s timeout,
+    so the connection (and its thread) was held for as long as the client liked; now the request
+    line and headers must be whole within three timeouts, and others are served meanwhile."""
+    import socket
+
+    live = LiveServer(bundle, "--client-timeout", "1")
+    try:
+        trickle = socket.create_connection(("127.0.0.1", live.port), timeout=30)
+        trickle.sendall(b"POST /v1/completions HTTP/1.1\r\nX-Slow: ")
+        started, closed = time.monotonic(), False
+        while time.monotonic() - started < 10:
+            time.sleep(0.5)
+            assert_still_serving(live.client(), live.model_id)
+            try:
+                trickle.sendall(b"a")
+                trickle.setblocking(False)
+                closed = trickle.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed = True
+            finally:
+                trickle.setblocking(True)
+            if closed:
+                break
+        assert closed and time.monotonic() - started < 6, time.monotonic() - started
+        trickle.close()
+    finally:
+        live.close()
+    time.sleep(0.2)
+    assert not any("Traceback" in line for line in live.lines), "\n".join(live.lines)
+    assert any("headers not whole within 3 s" in line for line in live.lines), "\n".join(live.lines)
+
+
 def test_a_slow_or_silent_client_is_dropped_and_others_are_served(bundle):
     """Slow loris: a body that never completes held its connection (and thread) for ever; now a
     client silent for --client-timeout is dropped, a body must arrive within twice that (408),
