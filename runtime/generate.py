@@ -37,6 +37,7 @@ from runtime.inputs import (
     BadType,
     BadValue,
     check_count,
+    check_model,
     check_option,
     check_prompt_ids,
     check_text,
@@ -272,6 +273,7 @@ def generate_step(prompt: Sequence[int] | mx.array, model, *, cache=None, sample
     Every id must lie in [0, vocab_size): the model reads its tables by id (TypeError/ValueError
     otherwise, runtime/inputs.py), as must `max_tokens` >= 0 and `prefill_step_size` >= 1."""
     max_tokens = check_count(max_tokens, "max_tokens", 0)
+    check_model(model)
     prefill_step_size = check_count(prefill_step_size, "prefill_step_size", 1)
     prompt = check_prompt_ids(prompt, vocab_size_of(model))
     _check_cache_and_capture(cache, capture, model)
@@ -470,6 +472,7 @@ def stream_generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[i
     unless `capture` is given (see DecodeCapture.from_env). `compiled`: see generate_step
     (`compiled=False` decodes eagerly).
     """
+    check_model(model)
     kwargs = from_mlx_lm(kwargs, "stream_generate")
     if "cache" in kwargs:
         if cache is not None:
@@ -557,6 +560,7 @@ class ChatSession:
     def __init__(self, model, tokenizer: Tokenizer, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                  sampling: SamplingParams | None = None, prefill_step_size: int = DEFAULT_PREFILL_STEP,
                  system: str | None = None):
+        check_model(model)
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer; this bundle has none")
         if system is not None:

@@ -9,6 +9,7 @@ enters, and code past it trusts the value:
 
 - `check_token_ids`: integers in [0, vocab_size), whatever container they come in;
   `check_prompt_ids`: the same for one sequence (a generation's prompt);
+- `check_model`: a loaded model (callable, with `make_cache`);
 - `check_text`: a str that is valid Unicode (no lone surrogates: what a non-UTF-8 argument
   becomes), and `decode_text` for bytes read from stdin;
 - `check_count`: an integer (not a bool) with a lower bound;
@@ -62,6 +63,13 @@ def _config_int(model, name: str) -> int | None:
         if size is None and isinstance(text, dict):
             size = text.get(name)
     return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def check_model(model) -> None:
+    """A model the generation functions can run: this runtime's (runtime.load) or mlx-lm's, which
+    is called on ids and makes its own cache. TypeError otherwise (None, a path, a tokenizer)."""
+    if not callable(model) or not callable(getattr(model, "make_cache", None)):
+        raise BadType(f"model must be a loaded model (runtime.load, or mlx-lm's load), not {type(model).__name__}")
 
 
 def vocab_size_of(model) -> int | None:

@@ -375,3 +375,19 @@ def test_the_converter_api_refuses_bad_values_with_a_value_error(source, tmp_pat
         convert_checkpoint(source, tmp_path / "out", target="generic", **kwargs)
     assert str(e.value).endswith(says) or says in str(e.value), str(e.value)
     assert not (tmp_path / "out").exists()
+
+@pytest.mark.parametrize("model", [None, 42, "bundle-dir", object()])
+def test_every_generation_door_refuses_what_is_not_a_model(loaded, model):
+    """None, a path or a number as the model was an AttributeError from deep in the loop."""
+    _, tok = loaded
+    doors = {
+        "generate": lambda: runtime.generate(model, tok, [2, 5], max_tokens=2),
+        "stream_generate": lambda: next(stream_generate(model, tok, [2, 5], max_tokens=2)),
+        "generate_step": lambda: next(generate_step([2, 5], model, max_tokens=2)),
+        "ChatSession": lambda: ChatSession(model, tok),
+    }
+    for name, call in doors.items():
+        with pytest.raises(TypeError) as e:
+            call()
+        assert str(e.value) == ("model must be a loaded model (runtime.load, or mlx-lm's load), not "
+                                f"{type(model).__name__}"), (name, str(e.value))
