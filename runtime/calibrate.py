@@ -84,6 +84,10 @@ class CalibrationError(ValueError):
     """A config or bundle calibrate cannot read."""
 
 
+# Bounds of the counts a caller gives (a huge one ran for ever or allocated without end).
+MAX_REPEATS, MAX_CACHE_MB = 1000, 1 << 16
+
+
 @dataclass(frozen=True)
 class Settings:
     repeats: int = 5
@@ -470,11 +474,12 @@ def _not_nan(ctx, param, value):
               help="dtype to measure (repeatable; default: the bundle's, else bfloat16 and float32)")
 @click.option("--role", "roles", multiple=True, type=click.Choice(CALIBRATED_ROLES),
               help="measure only this role (repeatable; default: every projection role)")
-@click.option("--repeats", type=click.IntRange(1), default=Settings.repeats, show_default=True,
+@click.option("--repeats", type=click.IntRange(1, MAX_REPEATS), default=Settings.repeats, show_default=True,
               help="timed samples per layout and shape (their median counts)")
 @click.option("--margin", type=click.FloatRange(0.0, 0.5), default=Settings.margin, show_default=True,
               callback=_not_nan, help="how much faster pretransposed must be to be chosen")
-@click.option("--cache-mb", type=click.IntRange(1), default=Settings.cache_bytes >> 20, show_default=True,
+@click.option("--cache-mb", type=click.IntRange(1, MAX_CACHE_MB), default=Settings.cache_bytes >> 20,
+              show_default=True,
               help="distinct weight bytes per sample (MiB)")
 @click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="write the profile here")
 @click.option("--save", is_flag=True, help="store the profile in the user profile directory, where "
@@ -556,5 +561,7 @@ def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out
         sys.stdout.write(text)
 
 
-if __name__ == "__main__":
-    calibrate_command()
+if __name__ == "__main__":  # `python -m runtime.calibrate`: the same one-line errors as `runtime calibrate`
+    from manifests.cli import run_program
+
+    sys.exit(run_program(calibrate_command, None, "python -m runtime.calibrate"))

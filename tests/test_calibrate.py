@@ -178,6 +178,17 @@ def test_command_refuses_nan_for_a_fraction(option):
     assert r.returncode == 2 and r.stderr.strip() == f"error: {option} must be a number, got nan", r.stderr
 
 
+@pytest.mark.parametrize("option, value, bound", [("--repeats", "10000000000", "1<=x<=1000"),
+                                                  ("--cache-mb", "99999999", "1<=x<=65536")])
+def test_command_bounds_its_counts(option, value, bound):
+    """--repeats 10**10 was accepted and would have measured for ever; --cache-mb without bound
+    asked for that much memory."""
+    r = subprocess.run([sys.executable, "-m", "runtime.calibrate", option, value, "--quiet"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: Invalid value for '{option}': {value} is not in the "
+                                                      f"range {bound}."), r.stderr
+
+
 @pytest.mark.parametrize("where", ["out: no such parent", "save: dir is a file", "save: ~nosuchuser"])
 def test_command_that_cannot_write_its_profile_says_so_in_one_line(tmp_path, where):
     """--out into a missing directory, --save where the profile directory is a file or names an
