@@ -28,7 +28,7 @@ from manifests.files import (
     parse_json,
     read_limited,
 )
-from manifests.format import INDEX_NAME
+from manifests.format import INDEX_NAME, revision_problem
 from manifests.vocab import tokenizer_problem
 
 SINGLE_NAME = "model.safetensors"
@@ -211,6 +211,8 @@ def _bundle_given(root: Path, display: str) -> ConvertError:
 def open_source(source: str | os.PathLike, revision: str | None = None) -> Source:
     """Open a checkpoint directory or hub repo id; validate everything but the tensor data."""
     text = str(source)
+    if revision is not None and (problem := revision_problem(revision)):
+        raise ConvertError(f"--revision: {problem}")
     repo_id = commit = None
     if Path(text).exists():
         root = Path(text)

@@ -47,6 +47,18 @@ RESIDENT, MAPPED = "resident", "mapped"
 PLACEMENTS = (RESIDENT, MAPPED)
 MAPPED_FILE = "embed_tokens_per_layer.safetensors"
 
+def revision_problem(revision) -> str | None:
+    """What is wrong with a hub revision (a branch, tag or commit) as a caller gave it, or None:
+    printable ASCII without spaces, at most 255 characters. Checked where it enters (convert's
+    --revision, runtime.load), before the hub or its cache is asked; a NUL or a newline went on
+    to the hub client."""
+    if not isinstance(revision, str):
+        return f"must be a str (a branch, tag or commit), not {type(revision).__name__}"
+    if not 0 < len(revision) <= 255 or not all("!" <= ch <= "~" for ch in revision):
+        return f"{revision[:60]!r} is not a branch, tag or commit name (printable ASCII, no spaces, 1-255 characters)"
+    return None
+
+
 STANDARD = "standard"
 PRETRANSPOSED = "pretransposed"
 LAYOUTS = (STANDARD, PRETRANSPOSED)

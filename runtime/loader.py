@@ -16,9 +16,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from manifests import target_for_device
+from manifests.format import revision_problem
 from runtime.assemble import build_model
 from runtime.bundle import BundleError, read_bundle_manifest, source_command
-from runtime.inputs import BadType
+from runtime.inputs import BadType, BadValue
 from runtime.tokenizer import load_tokenizer
 
 
@@ -88,8 +89,8 @@ def load(path, strict_target: bool = False, verify: bool = False, lazy: bool = F
             raise BadType(f"{name} must be True or False, not {type(value).__name__} {value!r:.40}")
     if not isinstance(path, (str, os.PathLike)):
         raise BadType(f"path must be a bundle directory or a hub id (a str or a path), not {type(path).__name__}")
-    if revision is not None and not isinstance(revision, str):
-        raise BadType(f"revision must be a str (a branch, tag or commit), not {type(revision).__name__}")
+    if revision is not None and (problem := revision_problem(revision)):
+        raise (BadType if not isinstance(revision, str) else BadValue)(f"revision {problem}")
     if is_hub_id(path):
         path, verify = resolve_bundle(str(path), revision=revision), True
     model = load_model(path, strict_target=strict_target, verify=verify, lazy=lazy, _stacklevel=3)

@@ -403,6 +403,26 @@ def test_load_options_are_checked_at_the_door(bundles, kwargs, says):
         runtime.load(bundles["m5"], **kwargs)
 
 
+@pytest.mark.parametrize("revision", ["x\x00", "", "a b", "main\n", "x" * 256])
+def test_a_revision_that_no_hub_could_hold_is_refused_at_the_door(revision):
+    """A NUL, a newline or a space in a revision went on to the hub client (a HubError when offline,
+    whatever the revision); now a ValueError naming it, before the hub or its cache is asked. The
+    same rule for convert's --revision (one line, exit 2)."""
+    with pytest.raises(ValueError, match="is not a branch, tag or commit name"):
+        runtime.load("acme/gemma-3n-tiny-prepared", revision=revision)
+
+
+def test_convert_refuses_such_a_revision_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "convert", "--revision", "x\ny", "acme/gemma-3n", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr == ("error: --revision: 'x\\ny' is not a branch, tag or commit name "
+                                                    "(printable ASCII, no spaces, 1-255 characters)\n"), done.stderr
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("path", [None, 5, b"/tmp"])
 def test_load_path_must_be_a_str_or_a_path(path):
     with pytest.raises(TypeError, match="path must be a bundle directory or a hub id"):
