@@ -158,7 +158,10 @@ def publish_bundle(bundle: str | os.PathLike, repo_id: str, *, variant: str | No
 
     check_publish_args(repo_id, variant, base_model)
     bundle = Path(bundle)
-    manifest = read_bundle_manifest(bundle)
+    try:  # a manifest its schema refuses (a ManifestError) is one line, as in `verify`
+        manifest = read_bundle_manifest(bundle)
+    except ManifestError as e:
+        raise HubError(f"{bundle}: refusing to publish: {e}") from None
     problems = verify_bundle(bundle, manifest)
     if problems:
         raise HubError(f"{bundle}: refusing to publish, verify failed: {problems[0]}")

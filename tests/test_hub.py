@@ -248,6 +248,27 @@ def test_publish_refuses_a_bundle_that_fails_verify(bundles, tmp_path):
     assert api.commits == [] and api.created == []
 
 
+@pytest.mark.parametrize("edit, says", [
+    (lambda ka: ka.__setitem__("prompt", [2, -1]), "known_answers.prompt[1]: must be >= 0"),
+    (lambda ka: ka["tolerance"].pop("values"), "known_answers.tolerance: missing required field 'values'"),
+    (lambda ka: ka.__setitem__("coordinates", "x"), "known_answers.coordinates: expected array"),
+])
+def test_publish_refuses_a_manifest_its_schema_refuses_in_one_line(bundles, tmp_path, edit, says):
+    """A known_answers section of the wrong type (digest recomputed) escaped `publish` as a
+    ManifestError traceback, where `verify --numeric` said the same in one line."""
+    from tests.test_fused import edit_manifest
+
+    bad = shutil.copytree(bundles["generic"], tmp_path / "bad")
+    edit_manifest(bad, lambda m: edit(m["known_answers"]))
+    api = FakeApi()
+    with pytest.raises(HubError, match="refusing to publish: .*" + re.escape(says)):
+        publish_bundle(bad, REPO, api=api)
+    assert api.commits == [] and api.created == []
+    r = subprocess.run([sys.executable, "-m", "runtime", "publish", str(bad), REPO], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and says in r.stderr
+
+
 class FailingApi(FakeApi):
     """The hub refusing, as it does offline or without a token."""
 
