@@ -38,6 +38,7 @@ from manifests.format import ManifestError
 
 SECTION = "known_answers"
 TOLERANCES = ("logits", "hidden", "values")
+MAX_PROMPT = 1024  # tokens; convert records 12 (convert/reference.py PROMPT_LENGTH)
 
 
 def checksum(planes: np.ndarray, active: int, coordinates: list[int]) -> dict:
@@ -77,6 +78,8 @@ def check_section(section: dict, text_config: dict, where: str) -> None:
     vocab, hidden = int(text_config["vocab_size"]), int(text_config["hidden_size"])
     layers = int(text_config["num_hidden_layers"])
     prompt, positions = section["prompt"], section["positions"]
+    if len(prompt) > MAX_PROMPT:  # 200,000 tokens crashed `verify --numeric` (a segfault), 20,000 ran for minutes
+        raise ManifestError(f"{at}.prompt: {len(prompt)} tokens; at most {MAX_PROMPT}")
     if not prompt or any(not 0 <= i < vocab for i in prompt):
         raise ManifestError(f"{at}.prompt: needs token ids in [0, {vocab})")
     if not positions or positions != sorted(set(positions)) or positions[0] < 1 or positions[-1] != len(prompt) - 1:

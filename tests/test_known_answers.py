@@ -152,6 +152,7 @@ def test_the_section_is_optional_and_checked(bundles):
     (lambda s: s["logits"][0]["values"].__setitem__(0, float("nan")), "holds a NaN or infinite value"),
     (lambda s: s["tolerance"].__setitem__("hidden", 0.0), "tolerance: logits, hidden, values must be positive"),
     (lambda s: s["coordinates"].__setitem__(0, 64), r"known_answers.coordinates: need coordinates in \[0, 64\)"),
+    (lambda s: s.__setitem__("prompt", [2] * 1025), r"known_answers.prompt: 1025 tokens; at most 1024"),
 ])
 def test_check_section_names_what_is_wrong(bundles, edit, message):
     import copy
@@ -161,6 +162,25 @@ def test_check_section_names_what_is_wrong(bundles, edit, message):
     edit(section)
     with pytest.raises(ManifestError, match=message):
         check_section(section, manifest["model"]["text_config"], "manifest.yaml")
+
+
+def _long_prompt(manifest, n=200_000):
+    section = manifest["known_answers"]
+    section["prompt"] = [2] * n
+    section["positions"] = [n - 1]
+    section["logits"] = [dict(section["logits"][0], position=n - 1)]
+
+
+def test_a_prompt_of_any_length_is_one_line_not_a_crash(bundles, tmp_path):
+    """A 200,000-token known-answers prompt (digest recomputed) crashed `verify --numeric` with a
+    segfault, and 20,000 tokens ran for minutes: the prompt is capped where the section is checked."""
+    bad = shutil.copytree(bundles["with"], tmp_path / "long")
+    edit_manifest(bad, _long_prompt)
+    r = subprocess.run([sys.executable, "-m", "runtime", "verify", "--numeric", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-500:]
+    assert r.stderr.strip().splitlines() == [
+        f"error: {bad}/manifest.yaml: known_answers.prompt: 200000 tokens; at most 1024"]
 
 
 def test_a_killed_rewrite_is_put_back_by_the_next_run(bundles, tmp_path):
