@@ -86,8 +86,10 @@ def check_messages(messages: Sequence[dict]) -> list[tuple[str, str]]:
         if extra:
             raise MessageError(f"{where}.{extra[0]}", "not supported (messages have role, content and name)")
         role = message.get("role")
+        if role == "developer":  # OpenAI's newer name for the system message (its clients send it)
+            role = "system"
         if role not in ROLES:
-            raise MessageError(f"{where}.role", f"unknown role {role!r} (system, user or assistant)")
+            raise MessageError(f"{where}.role", f"unknown role {role!r} (system or developer, user, assistant)")
         if "content" not in message:
             raise MessageError(f"{where}.content", "missing")
         parts = _content_text(message["content"], where)

@@ -78,12 +78,12 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream
           "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k", "min_p", "repetition_penalty"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "metadata", "store",
                         "service_tier", "safety_identifier", "prompt_cache_key", "modalities",
-                        "parallel_tool_calls"}
+                        "parallel_tool_calls", "response_format"}
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 REFUSED = {
     "tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
     "functions": "function calls are not supported", "function_call": "function calls are not supported",
-    "response_format": "structured output is not supported", "audio": "audio output is not supported",
+    "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported", "reasoning_effort": "this model does not reason",
     "verbosity": "not supported", "web_search_options": "web search is not supported",
     "prompt_cache_retention": "not supported", "prompt_cache_options": "not supported",
@@ -300,6 +300,7 @@ def chat_request(raw: bytes, served: Served) -> Request:
     modalities = f.get("modalities", ["text"])
     if modalities != ["text"]:
         raise bad("modalities: only [\"text\"] is supported", param="modalities", code="unsupported_value")
+    f.neutral("response_format", {"type": "text"})  # plain text, what every reply is; no structured output
     logprobs = f.boolean("logprobs", False)
     top = f.integer("top_logprobs", None, 0, MAX_TOP_LOGPROBS["chat"])
     if top is not None and not logprobs:

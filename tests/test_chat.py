@@ -110,6 +110,15 @@ def test_system_folds_into_the_first_user_turn_and_assistant_is_model():
     assert chat_turn("Why?") == "<start_of_turn>user\nWhy?<end_of_turn>\n<start_of_turn>model\n"
 
 
+def test_a_developer_message_is_the_system_message():
+    """OpenAI's newer clients send the system prompt as role 'developer' (it was an unknown role)."""
+    asked = [{"role": "user", "content": "Hi"}]
+    assert render_messages([{"role": "developer", "content": "Be brief."}, *asked]) == \
+        render_messages([{"role": "system", "content": "Be brief."}, *asked])
+    with pytest.raises(MessageError, match="a system message can only come first"):
+        check_messages([*asked, {"role": "developer", "content": "x"}])
+
+
 @pytest.mark.parametrize("messages, param, kind", [
     ([], "messages", MessageError),
     ("hello", "messages", MessageTypeError),

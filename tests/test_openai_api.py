@@ -38,6 +38,7 @@ def test_defaults_nulls_and_the_context():
     r = chat(temperature=None, max_tokens=None)
     assert r.sampling.greedy and r.max_tokens == SERVED.default_max_tokens and r.logprobs is None
     assert chat(max_completion_tokens=7).max_tokens == 7
+    assert chat(response_format={"type": "text"}).max_tokens == r.max_tokens  # OpenAI's default, accepted
     prompt = len(r.prompt_ids)
     assert chat(max_tokens=1000).max_tokens == SERVED.context_length - prompt  # cut to what fits
     r = completion(prompt=[2, 5, 9], logprobs=0)
@@ -79,6 +80,7 @@ def test_defaults_nulls_and_the_context():
     (chat, {"logit_bias": {"\u0663": 1}}, 400, "logit_bias"),
     (chat, {"modalities": ["audio"]}, 400, "modalities"),
     (chat, {"response_format": {"type": "json_object"}}, 400, "response_format"),
+    (chat, {"response_format": "text"}, 400, "response_format"),
     (chat, {"user": 5}, 400, "user"),
     (chat, {"store": "no"}, 400, "store"),
     (completion, {"metadata": []}, 400, "metadata"),
