@@ -71,15 +71,20 @@ class QuantizedStandard(nn.QuantizedLinear):
         return y + self["bias"] if "bias" in self else y
 
 
-def quantized_product(module: nn.Module, x: mx.array) -> mx.array:
+def quantized_product(module: nn.Module, x: mx.array, span: slice | None = None) -> mx.array:
     """`x @ W.T` for the MLX-quantized `W` a module holds (`weight`, `scales`, `biases`, and its
-    bits, group size and mode); where this device's kernel gets several rows of this shape wrong
-    (runtime/quirks.py), by the dequantized weight instead."""
+    bits, group size and mode), or over its output rows `span` (a slice of whole packed rows: a
+    view; None, the default, adds no slice to the graph); where this device's kernel gets several
+    rows of this shape wrong (runtime/quirks.py), by the dequantized weight instead."""
     q = dict(group_size=module.group_size, bits=module.bits, mode=module.mode)
-    if rows(x) > 1 and wrong_multirow(module["weight"].shape[-1] * 32 // module.bits, module.bits,
+    weight, scales, biases = module["weight"], module["scales"], module.get("biases")
+    if span is not None:
+        weight, scales = weight[span], scales[span]
+        biases = biases[span] if biases is not None else None
+    if rows(x) > 1 and wrong_multirow(weight.shape[-1] * 32 // module.bits, module.bits,
                                       module.group_size, module.mode, str(x.dtype).rsplit(".", 1)[-1]):
-        return x @ mx.dequantize(module["weight"], module["scales"], module.get("biases"), **q).T
-    return mx.quantized_matmul(x, module["weight"], module["scales"], module.get("biases"), transpose=True, **q)
+        return x @ mx.dequantize(weight, scales, biases, **q).T
+    return mx.quantized_matmul(x, weight, scales, biases, transpose=True, **q)
 
 
 def quantized_parts(module: nn.Module, x: mx.array, widths: list[int], wanted: list[bool]) -> list[mx.array | None]:
@@ -92,17 +97,9 @@ def quantized_parts(module: nn.Module, x: mx.array, widths: list[int], wanted: l
     (LAuReL's 64 outputs beside q/k/v: 3136 wide in E2B; docs/CUDA_QMM_K64.md)."""
     parts, start = [], 0
     for width, want in zip(widths, wanted, strict=True):
-        if want:
-            span = slice(start, start + width)
-            part = nn.Module()
-            part.group_size, part.bits, part.mode = module.group_size, module.bits, module.mode
-            part.weight, part.scales = module["weight"][span], module["scales"][span]
-            if "biases" in module:
-                part.biases = module["biases"][span]
-            y = quantized_product(part, x)
-            parts.append(y + module["bias"][span] if "bias" in module else y)
-        else:
-            parts.append(None)
+        span = slice(start, start + width)
+        y = quantized_product(module, x, span) if want else None
+        parts.append(y + module["bias"][span] if y is not None and "bias" in module else y)
         start += width
     return parts
 
