@@ -23,6 +23,7 @@ import platform
 import re
 import shutil
 import stat
+import time
 import warnings
 from contextlib import contextmanager
 from importlib import metadata
@@ -182,6 +183,17 @@ def _open_lock(lock: Path) -> int:
     return fd
 
 
+def _holder_pid(fd: int, wait: float = 2.0) -> str:
+    """The process id the holder of the lock on `fd` wrote there. The holder writes it a moment after
+    it takes the lock, so a run that meets the lock in that moment waits for it (at most `wait` s)."""
+    deadline = time.monotonic() + wait
+    while True:
+        holder = os.pread(fd, 20, 0).decode("ascii", "replace").strip()
+        if holder or time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.01)
+
+
 @contextmanager
 def destination_lock(out: Path):
     """Hold `.OUT.lock` beside OUT for the rest of a run; refuse at once if another run holds it."""
@@ -192,7 +204,7 @@ def destination_lock(out: Path):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 20, 0).decode("ascii", "replace").strip()
+                holder = _holder_pid(fd)
                 os.close(fd)
                 who = f" (pid {holder})" if holder.isdigit() else ""
                 raise ConvertError(f"{out}: another conversion{who} is writing this OUT; wait for it to "

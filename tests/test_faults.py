@@ -150,3 +150,32 @@ def test_a_second_conversion_while_the_first_writes(big, tmp_path):
     assert finish(first) == (0, "")
     assert verify_bundle(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("writes_pid", [True, False])
+def test_a_lock_met_before_its_holder_wrote_its_pid(tmp_path, writes_pid):
+    """A run that meets the lock in the moment between the holder's flock and its pid write waits
+    for the pid (at most two seconds) and names it; the holder here is this test, in the open."""
+    import fcntl
+    import os
+    import threading
+
+    from convert.errors import ConvertError
+    from convert.pipeline import destination_lock
+
+    out = tmp_path / "out"
+    lock = tmp_path / ".out.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, nothing written yet
+    if writes_pid:
+        threading.Timer(0.3, os.pwrite, (fd, b"4242", 0)).start()
+    began = time.monotonic()
+    with pytest.raises(ConvertError) as e:
+        with destination_lock(out):
+            pass
+    waited = time.monotonic() - began
+    os.close(fd)
+    who = " (pid 4242)" if writes_pid else ""
+    assert str(e.value) == (f"{out}: another conversion{who} is writing this OUT; wait for it to finish or "
+                            "choose another OUT")
+    assert (0.25 < waited < 1.9) if writes_pid else (1.9 < waited < 5), waited
