@@ -9,11 +9,13 @@ arrays and `mlx_lm.generate.generate_step`), prefills a fixed 64-token prompt an
 reports, as seconds after the spawn, when the model was ready, when the first token came out
 (time to first token) and when the first and the tenth decoded token came out.
 
-A "fresh machine" is emulated on this one: on CUDA, MLX compiles its kernels at first use and
-keeps them in `MLX_PTX_CACHE_DIR` (default: /tmp/mlx/<version>/ptx), and the driver keeps its
-own compilation cache (`CUDA_CACHE_DISABLE=1` turns it off). A `cold` run gets a new, empty PTX
-directory and the driver cache off; the `warm` run after it reuses that directory. The number of
-kernels a run compiled is the number of modules it left in its directory.
+A "fresh machine" is emulated on this one: MLX compiles its fused kernels at first use and
+keeps them on disk, on CUDA in `MLX_PTX_CACHE_DIR` (default: /tmp/mlx/<version>/ptx; the driver
+keeps its own compilation cache, which `CUDA_CACHE_DISABLE=1` turns off), on the CPU (built by
+the system's C++ compiler) under `$TMPDIR/mlx/<version>/cpu`. A `cold` run gets a new, empty
+directory for both and the driver cache off; the `warm` run after it reuses that directory. The
+number of kernels a run compiled is the number of modules (CUDA) or libraries (CPU: one per
+contiguous or strided variant) it left there.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int)
 
 
 def measure(impl: str, bundle: str, ptx_dir: str, tokens: int, prompt_len: int) -> dict:
-    env = dict(os.environ, MLX_PTX_CACHE_DIR=ptx_dir, CUDA_CACHE_DISABLE="1")
+    # CUDA keeps its PTX in MLX_PTX_CACHE_DIR; the CPU its compiled libraries under $TMPDIR/mlx.
+    env = dict(os.environ, MLX_PTX_CACHE_DIR=ptx_dir, CUDA_CACHE_DISABLE="1", TMPDIR=ptx_dir)
     spawned = time.time()
     run = subprocess.run([sys.executable, str(Path(__file__).resolve()), "worker", impl, bundle, repr(spawned),
                           str(tokens), str(prompt_len)], capture_output=True, text=True, env=env)
@@ -84,7 +87,7 @@ def measure(impl: str, bundle: str, ptx_dir: str, tokens: int, prompt_len: int) 
         raise SystemExit(f"worker {impl} failed ({run.returncode}):\n{run.stderr[-3000:]}")
     result = json.loads(run.stdout.strip().splitlines()[-1])
     result["exit"] = time.time() - spawned
-    result["kernels_cached"] = sum(1 for p in Path(ptx_dir).rglob("*") if p.is_file() and p.suffix == ".ptx")
+    result["kernels_cached"] = sum(1 for p in Path(ptx_dir).rglob("*") if p.is_file() and p.suffix in (".ptx", ".so"))
     return result
 
 

@@ -72,6 +72,39 @@ def compiled_step_nodes(model, prompt_len: int) -> Counter:
     return graph_nodes(*decoder._step(token, mx.array(decoder.position, mx.int32), *decoder.buffers))
 
 
+def fused_modules(model, prompt_len: int) -> list[str]:
+    """The fused kernels a fresh machine compiles for our compiled decode step, by name.
+
+    MLX compiles each fused element-wise kernel the first time it runs and keeps it on disk,
+    named after what it computes (its ops, their dtypes, its scalar constants; not its shapes):
+    on CUDA one NVRTC module per name (several seconds each on an H100, docs/BENCHMARKS.md), on
+    the CPU one library per name and memory layout under `$TMPDIR/mlx`. This runs the step on
+    the CPU with a new, empty `$TMPDIR` and reads the names back, without the layout suffix:
+    the modules CUDA would compile for the same graph (`--as-gpu` makes the graph the GPU's)."""
+    import os
+    import tempfile
+
+    import mlx.core as mx
+
+    from runtime.fast import CompiledDecoder
+
+    cache = prefilled(model, prompt_len)
+    before = os.environ.get("TMPDIR")
+    with tempfile.TemporaryDirectory(prefix="modules-") as tmp:
+        os.environ["TMPDIR"] = tmp
+        try:
+            decoder = CompiledDecoder(model, cache)
+            for token in (5, 6):
+                mx.eval(decoder(mx.array([token], dtype=mx.int32)))
+        finally:
+            if before is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = before
+        libs = [p.stem for p in Path(tmp).rglob("lib*.so")]
+    return sorted({re.sub(r"_(contiguous|strided_\d+)$", "", name[3:]) for name in libs})
+
+
 def step_graphs(bundle: str, prompt_len: int, mlx_lm: bool, eager: bool = True) -> dict[str, Counter]:
     import mlx.core as mx
 
@@ -119,12 +152,18 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=12, help="primitives listed per implementation")
     p.add_argument("--as-gpu", action="store_true",
                    help="our compiled step only, mx.fast norms and RoPE counted as one node each")
+    p.add_argument("--modules", action="store_true",
+                   help="also count the fused kernels a fresh machine compiles for our compiled step (on the CPU)")
     p.add_argument("--json", default=None, help="also write the counts per step and primitive to this file")
     a = p.parse_args(argv)
     import mlx.core as mx
 
     if a.as_gpu:
         stand_in_fast_ops()
+    if a.modules:
+        mx.set_default_device(mx.cpu)  # counted as the CPU builds them; the graph is the same
+    # first: a kernel this process has compiled is never compiled (nor written) again
+    modules = fused_modules(load_ours(a.bundle), a.prompt) if a.modules else None
     graphs = step_graphs(a.bundle, a.prompt, not (a.no_mlx_lm or a.as_gpu), eager=not a.as_gpu)
     print(f"device: {mx.default_device()}, bundle: {a.bundle}")
     rows = []
@@ -136,9 +175,11 @@ def main(argv=None) -> int:
     print(table(["step", "nodes", "not views", "views", "matmuls", "fused kernels"], rows, "lrrrrr"))
     for name, counts in graphs.items():
         print(f"\n{name}: " + ", ".join(f"{k} {n}" for k, n in counts.most_common(a.top)))
+    if modules is not None:
+        print(f"\nfused kernels a fresh machine compiles for our compiled step: {len(modules)}")
     if a.json:
         Path(a.json).write_text(json.dumps({"facts": machine_facts(), "as_gpu": a.as_gpu, "views": sorted(VIEWS),
-                                            "steps": graphs}, indent=1))
+                                            "steps": graphs, "modules": modules}, indent=1))
     return 0
 
 
