@@ -131,7 +131,7 @@ class RMSNorm(nn.Module):
 
 
 def gelu_tanh(x: mx.array) -> mx.array:
-    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))) * (0.5 * x)
 
 
 def softcap(x: mx.array, cap: float) -> mx.array:
@@ -573,7 +573,7 @@ class LanguageModel(nn.Module):
             # Ids beyond the per-layer table (e.g. multimodal tokens) read row 0.
             in_table = (ids >= 0) & (ids < c.vocab_size_per_layer_input)
             table = ple(mx.where(in_table, ids, 0))
-        table = (table * mx.array(c.hidden_size_per_layer_input**0.5, table.dtype)).reshape(shape)
+        table = table.reshape(shape) * mx.array(c.hidden_size_per_layer_input**0.5, table.dtype)
         projected = self.per_layer_model_projection(embeds) * mx.array(c.hidden_size**-0.5, embeds.dtype)
         projected = self.per_layer_projection_norm(projected.reshape(shape))
         return (projected + table) * mx.array(2.0**-0.5, embeds.dtype)
