@@ -109,6 +109,25 @@ class DecodeStep:
         self.mapped = isinstance(self.lm.embed_tokens_per_layer, MappedTable)
         self.weights_t = transposed_views(self.lm, self.head)
         self.rope_tables = self._rope_tables()
+        self.scales = self._scales()
+
+    def _scales(self) -> tuple[mx.array, mx.array]:
+        """The embeddings' scale `hidden ** 0.5` `[1, hidden]` and the per-layer projection's
+        `hidden ** -0.5` `[1, layers * per-layer width]`, in the embeddings' dtype, evaluated here.
+
+        A scalar in the step is a constant MLX broadcasts inside a fused kernel, named after its
+        value: each of these two was then a kernel that nothing else shares, compiled on every
+        fresh machine (seconds each on CUDA; tests/test_decode_graph.py). Already the shape of
+        what they multiply, each is one plain multiply, as many kernels per step as before and
+        the same bits."""
+        c = self.config
+        dtype = self.lm.embed_tokens(mx.array([0])).dtype
+        width = c.num_hidden_layers * c.hidden_size_per_layer_input
+        # each the very scalar the eager pass multiplies by (model.py), repeated
+        scales = (mx.full((1, c.hidden_size), mx.array(c.hidden_size**0.5, dtype)),
+                  mx.full((1, width), mx.array(c.hidden_size**-0.5, dtype)))
+        mx.eval(scales)
+        return scales
 
     def _rope_tables(self) -> list[tuple[mx.array, mx.array, mx.array]]:
         """Per layer, what `_scale_and_rotate` needs for the heads it projects (q, k and v where
@@ -173,10 +192,11 @@ class DecodeStep:
         ids = token.reshape(1)
         embeds = lm.embed_tokens(ids)
         dtype = embeds.dtype
-        embeds = embeds * mx.array(c.hidden_size**0.5, dtype)
+        embed_scale, projection_scale = self.scales
+        embeds = embeds * embed_scale
         # The model's own per-layer inputs and AltUp planes: layers x [1, width], [n, hidden].
         layers = c.num_hidden_layers
-        per_layer = mx.split(lm.per_layer_inputs(ids, embeds, rows).reshape(1, -1), layers, axis=1)
+        per_layer = mx.split(lm.per_layer_inputs(ids, embeds, rows, projection_scale).reshape(1, -1), layers, axis=1)
         planes = lm.altup_planes(embeds, 0, self.linear).reshape(c.altup_num_inputs, -1)
         plane_mask = lm.plane_mask.astype(dtype)
 

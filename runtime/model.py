@@ -560,10 +560,13 @@ class LanguageModel(nn.Module):
         # Not a parameter: planes 1.. receive the per-layer input (transformers: `corrected[1:] += ...`).
         object.__setattr__(self, "plane_mask", mx.array([[0.0]] + [[1.0]] * (c.altup_num_inputs - 1)))  # [n, 1]
 
-    def per_layer_inputs(self, ids: mx.array, embeds: mx.array, rows: mx.array | None = None) -> mx.array:
+    def per_layer_inputs(self, ids: mx.array, embeds: mx.array, rows: mx.array | None = None,
+                         projection_scale: mx.array | None = None) -> mx.array:
         """`rows`: the per-layer table's rows of `ids` already gathered, where the table is placed
         `mapped` (MappedTable.gather; the compiled decode step takes them as an input); gathered
-        here, on the host, when not given."""
+        here, on the host, when not given. `projection_scale`: `hidden_size ** -0.5` in the
+        embeddings' dtype, as an array of the projection's shape where the caller has one (the
+        compiled step: see DecodeStep.scales), else a scalar."""
         c = self.config
         shape = (*ids.shape, c.num_hidden_layers, c.hidden_size_per_layer_input)
         ple = self.embed_tokens_per_layer
@@ -574,7 +577,9 @@ class LanguageModel(nn.Module):
             in_table = (ids >= 0) & (ids < c.vocab_size_per_layer_input)
             table = ple(mx.where(in_table, ids, 0))
         table = table.reshape(shape) * mx.array(c.hidden_size_per_layer_input**0.5, table.dtype)
-        projected = self.per_layer_model_projection(embeds) * mx.array(c.hidden_size**-0.5, embeds.dtype)
+        if projection_scale is None:
+            projection_scale = mx.array(c.hidden_size**-0.5, embeds.dtype)
+        projected = self.per_layer_model_projection(embeds) * projection_scale
         projected = self.per_layer_projection_norm(projected.reshape(shape))
         return (projected + table) * mx.array(2.0**-0.5, embeds.dtype)
 

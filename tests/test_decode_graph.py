@@ -94,7 +94,9 @@ def test_decode_step_compiles_few_distinct_kernels(step_counts):
     library of about half a second on this CPU (docs/BENCHMARKS.md, cold start), whatever the
     model's size. Layers of one kind share their kernels; what adds one is a chain that no other
     shares: e.g. a scaling moved out of an existing chain (the per-layer table's scale before its
-    reshape, 1 more), or an operand order that sends a fused chain past MLX's fusion depth (gelu's
-    `0.5 * x` first: the sparse layers' threshold becomes a kernel of its own, 1 more)."""
+    reshape, 1 more), an operand order that sends a fused chain past MLX's fusion depth (gelu's
+    `0.5 * x` first: the sparse layers' threshold becomes a kernel of its own, 1 more), or a
+    scalar constant where the step multiplies by an array (DecodeStep.scales, 1 more each).
+    19 before those three, 15 now."""
     modules = step_counts["generic modules"]
-    assert len(modules) <= 17, f"{len(modules)} distinct fused kernels (budget 17):\n" + "\n".join(modules)
+    assert len(modules) <= 15, f"{len(modules)} distinct fused kernels (budget 15):\n" + "\n".join(modules)
