@@ -30,6 +30,7 @@ from runtime.generate import (
     ContextLengthWarning,
     GenerationResponse,
     stream_generate,
+    warm_up,
 )
 from runtime.inputs import BadType, BadValue, check_text, decode_text
 from runtime.kernels import noting_compilation
@@ -307,7 +308,11 @@ def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetiti
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
 @click.option("--strict-target", is_flag=True,
               help="refuse a bundle prepared for another device class instead of warning")
-def serve(bundle, host, port, max_tokens, max_body_bytes, client_timeout, no_cache_reuse, verify, strict_target):
+@click.option("--no-warmup", is_flag=True,
+              help="serve at once; the first request then waits while MLX compiles the decode kernels "
+                   "(once per machine: minutes on a GPU)")
+def serve(bundle, host, port, max_tokens, max_body_bytes, client_timeout, no_cache_reuse, verify, strict_target,
+          no_warmup):
     """Serve BUNDLE over an OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions,
     /v1/completions (streamed or not). One generation at a time, in arrival order."""
     from runtime.server import make_server
@@ -326,6 +331,10 @@ def serve(bundle, host, port, max_tokens, max_body_bytes, client_timeout, no_cac
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}: anyone who can reach it can use the model "
                    "(there is no authentication)", err=True)
+    if not no_warmup:  # connections wait in the listen queue meanwhile
+        click.echo("warming up: running the decode step once, so that no request waits for kernels "
+                   "to compile", err=True)
+        click.echo(f"warm in {warm_up(model):.1f} s", err=True)
     bound_host, bound_port = server.server_address[:2]
     click.echo(f"serving {model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
     serve_until_stopped(server)  # until Ctrl-C or SIGTERM, which unwind it (manifests/cli.py)

@@ -33,9 +33,9 @@ EOS_BIAS = {"1": -100, "5": -100}  # <eos>, <end_of_turn>: never stop early
 class LiveServer:
     """`python -m runtime serve BUNDLE --port 0` in a child process; its stderr is collected."""
 
-    def __init__(self, bundle, *args):
+    def __init__(self, bundle, *args, env: dict | None = None):
         self.proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", str(bundle), "--port", "0", *args],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -516,3 +516,35 @@ def test_the_runtimes_own_value_errors_are_a_400_and_the_engine_goes_on(bundle):
     server.engine.stop()
     thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def compiled_kernels(tmp) -> set[str]:
+    """The fused kernels MLX's CPU has compiled under `$TMPDIR` = `tmp` (one library per kernel
+    and memory layout; the layout suffix dropped: a CUDA module holds both)."""
+    return {re.sub(r"_(contiguous|strided_\d+)$", "", p.stem) for p in tmp.rglob("lib*.so")}
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_the_decode_kernels_are_compiled_before_the_server_says_it_serves(bundle, tmp_path, warmup):
+    """On a machine that never ran the model, MLX compiles the decode step's kernels at its first
+    run (minutes on a GPU): the server does that before it says it serves, so no request waits
+    for it (the first would otherwise stall past clients' timeouts); `--no-warmup` leaves it to
+    the first request. A fresh `$TMPDIR` is a fresh machine's kernel cache here."""
+    import os
+
+    fresh = tmp_path / "tmp"
+    fresh.mkdir()
+    live = LiveServer(bundle, *([] if warmup else ["--no-warmup"]), env=dict(os.environ, TMPDIR=str(fresh)))
+    try:
+        ready = compiled_kernels(fresh)
+        answer = live.client().completions.create(model=live.model_id, prompt=ZEN, max_tokens=8,
+                                                  extra_body={"logit_bias": EOS_BIAS})
+        assert answer.usage.completion_tokens == 8
+        after = compiled_kernels(fresh)
+    finally:
+        live.close()
+    if warmup:
+        assert any(line.startswith("warm in ") for line in live.lines), live.lines
+        assert len(ready) >= 5 and after == ready, sorted(after - ready)  # the request compiled nothing new
+    else:
+        assert ready == set() and len(after) >= 5, sorted(after)
