@@ -293,6 +293,20 @@ def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetiti
 
 @main.command()
 @bundle_argument
+@click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
+@click.option("--strict-target", is_flag=True,
+              help="refuse a bundle prepared for another device class instead of warning")
+def warmup(bundle, verify, strict_target):
+    """Compile the kernels BUNDLE's decode step needs on this machine now, for a provisioning
+    script: MLX compiles them at a model's first run on a machine (minutes on a GPU) and keeps
+    them on disk, so the first `generate` after this does not wait for them. `serve` does this
+    itself before it serves."""
+    model, _ = _load(bundle, strict_target=strict_target, verify=verify)
+    click.echo(f"warm in {warm_up(model):.1f} s", err=True)
+
+
+@main.command()
+@bundle_argument
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on; the default answers this machine only (there is no authentication)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any free port")

@@ -155,3 +155,31 @@ def test_capture_env_without_metal_is_a_clear_error(bundle, tmp_path):
     r = run("runtime", "generate", str(bundle), "--prompt", "x", "--max-tokens", "4",
             env={"MLX_PREPARED_CAPTURE_DECODE": str(tmp_path / "d.gputrace")})
     assert r.returncode == 0, r.stderr
+
+
+def compiled_kernels(tmp) -> set[str]:
+    """The fused kernels MLX's CPU compiled under `$TMPDIR` = `tmp`, without the layout suffix."""
+    import re
+
+    return {re.sub(r"_(contiguous|strided_\d+)$", "", p.stem) for p in tmp.rglob("lib*.so")}
+
+
+def test_warmup_compiles_what_the_next_generate_needs(bundle, tmp_path):
+    """`runtime warmup` on a fresh machine (a fresh `$TMPDIR`: MLX's CPU kernel cache) compiles
+    the decode step's kernels; a generate after it compiles nothing, where without it the
+    generate is what compiles them."""
+    warm, cold = tmp_path / "warm", tmp_path / "cold"
+    warm.mkdir()
+    cold.mkdir()
+    r = run("runtime", "warmup", str(bundle), env={"TMPDIR": str(warm)})
+    assert r.returncode == 0 and r.stdout == "" and r.stderr.splitlines()[-1].startswith("warm in "), r.stderr
+    compiled = compiled_kernels(warm)
+    assert len(compiled) >= 5, compiled
+    for tmp in (warm, cold):
+        r = run("runtime", "generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "8", env={"TMPDIR": str(tmp)})
+        assert r.returncode == 0, r.stderr
+    assert compiled_kernels(warm) == compiled and compiled_kernels(cold) == compiled
+
+
+def test_warmup_refuses_a_missing_bundle_in_one_line(tmp_path):
+    assert_one_line_error(run("runtime", "warmup", str(tmp_path / "nope")), str(tmp_path / "nope"))
