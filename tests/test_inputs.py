@@ -274,7 +274,7 @@ def error_line(r) -> str:
     ([b"generate", b"B", b"--prompt", b"hi", b"--max-tokens", b"many"], None,
      "error: Invalid value for '--max-tokens': 'many' is not a valid integer range."),
     ([], None,  # click printed the whole help after "error: Usage:"
-     "error: missing command: one of bench, calibrate, chat, generate, publish, serve, verify "
+     "error: missing command: one of bench, calibrate, chat, generate, publish, serve, verify, warmup "
      "(runtime --help says more)"),
     ([b"serve", b"B", b"--host", b"\xff", b"--port", b"0"], None,  # a TypeError from bind() before
      "error: --host is not valid UTF-8 (byte 0xff at character 0)"),
