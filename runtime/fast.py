@@ -197,7 +197,7 @@ class DecodeStep:
         # The model's own per-layer inputs and AltUp planes: layers x [1, width], [n, hidden].
         layers = c.num_hidden_layers
         per_layer = mx.split(lm.per_layer_inputs(ids, embeds, rows, projection_scale).reshape(1, -1), layers, axis=1)
-        planes = lm.altup_planes(embeds, 0, self.linear).reshape(c.altup_num_inputs, -1)
+        planes = lm.altup_planes(embeds, self.linear).reshape(c.altup_num_inputs, -1)
         plane_mask = lm.plane_mask.astype(dtype)
 
         kv = dict(zip(self.owners, buffers, strict=True))

@@ -58,11 +58,12 @@ def test_decode_step_stays_within_its_kernel_budget(bundles, step_counts):
     layers = load_quietly(bundles["generic"])[0].config.num_hidden_layers
     kernels, counts = step_kernels(step_counts, "generic")
     # 441 when written (10 layers, 6 with a KV cache of their own: ~44 kernels a layer); 435 since
-    # the sparse layers' threshold joined their GELU kernel (gelu_tanh's operand order). Undoing
-    # one of the fusions in DecodeStep (1 kernel a layer; the one q/k/v norm, the scale-and-RoPE
-    # kernel or the one K/V update of each of the 6 layers with a KV cache; the sparse layers'
-    # dot-product variance or threshold) breaks the budget; MLX upgrades may move it.
-    budget = 439
+    # the sparse layers' threshold joined their GELU kernel (gelu_tanh's operand order), 429 since
+    # AltUp's projections are rescaled stacked. Undoing one of the fusions in DecodeStep (1 kernel
+    # a layer; the one q/k/v norm, the scale-and-RoPE kernel or the one K/V update of each of the
+    # 6 layers with a KV cache; the sparse layers' dot-product variance or threshold) or the
+    # stacked rescaling (5) breaks the budget; MLX upgrades may move it.
+    budget = 433
     assert kernels <= budget, f"{kernels} kernels per step (budget {budget}): {counts.most_common(12)}"
     # Views cost host time too (a node each, no kernel, far less than a kernel): 166 now, 170 when
     # written (the RoPE kernel reads each head's halves through views), down from 340 before the
@@ -96,7 +97,8 @@ def test_decode_step_compiles_few_distinct_kernels(step_counts):
     shares: e.g. a scaling moved out of an existing chain (the per-layer table's scale before its
     reshape, 1 more), an operand order that sends a fused chain past MLX's fusion depth (gelu's
     `0.5 * x` first: the sparse layers' threshold becomes a kernel of its own, 1 more), or a
-    scalar constant where the step multiplies by an array (DecodeStep.scales, 1 more each).
-    19 before those three, 15 now."""
+    scalar constant where the step multiplies by an array (DecodeStep.scales, 1 more each), or
+    a reshape between the embeddings' RMS and the rescaling that uses it (1 more).
+    19 before those four, 14 now."""
     modules = step_counts["generic modules"]
-    assert len(modules) <= 15, f"{len(modules)} distinct fused kernels (budget 15):\n" + "\n".join(modules)
+    assert len(modules) <= 14, f"{len(modules)} distinct fused kernels (budget 14):\n" + "\n".join(modules)
