@@ -586,9 +586,9 @@ class LanguageModel(nn.Module):
     def altup_planes(self, embeds: mx.array, linear=call) -> mx.array:
         """The embeddings and their AltUp projections (rescaled to the embeddings' RMS), each
         token's planes in rows: `[..., n, hidden]`. The projections are rescaled stacked, by one
-        set of kernels (row by row the same arithmetic, the same bits): in the compiled step 7 kernels where one
-        by one they were 12, and one distinct fused kernel fewer to compile (the embeddings' RMS
-        joins the rescaling's kernel)."""
+        set of kernels (row by row the same arithmetic, the same bits): in the compiled step 6
+        kernels fewer than one by one, and one distinct fused kernel fewer to compile (the
+        embeddings' RMS joins the rescaling's kernel; tests/test_decode_graph.py)."""
         first = embeds[..., None, :]  # a view; the RMS taken of it is `[..., 1, 1]` with no reshape to split the kernel
         target = mx.sqrt(mx.mean(first * first, axis=-1, keepdims=True))
         projected = mx.stack([linear(proj, embeds) for proj in self.altup_projections], axis=-2)
