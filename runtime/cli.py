@@ -33,7 +33,7 @@ from runtime.generate import (
     warm_up,
 )
 from runtime.inputs import BadType, BadValue, check_text, decode_text
-from runtime.kernels import noting_compilation
+from runtime.kernels import kernel_cache_problem, noting_compilation
 from runtime.numeric import MAX_RUNS
 from runtime.sampling import SamplingParams
 
@@ -78,9 +78,17 @@ def _generation_warnings():
             raise UserError(f"{e} (--strict)") from None
 
 
+def _kernel_cache() -> None:
+    """Before a command that runs the model: MLX must be able to keep the kernels it compiles."""
+    problem = kernel_cache_problem()
+    if problem:
+        raise UserError(problem)
+
+
 def _load(bundle: str, strict_target: bool = False, verify: bool = False):
     from runtime.loader import TargetMismatchWarning, load
 
+    _kernel_cache()
     strict_target = strict_target or _strict()
 
     with warnings.catch_warnings(record=True) as caught:
@@ -453,6 +461,7 @@ def verify(bundle, numeric, runs):
     if numeric and code == 0:
         from runtime.numeric import numeric_command
 
+        _kernel_cache()
         code = numeric_command(bundle, runs or 2)
     sys.exit(code)
 

@@ -28,10 +28,44 @@ POLL_S = 0.5
 _noted = threading.Event()  # once per process
 
 
+# Where C++'s std::filesystem::temp_directory_path looks (libstdc++, POSIX), in order: the first
+# variable set is taken as it is, with no fallback (Python's tempfile falls back; MLX cannot).
+TEMP_VARIABLES = ("TMPDIR", "TMP", "TEMP", "TEMPDIR")
+
+
+def mlx_temp_dir() -> tuple[str | None, str]:
+    """(the variable naming it, or None for the default; the directory) MLX's caches go under."""
+    for name in TEMP_VARIABLES:
+        if name in os.environ:
+            return name, os.environ[name]
+    return None, tempfile.gettempdir() if os.name == "nt" else "/tmp"
+
+
 def kernel_cache_dirs() -> list[Path]:
     """Where this MLX writes the kernels it compiles: its CPU cache and its CUDA (PTX) cache."""
-    base = Path(tempfile.gettempdir()) / "mlx" / mx.__version__
+    base = Path(mlx_temp_dir()[1]) / "mlx" / mx.__version__
     return [base / "cpu", Path(os.environ.get("MLX_PTX_CACHE_DIR") or base / "ptx")]
+
+
+def kernel_cache_problem() -> str | None:
+    """Why MLX could not keep the kernels it compiles, as one line, or None. MLX writes them under
+    the temporary directory (kernel_cache_dirs) and, on the CPU, fails the first compiled
+    evaluation with a C++ filesystem error when it cannot: checked where a command starts, so
+    a TMPDIR that is missing, not a directory or not writable is a one-line error, not a
+    traceback in the middle of a generation. Makes the CPU cache directory, as MLX would."""
+    name, temp = mlx_temp_dir()
+    where = f"{name}={temp!r}" if name else f"the temporary directory {temp}"
+    fix = (f"MLX keeps the kernels it compiles under it; point {name or 'TMPDIR'} at a writable directory")
+    if not temp or not os.path.isdir(temp):
+        return f"{where} is not a directory; {fix}"
+    cpu = kernel_cache_dirs()[0]
+    try:
+        cpu.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{where}: cannot create {cpu} ({e.strerror or e}); {fix}"
+    if not os.access(cpu, os.W_OK | os.X_OK):
+        return f"{where}: {cpu} is not writable; {fix}"
+    return None
 
 
 def _state(directory: Path) -> tuple | None:

@@ -183,3 +183,21 @@ def test_warmup_compiles_what_the_next_generate_needs(bundle, tmp_path):
 
 def test_warmup_refuses_a_missing_bundle_in_one_line(tmp_path):
     assert_one_line_error(run("runtime", "warmup", str(tmp_path / "nope")), str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", PROMPT, "--max-tokens", "3"], ["warmup"], ["bench"],
+                                     ["verify", "--numeric"]])
+@pytest.mark.parametrize("temp", ["missing", "empty", "a file", "TMP missing"])
+def test_a_temporary_directory_mlx_cannot_use_is_one_line(bundle, tmp_path, command, temp):
+    """MLX keeps the kernels it compiles under C++'s temporary directory (TMPDIR, else TMP, TEMP,
+    TEMPDIR, taken as set, with no fallback): one it cannot use failed the first compiled step
+    with a C++ filesystem error, a traceback after the prompt. Now refused where the command
+    starts, naming the variable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TMP", "TEMP", "TEMPDIR")}
+    name, value = {"missing": ("TMPDIR", str(tmp_path / "nope")), "empty": ("TMPDIR", ""),
+                   "a file": ("TMPDIR", str(tmp_path / "file")), "TMP missing": ("TMP", str(tmp_path / "gone"))}[temp]
+    (tmp_path / "file").write_text("not a directory")
+    env[name] = value
+    r = subprocess.run([sys.executable, "-m", "runtime", command[0], str(bundle), *command[1:]], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert_one_line_error(r, f"{name}={value!r}", f"point {name} at a writable directory")
