@@ -31,7 +31,7 @@ import numpy as np
 
 from convert.dtypes import STORAGE, bf16_to_f32
 from convert.errors import ConvertError
-from convert.gemma3n import TextShapes, text_shapes
+from convert.gemma3n import TextShapes, expected_tensors, text_shapes
 from manifests import ManifestError
 from manifests.format import EMBED_TOKENS, LM_HEAD, PREFIX, PRETRANSPOSED
 from manifests.known_answers import checksum
@@ -474,13 +474,35 @@ def prompt_ids(text_config: dict) -> np.ndarray:
     return ids
 
 
+def check_config(directory: str | os.PathLike, manifest: dict) -> None:
+    """Every record's matrix is the `[out, in]` the manifest's text config implies
+    (convert/gemma3n.py), a fused record's members each theirs, as `load` checks: a manifest whose
+    digest was recomputed after an edit to one side only got answers for a model that `load` and
+    `verify` then refuse. One line naming the record, else None."""
+    expected = expected_tensors(manifest["model"]["text_config"])
+    for where, _, path, record in records(manifest):
+        try:
+            _, cols = Storage.of(record, where).dims(record["shape"])
+        except (ManifestError, ValueError) as e:
+            raise ConvertError(f"{directory}/{where}: {e}") from None
+        members = fused_members(record) or [(path, Storage.of(record, where).dims(record["shape"])[0])]
+        for member, rows in members:
+            name = EMBED_TOKENS if member == LM_HEAD else member  # a head of its own: the embedding's shape
+            want = expected.get(f"{name.removeprefix(PREFIX)}.weight")
+            if want is None or (rows, cols) != tuple(want):
+                implied = "no such matrix" if want is None else f"[out, in] {list(want)}"
+                raise ConvertError(f"{directory}/{where}: {member} is [out, in] {[rows, cols]}, and the text config "
+                                   f"implies {implied}; convert the bundle again")
+
+
 def known_answers(directory: str | os.PathLike, manifest: dict) -> dict:
     """The `known_answers` section (manifests/known_answers.py) for the bundle in `directory`
     described by `manifest` (its files, projections, embeddings and text config)."""
     started = time.perf_counter()
     text_config = manifest["model"]["text_config"]
-    store = StoredTensors(directory, manifest)
+    store = StoredTensors(directory, manifest)  # first: records against the files' headers
     try:
+        check_config(directory, manifest)
         forward = Forward(store, text_config)
         s = forward.arch.shapes
         ids = prompt_ids(text_config)

@@ -119,6 +119,37 @@ def test_records_that_disagree_with_the_stored_tensors_are_refused(bundles, tmp_
     assert (bundle / "manifest.yaml").read_bytes() == before
 
 
+def _double(field):
+    def edit(m):
+        c = m["model"]["text_config"]
+        c[field] = [2 * x for x in c[field]] if isinstance(c[field], list) else 2 * c[field]
+    return edit
+
+
+@pytest.mark.parametrize("field, says", [
+    ("laurel_rank", "layers.4.laurel.linear_right is [out, in] [64, 8], and the text config implies [out, in] "
+                    "[64, 16]"),
+    ("intermediate_size", "layers.4.mlp.down_proj is [out, in] [64, 128], and the text config implies [out, in] "
+                          "[64, 256]"),
+    ("vocab_size", "projections.lm_head: lm_head is [out, in] [320, 64], and the text config implies [out, in] "
+                   "[640, 64]"),
+])
+def test_a_text_config_that_disagrees_with_the_records_is_refused(bundles, tmp_path, field, says):
+    """The text config edited, the records and files left (digest recomputed): the reference
+    computed answers for a model that `load` and `verify` then refuse; now it refuses first, as
+    they do, naming the record."""
+    bundle = shutil.copytree(bundles["without"], tmp_path / "b")
+    edit_manifest(bundle, _double(field))
+    assert verify_bundle(bundle) != []  # the runtime's view of the same bundle
+    before = (bundle / "manifest.yaml").read_bytes()
+    done = add(bundle)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"error: {bundle}/manifest.yaml: ") and says in lines[0], lines[0]
+    assert lines[0].endswith("; convert the bundle again"), lines[0]
+    assert (bundle / "manifest.yaml").read_bytes() == before
+
+
 def test_not_a_bundle(tmp_path):
     done = add(tmp_path / "missing")
     assert done.returncode == 2 and "not a bundle directory" in done.stderr and "Traceback" not in done.stderr
