@@ -548,14 +548,18 @@ def generate(model, tokenizer: Tokenizer | None, prompt: str | Sequence[int] | N
     return text
 
 
+WARM_UP_PROMPT = 8  # tokens: more than one, so the prefill's masked attention runs too
+
+
 def warm_up(model) -> float:
-    """Run the compiled decode step twice on a throwaway cache, so that MLX has compiled every
-    kernel it needs before a first real request (on a machine that never ran this model, that
-    is minutes on a GPU: runtime/kernels.py); seconds taken. Kernels are named after what they
-    compute, not their shapes, so later traces of the step (other capacities) compile nothing
-    new. Nothing of the warm-up stays but the compiled kernels and the traced step."""
+    """Prefill a few tokens and run the compiled decode step twice on a throwaway cache, so that
+    MLX has compiled every kernel a generation needs before a first real request (on a machine
+    that never ran this model, that is minutes on a GPU: runtime/kernels.py); seconds taken.
+    Kernels are named after what they compute, not their shapes, so later traces of the step
+    (other capacities) compile nothing new. Nothing of the warm-up stays but the compiled
+    kernels and the traced step."""
     started = time.perf_counter()
-    for _ in stream_generate(model, None, [0], max_tokens=3, eos_token_ids=[], compiled=True):
+    for _ in stream_generate(model, None, [0] * WARM_UP_PROMPT, max_tokens=3, eos_token_ids=[], compiled=True):
         pass
     return time.perf_counter() - started
 
