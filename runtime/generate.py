@@ -552,14 +552,15 @@ WARM_UP_PROMPT = 8  # tokens: more than one, so the prefill's masked attention r
 
 
 def warm_up(model) -> float:
-    """Prefill a few tokens and run the compiled decode step twice on a throwaway cache, so that
+    """Prefill a few tokens and run the compiled decode step once on a throwaway cache, so that
     MLX has compiled every kernel a generation needs before a first real request (on a machine
     that never ran this model, that is minutes on a GPU: runtime/kernels.py); seconds taken.
     Kernels are named after what they compute, not their shapes, so later traces of the step
     (other capacities) compile nothing new. Nothing of the warm-up stays but the compiled
-    kernels and the traced step."""
+    kernels and the traced step. On a warm machine it costs two forward passes (on a 2-core CPU
+    and full-size E2B bf16, a few seconds; `serve --no-warmup` skips it)."""
     started = time.perf_counter()
-    for _ in stream_generate(model, None, [0] * WARM_UP_PROMPT, max_tokens=3, eos_token_ids=[], compiled=True):
+    for _ in stream_generate(model, None, [0] * WARM_UP_PROMPT, max_tokens=2, eos_token_ids=[], compiled=True):
         pass
     return time.perf_counter() - started
 
