@@ -12,6 +12,7 @@ from runtime import load
 from runtime.generate import ChatSession, generate
 from runtime.sampling import SamplingParams
 from tests.checkpoints import make_checkpoint
+from tests.runtime_helpers import compiled_kernels
 from tests.test_tokenizer import byte_level_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::runtime.loader.TargetMismatchWarning")
@@ -155,13 +156,6 @@ def test_capture_env_without_metal_is_a_clear_error(bundle, tmp_path):
     r = run("runtime", "generate", str(bundle), "--prompt", "x", "--max-tokens", "4",
             env={"MLX_PREPARED_CAPTURE_DECODE": str(tmp_path / "d.gputrace")})
     assert r.returncode == 0, r.stderr
-
-
-def compiled_kernels(tmp) -> set[str]:
-    """The fused kernels MLX's CPU compiled under `$TMPDIR` = `tmp`, without the layout suffix."""
-    import re
-
-    return {re.sub(r"_(contiguous|strided_\d+)$", "", p.stem) for p in tmp.rglob("lib*.so")}
 
 
 def test_warmup_compiles_what_the_next_generate_needs(bundle, tmp_path):

@@ -22,7 +22,7 @@ import pytest
 from runtime.chat import render_messages
 from runtime.generate import generate, stream_generate
 from runtime.stops import StopStrings
-from tests.runtime_helpers import demo_bundle, load_quietly
+from tests.runtime_helpers import compiled_kernels, demo_bundle, load_quietly
 
 openai = pytest.importorskip("openai")
 
@@ -516,12 +516,6 @@ def test_the_runtimes_own_value_errors_are_a_400_and_the_engine_goes_on(bundle):
     server.engine.stop()
     thread.join(timeout=30)
     assert not thread.is_alive()
-
-
-def compiled_kernels(tmp) -> set[str]:
-    """The fused kernels MLX's CPU has compiled under `$TMPDIR` = `tmp` (one library per kernel
-    and memory layout; the layout suffix dropped: a CUDA module holds both)."""
-    return {re.sub(r"_(contiguous|strided_\d+)$", "", p.stem) for p in tmp.rglob("lib*.so")}
 
 
 @pytest.mark.parametrize("warmup", [True, False])
