@@ -37,6 +37,14 @@ class CommandError(click.ClickException):
         show_error(self.format_message())
 
 
+def not_nan(ctx, param, value):
+    """A click callback for a float option: click's FloatRange lets NaN through (every comparison
+    with it is false), so the option refuses it here, as one line."""
+    if value != value:
+        raise CommandError(f"--{param.name.replace('_', '-')} must be a number, got nan")
+    return value
+
+
 def _unwind(signum, frame):
     raise SystemExit(128 + signum)
 

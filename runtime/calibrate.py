@@ -46,7 +46,7 @@ import mlx.core as mx
 import yaml
 
 from manifests import MANIFEST_NAME, ManifestError, read_manifest
-from manifests.cli import CommandError
+from manifests.cli import CommandError, not_nan
 from manifests.files import CONFIG_LIMIT, FileRefused, NotParsed, parse_json, read_limited
 from manifests.format import DTYPES, EMBED_TOKENS_PER_LAYER, MAPPED, PRETRANSPOSED, RESIDENT, STANDARD
 from manifests.gemma3n import ARCHITECTURE as GEMMA3N
@@ -459,13 +459,6 @@ class BadInput(CommandError):
     """One `error:` line, exit 2 (manifests/cli.py)."""
 
 
-def _not_nan(ctx, param, value):
-    """click's FloatRange lets NaN through (every comparison with it is false)."""
-    if value != value:
-        raise BadInput(f"--{param.name.replace('_', '-')} must be a number, got nan")
-    return value
-
-
 @click.command("calibrate")
 @click.option("--config", "config_path", type=click.Path(exists=False), default=None,
               help="config.json, a checkpoint directory, or a bundle directory whose shapes to measure "
@@ -477,7 +470,7 @@ def _not_nan(ctx, param, value):
 @click.option("--repeats", type=click.IntRange(1, MAX_REPEATS), default=Settings.repeats, show_default=True,
               help="timed samples per layout and shape (their median counts)")
 @click.option("--margin", type=click.FloatRange(0.0, 0.5), default=Settings.margin, show_default=True,
-              callback=_not_nan, help="how much faster pretransposed must be to be chosen")
+              callback=not_nan, help="how much faster pretransposed must be to be chosen")
 @click.option("--cache-mb", type=click.IntRange(1, MAX_CACHE_MB), default=Settings.cache_bytes >> 20,
               show_default=True,
               help="distinct weight bytes per sample (MiB)")
@@ -487,7 +480,7 @@ def _not_nan(ctx, param, value):
 @click.option("--placement/--no-placement", default=True, show_default=True,
               help="with a bundle as --config: also decode with the per-layer embedding table resident and "
                    "mapped, and choose its placement (per_layer_embeddings)")
-@click.option("--placement-floor", type=click.FloatRange(0.0, 1.0), default=Settings.placement_floor, callback=_not_nan,
+@click.option("--placement-floor", type=click.FloatRange(0.0, 1.0), default=Settings.placement_floor, callback=not_nan,
               show_default=True, help="mapped is chosen when it decodes at least this fraction of resident's rate")
 @click.option("--quiet", is_flag=True, help="no progress or table on stderr")
 def calibrate_command(config_path, dtypes, roles, repeats, margin, cache_mb, out, save, quiet, placement,

@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from manifests import ManifestError
-from manifests.cli import NOTE_PREFIX, WARNING_PREFIX, CommandError, run_program
+from manifests.cli import NOTE_PREFIX, WARNING_PREFIX, CommandError, not_nan, run_program
 from runtime.chat import user_and_system
 from runtime.generate import (
     CAPTURE_PATH_ENV,
@@ -185,13 +185,6 @@ def _option_names(message: str) -> str:
     return message
 
 
-def _finite(value: float, option: str) -> float:
-    """click's FloatRange lets NaN through (every comparison with it is false)."""
-    if value != value:
-        raise UserError(f"{option} must be a number, got nan")
-    return value
-
-
 def _text(value: str | bytes, what: str) -> str:
     """An argument (str, undecodable bytes kept as surrogate escapes) or bytes read from stdin, as
     valid UTF-8 text; one line and exit 2 otherwise."""
@@ -323,7 +316,7 @@ def warmup(bundle, verify, strict_target):
 @click.option("--max-body-bytes", type=click.IntRange(1), default=1 << 20, show_default=True,
               help="largest request body accepted (larger ones get 413)")
 @click.option("--client-timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
-              callback=lambda ctx, param, value: _finite(value, "--client-timeout"),
+              callback=not_nan,
               help="seconds a client may send or read nothing before it is dropped (a body must arrive whole "
                    "within twice this)")
 @click.option("--no-cache-reuse", is_flag=True, help="prefill every request from scratch (for measurements)")
