@@ -276,6 +276,7 @@ def error_line(r) -> str:
     ([], None,  # click printed the whole help after "error: Usage:"
      "error: missing command: one of bench, calibrate, chat, generate, publish, serve, verify, warmup "
      "(runtime --help says more)"),
+    ([b"serve", b"B", b"--client-timeout", b"nan"], None, "error: --client-timeout must be a number, got nan"),
     ([b"serve", b"B", b"--host", b"\xff", b"--port", b"0"], None,  # a TypeError from bind() before
      "error: --host is not valid UTF-8 (byte 0xff at character 0)"),
     # bench's prompt is made in memory at once: 10**12 tokens was a numpy MemoryError traceback;
