@@ -482,10 +482,10 @@ def check_config(directory: str | os.PathLike, manifest: dict) -> None:
     expected = expected_tensors(manifest["model"]["text_config"])
     for where, _, path, record in records(manifest):
         try:
-            _, cols = Storage.of(record, where).dims(record["shape"])
+            out, cols = Storage.of(record, where).dims(record["shape"])
         except (ManifestError, ValueError) as e:
             raise ConvertError(f"{directory}/{where}: {e}") from None
-        members = fused_members(record) or [(path, Storage.of(record, where).dims(record["shape"])[0])]
+        members = fused_members(record) or [(path, out)]
         for member, rows in members:
             name = EMBED_TOKENS if member == LM_HEAD else member  # a head of its own: the embedding's shape
             want = expected.get(f"{name.removeprefix(PREFIX)}.weight")
