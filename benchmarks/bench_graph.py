@@ -87,6 +87,7 @@ def fused_modules(model, prompt_len: int) -> list[str]:
     import mlx.core as mx
 
     from runtime.fast import CompiledDecoder
+    from runtime.kernels import compiled_kernel_names
 
     cache = prefilled(model, prompt_len)
     before = os.environ.get("TMPDIR")
@@ -101,8 +102,7 @@ def fused_modules(model, prompt_len: int) -> list[str]:
                 del os.environ["TMPDIR"]
             else:
                 os.environ["TMPDIR"] = before
-        libs = [p.stem for p in Path(tmp).rglob("lib*.so")]
-    return sorted({re.sub(r"_(contiguous|strided_\d+)$", "", name[3:]) for name in libs})
+        return sorted(compiled_kernel_names(Path(tmp)))
 
 
 def step_graphs(bundle: str, prompt_len: int, mlx_lm: bool, eager: bool = True) -> dict[str, Counter]:

@@ -16,6 +16,7 @@ nothing here, so on Apple GPUs it stays silent.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable
@@ -45,6 +46,14 @@ def kernel_cache_dirs() -> list[Path]:
     """Where this MLX writes the kernels it compiles: its CPU cache and its CUDA (PTX) cache."""
     base = Path(mlx_temp_dir()[1]) / "mlx" / mx.__version__
     return [base / "cpu", Path(os.environ.get("MLX_PTX_CACHE_DIR") or base / "ptx")]
+
+
+def compiled_kernel_names(root: Path) -> set[str]:
+    """The fused kernels MLX's CPU has compiled under `root` (a `$TMPDIR`): one library per kernel
+    and memory layout, named after what the kernel computes; the layout suffix dropped (a CUDA
+    module holds both layouts), so the names are the modules a GPU compiles for the same graph.
+    For the benchmarks and tests that count them."""
+    return {re.sub(r"_(contiguous|strided_\d+)$", "", p.stem.removeprefix("lib")) for p in root.rglob("lib*.so")}
 
 
 def kernel_cache_problem() -> str | None:

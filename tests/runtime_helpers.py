@@ -197,11 +197,3 @@ def text_checkpoint(path: Path) -> Path:
     write_tokenizer(src)
     return src
 
-
-def compiled_kernels(tmp: Path) -> set[str]:
-    """The fused kernels MLX's CPU has compiled under `$TMPDIR` = `tmp`: one library per kernel
-    and memory layout, named after the kernel; the layout suffix dropped (a CUDA module holds
-    both layouts), so the names are the modules a GPU would compile."""
-    import re
-
-    return {re.sub(r"_(contiguous|strided_\d+)$", "", p.stem) for p in tmp.rglob("lib*.so")}

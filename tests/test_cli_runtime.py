@@ -10,9 +10,9 @@ import pytest
 
 from runtime import load
 from runtime.generate import ChatSession, generate
+from runtime.kernels import compiled_kernel_names
 from runtime.sampling import SamplingParams
 from tests.checkpoints import make_checkpoint
-from tests.runtime_helpers import compiled_kernels
 from tests.test_tokenizer import byte_level_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::runtime.loader.TargetMismatchWarning")
@@ -167,12 +167,12 @@ def test_warmup_compiles_what_the_next_generate_needs(bundle, tmp_path):
     cold.mkdir()
     r = run("runtime", "warmup", str(bundle), env={"TMPDIR": str(warm)})
     assert r.returncode == 0 and r.stdout == "" and r.stderr.splitlines()[-1].startswith("warm in "), r.stderr
-    compiled = compiled_kernels(warm)
+    compiled = compiled_kernel_names(warm)
     assert len(compiled) >= 5, compiled
     for tmp in (warm, cold):
         r = run("runtime", "generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "8", env={"TMPDIR": str(tmp)})
         assert r.returncode == 0, r.stderr
-    assert compiled_kernels(warm) == compiled and compiled_kernels(cold) == compiled
+    assert compiled_kernel_names(warm) == compiled and compiled_kernel_names(cold) == compiled
 
 
 def test_warmup_refuses_a_missing_bundle_in_one_line(tmp_path):

@@ -21,8 +21,9 @@ import pytest
 
 from runtime.chat import render_messages
 from runtime.generate import generate, stream_generate
+from runtime.kernels import compiled_kernel_names
 from runtime.stops import StopStrings
-from tests.runtime_helpers import compiled_kernels, demo_bundle, load_quietly
+from tests.runtime_helpers import demo_bundle, load_quietly
 
 openai = pytest.importorskip("openai")
 
@@ -530,11 +531,11 @@ def test_the_decode_kernels_are_compiled_before_the_server_says_it_serves(bundle
     fresh.mkdir()
     live = LiveServer(bundle, *([] if warmup else ["--no-warmup"]), env=dict(os.environ, TMPDIR=str(fresh)))
     try:
-        ready = compiled_kernels(fresh)
+        ready = compiled_kernel_names(fresh)
         answer = live.client().completions.create(model=live.model_id, prompt=ZEN, max_tokens=8,
                                                   extra_body={"logit_bias": EOS_BIAS})
         assert answer.usage.completion_tokens == 8
-        after = compiled_kernels(fresh)
+        after = compiled_kernel_names(fresh)
     finally:
         live.close()
     if warmup:
