@@ -101,4 +101,5 @@ def test_decode_step_compiles_few_distinct_kernels(step_counts):
     a reshape between the embeddings' RMS and the rescaling that uses it (1 more).
     19 before those four, 14 now."""
     modules = step_counts["generic modules"]
+    assert len(modules) >= 5, modules  # the count itself works (none found would pass the budget)
     assert len(modules) <= 14, f"{len(modules)} distinct fused kernels (budget 14):\n" + "\n".join(modules)
