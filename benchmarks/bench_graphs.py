@@ -4,8 +4,9 @@
     python3 benchmarks/bench_graphs.py OURS_BUNDLE GENERIC_BUNDLE [--rounds 3] [--reps 3]
     # 4-bit: the same with quantized bundles (mlx-lm quantized as the manifest says)
     python3 benchmarks/bench_graphs.py OURS_Q4 GENERIC_Q4 --quantized
-    # other settings: OPS/CACHE for both, ours:OPS/CACHE for our runtime only (repeatable)
-    python3 benchmarks/bench_graphs.py ... --try 2000/2000 --try ours:2000/2000 --try 20/2000
+    # other settings: OPS/CACHE for both, ours:OPS/CACHE for our runtime only (repeatable);
+    # `nographs`: MLX_USE_CUDA_GRAPHS=0, every kernel launched on the stream as encoded
+    python3 benchmarks/bench_graphs.py ... --try 2000/2000 --try ours:2000/2000 --try 20/2000 --try nographs
 
 MLX's CUDA build records kernels into CUDA graphs: it closes a graph every
 MLX_MAX_OPS_PER_BUFFER kernels (default 20) and keeps MLX_CUDA_GRAPH_CACHE_SIZE instantiated
@@ -37,15 +38,19 @@ DEFAULT_TRIES = ["ours:2000/2000", "2000/2000"]
 
 
 def parse_try(text: str) -> tuple[str, dict, dict]:
-    """`[ours:]OPS/CACHE` -> (row name, ours' variables, mlx-lm's variables)."""
+    """`[ours:]OPS/CACHE` or `[ours:]nographs` -> (row name, ours' variables, mlx-lm's variables)."""
     only_ours = text.startswith("ours:")
     body = text.removeprefix("ours:")
-    try:
-        ops, cache = (str(int(v)) for v in body.split("/"))
-    except ValueError:
-        raise SystemExit(f"--try {text!r}: expected OPS/CACHE or ours:OPS/CACHE, e.g. 2000/2000") from None
-    env = dict(zip(CUDA_GRAPH_VARS, (ops, cache), strict=True))
-    return (f"{ops}/{cache} for ours only" if only_ours else f"{ops}/{cache} for both"), env, ({} if only_ours else env)
+    if body == "nographs":
+        env = {"MLX_USE_CUDA_GRAPHS": "0"}
+    else:
+        try:
+            ops, cache = (str(int(v)) for v in body.split("/"))
+        except ValueError:
+            raise SystemExit(f"--try {text!r}: expected [ours:]OPS/CACHE (e.g. 2000/2000) or [ours:]nographs") from None
+        env = dict(zip(CUDA_GRAPH_VARS[:2], (ops, cache), strict=True))
+    body = "no CUDA graphs" if body == "nographs" else body
+    return (f"{body} for ours only" if only_ours else f"{body} for both"), env, ({} if only_ours else env)
 
 
 def environment(extra: dict) -> dict:
@@ -65,7 +70,9 @@ def run_worker(script: str, impl: str, path: str, a, env: dict) -> dict:
 
 
 def short(env: dict) -> str:
-    values = [env.get(k) for k in CUDA_GRAPH_VARS]
+    if env.get("MLX_USE_CUDA_GRAPHS") == "0":
+        return "no CUDA graphs"
+    values = [env.get(k) for k in CUDA_GRAPH_VARS[:2]]
     return "MLX defaults" if values == [None, None] else "/".join(v or "default" for v in values)
 
 
@@ -79,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--try", dest="tries", action="append", default=None, metavar="[ours:]OPS/CACHE",
+    p.add_argument("--try", dest="tries", action="append", default=None, metavar="[ours:]OPS/CACHE|[ours:]nographs",
                    help=f"a setting besides MLX's defaults (default: {' and '.join(DEFAULT_TRIES)})")
     p.add_argument("--json", default=None)
     p.add_argument("--dry-run", action="store_true",

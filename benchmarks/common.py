@@ -66,7 +66,8 @@ def json_child(script: str, args: list[str]) -> tuple[dict, ChildRun]:
 
 
 # MLX's CUDA graph settings (benchmarks/bench_graphs.py): a worker reports what it ran with.
-CUDA_GRAPH_VARS = ("MLX_MAX_OPS_PER_BUFFER", "MLX_CUDA_GRAPH_CACHE_SIZE")
+# MLX_USE_CUDA_GRAPHS=0: no CUDA graphs at all, each kernel launched on the stream as it is encoded
+CUDA_GRAPH_VARS = ("MLX_MAX_OPS_PER_BUFFER", "MLX_CUDA_GRAPH_CACHE_SIZE", "MLX_USE_CUDA_GRAPHS")
 
 
 def graph_env() -> dict:

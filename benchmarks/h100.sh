@@ -48,16 +48,18 @@ for step in $steps; do
       python3 benchmarks/bench_quantized.py decode "$data/$size-generic-q4" --ours "$data/$size-cuda-q4" --compiled \
         --rounds "${ROUNDS:-2}" --reps 3 --prompt 64 --tokens "${TOKENS:-64}" --json "$out/q4-$size.json" ;;
     graphs|graphs-q4)
-      # MLX's CUDA graph settings (bench_graphs.py --try, default ours:2000/2000 and 2000/2000) vs its defaults.
+      # MLX's CUDA graph settings (bench_graphs.py --try, default ours:2000/2000 and 2000/2000) vs its defaults;
+      # TRIES="nographs ours:nographs" tries those instead.
+      tries=(); for t in ${TRIES:-}; do tries+=(--try "$t"); done
       if [ "$step" = graphs-q4 ]; then
         for t in generic cuda; do
           [ -d "$data/$size-$t-q4" ] || python3 -m convert --target $t --quantize 4 --quiet "$data/$size" "$data/$size-$t-q4"
         done
         python3 benchmarks/bench_graphs.py "$data/$size-cuda-q4" "$data/$size-generic-q4" --quantized \
-          --rounds "${ROUNDS:-3}" --tokens "${TOKENS:-64}" --json "$out/graphs-q4-$size.json"
+          --rounds "${ROUNDS:-3}" --tokens "${TOKENS:-64}" "${tries[@]}" --json "$out/graphs-q4-$size.json"
       else
         python3 benchmarks/bench_graphs.py "$data/$size-cuda" "$data/$size-generic" \
-          --rounds "${ROUNDS:-3}" --tokens "${TOKENS:-64}" --json "$out/graphs-$size.json"
+          --rounds "${ROUNDS:-3}" --tokens "${TOKENS:-64}" "${tries[@]}" --json "$out/graphs-$size.json"
       fi ;;
     sweep)
       # MLX's CUDA backend records up to MLX_MAX_OPS_PER_BUFFER ops per CUDA graph and keeps
