@@ -33,7 +33,7 @@ from runtime.generate import (
     warm_up,
 )
 from runtime.inputs import BadType, BadValue, check_text, decode_text
-from runtime.kernels import kernel_cache_problem, noting_compilation
+from runtime.kernels import kernel_cache_problem, noted, noting_compilation
 from runtime.numeric import MAX_RUNS
 from runtime.sampling import SamplingParams
 
@@ -101,6 +101,38 @@ def _load(bundle: str, strict_target: bool = False, verify: bool = False):
         note = issubclass(w.category, TargetMismatchWarning)  # about speed: the bundle runs correctly
         click.echo(f"{'note' if note else 'warning'}: {w.message}", err=True)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _compiling_in_background(model, enabled: bool):
+    """Around a command's generations: where this machine lacks the model's decode kernels, a
+    child compiles them while decoding runs eagerly (runtime/precompile.py); at the end the
+    command waits for it, so that the next run starts compiled (Ctrl-C skips the wait)."""
+    from runtime import precompile
+
+    job = precompile.start(model) if enabled else None
+    if job is None:
+        yield
+        return
+    noted()  # this note replaces the one about MLX compiling in this process
+    click.echo(f"{NOTE_PREFIX}this model's decode kernels were never compiled on this machine: a background "
+               "process compiles them (once; minutes on a GPU) while decoding runs without them, more slowly",
+               err=True)
+    try:
+        yield
+        if not job.ready():
+            click.echo(f"{NOTE_PREFIX}waiting for the background compilation to finish, so that the next run "
+                       "starts fast (Ctrl-C skips)", err=True)
+            job.finish()
+    finally:
+        job.stop()
+        if job.failure:
+            click.echo(f"{NOTE_PREFIX}the background compilation failed ({job.failure}); kernels compile in "
+                       "this process instead, at its first compiled step", err=True)
+
+
+BACKGROUND_HELP = ("on a machine that never ran this model, compile its decode kernels in this process "
+                   "(the generation stalls for them) instead of in a background one while decoding eagerly")
 
 
 def _verified(bundle: str) -> None:
@@ -237,9 +269,10 @@ SYSTEM_HELP = "a system prompt; Gemma has no system role, so it opens the first 
 @click.option("--chat", is_flag=True, help="wrap the prompt in Gemma's chat turn format")
 @click.option("--system", default=None, help=SYSTEM_HELP + " (implies --chat)")
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
+@click.option("--no-background-compile", is_flag=True, help=BACKGROUND_HELP)
 @sampling_options
-def generate(bundle, prompt, chat, system, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
-             prefill_step_size, strict_target):
+def generate(bundle, prompt, chat, system, verify, no_background_compile, max_tokens, temp, top_p, top_k, min_p,
+             repetition_penalty, seed, prefill_step_size, strict_target):
     """Stream a continuation of --prompt to stdout; speeds and peak memory go to stderr."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
     prompt = _stdin_prompt() if prompt == "-" else _text(prompt, "--prompt")
@@ -248,10 +281,11 @@ def generate(bundle, prompt, chat, system, verify, max_tokens, temp, top_p, top_
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "generate")
     text = {"messages": user_and_system(prompt, system)} if chat or system is not None else {"prompt": prompt}
-    last = _stream_to_stdout(stream_generate(model, tokenizer, **text, max_tokens=max_tokens, sampling=params,
-                                             prefill_step_size=prefill_step_size))
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    with _compiling_in_background(model, not no_background_compile):
+        last = _stream_to_stdout(stream_generate(model, tokenizer, **text, max_tokens=max_tokens, sampling=params,
+                                                 prefill_step_size=prefill_step_size))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     if last is None:
         return
     if last.finish_reason == "capture":
@@ -263,9 +297,10 @@ def generate(bundle, prompt, chat, system, verify, max_tokens, temp, top_p, top_
 @bundle_argument
 @click.option("--system", default=None, help=SYSTEM_HELP)
 @click.option("--verify", is_flag=True, help="check every file's hash against the manifest before loading")
+@click.option("--no-background-compile", is_flag=True, help=BACKGROUND_HELP)
 @sampling_options
-def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, prefill_step_size,
-         strict_target):
+def chat(bundle, system, verify, no_background_compile, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
+         seed, prefill_step_size, strict_target):
     """Chat on stdin, one message per line; the cache is kept across turns. End with EOF (Ctrl-D)."""
     params = _params(temp, top_p, top_k, min_p, repetition_penalty, seed)
     system = None if system is None else _text(system, "--system")
@@ -273,23 +308,24 @@ def chat(bundle, system, verify, max_tokens, temp, top_p, top_k, min_p, repetiti
     _need_tokenizer(tokenizer, bundle, "chat")
     session = ChatSession(model, tokenizer, max_tokens=max_tokens, sampling=params,
                           prefill_step_size=prefill_step_size, system=system)
-    interactive = sys.stdin.isatty()
-    number = 0
-    while True:
-        if interactive:
-            click.echo(">> ", nl=False, err=True)
-        line = sys.stdin.buffer.readline()
-        if not line:
-            break
-        number += 1
-        message = _text(line, f"chat line {number}").rstrip("\n")
-        if not message.strip():
-            continue
-        last = _stream_to_stdout(session.send(message))
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        if last is not None:
-            click.echo(_stats_line(last), err=True)
+    with _compiling_in_background(model, not no_background_compile):
+        interactive = sys.stdin.isatty()
+        number = 0
+        while True:
+            if interactive:
+                click.echo(">> ", nl=False, err=True)
+            line = sys.stdin.buffer.readline()
+            if not line:
+                break
+            number += 1
+            message = _text(line, f"chat line {number}").rstrip("\n")
+            if not message.strip():
+                continue
+            last = _stream_to_stdout(session.send(message))
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if last is not None:
+                click.echo(_stats_line(last), err=True)
 
 
 @main.command()

@@ -46,6 +46,7 @@ from runtime.inputs import (
     vocab_size_of,
 )
 from runtime.model import Model
+from runtime.precompile import pending
 from runtime.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from runtime.tokenizer import END_OF_TURN, Tokenizer
 
@@ -341,7 +342,8 @@ def _steps(prompt, model, *, cache, sampler, max_tokens, prefill_step_size, capt
         nonlocal decoder
         token = pick.safe(token)
         pick.feed(token)
-        if compiled:
+        # While a child compiles the step's kernels (runtime/precompile.py), steps run eagerly.
+        if compiled and (decoder is not None or not pending(model)):
             if decoder is None:
                 decoder = CompiledDecoder(model, cache, capacity=decode_capacity(model, cache[0].offset, max_tokens))
             logits = decoder(token)

@@ -88,6 +88,11 @@ def _state(directory: Path) -> tuple | None:
     return tuple(stamps)
 
 
+def noted() -> None:
+    """No note from `noting_compilation` in this process any more: the caller gave its own."""
+    _noted.set()
+
+
 def compile_note(directory: Path) -> str:
     return (f"MLX is compiling kernels this model needs for the first time on this machine (up to two "
             f"minutes on a GPU, once: they are cached in {directory})")

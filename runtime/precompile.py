@@ -1,0 +1,237 @@
+"""Compile a model's decode kernels in a child process while the first generation decodes eagerly.
+
+On a machine that never ran a model, MLX compiles the fused kernels of its compiled decode step
+the first time the step runs (runtime/kernels.py): on an H100, E2B's 16 took 83 s, during which
+the first generation stood still after its first token. Nothing of that compilation needs the
+weights: MLX names a fused kernel after its operations and dtypes, never its shapes or values,
+and caches it on disk under that name. So a child process builds the same model over weights
+that are zero-stride broadcasts of one zero (no bytes read, nothing allocated but the
+transient operands of its matmuls), runs the decode step once, and MLX compiles every kernel
+there; meanwhile the parent decodes through the model's eager forward pass, whose kernels come
+built (at eager speed: slower than the compiled step, far faster than waiting). When the child
+is done, its kernels are published into this machine's caches and the parent's next step is the
+compiled one, which then compiles nothing.
+
+Safe by construction:
+- the child writes into caches of its own (`TMPDIR` and `MLX_PTX_CACHE_DIR` pointed at a private
+  directory); the parent publishes each file it made by copy and atomic rename, the CUDA
+  kernel's mangled names (`.txt`) before its code (`.ptx`), so MLX, in this process or any other,
+  finds a kernel whole or not at all, whatever is killed when;
+- a list of what was published, named after the step's signature (MLX version, device, this
+  runtime's source, the model's config, parameter names, shapes and dtypes), says this model's
+  kernels are here: the next run finds it, sees every listed file still there, and starts no child;
+- a child that fails changes nothing: the compiled step then compiles in this process, as it
+  would have without one.
+
+Where kernels are not cached on disk (Metal compiles in-process, in milliseconds) no child is
+started. Greedy text is the same either way on the CPU (the two passes agree bit for bit,
+tests/test_fast.py); on CUDA the passes' roundings may differ, so where a first run switches
+from eager to compiled steps can move a near-tie of a random-weight model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from runtime.kernels import kernel_cache_dirs, mlx_temp_dir
+
+LIST_PREFIX = "mlx-prepared-kernels-"
+RUNTIME = Path(__file__).resolve().parent
+
+
+def caches_on_disk() -> bool:
+    """Whether this MLX compiles kernels into a disk cache for the default device (CPU, CUDA)."""
+    return mx.default_device().type == mx.cpu or mx.cuda.is_available()
+
+
+def signature(model) -> str:
+    """What the compiled step's kernels depend on, hashed: MLX and the device, this runtime's
+    source, the model's config and every parameter's name, shape and dtype, and the per-layer
+    table's placement."""
+    h = hashlib.sha256()
+    info = {k: v for k, v in mx.device_info().items() if isinstance(v, str)}
+    h.update(json.dumps([mx.__version__, str(mx.default_device()), info], sort_keys=True).encode())
+    for source in sorted(RUNTIME.glob("*.py")):
+        h.update(source.name.encode() + source.read_bytes())
+    h.update(json.dumps(model.config.__dict__, sort_keys=True, default=str).encode())
+    for name, array in tree_flatten(model.parameters()):
+        h.update(f"{name}:{array.dtype}:{array.shape};".encode())
+    table = model.model.language_model.embed_tokens_per_layer
+    h.update(type(table).__name__.encode())
+    return h.hexdigest()[:32]
+
+
+def _list_file(sig: str) -> Path:
+    return kernel_cache_dirs()[0].parent / f"{LIST_PREFIX}{sig}.json"
+
+
+def compiled_here(sig: str) -> bool:
+    """Whether the kernels of the step with this signature were published on this machine and
+    are all still in its caches."""
+    try:
+        listed = json.loads(_list_file(sig).read_text())
+        return all(Path(p).is_file() for p in listed)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def zero_weights(model) -> None:
+    """Every parameter replaced by a zero-stride broadcast of a zero of its dtype and shape: the
+    model computes the same graph over no bytes (what the child compiles kernels with)."""
+    flat = tree_flatten(model.parameters())
+    model.update(tree_unflatten([(k, mx.broadcast_to(mx.zeros((), v.dtype), v.shape)) for k, v in flat]))
+
+
+def publish(private: Path, sig: str) -> list[str]:
+    """Copy each kernel file the child made under `private` into the same place of this
+    machine's caches, atomically (a temporary name, then a rename: MLX sees a file whole or not
+    at all), the mangled names before the code they name; then write the list of them. The
+    published paths."""
+    shared = kernel_cache_dirs()
+    own = _child_dirs(private)
+    done: list[str] = []
+    for src_root, dst_root in zip(own, shared, strict=True):
+        if not src_root.is_dir():
+            continue
+        files = [p for p in src_root.rglob("*") if p.is_file()]
+        # .ptx last: MLX reads a CUDA kernel's .ptx first and then its names (.txt)
+        for src in sorted(files, key=lambda p: (p.suffix in (".ptx", ".so"), str(p))):
+            dst = dst_root / src.relative_to(src_root)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.exists():
+                tmp = dst.parent / f".mlx-prepared-{os.getpid()}.tmp"  # short: kernel names fill NAME_MAX
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            if src.suffix in (".ptx", ".so"):
+                done.append(str(dst))
+    listing = _list_file(sig)
+    tmp = listing.parent / f".mlx-prepared-{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(sorted(done)))
+    os.replace(tmp, listing)
+    return done
+
+
+def _child_dirs(private: Path) -> list[Path]:
+    """The child's caches (kernel_cache_dirs with TMPDIR and MLX_PTX_CACHE_DIR at `private`)."""
+    return [private / "mlx" / mx.__version__ / "cpu", private / "ptx"]
+
+
+class BackgroundCompile:
+    """A child process compiling a bundle's decode kernels; `ready()` polls it (and publishes its
+    kernels when it succeeded), `finish()` waits for it, `stop()` ends it. Use `start`."""
+
+    def __init__(self, bundle: Path, sig: str):
+        self.sig = sig
+        self.private = Path(tempfile.mkdtemp(prefix="mlx-prepared-compile-", dir=mlx_temp_dir()[1]))
+        env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
+        env.update(TMPDIR=str(self.private), MLX_PTX_CACHE_DIR=str(_child_dirs(self.private)[1]))
+        self.log = self.private / "child.log"
+        with open(self.log, "wb") as log:
+            self.child = subprocess.Popen([sys.executable, "-m", "runtime.precompile", str(bundle)], env=env,
+                                          cwd=str(RUNTIME.parent), stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT)
+        self.published: list[str] | None = None
+        self.failure: str | None = None
+
+    def ready(self) -> bool:
+        """True once the child has ended (its kernels published if it succeeded); never blocks."""
+        if self.child is None:
+            return True
+        if self.child.poll() is None:
+            return False
+        self._end()
+        return True
+
+    def finish(self) -> None:
+        """Wait for the child, then publish its kernels."""
+        if self.child is not None:
+            self.child.wait()
+            self._end()
+
+    def stop(self) -> None:
+        """End the child if it still runs; publish nothing of it; remove its directory."""
+        if self.child is not None and self.child.poll() is None:
+            self.child.terminate()
+            try:
+                self.child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
+        self.child = None
+        shutil.rmtree(self.private, ignore_errors=True)
+
+    def _end(self) -> None:
+        code = self.child.returncode
+        try:
+            if code == 0:
+                self.published = publish(self.private, self.sig)
+            else:
+                lines = self.log.read_text(errors="replace").strip().splitlines()
+                self.failure = f"exit {code}" + (f": {lines[-1]}" if lines else "")
+        except OSError as e:
+            self.failure = f"publishing its kernels failed: {e}"
+        finally:
+            self.child = None
+            shutil.rmtree(self.private, ignore_errors=True)
+
+
+def start(model) -> BackgroundCompile | None:
+    """A child compiling `model`'s decode kernels, where this machine lacks them and caches them
+    on disk, and the model came from a bundle directory (runtime.load); else None. While it runs,
+    generation with this model decodes eagerly (runtime/generate.py); a second call returns the
+    same child."""
+    running = getattr(model, "_background_compile", None)
+    if running is not None:
+        return running
+    bundle = getattr(model, "bundle_path", None)
+    if bundle is None or not caches_on_disk():
+        return None
+    sig = signature(model)
+    if compiled_here(sig):
+        return None
+    job = BackgroundCompile(Path(bundle), sig)
+    object.__setattr__(model, "_background_compile", job)  # not a parameter: outside the module tree
+    return job
+
+
+def pending(model) -> bool:
+    """Whether a background compilation of `model`'s kernels is still running (polled; once it has
+    ended, the model forgets it and the compiled step runs)."""
+    job = getattr(model, "_background_compile", None)
+    if job is None:
+        return False
+    if not job.ready():
+        return True
+    object.__setattr__(model, "_background_compile", None)
+    return False
+
+
+def main(argv: list[str]) -> int:
+    """The child: the bundle's model over zero weights, its compiled decode step run once."""
+    from runtime.generate import warm_up
+    from runtime.loader import load_model
+
+    if len(argv) != 1:
+        print("usage: python -m runtime.precompile BUNDLE (started by the runtime itself)", file=sys.stderr)
+        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the parent said what there is to say about the bundle
+        model = load_model(argv[0], lazy=True)
+    zero_weights(model)
+    warm_up(model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,194 @@
+"""runtime/precompile.py: on a machine without a model's decode kernels (a fresh `$TMPDIR`, where
+MLX's CPU keeps the kernels it compiles), `runtime generate` and `chat` compile them in a child
+process while decoding eagerly, and publish them into the machine's cache.
+
+Each run is a real `python -m runtime` process with a TMPDIR of its own (MLX fixes its cache
+directory at its first compilation in a process, so this test process cannot switch it)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import pytest
+
+from runtime import load
+from runtime.kernels import compiled_kernel_names
+from runtime.precompile import LIST_PREFIX, compiled_here, publish, signature, zero_weights
+from tests.checkpoints import make_checkpoint
+from tests.test_tokenizer import byte_level_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore::runtime.loader.TargetMismatchWarning")
+
+PROMPT = "Beautiful is better than"
+NOTE = "a background process compiles them"
+
+
+def run(*args, tmpdir, stdin=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
+    env["TMPDIR"] = str(tmpdir)
+    return subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True, text=True, env=env,
+                          input=stdin, timeout=300)
+
+
+def fresh(tmp_path, name):
+    d = tmp_path / name
+    d.mkdir()
+    return d
+
+
+def leftovers(tmpdir):
+    """What a run must not leave: the child's private directory, half-copied files."""
+    return [p for p in tmpdir.rglob("*") if p.name.startswith(("mlx-prepared-compile-", ".mlx-prepared-"))]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precompile")
+    src = make_checkpoint(root / "src")
+    byte_level_tokenizer().save(str(src / "tokenizer.json"))
+    out = root / "bundle"
+    r = subprocess.run([sys.executable, "-m", "convert", "--target", "generic", "--quiet", str(src), str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def foreground(bundle, tmp_path_factory):
+    """A cold run that compiles in its own process (the way without a child): its text, its kernels."""
+    tmp = tmp_path_factory.mktemp("foreground")
+    r = run("generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "24", "--no-background-compile", tmpdir=tmp)
+    assert r.returncode == 0 and NOTE not in r.stderr, r.stderr
+    names = compiled_kernel_names(tmp)
+    assert len(names) >= 5, names
+    return r.stdout, names
+
+
+def test_a_cold_run_compiles_in_the_background_and_the_next_run_starts_compiled(bundle, foreground, tmp_path):
+    text, names = foreground
+    tmp = fresh(tmp_path, "cold")
+    r = run("generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "24", tmpdir=tmp)
+    assert r.returncode == 0, r.stderr
+    assert NOTE in r.stderr and "failed" not in r.stderr, r.stderr
+    assert r.stdout == text  # eager then compiled steps: the same greedy text (bit-identical passes on the CPU)
+    # every kernel the step needs, compiled by the child over zero weights, is in this machine's cache
+    assert compiled_kernel_names(tmp) == names
+    assert not leftovers(tmp)
+    listings = list(tmp.rglob(f"{LIST_PREFIX}*.json"))
+    assert len(listings) == 1 and all(os.path.isfile(p) for p in json.loads(listings[0].read_text()))
+    before = sorted(p.name for p in tmp.rglob("*"))
+    again = run("generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "24", tmpdir=tmp)
+    assert again.returncode == 0 and again.stdout == text
+    assert NOTE not in again.stderr and "compiling" not in again.stderr, again.stderr
+    assert sorted(p.name for p in tmp.rglob("*")) == before  # nothing compiled, nothing published
+
+
+def test_a_removed_kernel_makes_the_next_run_compile_again(bundle, foreground, tmp_path):
+    tmp = fresh(tmp_path, "partial")
+    assert run("generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "4", tmpdir=tmp).returncode == 0
+    listing = next(tmp.rglob(f"{LIST_PREFIX}*.json"))
+    os.remove(json.loads(listing.read_text())[0])  # e.g. a temp cleaner took one
+    r = run("generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "24", tmpdir=tmp)
+    assert r.returncode == 0 and NOTE in r.stderr and r.stdout == foreground[0], r.stderr
+    assert compiled_kernel_names(tmp) == foreground[1]
+
+
+def test_chat_compiles_in_the_background_too(bundle, foreground, tmp_path):
+    tmp = fresh(tmp_path, "chat")
+    with_child = run("chat", str(bundle), "--max-tokens", "12", tmpdir=tmp, stdin="hello\nagain\n")
+    without = run("chat", str(bundle), "--max-tokens", "12", "--no-background-compile",
+                  tmpdir=fresh(tmp_path, "chat-fg"), stdin="hello\nagain\n")
+    assert with_child.returncode == 0 and NOTE in with_child.stderr, with_child.stderr
+    assert with_child.stdout == without.stdout and with_child.stdout.count("\n") == 2
+    assert compiled_kernel_names(tmp) == foreground[1] and not leftovers(tmp)
+
+
+def test_a_failed_child_leaves_generation_to_compile_here(bundle, foreground, tmp_path):
+    """The bundle is gone by the time the child loads it (moved while the parent runs): the child
+    fails, the parent says so and compiles at its first compiled step, the text is the same."""
+    moved = tmp_path / "moved"
+    shutil.copytree(bundle, moved)
+    script = (
+        "import shutil, sys, warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "from runtime import load, generate, precompile\n"
+        f"model, tok = load({str(moved)!r})\n"
+        f"shutil.rmtree({str(moved)!r})\n"
+        "job = precompile.start(model)\n"
+        "job.finish()\n"
+        "assert job.failure and job.published is None, (job.failure, job.published)\n"
+        "print(job.failure, file=sys.stderr)\n"
+        f"print(generate(model, tok, {PROMPT!r}, max_tokens=24), end='\\n')\n"
+    )
+    tmp = fresh(tmp_path, "failed")
+    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**env, "TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr
+    assert "exit 1" in r.stderr and str(moved) in r.stderr, r.stderr  # the child's last line: what it could not read
+    assert r.stdout == foreground[0]
+    assert compiled_kernel_names(tmp) == foreground[1]  # compiled here, at the first compiled step
+    assert not leftovers(tmp) and not list(tmp.rglob(f"{LIST_PREFIX}*"))
+
+
+def test_ctrl_c_while_the_child_compiles_leaves_the_cache_whole(bundle, tmp_path):
+    tmp = fresh(tmp_path, "interrupted")
+    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "chat", str(bundle)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "TMPDIR": str(tmp)},
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not leftovers(tmp) and time.monotonic() < deadline:  # the child's directory: it has started
+            time.sleep(0.05)
+        assert leftovers(tmp), "no child started"
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground group
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err
+    assert not leftovers(tmp)
+    for listing in tmp.rglob(f"{LIST_PREFIX}*.json"):  # published before the signal, if at all: whole
+        assert all(os.path.isfile(p) for p in json.loads(listing.read_text()))
+
+
+def test_publish_copies_each_file_once_and_lists_the_kernels(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "machine"))
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    (tmp_path / "machine").mkdir()
+    private = tmp_path / "child"
+    cpu, ptx = private / "mlx" / mx.__version__ / "cpu", private / "ptx"
+    (ptx / "long").mkdir(parents=True)
+    cpu.mkdir(parents=True)
+    (cpu / "libK_contiguous.so").write_bytes(b"so")
+    (cpu / "K_contiguous.cpp").write_text("src")
+    (ptx / "long" / "M.ptx").write_text("ptx")
+    (ptx / "long" / "M.txt").write_text("names")
+    published = publish(private, "abc")
+    machine = tmp_path / "machine" / "mlx" / mx.__version__
+    kernels = [machine / "cpu" / "libK_contiguous.so", machine / "ptx" / "long" / "M.ptx"]
+    assert sorted(published) == sorted(map(str, kernels))
+    assert (machine / "ptx" / "long" / "M.txt").read_text() == "names"
+    assert (machine / "cpu" / "K_contiguous.cpp").read_text() == "src"
+    assert compiled_here("abc") and not compiled_here("abd")
+    assert not [p for p in tmp_path.rglob(".mlx-prepared-*")]
+    os.remove(machine / "ptx" / "long" / "M.ptx")
+    assert not compiled_here("abc")
+
+
+def test_the_signature_follows_what_names_kernels(bundle):
+    model, _ = load(bundle)
+    same, _ = load(bundle)
+    assert signature(model) == signature(same)
+    zero_weights(same)  # values do not name kernels
+    assert signature(model) == signature(same)
+    first = next(iter(same.parameters()["model"]["language_model"]["layers"][0]["input_layernorm"].values()))
+    same.model.language_model.layers[0].input_layernorm.weight = first.astype(mx.float16)
+    assert signature(model) != signature(same)  # a dtype does
