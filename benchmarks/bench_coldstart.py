@@ -41,7 +41,8 @@ def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int)
     import numpy as np
 
     marks = {"imported": time.time() - spawned}
-    if impl == "ours":
+    job = None
+    if impl.startswith("ours"):
         import warnings
 
         import runtime
@@ -49,6 +50,11 @@ def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, _ = runtime.load(bundle)
+        if impl == "ours":  # as `runtime generate`: a cold machine's kernels compile in a child meanwhile
+            from runtime import precompile
+
+            job = precompile.start(model)
+        marks["background_compile"] = job is not None
     else:
         from bench_runtime import load_mlx_lm
 
@@ -59,7 +65,7 @@ def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int)
     limit = min(int(text["vocab_size"]), int(text.get("vocab_size_per_layer_input", text["vocab_size"])))
     prompt = np.random.default_rng(0).integers(3, limit, prompt_len).tolist()
     times = []
-    if impl == "ours":
+    if impl.startswith("ours"):
         from runtime import stream_generate
 
         for _ in stream_generate(model, None, prompt, max_tokens=tokens, eos_token_ids=[]):
@@ -72,8 +78,13 @@ def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int)
     marks["first_token"] = times[0]
     marks["second_token"] = times[1] if len(times) > 1 else float("nan")
     marks["tenth_token"] = times[10] if len(times) > 10 else float("nan")
+    marks["last_token"] = times[-1]
     marks["steady_tok_s"] = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else float("nan")
     marks["peak_gb"] = mx.get_peak_memory() / 1e9
+    if job is not None:  # `runtime generate` waits for it before exiting, so that the next run is warm
+        job.finish()
+        marks["child_done"] = time.time() - spawned
+        marks["child_failure"] = job.failure
     return marks
 
 
@@ -102,28 +113,37 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--impls", default="ours,ours-foreground,mlx-lm",
+                    help="ours (a cold machine's kernels compiled by a child while decoding eagerly, as `runtime "
+                         "generate` does), ours-foreground (compiled in the process, at its first compiled step), "
+                         "mlx-lm")
     ap.add_argument("--json")
     args = ap.parse_args()
     facts = machine_facts()
     print_facts(facts)
     runs: dict[str, list] = {}
     for r in range(args.rounds):
-        order = ["ours", "mlx-lm"] if r % 2 == 0 else ["mlx-lm", "ours"]
+        impls = args.impls.split(",")
+        order = impls if r % 2 == 0 else impls[::-1]
         for impl in order:
-            path = args.ours if impl == "ours" else args.mlx_lm
+            path = args.ours if impl.startswith("ours") else args.mlx_lm
             with tempfile.TemporaryDirectory(prefix="ptx-") as ptx:
                 for state in ("cold", "warm"):
                     res = measure(impl, path, ptx, args.tokens, args.prompt)
                     runs.setdefault(f"{impl} {state}", []).append(res)
-                    print(f"round {r} {impl:6s} {state}: ready {res['ready']:.1f} s, first token "
-                          f"{res['first_token']:.1f} s, tenth {res['tenth_token']:.1f} s, kernels cached "
+                    print(f"round {r} {impl:15s} {state}: ready {res['ready']:.1f} s, first token "
+                          f"{res['first_token']:.1f} s, tenth {res['tenth_token']:.1f} s, last "
+                          f"{res['last_token']:.1f} s, exit {res['exit']:.1f} s, kernels cached "
                           f"{res['kernels_cached']}", flush=True)
     rows = []
     for key, values in runs.items():
         rows.append([key, median(v["ready"] for v in values), median(v["first_token"] for v in values),
                      median(v["second_token"] for v in values), median(v["tenth_token"] for v in values),
+                     median(v["last_token"] for v in values), median(v["exit"] for v in values),
                      median(v["kernels_cached"] for v in values), len(values)])
-    print(table(["impl, caches", "ready s", "first token s", "2nd token s", "10th token s", "kernels", "runs"], rows))
+    print(f"{args.tokens} tokens after a {args.prompt}-token prompt; seconds from the process's start")
+    print(table(["impl, caches", "ready s", "first token s", "2nd token s", "10th token s", "last token s", "exit s",
+                 "kernels", "runs"], rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"facts": facts, "args": vars(args), "runs": runs}, indent=1))
     return 0
