@@ -109,8 +109,9 @@ for step in $steps; do
         --phases repeat --lengths 4 --repeats 2 2>&1 | head -40 || true ;;
     coldstart)
       # Time to first token from a process start with MLX's kernel caches empty vs warm, vs mlx-lm.
+      # IMPLS: any of ours (background compile, as runtime generate), ours-foreground, mlx-lm
       python3 benchmarks/bench_coldstart.py "$data/$size-cuda" "$data/$size-generic" --rounds "${ROUNDS:-1}" \
-        --json "$out/coldstart-$size.json" ;;
+        --impls "${IMPLS:-ours,ours-foreground,mlx-lm}" --tokens "${TOKENS:-16}" --json "$out/coldstart-$size.json" ;;
     profile)
       # Device time per kernel class of one compiled decode step (Nsight Compute) against its wall time.
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
