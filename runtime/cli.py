@@ -120,7 +120,7 @@ def _compiling_in_background(model, enabled: bool):
                err=True)
     try:
         yield
-        if not job.ready():
+        if not job.finish(timeout=2):
             click.echo(f"{NOTE_PREFIX}waiting for the background compilation to finish, so that the next run "
                        "starts fast (Ctrl-C skips)", err=True)
             job.finish()

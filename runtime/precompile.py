@@ -93,29 +93,44 @@ def zero_weights(model) -> None:
     model.update(tree_unflatten([(k, mx.broadcast_to(mx.zeros((), v.dtype), v.shape)) for k, v in flat]))
 
 
+def seed(private: Path) -> None:
+    """Link every kernel file this machine's caches already hold into the child's own, so that
+    the child compiles only what is missing (a machine that ran other models, or this one before
+    its list was written, costs the child a load and a trace)."""
+    for shared, own in zip(kernel_cache_dirs(), _child_dirs(private), strict=True):
+        if not shared.is_dir():
+            continue
+        for src in shared.rglob("*"):
+            if src.is_file() and not src.name.startswith((".", LIST_PREFIX)):
+                link = own / src.relative_to(shared)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(src, link)
+
+
 def publish(private: Path, sig: str) -> list[str]:
     """Copy each kernel file the child made under `private` into the same place of this
     machine's caches, atomically (a temporary name, then a rename: MLX sees a file whole or not
-    at all), the mangled names before the code they name; then write the list of them. The
-    published paths."""
+    at all), the mangled names before the code they name; then write the list of the kernels
+    (those made and those seeded from the caches). The listed paths."""
     shared = kernel_cache_dirs()
     own = _child_dirs(private)
     done: list[str] = []
     for src_root, dst_root in zip(own, shared, strict=True):
         if not src_root.is_dir():
             continue
-        files = [p for p in src_root.rglob("*") if p.is_file()]
+        files = [p for p in src_root.rglob("*") if p.is_file() or p.is_symlink()]
         # .ptx last: MLX reads a CUDA kernel's .ptx first and then its names (.txt)
         for src in sorted(files, key=lambda p: (p.suffix in (".ptx", ".so"), str(p))):
             dst = dst_root / src.relative_to(src_root)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if not dst.exists():
+            if not src.is_symlink() and not dst.exists():  # a link: seeded from there
+                dst.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dst.parent / f".mlx-prepared-{os.getpid()}.tmp"  # short: kernel names fill NAME_MAX
                 shutil.copyfile(src, tmp)
                 os.replace(tmp, dst)
             if src.suffix in (".ptx", ".so"):
                 done.append(str(dst))
     listing = _list_file(sig)
+    listing.parent.mkdir(parents=True, exist_ok=True)  # on CUDA, nothing else makes the CPU cache's parent
     tmp = listing.parent / f".mlx-prepared-{os.getpid()}.tmp"
     tmp.write_text(json.dumps(sorted(done)))
     os.replace(tmp, listing)
@@ -136,6 +151,7 @@ class BackgroundCompile:
         self.private = Path(tempfile.mkdtemp(prefix="mlx-prepared-compile-", dir=mlx_temp_dir()[1]))
         env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
         env.update(TMPDIR=str(self.private), MLX_PTX_CACHE_DIR=str(_child_dirs(self.private)[1]))
+        seed(self.private)
         self.log = self.private / "child.log"
         with open(self.log, "wb") as log:
             self.child = subprocess.Popen([sys.executable, "-m", "runtime.precompile", str(bundle)], env=env,
@@ -153,11 +169,15 @@ class BackgroundCompile:
         self._end()
         return True
 
-    def finish(self) -> None:
-        """Wait for the child, then publish its kernels."""
+    def finish(self, timeout: float | None = None) -> bool:
+        """Wait for the child (at most `timeout` seconds), then publish its kernels; whether it ended."""
         if self.child is not None:
-            self.child.wait()
+            try:
+                self.child.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return False
             self._end()
+        return True
 
     def stop(self) -> None:
         """End the child if it still runs; publish nothing of it; remove its directory."""

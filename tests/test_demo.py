@@ -66,11 +66,15 @@ def test_demo_continues_the_zen_of_python(target, tmp_path):
     assert f"name: {target}" in manifest
     r = run("runtime", "generate", str(bundle), "--prompt", PROMPT, "--max-tokens", str(MAX_TOKENS))
     assert r.returncode == 0, r.stderr
-    # The quick start's first run, on any machine: the stats line, and at most one calm note where
-    # the bundle is laid out for another device (it runs correctly; only the layouts differ).
+    # The quick start's first run, on any machine: the stats line, and calm notes only: at most
+    # one where the bundle is laid out for another device (it runs correctly; only the layouts
+    # differ), and on a machine that never ran this model, that its kernels compile in the background.
     *notes, stats = r.stderr.splitlines()
-    assert stats.startswith("prompt: ") and len(notes) <= 1, r.stderr
-    assert all(n.startswith("note: ") and "runs correctly here" in n for n in notes), r.stderr
+    assert stats.startswith("prompt: "), r.stderr
+    layout = [n for n in notes if "runs correctly here" in n]
+    background = [n for n in notes if "background" in n]
+    assert len(layout) <= 1 and len(layout) + len(background) == len(notes), r.stderr
+    assert all(n.startswith("note: ") and "failed" not in n for n in notes), r.stderr
     assert r.stdout.endswith("\n")
     generated = r.stdout[:-1]
     expected = continuation()

@@ -98,6 +98,22 @@ def test_a_removed_kernel_makes_the_next_run_compile_again(bundle, foreground, t
     assert compiled_kernel_names(tmp) == foreground[1]
 
 
+def test_kernels_already_here_are_not_compiled_again(bundle, foreground, tmp_path):
+    """A machine with the kernels but no list of them (it ran the model the old way, or its list
+    was lost): the child finds them, linked from the caches, and compiles nothing."""
+    tmp = fresh(tmp_path, "seeded")
+    r = run("generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "4", "--no-background-compile", tmpdir=tmp)
+    assert r.returncode == 0 and not list(tmp.rglob(f"{LIST_PREFIX}*"))
+    before = {p: p.stat().st_mtime_ns for p in tmp.rglob("*") if p.is_file()}
+    r = run("generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "24", tmpdir=tmp)
+    assert r.returncode == 0 and NOTE in r.stderr and r.stdout == foreground[0], r.stderr
+    after = {p: p.stat().st_mtime_ns for p in tmp.rglob("*") if p.is_file() and not p.name.startswith(LIST_PREFIX)}
+    assert after == before  # not one kernel rewritten
+    listing = next(tmp.rglob(f"{LIST_PREFIX}*.json"))
+    assert set(json.loads(listing.read_text())) == {str(p) for p in tmp.rglob("lib*.so")}  # the seeded ones
+    assert not leftovers(tmp)
+
+
 def test_chat_compiles_in_the_background_too(bundle, foreground, tmp_path):
     tmp = fresh(tmp_path, "chat")
     with_child = run("chat", str(bundle), "--max-tokens", "12", tmpdir=tmp, stdin="hello\nagain\n")
