@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -154,7 +153,7 @@ class BackgroundCompile:
         seed(self.private)
         self.log = self.private / "child.log"
         with open(self.log, "wb") as log:
-            self.child = subprocess.Popen([sys.executable, "-m", "runtime.precompile", str(bundle)], env=env,
+            self.child = subprocess.Popen([sys.executable, "-m", "runtime.compile_child", str(bundle)], env=env,
                                           cwd=str(RUNTIME.parent), stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT)
         self.published: list[str] | None = None
@@ -235,23 +234,3 @@ def pending(model) -> bool:
         return True
     object.__setattr__(model, "_background_compile", None)
     return False
-
-
-def main(argv: list[str]) -> int:
-    """The child: the bundle's model over zero weights, its compiled decode step run once."""
-    from runtime.generate import warm_up
-    from runtime.loader import load_model
-
-    if len(argv) != 1:
-        print("usage: python -m runtime.precompile BUNDLE (started by the runtime itself)", file=sys.stderr)
-        return 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the parent said what there is to say about the bundle
-        model = load_model(argv[0], lazy=True)
-    zero_weights(model)
-    warm_up(model)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
