@@ -199,6 +199,20 @@ def test_publish_copies_each_file_once_and_lists_the_kernels(tmp_path, monkeypat
     assert not compiled_here("abc")
 
 
+def test_publish_makes_the_lists_directory(tmp_path, monkeypatch):
+    """CUDA's kernels live in MLX_PTX_CACHE_DIR; nothing is compiled for the CPU, so nothing makes
+    `$TMPDIR/mlx/<version>`, where the list goes."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "machine"))
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "ptx-cache"))
+    (tmp_path / "machine").mkdir()
+    ptx = tmp_path / "child" / "ptx"
+    ptx.mkdir(parents=True)
+    (ptx / "M.txt").write_text("names")
+    (ptx / "M.ptx").write_text("ptx")
+    assert publish(tmp_path / "child", "cuda") == [str(tmp_path / "ptx-cache" / "M.ptx")]
+    assert compiled_here("cuda")
+
+
 def test_the_signature_follows_what_names_kernels(bundle):
     model, _ = load(bundle)
     same, _ = load(bundle)
