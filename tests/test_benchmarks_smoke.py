@@ -117,3 +117,23 @@ def test_a_result_names_the_commit_and_the_device_it_ran_on(tmp_path, given):
         assert facts["commit"] == "unknown"
     assert facts["device"]["default_device"] == str(mx.default_device())
     assert facts["device"]["device_name"] == mx.device_info()["device_name"]
+
+
+def test_ab_trees_runs_two_trees_on_one_checkpoint(tmp_path):
+    """benchmarks/ab_trees.sh with the same tree on both sides, at test size: each side converts
+    its own bundle and decodes it in fresh processes; the table names both trees."""
+    env = {**os.environ, "AB_DATA": str(tmp_path / "ab"), "TOKENS": "4",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "ab_trees.sh"), str(ROOT), str(ROOT), "tiny", "1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith(f"old {ROOT}: median ") and lines[1].startswith(f"new {ROOT}: median "), r.stdout
+    assert lines[2].startswith("new / old: ")
+    for side in ("old", "new"):
+        run = json.loads((tmp_path / "ab" / f"{side}-1.json").read_text())
+        assert len(run["decode_tps"]) == 3 and min(run["decode_tps"]) > 0
+        assert read_manifest(tmp_path / "ab" / f"tiny-{side}")["target"]["name"] == "cuda"
+    missing = subprocess.run(["bash", str(ROOT / "benchmarks" / "ab_trees.sh"), str(tmp_path / "nope"), str(ROOT)],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode != 0
