@@ -114,19 +114,23 @@ def _compiling_in_background(model, enabled: bool):
     if job is None:
         yield
         return
-    noted()  # this note replaces the one about MLX compiling in this process
-    click.echo(f"{NOTE_PREFIX}this model's decode kernels were never compiled on this machine: a background "
-               "process compiles them (once; minutes on a GPU) while decoding runs without them, more slowly",
-               err=True)
+    interrupted = False
     try:
+        noted()  # this note replaces the one about MLX compiling in this process
+        click.echo(f"{NOTE_PREFIX}this model's decode kernels were never compiled on this machine: a background "
+                   "process compiles them (once; minutes on a GPU) while decoding runs without them, more slowly",
+                   err=True)
         yield
         if not job.finish(timeout=2):
             click.echo(f"{NOTE_PREFIX}waiting for the background compilation to finish, so that the next run "
                        "starts fast (Ctrl-C skips)", err=True)
             job.finish()
+    except KeyboardInterrupt:
+        interrupted = True  # the child had the same Ctrl-C: its failure is no news
+        raise
     finally:
         job.stop()
-        if job.failure:
+        if job.failure and not interrupted:
             click.echo(f"{NOTE_PREFIX}the background compilation failed ({job.failure}); kernels compile in "
                        "this process instead, at its first compiled step", err=True)
 
@@ -362,8 +366,12 @@ def warmup(bundle, verify, strict_target):
 @click.option("--no-warmup", is_flag=True,
               help="serve at once; the first request then waits while MLX compiles the decode kernels "
                    "(once per machine: minutes on a GPU)")
+@click.option("--no-background-compile", is_flag=True,
+              help="on a machine that never ran this model, compile its decode kernels before serving "
+                   "(minutes on a GPU) instead of serving at once, decoding more slowly until a background "
+                   "process has compiled them")
 def serve(bundle, host, port, max_tokens, max_body_bytes, client_timeout, no_cache_reuse, verify, strict_target,
-          no_warmup):
+          no_warmup, no_background_compile):
     """Serve BUNDLE over an OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions,
     /v1/completions (streamed or not). One generation at a time, in arrival order."""
     from runtime.server import make_server
@@ -382,13 +390,28 @@ def serve(bundle, host, port, max_tokens, max_body_bytes, client_timeout, no_cac
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}: anyone who can reach it can use the model "
                    "(there is no authentication)", err=True)
-    if not no_warmup:  # connections wait in the listen queue meanwhile
-        click.echo("warming up: running the decode step once, so that no request waits for kernels "
-                   "to compile", err=True)
-        click.echo(f"warm in {warm_up(model):.1f} s", err=True)
-    bound_host, bound_port = server.server_address[:2]
-    click.echo(f"serving {model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
-    serve_until_stopped(server)  # until Ctrl-C or SIGTERM, which unwind it (manifests/cli.py)
+    from runtime import precompile
+
+    # On a cold machine, a child compiles the decode kernels (started before anything else, and
+    # ended on any way out: a signal during the warm-up included).
+    job = None if no_warmup or no_background_compile else precompile.start(model)
+    try:
+        if not no_warmup:  # connections wait in the listen queue meanwhile
+            if job is None:
+                click.echo("warming up: running the decode step once, so that no request waits for kernels "
+                           "to compile", err=True)
+            else:  # the warm-up then runs eagerly: it compiles what the eager steps need, in seconds
+                noted()
+                click.echo(f"{NOTE_PREFIX}this model's decode kernels were never compiled on this machine: a "
+                           "background process compiles them (once; minutes on a GPU); until then requests "
+                           "decode without them, more slowly", err=True)
+            click.echo(f"warm in {warm_up(model):.1f} s", err=True)
+        bound_host, bound_port = server.server_address[:2]
+        click.echo(f"serving {model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
+        serve_until_stopped(server)  # until Ctrl-C or SIGTERM, which unwind it (manifests/cli.py)
+    finally:
+        if job is not None:
+            job.stop()  # a child still compiling is ended: the next start begins again
 
 
 def _median(values):

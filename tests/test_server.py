@@ -521,15 +521,17 @@ def test_the_runtimes_own_value_errors_are_a_400_and_the_engine_goes_on(bundle):
 
 @pytest.mark.parametrize("warmup", [True, False])
 def test_the_decode_kernels_are_compiled_before_the_server_says_it_serves(bundle, tmp_path, warmup):
-    """On a machine that never ran the model, MLX compiles the decode step's kernels at its first
-    run (minutes on a GPU): the server does that before it says it serves, so no request waits
-    for it (the first would otherwise stall past clients' timeouts); `--no-warmup` leaves it to
-    the first request. A fresh `$TMPDIR` is a fresh machine's kernel cache here."""
+    """With `--no-background-compile`: on a machine that never ran the model, MLX compiles the
+    decode step's kernels at its first run (minutes on a GPU): the server does that before it
+    says it serves, so no request waits for it (the first would otherwise stall past clients'
+    timeouts); `--no-warmup` leaves it to the first request. A fresh `$TMPDIR` is a fresh
+    machine's kernel cache here."""
     import os
 
     fresh = tmp_path / "tmp"
     fresh.mkdir()
-    live = LiveServer(bundle, *([] if warmup else ["--no-warmup"]), env=dict(os.environ, TMPDIR=str(fresh)))
+    live = LiveServer(bundle, *(["--no-background-compile"] if warmup else ["--no-warmup"]),
+                      env=dict(os.environ, TMPDIR=str(fresh)))
     try:
         ready = compiled_kernel_names(fresh)
         answer = live.client().completions.create(model=live.model_id, prompt=ZEN, max_tokens=8,
@@ -543,3 +545,51 @@ def test_the_decode_kernels_are_compiled_before_the_server_says_it_serves(bundle
         assert len(ready) >= 5 and after == ready, sorted(after - ready)  # the request compiled nothing new
     else:
         assert ready == set() and len(after) >= 5, sorted(after)
+
+
+def test_a_cold_server_serves_at_once_while_a_child_compiles(bundle, tmp_path):
+    """By default, on a machine that never ran the model, the server serves after an eager
+    warm-up while a child compiles the decode kernels (runtime/precompile.py); requests decode
+    eagerly until the child is done, then through the compiled step, with the same text; a
+    stopped server leaves no child directory behind."""
+    import os
+
+    fresh = tmp_path / "tmp"
+    fresh.mkdir()
+    live = LiveServer(bundle, env=dict(os.environ, TMPDIR=str(fresh)))
+    texts = []
+    try:
+        assert any("a background process compiles them" in line for line in live.lines), live.lines
+        deadline = time.monotonic() + 120
+        while True:  # a request's decode publishes the child's kernels once it is done
+            answer = live.client().completions.create(model=live.model_id, prompt=ZEN, max_tokens=8,
+                                                      extra_body={"logit_bias": EOS_BIAS})
+            texts.append(answer.choices[0].text)
+            if list(fresh.rglob("mlx-prepared-kernels-*.json")) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        answer = live.client().completions.create(model=live.model_id, prompt=ZEN, max_tokens=8,
+                                                  extra_body={"logit_bias": EOS_BIAS})
+        texts.append(answer.choices[0].text)  # through the compiled step
+    finally:
+        live.close()
+    listing = list(fresh.rglob("mlx-prepared-kernels-*.json"))
+    assert listing and all(os.path.isfile(p) for p in json.loads(listing[0].read_text())), live.lines
+    assert len(compiled_kernel_names(fresh)) >= 5
+    assert len(set(texts)) == 1 and len(texts) >= 2, texts
+    assert not [p for p in fresh.rglob("mlx-prepared-compile-*")]
+
+
+def test_a_server_stopped_while_its_child_compiles_leaves_nothing_behind(bundle, tmp_path):
+    import os
+
+    fresh = tmp_path / "tmp"
+    fresh.mkdir()
+    live = LiveServer(bundle, env=dict(os.environ, TMPDIR=str(fresh)))
+    running = bool(list(fresh.rglob("mlx-prepared-compile-*")))
+    live.close()  # SIGTERM, as a service manager stops it
+    assert live.proc.returncode is not None
+    assert not list(fresh.rglob("mlx-prepared-compile-*")) and not list(fresh.rglob(".mlx-prepared-*"))
+    for listing in fresh.rglob("mlx-prepared-kernels-*.json"):  # if the child was done already: whole
+        assert all(os.path.isfile(p) for p in json.loads(listing.read_text()))
+    assert running or list(fresh.rglob("mlx-prepared-kernels-*.json"))  # one or the other happened
