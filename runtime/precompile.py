@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -158,37 +159,44 @@ class BackgroundCompile:
                                           stderr=subprocess.STDOUT)
         self.published: list[str] | None = None
         self.failure: str | None = None
+        self._lock = threading.Lock()  # a server polls from its generation thread and stops from its main one
 
     def ready(self) -> bool:
         """True once the child has ended (its kernels published if it succeeded); never blocks."""
-        if self.child is None:
+        with self._lock:
+            if self.child is None:
+                return True
+            if self.child.poll() is None:
+                return False
+            self._end()
             return True
-        if self.child.poll() is None:
-            return False
-        self._end()
-        return True
 
     def finish(self, timeout: float | None = None) -> bool:
         """Wait for the child (at most `timeout` seconds), then publish its kernels; whether it ended."""
-        if self.child is not None:
-            try:
-                self.child.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                return False
-            self._end()
-        return True
+        with self._lock:
+            if self.child is not None:
+                try:
+                    self.child.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    return False
+                self._end()
+            return True
 
     def stop(self) -> None:
-        """End the child if it still runs; publish nothing of it; remove its directory."""
-        if self.child is not None and self.child.poll() is None:
-            self.child.terminate()
-            try:
-                self.child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.child.kill()
-                self.child.wait()
-        self.child = None
-        shutil.rmtree(self.private, ignore_errors=True)
+        """End the child if it still runs (publishing nothing of it), publish it if it ended well
+        and nobody has yet (a server idle since), and remove its directory."""
+        with self._lock:
+            if self.child is not None and self.child.poll() is not None:
+                self._end()
+            if self.child is not None:
+                self.child.terminate()
+                try:
+                    self.child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.child.kill()
+                    self.child.wait()
+            self.child = None
+            shutil.rmtree(self.private, ignore_errors=True)
 
     def _end(self) -> None:
         code = self.child.returncode
