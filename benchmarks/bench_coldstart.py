@@ -85,6 +85,9 @@ def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int)
         job.finish()
         marks["child_done"] = time.time() - spawned
         marks["child_failure"] = job.failure
+        import resource  # the child is this worker's only one: its peak resident memory (Linux: KiB)
+
+        marks["child_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
     return marks
 
 
@@ -131,10 +134,12 @@ def main() -> int:
                 for state in ("cold", "warm"):
                     res = measure(impl, path, ptx, args.tokens, args.prompt)
                     runs.setdefault(f"{impl} {state}", []).append(res)
+                    child = (f", child done at {res['child_done']:.1f} s, its peak RSS "
+                             f"{res['child_peak_rss_gb']:.2f} GB" if "child_done" in res else "")
                     print(f"round {r} {impl:15s} {state}: ready {res['ready']:.1f} s, first token "
                           f"{res['first_token']:.1f} s, tenth {res['tenth_token']:.1f} s, last "
                           f"{res['last_token']:.1f} s, exit {res['exit']:.1f} s, kernels cached "
-                          f"{res['kernels_cached']}", flush=True)
+                          f"{res['kernels_cached']}{child}", flush=True)
     rows = []
     for key, values in runs.items():
         rows.append([key, median(v["ready"] for v in values), median(v["first_token"] for v in values),
