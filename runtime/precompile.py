@@ -48,6 +48,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from runtime.kernels import kernel_cache_dirs, mlx_temp_dir
 
 LIST_PREFIX = "mlx-prepared-kernels-"
+PRIVATE_PREFIX = "mlx-prepared-compile-"
+OWNERS = "owners.json"  # in a child's directory: the pids of the process that made it and of the child
 RUNTIME = Path(__file__).resolve().parent
 
 
@@ -149,7 +151,7 @@ class BackgroundCompile:
 
     def __init__(self, bundle: Path, sig: str):
         self.sig = sig
-        self.private = Path(tempfile.mkdtemp(prefix="mlx-prepared-compile-", dir=mlx_temp_dir()[1]))
+        self.private = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=mlx_temp_dir()[1]))
         env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
         env.update(TMPDIR=str(self.private), MLX_PTX_CACHE_DIR=str(_child_dirs(self.private)[1]))
         seed(self.private)
@@ -158,6 +160,7 @@ class BackgroundCompile:
             self.child = subprocess.Popen([sys.executable, "-m", "runtime.compile_child", str(bundle)], env=env,
                                           cwd=str(RUNTIME.parent), stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT)
+        (self.private / OWNERS).write_text(json.dumps([os.getpid(), self.child.pid]))
         self.published: list[str] | None = None
         self.failure: str | None = None
         self._lock = threading.Lock()  # a server polls from its generation thread and stops from its main one
@@ -214,6 +217,39 @@ class BackgroundCompile:
             shutil.rmtree(self.private, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` runs (a zombie, ended but not yet reaped by whoever adopted it, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: alive
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def sweep() -> list[Path]:
+    """Remove the directories of children whose parent and child are both gone (a parent killed
+    with SIGKILL cleans nothing up): provably ours by their name and the pids they record, and
+    left alone while either process lives (or a reused pid looks alive). The ones removed."""
+    removed = []
+    for d in Path(mlx_temp_dir()[1]).glob(f"{PRIVATE_PREFIX}*"):
+        try:
+            pids = json.loads((d / OWNERS).read_text())
+            if not (isinstance(pids, list) and pids and all(type(p) is int and p > 0 for p in pids)):
+                continue
+        except (OSError, ValueError):
+            continue  # not ours to judge: no record (a start killed before writing it stays)
+        if not any(_alive(p) for p in pids):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def start(model) -> BackgroundCompile | None:
     """A child compiling `model`'s decode kernels, where this machine lacks them and caches them
     on disk, and the model came from a bundle directory (runtime.load); else None. While it runs,
@@ -225,6 +261,7 @@ def start(model) -> BackgroundCompile | None:
     bundle = getattr(model, "bundle_path", None)
     if bundle is None or not caches_on_disk():
         return None
+    sweep()
     sig = signature(model)
     if compiled_here(sig):
         return None

@@ -18,9 +18,8 @@ import pytest
 
 from runtime import load
 from runtime.kernels import compiled_kernel_names
-from runtime.precompile import LIST_PREFIX, compiled_here, publish, signature, zero_weights
-from tests.checkpoints import make_checkpoint
-from tests.test_tokenizer import byte_level_tokenizer
+from runtime.precompile import LIST_PREFIX, OWNERS, compiled_here, publish, signature, sweep, zero_weights
+from tests.runtime_helpers import demo_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore::runtime.loader.TargetMismatchWarning")
 
@@ -48,14 +47,7 @@ def leftovers(tmpdir):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("precompile")
-    src = make_checkpoint(root / "src")
-    byte_level_tokenizer().save(str(src / "tokenizer.json"))
-    out = root / "bundle"
-    r = subprocess.run([sys.executable, "-m", "convert", "--target", "generic", "--quiet", str(src), str(out)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
+    return demo_bundle(tmp_path_factory.mktemp("precompile"))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +112,8 @@ def test_chat_compiles_in_the_background_too(bundle, foreground, tmp_path):
     without = run("chat", str(bundle), "--max-tokens", "12", "--no-background-compile",
                   tmpdir=fresh(tmp_path, "chat-fg"), stdin="hello\nagain\n")
     assert with_child.returncode == 0 and NOTE in with_child.stderr, with_child.stderr
-    assert with_child.stdout == without.stdout and with_child.stdout.count("\n") == 2
+    assert with_child.stdout == without.stdout and with_child.stdout.strip()
+    assert [line.startswith("prompt: ") for line in with_child.stderr.splitlines()].count(True) == 2  # two turns
     assert compiled_kernel_names(tmp) == foreground[1] and not leftovers(tmp)
 
 
@@ -222,3 +215,40 @@ def test_the_signature_follows_what_names_kernels(bundle):
     first = next(iter(same.parameters()["model"]["language_model"]["layers"][0]["input_layernorm"].values()))
     same.model.language_model.layers[0].input_layernorm.weight = first.astype(mx.float16)
     assert signature(model) != signature(same)  # a dtype does
+
+
+def test_a_killed_parents_child_directory_is_swept_at_the_next_start(tmp_path, monkeypatch):
+    """SIGKILL leaves the child's directory behind; the next start removes it, and only it: not
+    one whose processes live, not one without the record, not anything else in TMPDIR."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    dirs = {name: tmp_path / name for name in ("mlx-prepared-compile-dead", "mlx-prepared-compile-live",
+                                               "mlx-prepared-compile-norecord", "someone-elses")}
+    for d in dirs.values():
+        (d / "ptx").mkdir(parents=True)
+        (d / "ptx" / "K.ptx").write_text("x")
+    (dirs["mlx-prepared-compile-dead"] / OWNERS).write_text(json.dumps([dead, dead]))
+    (dirs["mlx-prepared-compile-live"] / OWNERS).write_text(json.dumps([dead, os.getpid()]))
+    (dirs["someone-elses"] / OWNERS).write_text(json.dumps([dead, dead]))
+    assert sweep() == [dirs["mlx-prepared-compile-dead"]]
+    assert [n for n, d in dirs.items() if d.exists()] == ["mlx-prepared-compile-live", "mlx-prepared-compile-norecord",
+                                                          "someone-elses"]
+
+
+def test_a_sigkilled_run_leaves_a_directory_the_next_run_removes(bundle, foreground, tmp_path):
+    tmp = fresh(tmp_path, "killed")
+    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "chat", str(bundle)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**env, "TMPDIR": str(tmp)},
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp.glob("mlx-prepared-compile-*/" + OWNERS)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the parent and its child, nothing cleaned up
+    proc.wait(timeout=30)
+    time.sleep(0.5)
+    assert leftovers(tmp)
+    r = run("generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "24", tmpdir=tmp)
+    assert r.returncode == 0 and r.stdout == foreground[0], r.stderr
+    assert not leftovers(tmp)
