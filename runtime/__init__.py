@@ -3,5 +3,6 @@
 from runtime.generate import generate, stream_generate
 from runtime.loader import load
 from runtime.numeric import verify_numeric
+from runtime.precompile import start as compile_in_background
 
-__all__ = ["generate", "load", "stream_generate", "verify_numeric"]
+__all__ = ["compile_in_background", "generate", "load", "stream_generate", "verify_numeric"]

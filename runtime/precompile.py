@@ -32,6 +32,7 @@ from eager to compiled steps can move a near-tie of a random-weight model.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from runtime.inputs import check_model
 from runtime.kernels import kernel_cache_dirs, mlx_temp_dir
 
 LIST_PREFIX = "mlx-prepared-kernels-"
@@ -161,6 +163,7 @@ class BackgroundCompile:
                                           cwd=str(RUNTIME.parent), stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT)
         (self.private / OWNERS).write_text(json.dumps([os.getpid(), self.child.pid]))
+        atexit.register(self.stop)  # a caller who never finishes it leaves no child running past its exit
         self.published: list[str] | None = None
         self.failure: str | None = None
         self._lock = threading.Lock()  # a server polls from its generation thread and stops from its main one
@@ -254,7 +257,9 @@ def start(model) -> BackgroundCompile | None:
     """A child compiling `model`'s decode kernels, where this machine lacks them and caches them
     on disk, and the model came from a bundle directory (runtime.load); else None. While it runs,
     generation with this model decodes eagerly (runtime/generate.py); a second call returns the
-    same child."""
+    same child. Public as `runtime.compile_in_background`: the caller then owns the child
+    (`finish()` waits for it and publishes its kernels, `stop()` ends it)."""
+    check_model(model)
     running = getattr(model, "_background_compile", None)
     if running is not None:
         return running

@@ -252,3 +252,57 @@ def test_a_sigkilled_run_leaves_a_directory_the_next_run_removes(bundle, foregro
     r = run("generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "24", tmpdir=tmp)
     assert r.returncode == 0 and r.stdout == foreground[0], r.stderr
     assert not leftovers(tmp)
+
+
+def test_the_python_api_opts_in(bundle, foreground, tmp_path):
+    """`runtime.compile_in_background(model)`: the same child for an API user, who owns it."""
+    script = (
+        "import sys, warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "import runtime\n"
+        "from runtime.precompile import compiled_here, signature\n"
+        f"model, tok = runtime.load({str(bundle)!r})\n"
+        "job = runtime.compile_in_background(model)\n"
+        "assert job is not None and runtime.compile_in_background(model) is job\n"
+        f"text = runtime.generate(model, tok, {PROMPT!r}, max_tokens=24)\n"
+        "job.finish()\n"
+        "assert job.failure is None and job.published and compiled_here(signature(model)), job.failure\n"
+        "assert runtime.compile_in_background(runtime.load(sys.argv[1])[0]) is None  # warm now\n"
+        "print(text)\n"
+    )
+    tmp = fresh(tmp_path, "api")
+    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
+    r = subprocess.run([sys.executable, "-c", script, str(bundle)], capture_output=True, text=True, timeout=300,
+                       env={**env, "TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == foreground[0]
+    assert compiled_kernel_names(tmp) == foreground[1] and not leftovers(tmp)
+
+
+@pytest.mark.parametrize("model", [None, "bundle-path", 3])
+def test_compile_in_background_refuses_what_is_not_a_model(model):
+    import runtime
+    from runtime.inputs import BadType
+
+    with pytest.raises(BadType, match="model must be a loaded model"):
+        runtime.compile_in_background(model)
+
+
+def test_a_process_that_exits_without_finishing_leaves_no_child(bundle, tmp_path):
+    script = (
+        "import warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "import runtime\n"
+        f"model, tok = runtime.load({str(bundle)!r})\n"
+        "job = runtime.compile_in_background(model)\n"
+        "print(job.child.pid)\n"
+    )
+    tmp = fresh(tmp_path, "exit")
+    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**env, "TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr
+    child = int(r.stdout)
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split(")")[-1].split()[0] == "Z"
+    assert not leftovers(tmp)
