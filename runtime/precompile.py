@@ -23,11 +23,12 @@ Safe by construction:
 - a child that fails changes nothing: the compiled step then compiles in this process, as it
   would have without one.
 
-`runtime generate`, `chat` and `serve` start one (runtime/cli.py); the Python API opts in
-with `runtime.compile_in_background(model)` (this module's `start`). Where kernels are not cached on disk (Metal compiles in-process) no child
-is started. Greedy text is the same either way on the CPU (the two passes agree bit for bit,
-tests/test_fast.py); on CUDA the passes' roundings may differ, so where a first run switches
-from eager to compiled steps can move a near-tie of a random-weight model.
+`runtime generate`, `chat` and `serve` start one (runtime/cli.py); the Python API opts in with
+`runtime.compile_in_background(model)` (this module's `start`). Where kernels are not cached on
+disk (Metal compiles in-process) no child is started. Greedy text is the same either way on the
+CPU (the two passes agree bit for bit, tests/test_fast.py); on CUDA the passes' roundings may
+differ, so where a first run switches from eager to compiled steps can move a near-tie of a
+random-weight model.
 """
 
 from __future__ import annotations
