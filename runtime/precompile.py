@@ -99,6 +99,22 @@ def zero_weights(model) -> None:
     model.update(tree_unflatten([(k, mx.broadcast_to(mx.zeros((), v.dtype), v.shape)) for k, v in flat]))
 
 
+# What MLX keeps per kernel: CUDA's code, mangled names and source; the CPU's library and source.
+KERNEL_SUFFIXES = (".ptx", ".txt", ".cu", ".so", ".cpp")
+
+
+def _kernel_files(root: Path) -> list[Path]:
+    """The kernel files under `root`, listed before anything is added to it: not in a child's
+    directory or a hidden one (MLX_PTX_CACHE_DIR may be TMPDIR itself, where those live too)."""
+    found = []
+    for p in root.rglob("*"):
+        parts = p.relative_to(root).parts
+        if (p.suffix in KERNEL_SUFFIXES and not any(part.startswith((PRIVATE_PREFIX, ".")) for part in parts)
+                and (p.is_file() or p.is_symlink())):
+            found.append(p)
+    return found
+
+
 def seed(private: Path) -> None:
     """Link every kernel file this machine's caches already hold into the child's own, so that
     the child compiles only what is missing (a machine that ran other models, or this one before
@@ -106,9 +122,9 @@ def seed(private: Path) -> None:
     for shared, own in zip(kernel_cache_dirs(), _child_dirs(private), strict=True):
         if not shared.is_dir():
             continue
-        for src in shared.rglob("*"):
-            if src.is_file() and not src.name.startswith((".", LIST_PREFIX)):
-                link = own / src.relative_to(shared)
+        for src in _kernel_files(shared):
+            link = own / src.relative_to(shared)
+            if not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
                 os.symlink(src, link)
 
@@ -124,9 +140,8 @@ def publish(private: Path, sig: str) -> list[str]:
     for src_root, dst_root in zip(own, shared, strict=True):
         if not src_root.is_dir():
             continue
-        files = [p for p in src_root.rglob("*") if p.is_file() or p.is_symlink()]
         # .ptx last: MLX reads a CUDA kernel's .ptx first and then its names (.txt)
-        for src in sorted(files, key=lambda p: (p.suffix in (".ptx", ".so"), str(p))):
+        for src in sorted(_kernel_files(src_root), key=lambda p: (p.suffix in (".ptx", ".so"), str(p))):
             dst = dst_root / src.relative_to(src_root)
             if not src.is_symlink() and not dst.exists():  # a link: seeded from there
                 dst.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,16 @@ import pytest
 
 from runtime import load
 from runtime.kernels import compiled_kernel_names
-from runtime.precompile import LIST_PREFIX, OWNERS, compiled_here, publish, signature, sweep, zero_weights
+from runtime.precompile import (
+    LIST_PREFIX,
+    OWNERS,
+    compiled_here,
+    publish,
+    seed,
+    signature,
+    sweep,
+    zero_weights,
+)
 from tests.runtime_helpers import demo_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore::runtime.loader.TargetMismatchWarning")
@@ -306,3 +315,22 @@ def test_a_process_that_exits_without_finishing_leaves_no_child(bundle, tmp_path
     time.sleep(0.5)
     assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split(")")[-1].split()[0] == "Z"
     assert not leftovers(tmp)
+
+
+def test_seeding_where_the_ptx_cache_is_tmpdir_itself(tmp_path, monkeypatch):
+    """MLX_PTX_CACHE_DIR may be TMPDIR (bench_coldstart.py sets both to one directory), where the
+    child's own directory lives too: seeding links the kernel files only, not the child's own
+    files (which it would be adding to as it walks), not other files in TMPDIR."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path))
+    (tmp_path / "K.ptx").write_text("ptx")
+    (tmp_path / "K.txt").write_text("names")
+    (tmp_path / "notes.doc").write_text("a user's file")
+    private = tmp_path / "mlx-prepared-compile-x"
+    (private / "ptx").mkdir(parents=True)
+    (private / "ptx" / "Own.ptx").write_text("being written")
+    seed(private)
+    linked = sorted(str(p.relative_to(private)) for p in private.rglob("*") if p.is_symlink())
+    assert linked == ["ptx/K.ptx", "ptx/K.txt"]
+    assert publish(private, "same-dir") == sorted([str(tmp_path / "K.ptx"), str(tmp_path / "Own.ptx")])
+    assert (tmp_path / "Own.ptx").read_text() == "being written" and (tmp_path / "notes.doc").exists()
