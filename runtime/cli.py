@@ -285,16 +285,16 @@ def generate(bundle, prompt, chat, system, verify, no_background_compile, max_to
     model, tokenizer = _load(bundle, strict_target=strict_target, verify=verify)
     _need_tokenizer(tokenizer, bundle, "generate")
     text = {"messages": user_and_system(prompt, system)} if chat or system is not None else {"prompt": prompt}
-    with _compiling_in_background(model, not no_background_compile):
+    with _compiling_in_background(model, not no_background_compile):  # its wait, if any, after the stats
         last = _stream_to_stdout(stream_generate(model, tokenizer, **text, max_tokens=max_tokens, sampling=params,
                                                  prefill_step_size=prefill_step_size))
         sys.stdout.write("\n")
         sys.stdout.flush()
-    if last is None:
-        return
-    if last.finish_reason == "capture":
-        click.echo(f"captured decode step 2 to {os.environ.get(CAPTURE_PATH_ENV)}", err=True)
-    click.echo(_stats_line(last), err=True)
+        if last is None:
+            return
+        if last.finish_reason == "capture":
+            click.echo(f"captured decode step 2 to {os.environ.get(CAPTURE_PATH_ENV)}", err=True)
+        click.echo(_stats_line(last), err=True)
 
 
 @main.command()

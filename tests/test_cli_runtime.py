@@ -43,6 +43,13 @@ def loaded(bundle):
     return load(bundle)
 
 
+def stats_line(r) -> str:
+    """The one stats line of a generate run (a note about a background compilation may follow it)."""
+    lines = [line for line in r.stderr.splitlines() if line.startswith("prompt: ")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
 def assert_one_line_error(r, *needles):
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -58,7 +65,7 @@ def test_generate_streams_what_the_api_generates(bundle, loaded):
     assert r.returncode == 0, r.stderr
     expected = generate(model, tokenizer, PROMPT, max_tokens=12)
     assert r.stdout == expected + "\n"
-    stats = r.stderr.splitlines()[-1]
+    stats = stats_line(r)
     assert stats.startswith(f"prompt: {len(tokenizer.encode(PROMPT))} tokens")
     assert "decode: " in stats and "tok/s" in stats
     assert "peak memory" in stats
@@ -70,7 +77,7 @@ def test_generate_chat_format_with_prompt_from_stdin(bundle, loaded):
     assert r.returncode == 0, r.stderr
     assert r.stdout == generate(model, tokenizer, PROMPT, max_tokens=8, chat=True) + "\n"
     chat_prompt = tokenizer.encode("<start_of_turn>user\n" + PROMPT + "<end_of_turn>\n<start_of_turn>model\n")
-    assert r.stderr.splitlines()[-1].startswith(f"prompt: {len(chat_prompt)} tokens")
+    assert stats_line(r).startswith(f"prompt: {len(chat_prompt)} tokens")
 
 
 def test_seeded_sampling_through_the_cli(bundle, loaded):

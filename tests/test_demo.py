@@ -69,8 +69,10 @@ def test_demo_continues_the_zen_of_python(target, tmp_path):
     # The quick start's first run, on any machine: the stats line, and calm notes only: at most
     # one where the bundle is laid out for another device (it runs correctly; only the layouts
     # differ), and on a machine that never ran this model, that its kernels compile in the background.
-    *notes, stats = r.stderr.splitlines()
-    assert stats.startswith("prompt: "), r.stderr
+    lines = r.stderr.splitlines()
+    stats = [line for line in lines if line.startswith("prompt: ")]
+    notes = [line for line in lines if not line.startswith("prompt: ")]
+    assert len(stats) == 1, r.stderr
     layout = [n for n in notes if "runs correctly here" in n]
     background = [n for n in notes if "background" in n]
     assert len(layout) <= 1 and len(layout) + len(background) == len(notes), r.stderr
