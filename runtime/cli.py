@@ -104,15 +104,16 @@ def _load(bundle: str, strict_target: bool = False, verify: bool = False):
 
 
 @contextlib.contextmanager
-def _compiling_in_background(model, enabled: bool):
+def _compiling_in_background(model, enabled: bool, wait: bool = True):
     """Around a command's generations: where this machine lacks the model's decode kernels, a
-    child compiles them while decoding runs eagerly (runtime/precompile.py); at the end the
-    command waits for it, so that the next run starts compiled (Ctrl-C skips the wait)."""
+    child compiles them while decoding runs eagerly (runtime/precompile.py); yields it, or None.
+    At the end the command waits for it (`wait`: generate, chat), so that the next run starts
+    compiled (Ctrl-C skips the wait), or ends it (serve); on any way out it is stopped."""
     from runtime import precompile
 
     job = precompile.start(model) if enabled else None
     if job is None:
-        yield
+        yield None
         return
     interrupted = False
     try:
@@ -120,8 +121,8 @@ def _compiling_in_background(model, enabled: bool):
         click.echo(f"{NOTE_PREFIX}this model's decode kernels were never compiled on this machine: a background "
                    "process compiles them (once; minutes on a GPU) while decoding runs without them, more slowly",
                    err=True)
-        yield
-        if not job.finish(timeout=2):
+        yield job
+        if wait and not job.finish(timeout=2):
             click.echo(f"{NOTE_PREFIX}waiting for the background compilation to finish, so that the next run "
                        "starts fast (Ctrl-C skips)", err=True)
             job.finish()
@@ -129,7 +130,7 @@ def _compiling_in_background(model, enabled: bool):
         interrupted = True  # the child had the same Ctrl-C: its failure is no news
         raise
     finally:
-        job.stop()
+        job.stop()  # a child still compiling is ended: the next start begins again
         if job.failure and not interrupted:
             click.echo(f"{NOTE_PREFIX}the background compilation failed ({job.failure}); kernels compile in "
                        "this process instead, at its first compiled step", err=True)
@@ -390,28 +391,17 @@ def serve(bundle, host, port, max_tokens, max_body_bytes, client_timeout, no_cac
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}: anyone who can reach it can use the model "
                    "(there is no authentication)", err=True)
-    from runtime import precompile
-
-    # On a cold machine, a child compiles the decode kernels (started before anything else, and
-    # ended on any way out: a signal during the warm-up included).
-    job = None if no_warmup or no_background_compile else precompile.start(model)
-    try:
+    # On a cold machine a child compiles the decode kernels, ended on any way out (a signal during
+    # the warm-up included); the warm-up then runs eagerly, compiling what eager steps need.
+    with _compiling_in_background(model, not (no_warmup or no_background_compile), wait=False) as job:
         if not no_warmup:  # connections wait in the listen queue meanwhile
             if job is None:
                 click.echo("warming up: running the decode step once, so that no request waits for kernels "
                            "to compile", err=True)
-            else:  # the warm-up then runs eagerly: it compiles what the eager steps need, in seconds
-                noted()
-                click.echo(f"{NOTE_PREFIX}this model's decode kernels were never compiled on this machine: a "
-                           "background process compiles them (once; minutes on a GPU); until then requests "
-                           "decode without them, more slowly", err=True)
             click.echo(f"warm in {warm_up(model):.1f} s", err=True)
         bound_host, bound_port = server.server_address[:2]
         click.echo(f"serving {model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
         serve_until_stopped(server)  # until Ctrl-C or SIGTERM, which unwind it (manifests/cli.py)
-    finally:
-        if job is not None:
-            job.stop()  # a child still compiling is ended: the next start begins again
 
 
 def _median(values):
