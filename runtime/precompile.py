@@ -48,7 +48,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from runtime.inputs import check_model
-from runtime.kernels import kernel_cache_dirs, mlx_temp_dir
+from runtime.kernels import TEMP_VARIABLES, kernel_cache_dirs, mlx_temp_dir
 
 LIST_PREFIX = "mlx-prepared-kernels-"
 PRIVATE_PREFIX = "mlx-prepared-compile-"
@@ -170,7 +170,7 @@ class BackgroundCompile:
     def __init__(self, bundle: Path, sig: str):
         self.sig = sig
         self.private = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=mlx_temp_dir()[1]))
-        env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
+        env = {k: v for k, v in os.environ.items() if k not in TEMP_VARIABLES}
         env.update(TMPDIR=str(self.private), MLX_PTX_CACHE_DIR=str(_child_dirs(self.private)[1]))
         seed(self.private)
         self.log = self.private / "child.log"

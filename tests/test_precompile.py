@@ -17,7 +17,7 @@ import mlx.core as mx
 import pytest
 
 from runtime import load
-from runtime.kernels import compiled_kernel_names
+from runtime.kernels import TEMP_VARIABLES, compiled_kernel_names
 from runtime.precompile import (
     LIST_PREFIX,
     OWNERS,
@@ -36,11 +36,16 @@ PROMPT = "Beautiful is better than"
 NOTE = "a background process compiles them"
 
 
-def run(*args, tmpdir, stdin=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
+def machine(tmpdir) -> dict:
+    """This environment with `tmpdir` as the only temporary directory MLX looks at: a machine."""
+    env = {k: v for k, v in os.environ.items() if k not in TEMP_VARIABLES}
     env["TMPDIR"] = str(tmpdir)
-    return subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True, text=True, env=env,
-                          input=stdin, timeout=300)
+    return env
+
+
+def run(*args, tmpdir, stdin=None):
+    return subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True, text=True,
+                          env=machine(tmpdir), input=stdin, timeout=300)
 
 
 def fresh(tmp_path, name):
@@ -144,9 +149,8 @@ def test_a_failed_child_leaves_generation_to_compile_here(bundle, foreground, tm
         f"print(generate(model, tok, {PROMPT!r}, max_tokens=24), end='\\n')\n"
     )
     tmp = fresh(tmp_path, "failed")
-    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       env={**env, "TMPDIR": str(tmp)})
+                       env=machine(tmp))
     assert r.returncode == 0, r.stderr
     assert "exit 1" in r.stderr and str(moved) in r.stderr, r.stderr  # the child's last line: what it could not read
     assert r.stdout == foreground[0]
@@ -156,9 +160,8 @@ def test_a_failed_child_leaves_generation_to_compile_here(bundle, foreground, tm
 
 def test_ctrl_c_while_the_child_compiles_leaves_the_cache_whole(bundle, tmp_path):
     tmp = fresh(tmp_path, "interrupted")
-    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
     proc = subprocess.Popen([sys.executable, "-m", "runtime", "chat", str(bundle)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "TMPDIR": str(tmp)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=machine(tmp),
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -247,9 +250,8 @@ def test_a_killed_parents_child_directory_is_swept_at_the_next_start(tmp_path, m
 
 def test_a_sigkilled_run_leaves_a_directory_the_next_run_removes(bundle, foreground, tmp_path):
     tmp = fresh(tmp_path, "killed")
-    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
     proc = subprocess.Popen([sys.executable, "-m", "runtime", "chat", str(bundle)], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**env, "TMPDIR": str(tmp)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=machine(tmp),
                             start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(tmp.glob("mlx-prepared-compile-*/" + OWNERS)) and time.monotonic() < deadline:
@@ -280,9 +282,8 @@ def test_the_python_api_opts_in(bundle, foreground, tmp_path):
         "print(text)\n"
     )
     tmp = fresh(tmp_path, "api")
-    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
     r = subprocess.run([sys.executable, "-c", script, str(bundle)], capture_output=True, text=True, timeout=300,
-                       env={**env, "TMPDIR": str(tmp)})
+                       env=machine(tmp))
     assert r.returncode == 0, r.stderr
     assert r.stdout == foreground[0]
     assert compiled_kernel_names(tmp) == foreground[1] and not leftovers(tmp)
@@ -307,9 +308,8 @@ def test_a_process_that_exits_without_finishing_leaves_no_child(bundle, tmp_path
         "print(job.child.pid)\n"
     )
     tmp = fresh(tmp_path, "exit")
-    env = {k: v for k, v in os.environ.items() if k not in ("TMP", "TEMP", "TEMPDIR")}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       env={**env, "TMPDIR": str(tmp)})
+                       env=machine(tmp))
     assert r.returncode == 0, r.stderr
     child = int(r.stdout)
     time.sleep(0.5)
