@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from common import machine_facts, median, print_facts, table  # noqa: E402
 
+IMPLS = ("ours", "ours-foreground", "mlx-lm")
+
 
 def watch_child_memory(pid: int, marks: dict) -> None:
     """Sample the child's own peak resident memory (`VmHWM` of /proc/PID/status, Linux) every 0.2 s
@@ -135,17 +137,20 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--impls", default="ours,ours-foreground,mlx-lm",
+    ap.add_argument("--impls", default=",".join(IMPLS),
                     help="ours (a cold machine's kernels compiled by a child while decoding eagerly, as `runtime "
                          "generate` does), ours-foreground (compiled in the process, at its first compiled step), "
                          "mlx-lm")
     ap.add_argument("--json")
     args = ap.parse_args()
+    unknown = [i for i in args.impls.split(",") if i not in IMPLS]
+    if unknown or not args.impls:
+        ap.error(f"--impls: {', '.join(unknown) or 'none given'}: not one of {', '.join(IMPLS)}")
     facts = machine_facts()
     print_facts(facts)
     runs: dict[str, list] = {}
+    impls = args.impls.split(",")
     for r in range(args.rounds):
-        impls = args.impls.split(",")
         order = impls if r % 2 == 0 else impls[::-1]
         for impl in order:
             path = args.ours if impl.startswith("ours") else args.mlx_lm

@@ -137,3 +137,11 @@ def test_ab_trees_runs_two_trees_on_one_checkpoint(tmp_path):
     missing = subprocess.run(["bash", str(ROOT / "benchmarks" / "ab_trees.sh"), str(tmp_path / "nope"), str(ROOT)],
                              capture_output=True, text=True, env=env, timeout=60)
     assert missing.returncode != 0
+
+
+@pytest.mark.parametrize("impls", ["foo", "ours,x", ""])
+def test_bench_coldstart_refuses_an_unknown_implementation(impls):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_coldstart.py"), "A", "B", "--impls", impls],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--impls" in r.stderr and "not one of ours, ours-foreground, mlx-lm" in r.stderr
+    assert "Traceback" not in r.stderr
