@@ -6,7 +6,8 @@
 #   BENCH_COMMIT=<the commit's hash> bash benchmarks/h100.sh e2b decode
 # Steps: decode (runtime eager and compiled vs mlx-lm, same weights), fast (compiled only vs
 # mlx-lm), probe / sanitize (where a 4-bit prefill stops being deterministic), coldstart (time to
-# first token with empty vs warm kernel caches), profile (device time per kernel class of a step), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), graphs / graphs-q4
+# first token with empty vs warm kernel caches), profile (device time per kernel class of a step), prefill-q4 (a
+# 4-bit prefill's wall time, ours, its variants and mlx-lm's, then each one's kernels), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), graphs / graphs-q4
 # (MLX's CUDA graph settings tried on either side vs its defaults, bench_graphs.py), calibrate (GEMV
 # layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments), numeric
 # (`runtime verify --numeric --runs RUNS` on the 4-bit and bf16 cuda bundles), ple (the per-layer
@@ -33,7 +34,7 @@ bundles() {  # the bf16 bundles (the q4 and calibrate steps need neither)
   [ -d "$data/$size-generic" ] || python3 -m convert --target generic --quiet "$data/$size" "$data/$size-generic"
 }
 for step in $steps; do
-  case $step in q4|graphs-q4|calibrate|probe|sanitize|ple) ;; *) bundles ;; esac
+  case $step in q4|graphs-q4|prefill-q4|calibrate|probe|sanitize|ple) ;; *) bundles ;; esac
   case $step in
     decode)
       python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --compiled \
@@ -119,6 +120,28 @@ for step in $steps; do
       timeout 300 "$ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
         --log-file "$out/ncu-$size.csv" python3 benchmarks/profile_step.py kernels "$data/$size-cuda" --steps 1 || true
       python3 benchmarks/profile_step.py parse "$out/ncu-$size.csv" --wall-ms "$wall" --steps 1 | tee "$out/profile-$size.txt" ;;
+    prefill-q4)
+      # A 4-bit prefill of PROMPT tokens (default 64): wall time of ours (as it runs, and the variants
+      # profile_step.py names), of mlx-lm on the same arrays, then Nsight Compute's kernels of ours and mlx-lm's.
+      for t in generic cuda; do
+        [ -d "$data/$size-$t-q4" ] || python3 -m convert --target $t --quantize 4 --quiet "$data/$size" "$data/$size-$t-q4"
+      done
+      p=${PROMPT:-64}
+      for r in 1 2; do
+        for v in default kernel whole; do
+          python3 benchmarks/profile_step.py prefill-time "$data/$size-cuda-q4" --variant $v --prompt "$p" | tee -a "$out/prefill-q4-$size.txt"
+        done
+        python3 benchmarks/profile_step.py prefill-time "$data/$size-generic-q4" --impl mlx-lm --prompt "$p" | tee -a "$out/prefill-q4-$size.txt"
+      done
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      for impl in ours mlx-lm; do
+        b="$data/$size-cuda-q4"; [ $impl = mlx-lm ] && b="$data/$size-generic-q4"
+        timeout 200 "$ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+          --log-file "$out/ncu-prefill-q4-$size-$impl.csv" python3 benchmarks/profile_step.py prefill-kernels "$b" \
+          --impl $impl --prompt "$p" || true
+        echo "== $impl" | tee -a "$out/prefill-q4-$size.txt"
+        python3 benchmarks/profile_step.py parse "$out/ncu-prefill-q4-$size-$impl.csv" --top 30 | tee -a "$out/prefill-q4-$size.txt" || true
+      done ;;
     ple)
       # One conversion per dtype (--ple mapped) and its resident twin (bench_ple.py twin: hard links, the
       # same bytes, the table loaded as a shard); then both placements side by side, alternating children.

@@ -1,4 +1,4 @@
-"""Where a compiled decode step's time goes on a CUDA GPU, by kernel class.
+"""Where a compiled decode step's (or a prefill's) time goes on a CUDA GPU, by kernel class.
 
     # the step's wall time (no profiler): ms per token over --steps compiled steps
     python3 benchmarks/profile_step.py time BUNDLE [--steps 64]
@@ -6,6 +6,16 @@
     ncu --profile-from-start off --metrics gpu__time_duration.sum --csv --log-file K.csv \
         python3 benchmarks/profile_step.py kernels BUNDLE --steps 1
     python3 benchmarks/profile_step.py parse K.csv [--wall-ms MS] [--steps 1]
+    # a prefill of --prompt tokens: wall ms (median of 5 after 2 warm-ups) of our runtime, of a
+    # variant of it, or of mlx-lm's gemma3n on a generic 4-bit bundle's arrays (bench_quantized.py)
+    python3 benchmarks/profile_step.py prefill-time PATH [--impl ours|mlx-lm] [--variant V] [--prompt 64]
+    # its kernels under Nsight Compute, as `kernels` (--steps 1: one prefill)
+    ncu ... python3 benchmarks/profile_step.py prefill-kernels PATH [--impl ...] [--variant ...]
+
+Variants of our prefill (timing only, to find what costs): `kernel` takes MLX's quantized
+matmul for several rows of a 64-wide input where the runtime's probe found it wrong
+(runtime/quirks.py: fast but wrong answers), `whole` multiplies a fused quantized module in one
+product instead of member by member (runtime/model.py, `project`).
 
 `kernels` warms the compiled decoder up (so compilation stays out), then brackets the profiled
 steps with cudaProfilerStart/Stop. `parse` sums the kernels' device time per class (GEMV and
@@ -114,6 +124,75 @@ def cmd_kernels(bundle: str, steps: int) -> None:
     print(f"profiled {steps} step(s)")
 
 
+def prefill_model(path: str, impl: str, variant: str):
+    """The model a prefill runs: ours (as loaded, or with `variant` patched in) or mlx-lm's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    if impl == "mlx-lm":
+        from bench_quantized import load_mlx_lm_quantized
+
+        return load_mlx_lm_quantized(path)
+    from bench_runtime import load_ours
+
+    if variant == "kernel":
+        import runtime.projections
+
+        runtime.projections.wrong_multirow = lambda *a: False
+    elif variant == "whole":
+        import runtime.model
+
+        class Never:  # no module is this: project() never takes the member-by-member path
+            pass
+
+        runtime.model.QuantizedStandard = Never
+    elif variant != "default":
+        raise SystemExit(f"unknown variant {variant!r}: default, kernel or whole")
+    return load_ours(path)
+
+
+def prefill_once(model, prompt) -> None:
+    import mlx.core as mx
+
+    logits = model(prompt[None], cache=model.make_cache())
+    mx.eval(mx.argmax(logits[:, -1, :], axis=-1))
+
+
+def prefill_setup(path: str, impl: str, variant: str, prompt_len: int):
+    import mlx.core as mx
+    import numpy as np
+
+    from bench_runtime import id_limit
+
+    model = prefill_model(path, impl, variant)
+    prompt = mx.array(np.random.default_rng(0).integers(3, id_limit(path), prompt_len), dtype=mx.int32)
+    for _ in range(2):
+        prefill_once(model, prompt)
+    return model, prompt
+
+
+def cmd_prefill_time(path: str, impl: str, variant: str, prompt_len: int) -> None:
+    model, prompt = prefill_setup(path, impl, variant, prompt_len)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        prefill_once(model, prompt)
+        times.append((time.perf_counter() - t0) * 1e3)
+    ms = sorted(times)[2]
+    print(f"prefill {impl} {variant} {prompt_len} tokens: wall ms {ms:.3f} ({prompt_len / ms * 1e3:.0f} tok/s; "
+          f"runs: {', '.join(f'{t:.2f}' for t in times)})")
+
+
+def cmd_prefill_kernels(path: str, impl: str, variant: str, prompt_len: int) -> None:
+    import mlx.core as mx
+
+    model, prompt = prefill_setup(path, impl, variant, prompt_len)
+    mx.synchronize()
+    profiler(True)
+    prefill_once(model, prompt)
+    mx.synchronize()
+    profiler(False)
+    print(f"profiled one prefill of {prompt_len} tokens")
+
+
 def cmd_parse(path: str, wall_ms: float | None, steps: int, top: int) -> None:
     rows = []
     with open(path, newline="") as f:
@@ -151,16 +230,23 @@ def cmd_parse(path: str, wall_ms: float | None, steps: int, top: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["time", "kernels", "parse"])
+    ap.add_argument("command", choices=["time", "kernels", "parse", "prefill-time", "prefill-kernels"])
     ap.add_argument("path")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--wall-ms", type=float)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--impl", choices=["ours", "mlx-lm"], default="ours")
+    ap.add_argument("--variant", choices=["default", "kernel", "whole"], default="default")
+    ap.add_argument("--prompt", type=int, default=64)
     args = ap.parse_args()
     if args.command == "time":
         cmd_time(args.path, args.steps or 64)
     elif args.command == "kernels":
         cmd_kernels(args.path, args.steps or 1)
+    elif args.command == "prefill-time":
+        cmd_prefill_time(args.path, args.impl, args.variant, args.prompt)
+    elif args.command == "prefill-kernels":
+        cmd_prefill_kernels(args.path, args.impl, args.variant, args.prompt)
     else:
         cmd_parse(args.path, args.wall_ms, args.steps or 1, args.top)
     return 0
