@@ -81,9 +81,17 @@ def quantized_product(module: nn.Module, x: mx.array, span: slice | None = None)
     if span is not None:
         weight, scales = weight[span], scales[span]
         biases = biases[span] if biases is not None else None
-    if rows(x) > 1 and wrong_multirow(weight.shape[-1] * 32 // module.bits, module.bits,
-                                      module.group_size, module.mode, str(x.dtype).rsplit(".", 1)[-1]):
+    n = rows(x)
+    if n > 1 and wrong_multirow(weight.shape[-1] * 32 // module.bits, module.bits,
+                                module.group_size, module.mode, str(x.dtype).rsplit(".", 1)[-1]):
         return x @ mx.dequantize(weight, scales, biases, **q).T
+    if n > 1 and x.size // (x.shape[-2] * x.shape[-1]) > 1:
+        # Rows spread over batch dimensions (a prefill's tokens, each `[1, h]`: runtime/model.py)
+        # multiply as one matrix: MLX's CUDA kernel tiles each batch entry on its own, so 64 tokens
+        # of one row each took 64 tiles of 16-64 rows with one row used (3.4x the device time of
+        # the same product over `[64, h]`, measured on the H100: docs/BENCHMARKS.md).
+        y = mx.quantized_matmul(x.reshape(n, x.shape[-1]), weight, scales, biases, transpose=True, **q)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     return mx.quantized_matmul(x, weight, scales, biases, transpose=True, **q)
 
 

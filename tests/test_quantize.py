@@ -257,6 +257,28 @@ def test_quantization_matters_here(bundles, references, ids):
         assert relative_error(model(mx.array(ids)), references["float"]) > 10 * BOUND, b
 
 
+def test_a_prefill_multiplies_its_tokens_as_one_matrix(bundles, ids, monkeypatch):
+    """Every quantized product of a prefill gets its rows as one `[rows, in]` matrix, never one
+    batch entry per token (the model keeps each token's activations as `[1, h]`): MLX's CUDA kernel
+    tiles each batch entry on its own, so 64 tokens took 64 tiles of 16-64 rows, one row used
+    (3.4x the device time, measured on the H100). The logits are checked above; here the shapes."""
+    seen = []
+    real = mx.quantized_matmul
+
+    def recording(x, *args, **kwargs):
+        seen.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    model, _ = load_quietly(bundles["generic", 4, 32])
+    monkeypatch.setattr(mx, "quantized_matmul", recording)
+    mx.eval(model(mx.array(ids), cache=model.make_cache()))
+    several = [shape for shape in seen if int(np.prod(shape[:-1])) > 1]
+    assert several, "no quantized product over several rows: nothing checked"
+    batched = [shape for shape in several if int(np.prod(shape[:-2])) > 1]
+    assert not batched, f"{len(batched)} of {len(several)} products batch their rows, e.g. {batched[0]}"
+    assert all(shape[0] == ids.size for shape in several)
+
+
 def test_the_record_decides_not_the_shapes(bundles, tmp_path):
     """A record claiming another group size than the stored scales is an error, not a guess."""
     import shutil
