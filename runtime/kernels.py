@@ -78,11 +78,17 @@ def kernel_cache_problem() -> str | None:
 
 
 def _state(directory: Path) -> tuple | None:
-    """What changes when a kernel is written: the directory's and its subdirectories' mtimes."""
+    """What changes when a kernel is written: the directory's and its subdirectories' mtimes; None
+    while it is missing or empty. An empty one is not a kernel: the command's own cache check
+    (`kernel_cache_problem`) makes the CPU directory before loading, which on a GPU named that
+    empty directory as where the GPU's kernels were being cached."""
     try:
-        stamps = [directory.stat().st_mtime_ns]
         with os.scandir(directory) as entries:
-            stamps += [e.stat().st_mtime_ns for e in entries if e.is_dir(follow_symlinks=False)]
+            found = list(entries)
+        if not found:
+            return None
+        stamps = [directory.stat().st_mtime_ns]
+        stamps += [e.stat().st_mtime_ns for e in found if e.is_dir(follow_symlinks=False)]
     except OSError:  # not there (yet): nothing compiled into it
         return None
     return tuple(stamps)

@@ -5,6 +5,7 @@ API on the same bundle."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -180,6 +181,30 @@ def test_warmup_compiles_what_the_next_generate_needs(bundle, tmp_path):
         r = run("runtime", "generate", str(bundle), "--prompt", PROMPT, "--max-tokens", "8", env={"TMPDIR": str(tmp)})
         assert r.returncode == 0, r.stderr
     assert compiled_kernel_names(warm) == compiled and compiled_kernel_names(cold) == compiled
+
+
+def test_the_compile_note_names_where_a_kernel_was_written(tmp_path, monkeypatch):
+    """The note waits for a kernel, not a directory: a command makes MLX's CPU cache directory
+    (empty) before loading (its cache check), which on an H100 made the note name that CPU
+    directory as where the GPU's kernels went. Then a kernel in the PTX cache: named."""
+    import threading
+
+    import runtime.kernels as kernels
+
+    cpu, ptx = tmp_path / "cpu", tmp_path / "ptx"
+    monkeypatch.setattr(kernels, "kernel_cache_dirs", lambda: [cpu, ptx])
+    monkeypatch.setattr(kernels, "_noted", threading.Event())
+    said = []
+    with kernels.noting_compilation(said.append, poll_s=0.01):
+        cpu.mkdir()
+        ptx.mkdir()
+        time.sleep(0.2)
+        assert said == []
+        (ptx / "kernel.ptx").write_text("a kernel")
+        deadline = time.monotonic() + 10
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert said == [kernels.compile_note(ptx)]
 
 
 def test_warmup_refuses_a_missing_bundle_in_one_line(tmp_path):
