@@ -5,7 +5,8 @@
 Each measurement is a fresh process of its own (`worker`), started by this script, which notes
 the moment it spawned it. The worker imports MLX, loads the model (ours: `runtime.load` and
 `runtime.stream_generate` with compiled decode; mlx-lm: its `gemma3n` on the generic bundle's
-arrays and `mlx_lm.generate.generate_step`), prefills a fixed 64-token prompt and decodes; it
+arrays, quantized as the manifest records where it records so (bench_quantized.py), and
+`mlx_lm.generate.generate_step`), prefills a fixed 64-token prompt and decodes; it
 reports, as seconds after the spawn, when the model was ready, when the first token came out
 (time to first token) and when the first and the tenth decoded token came out.
 
@@ -57,6 +58,18 @@ def watch_child_memory(pid: int, marks: dict) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def quantized(bundle: str) -> bool:
+    """Whether a bundle's manifest records a quantized module (mlx-lm then needs `nn.quantize`)."""
+    import yaml
+
+    manifest = Path(bundle, "manifest.yaml")
+    if not manifest.exists():
+        return False
+    records = yaml.safe_load(manifest.read_text())
+    return any((r or {}).get("quantized") for part in ("projections", "embeddings")
+               for r in (records.get(part) or {}).values())
+
+
 def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int) -> dict:
     import mlx.core as mx
     import numpy as np
@@ -78,6 +91,10 @@ def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int)
             if job is not None:
                 watch_child_memory(job.child.pid, marks)
         marks["background_compile"] = job is not None
+    elif quantized(bundle):
+        from bench_quantized import load_mlx_lm_quantized
+
+        model = load_mlx_lm_quantized(bundle)
     else:
         from bench_runtime import load_mlx_lm
 

@@ -6,7 +6,7 @@
 #   BENCH_COMMIT=<the commit's hash> bash benchmarks/h100.sh e2b decode
 # Steps: decode (runtime eager and compiled vs mlx-lm, same weights), fast (compiled only vs
 # mlx-lm), probe / sanitize (where a 4-bit prefill stops being deterministic), coldstart (time to
-# first token with empty vs warm kernel caches), profile (device time per kernel class of a step), prefill-q4 (a
+# first token with empty vs warm kernel caches; coldstart-q4 on 4-bit bundles), profile (device time per kernel class of a step), prefill-q4 (a
 # 4-bit prefill's wall time, ours, its variants and mlx-lm's, then each one's kernels), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), graphs / graphs-q4
 # (MLX's CUDA graph settings tried on either side vs its defaults, bench_graphs.py), calibrate (GEMV
 # layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments), numeric
@@ -34,7 +34,7 @@ bundles() {  # the bf16 bundles (the q4 and calibrate steps need neither)
   [ -d "$data/$size-generic" ] || python3 -m convert --target generic --quiet "$data/$size" "$data/$size-generic"
 }
 for step in $steps; do
-  case $step in q4|graphs-q4|prefill-q4|calibrate|probe|sanitize|ple) ;; *) bundles ;; esac
+  case $step in q4|graphs-q4|prefill-q4|coldstart-q4|calibrate|probe|sanitize|ple) ;; *) bundles ;; esac
   case $step in
     decode)
       python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --compiled \
@@ -113,6 +113,14 @@ for step in $steps; do
       # IMPLS: any of ours (background compile, as runtime generate), ours-foreground, mlx-lm
       python3 benchmarks/bench_coldstart.py "$data/$size-cuda" "$data/$size-generic" --rounds "${ROUNDS:-1}" \
         --impls "${IMPLS:-ours,ours-foreground,mlx-lm}" --tokens "${TOKENS:-16}" --json "$out/coldstart-$size.json" ;;
+    coldstart-q4)
+      # The same on the 4-bit bundles (mlx-lm on the generic 4-bit bundle's arrays): a 4-bit prefill compiles
+      # MLX's quantized kernels too, on both sides.
+      for t in generic cuda; do
+        [ -d "$data/$size-$t-q4" ] || python3 -m convert --target $t --quantize 4 --quiet "$data/$size" "$data/$size-$t-q4"
+      done
+      python3 benchmarks/bench_coldstart.py "$data/$size-cuda-q4" "$data/$size-generic-q4" --rounds "${ROUNDS:-1}" \
+        --impls "${IMPLS:-ours,mlx-lm}" --tokens "${TOKENS:-16}" --json "$out/coldstart-q4-$size.json" ;;
     profile)
       # Device time per kernel class of one compiled decode step (Nsight Compute) against its wall time.
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
