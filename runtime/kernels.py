@@ -19,7 +19,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,18 +34,20 @@ _noted = threading.Event()  # once per process
 TEMP_VARIABLES = ("TMPDIR", "TMP", "TEMP", "TEMPDIR")
 
 
-def mlx_temp_dir() -> tuple[str | None, str]:
-    """(the variable naming it, or None for the default; the directory) MLX's caches go under."""
+def mlx_temp_dir(env: Mapping[str, str] = os.environ) -> tuple[str | None, str]:
+    """(the variable naming it, or None for the default; the directory) MLX's caches go under, in
+    the environment `env` (this process's by default)."""
     for name in TEMP_VARIABLES:
-        if name in os.environ:
-            return name, os.environ[name]
+        if name in env:
+            return name, env[name]
     return None, tempfile.gettempdir() if os.name == "nt" else "/tmp"
 
 
-def kernel_cache_dirs() -> list[Path]:
-    """Where this MLX writes the kernels it compiles: its CPU cache and its CUDA (PTX) cache."""
-    base = Path(mlx_temp_dir()[1]) / "mlx" / mx.__version__
-    return [base / "cpu", Path(os.environ.get("MLX_PTX_CACHE_DIR") or base / "ptx")]
+def kernel_cache_dirs(env: Mapping[str, str] = os.environ) -> list[Path]:
+    """Where this MLX writes the kernels it compiles, in the environment `env` (this process's by
+    default): its CPU cache and its CUDA (PTX) cache."""
+    base = Path(mlx_temp_dir(env)[1]) / "mlx" / mx.__version__
+    return [base / "cpu", Path(env.get("MLX_PTX_CACHE_DIR") or base / "ptx")]
 
 
 def compiled_kernel_names(root: Path) -> set[str]:

@@ -158,9 +158,17 @@ def publish(private: Path, sig: str) -> list[str]:
     return done
 
 
+def _child_env(private: Path) -> dict[str, str]:
+    """The child's environment: this one with TMPDIR (the only temporary directory) and
+    MLX_PTX_CACHE_DIR inside `private`."""
+    env = {k: v for k, v in os.environ.items() if k not in TEMP_VARIABLES}
+    env.update(TMPDIR=str(private), MLX_PTX_CACHE_DIR=str(private / "ptx"))
+    return env
+
+
 def _child_dirs(private: Path) -> list[Path]:
-    """The child's caches (kernel_cache_dirs with TMPDIR and MLX_PTX_CACHE_DIR at `private`)."""
-    return [private / "mlx" / mx.__version__ / "cpu", private / "ptx"]
+    """The child's caches: kernel_cache_dirs in the child's environment."""
+    return kernel_cache_dirs(_child_env(private))
 
 
 class BackgroundCompile:
@@ -170,12 +178,11 @@ class BackgroundCompile:
     def __init__(self, bundle: Path, sig: str):
         self.sig = sig
         self.private = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=mlx_temp_dir()[1]))
-        env = {k: v for k, v in os.environ.items() if k not in TEMP_VARIABLES}
-        env.update(TMPDIR=str(self.private), MLX_PTX_CACHE_DIR=str(_child_dirs(self.private)[1]))
         seed(self.private)
         self.log = self.private / "child.log"
         with open(self.log, "wb") as log:
-            self.child = subprocess.Popen([sys.executable, "-m", "runtime.compile_child", str(bundle)], env=env,
+            self.child = subprocess.Popen([sys.executable, "-m", "runtime.compile_child", str(bundle)],
+                                          env=_child_env(self.private),
                                           cwd=str(RUNTIME.parent), stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT)
         (self.private / OWNERS).write_text(json.dumps([os.getpid(), self.child.pid]))
