@@ -5,7 +5,7 @@
 Each measurement is a fresh process of its own (`worker`), started by this script, which notes
 the moment it spawned it. The worker imports MLX, loads the model (ours: `runtime.load` and
 `runtime.stream_generate` with compiled decode; mlx-lm: its `gemma3n` on the generic bundle's
-arrays, quantized as the manifest records where it records so (bench_quantized.py), and
+arrays, quantized as its manifest records where its config.json says so (bench_quantized.py), and
 `mlx_lm.generate.generate_step`), prefills a fixed 64-token prompt and decodes; it
 reports, as seconds after the spawn, when the model was ready, when the first token came out
 (time to first token) and when the first and the tenth decoded token came out.
@@ -58,23 +58,12 @@ def watch_child_memory(pid: int, marks: dict) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def quantized(bundle: str) -> bool:
-    """Whether a bundle's manifest records a quantized module (mlx-lm then needs `nn.quantize`)."""
-    import yaml
-
-    manifest = Path(bundle, "manifest.yaml")
-    if not manifest.exists():
-        return False
-    records = yaml.safe_load(manifest.read_text())
-    return any((r or {}).get("quantized") for part in ("projections", "embeddings")
-               for r in (records.get(part) or {}).values())
-
-
 def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int) -> dict:
     import mlx.core as mx
     import numpy as np
 
     marks = {"imported": time.time() - spawned}
+    config = json.loads(Path(bundle, "config.json").read_text())
     job = None
     if impl.startswith("ours"):
         import warnings
@@ -91,7 +80,7 @@ def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int)
             if job is not None:
                 watch_child_memory(job.child.pid, marks)
         marks["background_compile"] = job is not None
-    elif quantized(bundle):
+    elif "quantization" in config:  # mlx-lm's own test: a generic bundle's config.json is written for it
         from bench_quantized import load_mlx_lm_quantized
 
         model = load_mlx_lm_quantized(bundle)
@@ -100,7 +89,6 @@ def worker(impl: str, bundle: str, spawned: float, tokens: int, prompt_len: int)
 
         model = load_mlx_lm(bundle)
     marks["ready"] = time.time() - spawned
-    config = json.loads(Path(bundle, "config.json").read_text())
     text = config.get("text_config", config)
     limit = min(int(text["vocab_size"]), int(text.get("vocab_size_per_layer_input", text["vocab_size"])))
     prompt = np.random.default_rng(0).integers(3, limit, prompt_len).tolist()

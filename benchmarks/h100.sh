@@ -33,6 +33,12 @@ bundles() {  # the bf16 bundles (the q4 and calibrate steps need neither)
   # mlx-lm runs the generic bundle's arrays (the cuda profile fuses q/k/v and gate/up, which mlx-lm cannot load)
   [ -d "$data/$size-generic" ] || python3 -m convert --target generic --quiet "$data/$size" "$data/$size-generic"
 }
+q4_bundles() {  # the 4-bit bundles of the targets named (generic for mlx-lm, cuda for ours)
+  for t in "$@"; do
+    [ -d "$data/$size-$t-q4" ] || python3 -m convert --target "$t" --quantize 4 --quiet "$data/$size" "$data/$size-$t-q4"
+  done
+}
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)  # profile steps only
 for step in $steps; do
   case $step in q4|graphs-q4|prefill-q4|coldstart-q4|calibrate|probe|sanitize|ple) ;; *) bundles ;; esac
   case $step in
@@ -43,9 +49,7 @@ for step in $steps; do
       python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --no-eager \
         --rounds "${ROUNDS:-2}" --reps 3 --prompt 64 --tokens "${TOKENS:-64}" --json "$out/fast-$size.json" ;;
     q4)
-      for t in generic cuda; do
-        [ -d "$data/$size-$t-q4" ] || python3 -m convert --target $t --quantize 4 --quiet "$data/$size" "$data/$size-$t-q4"
-      done
+      q4_bundles generic cuda
       python3 benchmarks/bench_quantized.py decode "$data/$size-generic-q4" --ours "$data/$size-cuda-q4" --compiled \
         --rounds "${ROUNDS:-2}" --reps 3 --prompt 64 --tokens "${TOKENS:-64}" --json "$out/q4-$size.json" ;;
     graphs|graphs-q4)
@@ -53,9 +57,7 @@ for step in $steps; do
       # TRIES="nographs ours:nographs" tries those instead.
       tries=(); for t in ${TRIES:-}; do tries+=(--try "$t"); done
       if [ "$step" = graphs-q4 ]; then
-        for t in generic cuda; do
-          [ -d "$data/$size-$t-q4" ] || python3 -m convert --target $t --quantize 4 --quiet "$data/$size" "$data/$size-$t-q4"
-        done
+        q4_bundles generic cuda
         python3 benchmarks/bench_graphs.py "$data/$size-cuda-q4" "$data/$size-generic-q4" --quantized \
           --rounds "${ROUNDS:-3}" --tokens "${TOKENS:-64}" "${tries[@]}" --json "$out/graphs-q4-$size.json"
       else
@@ -83,7 +85,7 @@ for step in $steps; do
     numeric)
       # verify --numeric on the 4-bit and the bf16 cuda bundle: known answers (numpy, this machine's CPU) if
       # absent, then each path RUNS times here (every run after the first bit for bit against it).
-      [ -d "$data/$size-cuda-q4" ] || python3 -m convert --target cuda --quantize 4 --quiet "$data/$size" "$data/$size-cuda-q4"
+      q4_bundles cuda
       for b in "$data/$size-cuda-q4" "$data/$size-cuda"; do
         grep -q '^known_answers:' "$b/manifest.yaml" || python3 -m convert known-answers "$b"
         python3 -m runtime verify --numeric --runs "${RUNS:-10}" "$b" | tee -a "$out/numeric-$size.txt" || true
@@ -94,7 +96,7 @@ for step in $steps; do
     probe)
       # Where a 4-bit prefill stops being deterministic (cuda_q4_probe.py: the culprit module, alone,
       # fresh and with a poisoned buffer cache), then MLX's quantized matmul shape by shape.
-      [ -d "$data/$size-generic-q4" ] || python3 -m convert --target generic --quantize 4 --quiet "$data/$size" "$data/$size-generic-q4"
+      q4_bundles generic
       python3 benchmarks/cuda_q4_probe.py "$data/$size-generic-q4" --mlx-lm --repeats "${REPEATS:-8}" \
         --phases "${PHASES:-repeat,stages,ops,memory,isolate}" --json "$out/probe-$size.json" --save-npz "$out/probe-$size-op.npz"
       python3 benchmarks/cuda_qmm_sweep.py --json "$out/qmm-sweep.json" | grep -v "^ok " || true ;;
@@ -102,7 +104,7 @@ for step in $steps; do
       # compute-sanitizer over the smallest repro (initcheck: reads of memory nothing wrote; racecheck:
       # shared-memory races) and over one 4-token prefill of the model.
       cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-      [ -d "$data/$size-generic-q4" ] || python3 -m convert --target generic --quantize 4 --quiet "$data/$size" "$data/$size-generic-q4"
+      q4_bundles generic
       for tool in initcheck racecheck; do
         timeout 150 "$cs" --tool $tool --print-limit 3 python3 benchmarks/cuda_qmm_repro.py --repeats 1 2>&1 | head -40 || true
       done
@@ -116,14 +118,11 @@ for step in $steps; do
     coldstart-q4)
       # The same on the 4-bit bundles (mlx-lm on the generic 4-bit bundle's arrays): a 4-bit prefill compiles
       # MLX's quantized kernels too, on both sides.
-      for t in generic cuda; do
-        [ -d "$data/$size-$t-q4" ] || python3 -m convert --target $t --quantize 4 --quiet "$data/$size" "$data/$size-$t-q4"
-      done
+      q4_bundles generic cuda
       python3 benchmarks/bench_coldstart.py "$data/$size-cuda-q4" "$data/$size-generic-q4" --rounds "${ROUNDS:-1}" \
         --impls "${IMPLS:-ours,mlx-lm}" --tokens "${TOKENS:-16}" --json "$out/coldstart-q4-$size.json" ;;
     profile)
       # Device time per kernel class of one compiled decode step (Nsight Compute) against its wall time.
-      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       wall=$(python3 benchmarks/profile_step.py time "$data/$size-cuda" | tee /dev/stderr | awk '/wall ms/{print $5}')
       timeout 300 "$ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
         --log-file "$out/ncu-$size.csv" python3 benchmarks/profile_step.py kernels "$data/$size-cuda" --steps 1 || true
@@ -131,9 +130,7 @@ for step in $steps; do
     prefill-q4)
       # A 4-bit prefill of PROMPT tokens (default 64): wall time of ours (as it runs, and the variants
       # profile_step.py names), of mlx-lm on the same arrays, then Nsight Compute's kernels of ours and mlx-lm's.
-      for t in generic cuda; do
-        [ -d "$data/$size-$t-q4" ] || python3 -m convert --target $t --quantize 4 --quiet "$data/$size" "$data/$size-$t-q4"
-      done
+      q4_bundles generic cuda
       p=${PROMPT:-64}
       for r in 1 2; do
         for v in default kernel whole; do
@@ -141,7 +138,6 @@ for step in $steps; do
         done
         python3 benchmarks/profile_step.py prefill-time "$data/$size-generic-q4" --impl mlx-lm --prompt "$p" | tee -a "$out/prefill-q4-$size.txt"
       done
-      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       for impl in ours mlx-lm; do
         b="$data/$size-cuda-q4"; [ $impl = mlx-lm ] && b="$data/$size-generic-q4"
         timeout 200 "$ncu" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \

@@ -37,6 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 CLASSES = [  # first match wins
@@ -126,7 +127,6 @@ def cmd_kernels(bundle: str, steps: int) -> None:
 
 def prefill_model(path: str, impl: str, variant: str):
     """The model a prefill runs: ours (as loaded, or with `variant` patched in) or mlx-lm's."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     if impl == "mlx-lm":
         from bench_quantized import load_mlx_lm_quantized
 
@@ -144,8 +144,6 @@ def prefill_model(path: str, impl: str, variant: str):
             pass
 
         runtime.model.QuantizedStandard = Never
-    elif variant != "default":
-        raise SystemExit(f"unknown variant {variant!r}: default, kernel or whole")
     return load_ours(path)
 
 
@@ -239,6 +237,8 @@ def main() -> int:
     ap.add_argument("--variant", choices=["default", "kernel", "whole"], default="default")
     ap.add_argument("--prompt", type=int, default=64)
     args = ap.parse_args()
+    if args.prompt < 1:
+        ap.error(f"--prompt {args.prompt}: a prefill needs at least one token")
     if args.command == "time":
         cmd_time(args.path, args.steps or 64)
     elif args.command == "kernels":
