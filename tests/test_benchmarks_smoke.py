@@ -145,3 +145,20 @@ def test_bench_coldstart_refuses_an_unknown_implementation(impls):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--impls" in r.stderr and "not one of ours, ours-foreground, mlx-lm" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bench_qmm_rows_compares_both_layouts_and_checks_its_arguments():
+    """benchmarks/bench_qmm_rows.py at a small size: a row per dtype, both layouts timed, the same
+    answers from both; a size it cannot run is one usage line."""
+    script = str(ROOT / "benchmarks" / "bench_qmm_rows.py")
+    r = subprocess.run([sys.executable, script, "--rows", "4", "--out", "128", "--in", "128", "--repeats", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    body = [line for line in r.stdout.splitlines() if line.startswith(("| float32", "| bfloat16"))]
+    assert len(body) == 2, r.stdout
+    for line in body:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[2]) > 0 and cells[4] == "yes", line
+    for bad in (["--rows", "0"], ["--in", "100"], ["--repeats", "-1"]):
+        r = subprocess.run([sys.executable, script, *bad], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "usage:" in r.stderr and "Traceback" not in r.stderr, bad
