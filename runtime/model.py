@@ -303,7 +303,7 @@ class LayerProjections:
 
 class LaurelBlock(nn.Module):
     """Learned augmented residual: a rank-r bypass, normed, added back. The layer projects its
-    input (`linear_left`, maybe fused with q/k/v) and passes `left` in."""
+    input (`linear_left`, maybe fused with q/k/v) and that (`linear_right`), and passes it in."""
 
     def __init__(self, c: TextConfig, lp: LayerProjections):
         super().__init__()
@@ -311,8 +311,9 @@ class LaurelBlock(nn.Module):
         lp.attach(self, "laurel.linear_right")
         self.post_laurel_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def __call__(self, x: mx.array, left: mx.array, linear=call) -> mx.array:
-        return x + self.post_laurel_norm(linear(self.linear_right, left))
+    def __call__(self, x: mx.array, right: mx.array) -> mx.array:
+        """`x` plus `right` (the right projection's output) normed."""
+        return x + self.post_laurel_norm(right)
 
 
 class Attention(nn.Module):
@@ -484,7 +485,7 @@ class DecoderLayer(nn.Module):
         """The layer's arithmetic, written once for both forward passes (the eager `__call__` and
         the compiled decode step, runtime/fast.py), over tokens in rows: `planes` `[..., n, h]`
         (the n AltUp planes of each token), activations `[..., 1, h]`, `per_layer_input`
-        `[..., 1, hp]`, `plane_mask` `[n, 1]` (0 for the active plane, 1 for the others).
+        `[..., 1, hp]`, `plane_mask` `[n, 1]` (0 for the first plane, 1 for the others).
         `attend(normed)` is the part each pass does its own way: q/k/v, their norms and RoPE, the
         cache and attention; it returns (the heads' output before o_proj, laurel's left
         projection, what the pass keeps of the cache), and that last one is returned too.
@@ -495,23 +496,55 @@ class DecoderLayer(nn.Module):
         compiled step one kernel fewer than correcting all planes, then slicing). The innovation
         is written `-(active - activated)` the second time: the same numbers, but not an
         expression `mx.compile` would merge with the first and materialize."""
-        altup, a = self.altup, self.active
-        predictions = altup.predict(planes, linear)
-        active = predictions[..., a : a + 1, :]
-        normed = self.input_layernorm(active)
+        predictions, normed = self.predict(planes, linear)
         heads, left, state = attend(normed)
-        attn = self.post_attention_layernorm(linear(self.self_attn.o_proj, heads))
-        attn_laurel = ((active + attn) + self.laurel(normed, left, linear)) * (2.0**-0.5)
-        gate, up = self.project(self.pre_feedforward_layernorm(attn_laurel), MLP_BLOCKS, linear)
-        activated = attn_laurel + self.post_feedforward_layernorm(self.mlp(gate, up, linear))
+        attn_laurel, ffw_input = self.attention_residual(linear(self.self_attn.o_proj, heads),
+                                                         linear(self.laurel.linear_right, left), predictions, normed)
+        gate, up = self.project(ffw_input, MLP_BLOCKS, linear)
+        activated, coefs, first = self.correct(self.mlp(gate, up, linear), attn_laurel, predictions, linear)
+        first = gelu_tanh(linear(self.per_layer_input_gate, first)) * per_layer_input
+        projected = linear(self.per_layer_projection, first)
+        return self.corrected(predictions, activated, coefs, projected, plane_mask), state
 
-        coefs = linear(altup.correction_coefs, altup.router(activated, linear)).reshape(*planes.shape[:-1], 1)
+    # The layer's steps between its projections, attention and MLP, in `forward`'s order; the
+    # compiled decode step on a CUDA GPU runs each as one kernel (runtime/cuda_blocks.py).
+
+    def predict(self, planes: mx.array, linear=call) -> tuple[mx.array, mx.array]:
+        """(AltUp's predictions `[..., n, h]`, the active prediction's input norm `[..., 1, h]`)."""
+        predictions = self.altup.predict(planes, linear)
+        return predictions, self.input_layernorm(predictions[..., self.active : self.active + 1, :])
+
+    def attention_residual(self, attn: mx.array, laurel: mx.array, predictions: mx.array,
+                           normed: mx.array) -> tuple[mx.array, mx.array]:
+        """(the active prediction + attention + LAuReL, over sqrt(2); that normed for the MLP), from
+        o_proj's output `attn` and LAuReL's right projection's `laurel`."""
+        active = predictions[..., self.active : self.active + 1, :]
+        attn_laurel = ((active + self.post_attention_layernorm(attn)) + self.laurel(normed, laurel)) * (2.0**-0.5)
+        return attn_laurel, self.pre_feedforward_layernorm(attn_laurel)
+
+    def correct(self, mlp: mx.array, attn_laurel: mx.array, predictions: mx.array,
+                linear=call) -> tuple[mx.array, mx.array, mx.array]:
+        """(the activated output, AltUp's correction coefficients `[..., n, 1]`, the active plane
+        corrected, scaled where the model scales it), from the MLP's output `mlp`."""
+        altup, a = self.altup, self.active
+        activated = attn_laurel + self.post_feedforward_layernorm(mlp)
+        coefs = linear(altup.correction_coefs, altup.router(activated, linear)).reshape(*predictions.shape[:-1], 1)
+        active = predictions[..., a : a + 1, :]
         first = active + (activated - active) * (coefs[..., a : a + 1, :] + 1.0)
         if self.correct_scale:
             first = first * altup.correct_output_scale
-        first = gelu_tanh(linear(self.per_layer_input_gate, first)) * per_layer_input
-        first = self.post_per_layer_input_norm(linear(self.per_layer_projection, first))
-        return predictions - (active - activated) * (coefs + 1.0) + first * plane_mask, state
+        return activated, coefs, first
+
+    def corrected(self, predictions: mx.array, activated: mx.array, coefs: mx.array, projected: mx.array,
+                  plane_mask: mx.array) -> mx.array:
+        """The planes the layer ends with: its predictions corrected by the activated output
+        (AltUp correct, with the correction coefficients `coefs`), and the per-layer input's
+        projection `projected`, normed, added where `plane_mask` is 1 (every plane but the first,
+        as transformers does, whichever plane is active)."""
+        a = self.active
+        active = predictions[..., a : a + 1, :]
+        first = self.post_per_layer_input_norm(projected)
+        return predictions - (active - activated) * (coefs + 1.0) + first * plane_mask
 
     def __call__(self, planes: mx.array, per_layer_input: mx.array, plane_mask: mx.array, offset: int, cache,
                  shared_kv):
