@@ -11,7 +11,8 @@
 # (MLX's CUDA graph settings tried on either side vs its defaults, bench_graphs.py), calibrate (GEMV
 # layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments), numeric
 # (`runtime verify --numeric --runs RUNS` on the 4-bit and bf16 cuda bundles), ple (the per-layer
-# embedding table resident vs mapped, bf16 and 4-bit: memory, TTFT, decode; bench_ple.py). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
+# embedding table resident vs mapped, bf16 and 4-bit: memory, TTFT, decode; bench_ple.py), cuda-tests
+# (tests/test_cuda_blocks.py), blocks (compiled decode with and without the fused CUDA kernels). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
 # (every layer at tiny widths: launch cost alone, made in seconds).
 # The random full-size checkpoint and its bundle are made there, in /tmp (nothing that big travels).
 set -euo pipefail
@@ -40,8 +41,21 @@ q4_bundles() {  # the 4-bit bundles of the targets named (generic for mlx-lm, cu
 }
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)  # profile steps only
 for step in $steps; do
-  case $step in q4|graphs-q4|prefill-q4|coldstart-q4|calibrate|probe|sanitize|ple) ;; *) bundles ;; esac
+  case $step in q4|graphs-q4|prefill-q4|coldstart-q4|calibrate|probe|sanitize|ple|cuda-tests) ;; *) bundles ;; esac
   case $step in
+    cuda-tests)
+      # The fused CUDA kernels' tests (skipped on machines without CUDA); pytest from the staged wheels.
+      python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/mlxsite \
+        /root/mlxw/pytest-*.whl /root/mlxw/pluggy-*.whl /root/mlxw/iniconfig-*.whl /root/mlxw/packaging-*.whl \
+        /root/mlxw/pygments-*.whl
+      MLX_ENABLE_TF32=0 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_blocks.py 2>&1 | tee "$out/cuda-tests.txt" ;;
+    blocks)
+      # The compiled step with the fused CUDA kernels (runtime/cuda_blocks.py, the default) and
+      # without (MLXP_CUDA_BLOCKS=0), each against mlx-lm in its own run, one after the other.
+      for on in 1 0; do
+        MLXP_CUDA_BLOCKS=$on python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" \
+          --no-eager --rounds "${ROUNDS:-1}" --reps 3 --prompt 64 --tokens "${TOKENS:-128}" --json "$out/blocks$on-$size.json"
+      done ;;
     decode)
       python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --compiled \
         --rounds "${ROUNDS:-3}" --prompt 64 --tokens "${TOKENS:-64}" --json "$out/decode-$size.json" ;;

@@ -24,12 +24,14 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from runtime import cuda_blocks
 from runtime.cache import KVCache, RotatingKVCache, pad_positions
 from runtime.mapped import MappedTable
-from runtime.model import rms_norm, softcap
+from runtime.model import MLP_BLOCKS, gelu_tanh, rms_norm, softcap
 from runtime.projections import transposed_view
 
 DEFAULT_CAPACITY = 1024
+AUTO = object()  # DecodeStep's default `blocks`: the CUDA kernels where they apply
 
 # What a layer's projections give the step's attention (`DecoderLayer.project` blocks): q, k and
 # v side by side (q alone in a KV-shared layer) and laurel's left, from the normed input.
@@ -99,7 +101,10 @@ class DecodeStep:
     of bundle.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, blocks=AUTO):
+        """`blocks`: the fused kernels for a layer's small blocks (runtime/cuda_blocks.py), or
+        None for the generic graph; by default (`AUTO`) `cuda_blocks.Blocks` where
+        `cuda_blocks.enabled()`, else None."""
         c = model.config
         self.model, self.config = model, c
         self.lm = model.model.language_model
@@ -110,6 +115,9 @@ class DecodeStep:
         self.weights_t = transposed_views(self.lm, self.head)
         self.rope_tables = self._rope_tables()
         self.scales = self._scales()
+        if blocks is AUTO:
+            blocks = cuda_blocks.Blocks(c, self.lm.layers) if cuda_blocks.enabled() else None
+        self.blocks = blocks
 
     def _scales(self) -> tuple[mx.array, mx.array]:
         """The embeddings' scale `hidden ** 0.5` `[1, hidden]` and the per-layer projection's
@@ -207,11 +215,33 @@ class DecodeStep:
             if size not in masks:
                 # Additive: 0 for slots written so far, -inf for the rest (folded into the scores' matmul).
                 masks[size] = mx.where(mx.arange(size) <= position, 0.0, -mx.inf).astype(kv[i].dtype)
-        for i, layer in enumerate(lm.layers):
-            owner = self.producers.get(i, i)
-            planes, kv[owner] = self._layer(layer, planes, per_layer[i], position, plane_mask, self.rope_tables[i],
-                                            owner == i, kv[owner], masks)
+        if self.blocks is not None:
+            planes = self._blocks_layers(planes, per_layer, position, plane_mask, kv, masks)
+        else:
+            for i, layer in enumerate(lm.layers):
+                owner = self.producers.get(i, i)
+                planes, kv[owner] = self._layer(layer, planes, per_layer[i], position, plane_mask,
+                                                self.rope_tables[i], owner == i, kv[owner], masks)
         return (self._head(planes), *(kv[i] for i in self.owners))
+
+    def _blocks_layers(self, planes, per_layer, position, plane_mask, kv, masks):
+        """All layers (`DecoderLayer.forward` each) with their small blocks as `self.blocks`'
+        kernels and their projections, attention and MLP as in `_layer`. A layer ends in the
+        next one's first kernel (`tail_predict`); the last one ends as the generic graph does."""
+        b, tail, layer = self.blocks, None, None
+        for i, layer in enumerate(self.lm.layers):
+            owner = self.producers.get(i, i)
+            pred, normed = b.predict(i, planes) if tail is None else b.tail_predict(i, *tail)
+            heads, left, kv[owner] = self._attend(layer, normed, position, self.rope_tables[i], owner == i,
+                                                  kv[owner], masks)
+            attn_laurel, ffw_input = b.attn_laurel(i, self.linear(layer.self_attn.o_proj, heads),
+                                                   self.linear(layer.laurel.linear_right, left), pred, normed)
+            gate, up = layer.project(ffw_input, MLP_BLOCKS, self.linear)
+            activated, correction, first = b.correct(i, layer.mlp(gate, up, self.linear), attn_laurel, pred)
+            first = gelu_tanh(self.linear(layer.per_layer_input_gate, first)) * per_layer[i]
+            tail = (pred, activated, correction, self.linear(layer.per_layer_projection, first))
+        pred, activated, correction, projected = tail
+        return layer.corrected(pred, activated, correction, projected, plane_mask)
 
     def _layer(self, layer, planes, per_layer, position, plane_mask, rope_table, own_kv, kv, masks):
         """One decoder layer (`DecoderLayer.forward`) with this step's attention; `kv` is the

@@ -1,0 +1,387 @@
+"""A Gemma3n layer's small blocks as single CUDA kernels, for the compiled decode step on a GPU.
+
+At batch 1 on a big GPU a decode step is host-bound: MLX spends host time on every kernel it
+launches (docs/BENCHMARKS.md, "Where a decode step's device time goes"), and about half of a
+Gemma3n layer's kernels are norms, AltUp's tiny router and coefficient products and the
+element-wise glue between them, each over a few thousand numbers. Here three kernels do what
+16 of them do in the generic graph, each in one thread block:
+
+- `tail_predict`: the previous layer's last step (per-layer input norm, AltUp correct, planes
+  updated) + this layer's AltUp predict (router norm, router, tanh, prediction coefficients,
+  planes mixed) + its input norm. Layer 0 has no previous layer (`predict`).
+- `attn_laurel`: post-attention norm, LAuReL's norm and sum, the residual, the `1/sqrt(2)` and
+  the pre-feed-forward norm, after o_proj and LAuReL's right projection.
+- `correct`: post-feed-forward norm and residual, AltUp's correction router and coefficients,
+  the active plane corrected (and scaled), which the per-layer input gate reads.
+
+The projections between them (q/k/v, o_proj, gate/up, down, the per-layer gate and projection,
+LAuReL's two) stay MLX's matmuls, float or quantized. The arithmetic is the generic graph's,
+rounded where it rounds (each op's result to the activation dtype, as MLX's fused CUDA kernels
+and `mx.fast.rms_norm` do), so the step's numbers stay within a few roundings of it: the
+generic graph (runtime/model.py `DecoderLayer.forward`) stays the tested path on every backend,
+and tests/test_cuda_blocks.py checks each kernel against it on a CUDA GPU (skipped elsewhere).
+
+Used only where the default device is a CUDA GPU; `MLXP_CUDA_BLOCKS=0` turns them off (the
+generic graph then runs on CUDA too: A/B measurements, or a driver where they misbehave).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+ENV = "MLXP_CUDA_BLOCKS"
+THREADS = 256  # one block of this many threads per kernel; every loop strides by it
+
+_HEADER = r"""
+// Sum K floats over the block (THREADS threads); every thread gets the sums. `scratch` holds
+// 32 * K floats of shared memory.
+template <int K, int THREADS>
+__device__ inline void block_sum(float (&v)[K], float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int WARPS = THREADS / 32;
+  #pragma unroll
+  for (int k = 0; k < K; ++k) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_xor_sync(0xffffffff, v[k], o);
+  }
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) {
+    #pragma unroll
+    for (int k = 0; k < K; ++k) scratch[warp * K + k] = v[k];
+  }
+  __syncthreads();
+  #pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float s = 0.f;
+    #pragma unroll
+    for (int w = 0; w < WARPS; ++w) s += scratch[w * K + k];
+    v[k] = s;
+  }
+}
+"""
+
+# Every kernel: T the activations' dtype (its outputs' too), H the hidden width, N the AltUp
+# planes, A the active plane; EPS the norms' epsilon. R(x) rounds a float to T and back: where
+# the generic graph holds a value in T, so does this code.
+_PRELUDE = r"""
+  constexpr int E = (H + THREADS - 1) / THREADS;  // elements per thread
+  __shared__ float scratch[32 * (N + 2)];
+  const int t = threadIdx.x;
+  auto R = [](float x) { return static_cast<float>(static_cast<T>(x)); };
+  // mx.fast.rms_norm: w * T(x * rsqrt(mean(x^2) + eps)), the product in T
+  auto norm = [&](float x, float r, float w) { return R(w * R(x * r)); };
+"""
+
+# planes p[N][E] (floats holding T values) -> predictions written to `pred`, the active one's
+# input norm to `normed`.
+_PREDICT = r"""
+  {
+    // AltUp's router on the active plane: tanh(router(norm(x)) / H), in T
+    float sq[1] = {0.f};
+    #pragma unroll
+    for (int e = 0; e < E; ++e) sq[0] += p[A][e] * p[A][e];
+    block_sum<1, THREADS>(sq, scratch);
+    const float r = rsqrtf(sq[0] / H + EPS);
+    float dot[N];
+    #pragma unroll
+    for (int j = 0; j < N; ++j) dot[j] = 0.f;
+    #pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int i = t + e * THREADS;
+      if (i < H) {
+        const float x = norm(p[A][e], r, static_cast<float>(router_norm[i]));
+        #pragma unroll
+        for (int j = 0; j < N; ++j) dot[j] += x * static_cast<float>(router[j * H + i]);
+      }
+    }
+    block_sum<N, THREADS>(dot, scratch);
+    __shared__ float coef[N * N];
+    if (t < N * N) {  // prediction coefficients: coefs[t] = sum_j W[t, j] * m[j]
+      float c = 0.f;
+      #pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const float m = R(tanhf(R(dot[j]) * (1.0f / H)));
+        c += static_cast<float>(prediction_coefs[t * N + j]) * m;
+      }
+      coef[t] = R(c);
+    }
+    __syncthreads();
+    // predictions: plane j + sum_k coefs[j, k] * plane k, one rounding (MLX's addmm)
+    float sq_in[1] = {0.f};
+    float act[E];
+    #pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int i = t + e * THREADS;
+      act[e] = 0.f;
+      if (i < H) {
+        #pragma unroll
+        for (int j = 0; j < N; ++j) {
+          float y = p[j][e];
+          #pragma unroll
+          for (int k = 0; k < N; ++k) y += coef[j * N + k] * p[k][e];
+          pred[j * H + i] = static_cast<T>(y);
+          if (j == A) act[e] = R(y);
+        }
+      }
+      sq_in[0] += act[e] * act[e];
+    }
+    block_sum<1, THREADS>(sq_in, scratch);
+    const float r_in = rsqrtf(sq_in[0] / H + EPS);
+    #pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int i = t + e * THREADS;
+      if (i < H) normed[i] = static_cast<T>(norm(act[e], r_in, static_cast<float>(input_norm[i])));
+    }
+  }
+"""
+
+_PLANES_IN = r"""
+  float p[N][E];
+  #pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = t + e * THREADS;
+    #pragma unroll
+    for (int j = 0; j < N; ++j) p[j][e] = i < H ? static_cast<float>(planes[j * H + i]) : 0.f;
+  }
+"""
+
+# The previous layer's end: planes = pred - (active - activated) * (coefs + 1) + norm(proj) on
+# every plane but the first (DecoderLayer.corrected, as transformers adds it to planes 1:), op by
+# op in T.
+_TAIL = r"""
+  float p[N][E];
+  {
+    float sq[1] = {0.f};
+    float y[E];
+    #pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int i = t + e * THREADS;
+      y[e] = i < H ? static_cast<float>(projected[i]) : 0.f;
+      sq[0] += y[e] * y[e];
+    }
+    block_sum<1, THREADS>(sq, scratch);
+    const float r = rsqrtf(sq[0] / H + EPS);
+    #pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int i = t + e * THREADS;
+      #pragma unroll
+      for (int j = 0; j < N; ++j) p[j][e] = 0.f;
+      if (i < H) {
+        const float first = norm(y[e], r, static_cast<float>(per_layer_norm[i]));
+        const float d = R(static_cast<float>(prev_pred[A * H + i]) - static_cast<float>(activated[i]));
+        #pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float c1 = R(static_cast<float>(correction[j]) + 1.0f);
+          const float x = R(static_cast<float>(prev_pred[j * H + i]) - R(d * c1));
+          p[j][e] = j == 0 ? x : R(x + first);
+        }
+      }
+    }
+  }
+"""
+
+_ATTN_LAUREL = r"""
+  float o[E], l[E];
+  float sq[2] = {0.f, 0.f};
+  #pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = t + e * THREADS;
+    o[e] = i < H ? static_cast<float>(attn[i]) : 0.f;
+    l[e] = i < H ? static_cast<float>(laurel[i]) : 0.f;
+    sq[0] += o[e] * o[e];
+    sq[1] += l[e] * l[e];
+  }
+  block_sum<2, THREADS>(sq, scratch);
+  const float r_o = rsqrtf(sq[0] / H + EPS), r_l = rsqrtf(sq[1] / H + EPS);
+  const float half = R(0.70710678118654752f);  // 2 ** -0.5 as T: a Python scalar times a T array
+  float sq_out[1] = {0.f};
+  float s[E];
+  #pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = t + e * THREADS;
+    s[e] = 0.f;
+    if (i < H) {
+      const float a = norm(o[e], r_o, static_cast<float>(post_attention_norm[i]));
+      const float lr = R(static_cast<float>(normed[i]) + norm(l[e], r_l, static_cast<float>(post_laurel_norm[i])));
+      s[e] = R(R(R(static_cast<float>(pred[A * H + i]) + a) + lr) * half);
+      attn_laurel[i] = static_cast<T>(s[e]);
+    }
+    sq_out[0] += s[e] * s[e];
+  }
+  block_sum<1, THREADS>(sq_out, scratch);
+  const float r = rsqrtf(sq_out[0] / H + EPS);
+  #pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = t + e * THREADS;
+    if (i < H) ffw_input[i] = static_cast<T>(norm(s[e], r, static_cast<float>(pre_feedforward_norm[i])));
+  }
+"""
+
+_CORRECT = r"""
+  float act[E];
+  {
+    float m[E];
+    float sq[1] = {0.f};
+    #pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int i = t + e * THREADS;
+      m[e] = i < H ? static_cast<float>(mlp[i]) : 0.f;
+      sq[0] += m[e] * m[e];
+    }
+    block_sum<1, THREADS>(sq, scratch);
+    const float r = rsqrtf(sq[0] / H + EPS);
+    float sq_act[1] = {0.f};
+    #pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int i = t + e * THREADS;
+      act[e] = 0.f;
+      if (i < H) {
+        act[e] = R(static_cast<float>(attn_laurel[i]) + norm(m[e], r, static_cast<float>(post_feedforward_norm[i])));
+        activated[i] = static_cast<T>(act[e]);
+      }
+      sq_act[0] += act[e] * act[e];
+    }
+    block_sum<1, THREADS>(sq_act, scratch);
+    const float r_act = rsqrtf(sq_act[0] / H + EPS);
+    float dot[N];
+    #pragma unroll
+    for (int j = 0; j < N; ++j) dot[j] = 0.f;
+    #pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int i = t + e * THREADS;
+      if (i < H) {
+        const float x = norm(act[e], r_act, static_cast<float>(router_norm[i]));
+        #pragma unroll
+        for (int j = 0; j < N; ++j) dot[j] += x * static_cast<float>(router[j * H + i]);
+      }
+    }
+    block_sum<N, THREADS>(dot, scratch);
+    __shared__ float coef[N];
+    if (t < N) {  // correction coefficients: coefs[t] = sum_j W[t, j] * m[j]
+      float c = 0.f;
+      #pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const float mj = R(tanhf(R(dot[j]) * (1.0f / H)));
+        c += static_cast<float>(correction_coefs[t * N + j]) * mj;
+      }
+      coef[t] = R(c);
+      correction[t] = static_cast<T>(c);
+    }
+    __syncthreads();
+    // the active plane corrected: active + (activated - active) * (coefs[A] + 1) (then scaled)
+    const float c1 = R(coef[A] + 1.0f);
+    #pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int i = t + e * THREADS;
+      if (i < H) {
+        const float a = static_cast<float>(pred[A * H + i]);
+        float f = R(a + R(R(act[e] - a) * c1));
+        if (SCALED) f = R(f * static_cast<float>(correct_scale[i]));
+        first[i] = static_cast<T>(f);
+      }
+    }
+  }
+"""
+
+PREDICT_IN = ["planes", "router_norm", "router", "prediction_coefs", "input_norm"]
+TAIL_PREDICT_IN = ["prev_pred", "activated", "correction", "projected", "per_layer_norm",
+                   "router_norm", "router", "prediction_coefs", "input_norm"]
+ATTN_LAUREL_IN = ["attn", "laurel", "pred", "normed", "post_attention_norm", "post_laurel_norm",
+                  "pre_feedforward_norm"]
+CORRECT_IN = ["mlp", "attn_laurel", "pred", "post_feedforward_norm", "router_norm", "router", "correction_coefs",
+              "correct_scale"]
+
+
+def enabled(environ=None) -> bool:
+    """Whether the compiled decode step uses these kernels: on a CUDA GPU, unless `MLXP_CUDA_BLOCKS`
+    is `0` (any value but `0` or `1` is refused, naming the variable)."""
+    env = os.environ if environ is None else environ
+    value = env.get(ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV}={value!r}: use 1 (the default: fused kernels on a CUDA GPU) or 0 (the generic graph)")
+    return value == "1" and mx.default_device().type == mx.gpu and mx.cuda.is_available()
+
+
+def row_major(module) -> mx.array:
+    """A projection's float weight as contiguous `[out, in]` (a copy only where it was stored
+    pretransposed: the router and coefficient matrices are a few KB)."""
+    if "weight_t" in module:
+        return mx.contiguous(module["weight_t"].T)
+    return module["weight"]
+
+
+class Blocks:
+    """The kernels for one model, with each layer's weights they read gathered once (views of
+    the loaded arrays, plus contiguous copies of pretransposed AltUp matrices); `predict`,
+    `tail_predict`, `attn_laurel` and `correct` each add one node to the graph being traced,
+    for layer `i`."""
+
+    def __init__(self, config, layers):
+        self.h, self.n, self.a = config.hidden_size, config.altup_num_inputs, config.altup_active_idx
+        consts = f"  constexpr float EPS = {float(config.rms_norm_eps)!r}f;\n"
+
+        def kernel(name, inputs, outputs, body):
+            return mx.fast.cuda_kernel(name=f"gemma3n_{name}", input_names=inputs, output_names=outputs,
+                                       source=consts + _PRELUDE + body, header=_HEADER)
+
+        self._predict = kernel("predict", PREDICT_IN, ["pred", "normed"], _PLANES_IN + _PREDICT)
+        self._tail_predict = kernel("tail_predict", TAIL_PREDICT_IN, ["pred", "normed"], _TAIL + _PREDICT)
+        self._attn_laurel = kernel("attn_laurel", ATTN_LAUREL_IN, ["attn_laurel", "ffw_input"], _ATTN_LAUREL)
+        self._correct = kernel("correct", CORRECT_IN, ["activated", "correction", "first"], _CORRECT)
+        self.weights = []
+        for layer in layers:
+            altup = layer.altup
+            self.weights.append(dict(
+                router_norm=altup.router_norm.weight, router=row_major(altup.modality_router),
+                prediction_coefs=row_major(altup.prediction_coefs),
+                correction_coefs=row_major(altup.correction_coefs), input_norm=layer.input_layernorm.weight,
+                post_attention_norm=layer.post_attention_layernorm.weight,
+                post_laurel_norm=layer.laurel.post_laurel_norm.weight,
+                pre_feedforward_norm=layer.pre_feedforward_layernorm.weight,
+                post_feedforward_norm=layer.post_feedforward_layernorm.weight,
+                per_layer_norm=layer.post_per_layer_input_norm.weight,
+                correct_scale=altup.correct_output_scale if layer.correct_scale else None))
+        mx.eval([[w for w in ws.values() if w is not None] for ws in self.weights])
+
+    def _run(self, kernel, inputs, shapes, dtype, **flags):
+        template = [("T", dtype), ("H", self.h), ("N", self.n), ("A", self.a), ("THREADS", THREADS),
+                    *flags.items()]
+        return kernel(inputs=inputs, template=template, grid=(THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+                      output_shapes=shapes, output_dtypes=[dtype] * len(shapes))
+
+    def _predict_weights(self, i):
+        w = self.weights[i]
+        return [w["router_norm"], w["router"], w["prediction_coefs"], w["input_norm"]]
+
+    def predict(self, i, planes):
+        """Layer i's AltUp predictions `[n, h]` from planes `[n, h]`, and the active prediction's
+        input norm `[1, h]`."""
+        return self._run(self._predict, [planes, *self._predict_weights(i)], [(self.n, self.h), (1, self.h)],
+                         planes.dtype)
+
+    def tail_predict(self, i, prev_pred, activated, correction, projected):
+        """`predict` on the planes layer i - 1 ends with, from its predictions, activated output,
+        correction coefficients `[n, 1]` and per-layer projection (before its norm)."""
+        inputs = [prev_pred, activated, correction, projected, self.weights[i - 1]["per_layer_norm"],
+                  *self._predict_weights(i)]
+        return self._run(self._tail_predict, inputs, [(self.n, self.h), (1, self.h)], prev_pred.dtype)
+
+    def attn_laurel(self, i, attn, laurel, pred, normed):
+        """(attention + LAuReL residual `[1, h]`, its pre-feed-forward norm `[1, h]`) from layer i's
+        o_proj output, LAuReL's right projection's output, predictions and input norm."""
+        w = self.weights[i]
+        inputs = [attn, laurel, pred, normed, w["post_attention_norm"], w["post_laurel_norm"],
+                  w["pre_feedforward_norm"]]
+        return self._run(self._attn_laurel, inputs, [(1, self.h), (1, self.h)], pred.dtype)
+
+    def correct(self, i, mlp, attn_laurel, pred):
+        """(activated `[1, h]`, correction coefficients `[n, 1]`, the active plane corrected `[1, h]`
+        (scaled where the model scales it)) from layer i's MLP output."""
+        w = self.weights[i]
+        scaled = w["correct_scale"] is not None
+        inputs = [mlp, attn_laurel, pred, w["post_feedforward_norm"], w["router_norm"], w["router"],
+                  w["correction_coefs"], w["correct_scale"] if scaled else w["router_norm"]]  # unread unless scaled
+        return self._run(self._correct, inputs, [(1, self.h), (self.n, 1), (1, self.h)], pred.dtype,
+                         SCALED=scaled)

@@ -1,0 +1,237 @@
+"""The compiled decode step's fused CUDA kernels (runtime/cuda_blocks.py) against the generic graph.
+
+`LayerBlocks` below is the kernels' interface over the generic graph: each call is the layer's
+own method (runtime/model.py `DecoderLayer.predict`, `attention_residual`, `correct`,
+`corrected`), the arithmetic every other backend runs. On any machine the compiled step run
+through that interface equals the generic step (the step's plumbing around the kernels); on a
+CUDA GPU each kernel equals its `LayerBlocks` call on random inputs, and the compiled step with
+the kernels equals the generic step token by token. The GPU tests are skipped where MLX has no
+CUDA device: `bash benchmarks/h100.sh cuda-tests` runs this file on one.
+"""
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from runtime import cuda_blocks
+from runtime.fast import CompiledDecoder, DecodeStep
+from tests.checkpoints import make_checkpoint, tiny_text_config
+from tests.runtime_helpers import convert, load_quietly
+
+CUDA = mx.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs MLX's CUDA backend on a CUDA GPU")
+
+
+class LayerBlocks:
+    """`cuda_blocks.Blocks`' calls, each the generic layer's own method."""
+
+    def __init__(self, model):
+        lm = model.model.language_model
+        self.layers, self.plane_mask = lm.layers, lm.plane_mask
+
+    def predict(self, i, planes):
+        return self.layers[i].predict(planes)
+
+    def tail_predict(self, i, prev_pred, activated, correction, projected):
+        mask = self.plane_mask.astype(prev_pred.dtype)
+        return self.predict(i, self.layers[i - 1].corrected(prev_pred, activated, correction, projected, mask))
+
+    def attn_laurel(self, i, attn, laurel, pred, normed):
+        return self.layers[i].attention_residual(attn, laurel, pred, normed)
+
+    def correct(self, i, mlp, attn_laurel, pred):
+        return self.layers[i].correct(mlp, attn_laurel, pred)
+
+
+CONFIGS = {
+    "tiny": {},
+    # wider than a thread block's 256 lanes and no multiple of it, another active plane, no scale
+    "wide": dict(hidden_size=320, altup_active_idx=1, altup_correct_scale=False),
+}
+
+
+def bundle(root, name, dtype):
+    src = make_checkpoint(root / f"src-{name}", "hf", seed=5, text_config=tiny_text_config(**CONFIGS[name]))
+    return convert(src, root / f"cuda-{name}-{dtype}", "cuda", "--dtype", dtype) if dtype != "float32" else \
+        convert(src, root / f"cuda-{name}", "cuda")
+
+
+class Models(dict):
+    """(config name, dtype) -> a model of a `cuda` bundle, converted the first time it is asked for."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, key):
+        self[key] = load_quietly(bundle(self.root, *key))[0]
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return Models(tmp_path_factory.mktemp("blocks"))
+
+
+def decoder(model, blocks, prompt=(5, 17, 33, 2, 9, 100, 200, 31, 7)):
+    """A compiled decoder after an eager prefill of `prompt`, its step built with `blocks`."""
+    cache = model.make_cache()
+    mx.eval(model(mx.array([list(prompt)]), cache=cache))
+    dec = CompiledDecoder(model, cache)
+    step = DecodeStep(model, blocks=blocks)
+    dec._step = mx.compile(lambda token, position, *arrays: step(token, position, *arrays))
+    return dec
+
+
+def greedy_logits(dec, tokens: int, fed: list[int] | None = None) -> tuple[list[int], list[np.ndarray]]:
+    """The greedy ids and the logits of `tokens` steps; each step is fed the previous step's id,
+    or where `fed` is given, its tokens in turn (the same inputs for two decoders to compare)."""
+    ids, logits, token = [], [], 5
+    for k in range(tokens):
+        out = dec(mx.array([token if fed is None else fed[k]]))
+        logits.append(np.array(out.astype(mx.float32)))
+        token = int(mx.argmax(out, axis=-1).item())
+        ids.append(token)
+    return ids, logits
+
+
+def rel(a, b) -> float:
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    return float(np.abs(a - b).max() / max(np.sqrt((b**2).mean()), 1e-30))
+
+
+def test_switch_refuses_what_it_does_not_know():
+    assert cuda_blocks.enabled({cuda_blocks.ENV: "0"}) is False
+    with pytest.raises(ValueError, match=f"{cuda_blocks.ENV}='yes'"):
+        cuda_blocks.enabled({cuda_blocks.ENV: "yes"})
+    # the default: on, where the default device is a CUDA GPU
+    assert cuda_blocks.enabled({}) is (CUDA and mx.default_device().type == mx.gpu)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_step_through_the_blocks_interface_is_the_generic_step(models, name):
+    """What the step does around the kernels (which outputs go where, the last layer's end),
+    checked on any machine: the step through `LayerBlocks` decodes as the generic step does."""
+    model = models[name, "float32"]
+    ids, logits = greedy_logits(decoder(model, LayerBlocks(model)), 12)
+    ref_ids, ref_logits = greedy_logits(decoder(model, None), 12)
+    assert ids == ref_ids
+    for a, b in zip(logits, ref_logits, strict=True):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def random_inputs(model, seed):
+    c = model.config
+    h, n = c.hidden_size, c.altup_num_inputs
+    rng = np.random.default_rng(seed)
+    dtype = model.model.language_model.layers[0].input_layernorm.weight.dtype
+
+    def arr(*shape, scale=1.0):
+        return mx.array((rng.standard_normal(shape) * scale).astype(np.float32)).astype(dtype)
+
+    return dict(planes=arr(n, h, scale=3.0), activated=arr(1, h, scale=3.0), correction=arr(n, 1, scale=0.3),
+                projected=arr(1, h, scale=2.0), attn=arr(1, h), laurel=arr(1, h, scale=0.1), normed=arr(1, h),
+                mlp=arr(1, h, scale=5.0), attn_laurel=arr(1, h, scale=3.0))
+
+
+# Float32 matmuls run in TF32 on a GPU unless MLX_ENABLE_TF32=0 (h100.sh cuda-tests sets it):
+# the generic graph's router and coefficient products are then the less exact side.
+TF32 = mx.default_device().type == mx.gpu and os.environ.get("MLX_ENABLE_TF32", "1") != "0"
+TOLERANCE = {"float32": 2e-3 if TF32 else 1e-5, "bfloat16": 2e-2}
+STEP_TOLERANCE = 2e-2 if TF32 else 1e-4  # float32
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_each_kernel_equals_the_generic_graph(models, name, dtype):
+    model = models[name, dtype]
+    blocks, ref = cuda_blocks.Blocks(model.config, model.model.language_model.layers), LayerBlocks(model)
+    tol = TOLERANCE[dtype]
+    for i in (0, 3, model.config.num_hidden_layers - 1):
+        x = random_inputs(model, seed=i)
+        pred, normed = ref.predict(i, x["planes"])
+        calls = {
+            "predict": (i, x["planes"]),
+            "attn_laurel": (i, x["attn"], x["laurel"], pred, normed),
+            "correct": (i, x["mlp"], x["attn_laurel"], pred),
+        }
+        if i:
+            calls["tail_predict"] = (i, pred, x["activated"], x["correction"], x["projected"])
+        for method, args in calls.items():
+            got, want = getattr(blocks, method)(*args), getattr(ref, method)(*args)
+            for k, (g, w) in enumerate(zip(got, want, strict=True)):
+                assert g.shape == w.shape and g.dtype == w.dtype, (method, k)
+                assert rel(g, w) <= tol, (method, i, k, rel(g, w))
+
+
+def float32_copy(model):
+    """The model with its bfloat16 parameters in float32: the same weights, computed exactly."""
+    from mlx.utils import tree_map
+
+    model.update(tree_map(lambda x: x.astype(mx.float32) if x.dtype == mx.bfloat16 else x, model.parameters()))
+    return model
+
+
+def worst(logits, ref_logits) -> float:
+    """The largest logit difference over the steps, relative to the reference step's largest logit."""
+    return max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(logits, ref_logits, strict=True))
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_step_with_the_kernels_decodes_as_the_generic_step(models, name):
+    """Float32: the same greedy ids and logits within 1e-4 (without TF32) of the generic step's."""
+    model = models[name, "float32"]
+    blocks = cuda_blocks.Blocks(model.config, model.model.language_model.layers)
+    ref_ids, ref_logits = greedy_logits(decoder(model, None), 16)
+    ids, logits = greedy_logits(decoder(model, blocks), 16, fed=[5, *ref_ids])  # the generic step's inputs
+    assert ids == ref_ids
+    assert worst(logits, ref_logits) <= STEP_TOLERANCE, worst(logits, ref_logits)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_step_with_the_kernels_rounds_no_worse_than_the_generic_step(models, name, tmp_path):
+    """Bfloat16: the tiny random models amplify rounding (the generic bf16 step's logits lie
+    0.24-0.30 of the largest logit away from the same weights computed in float32; a kernel that
+    rounds one value a unit differently moves them by as much), so the kernels' step is held to
+    the exact computation instead: no further from it than twice the generic step is."""
+    model = models[name, "bfloat16"]
+    exact = float32_copy(load_quietly(bundle(tmp_path, name, "bfloat16"))[0])
+    ref_ids, ref_logits = greedy_logits(decoder(exact, None), 16)
+    fed = [5, *ref_ids]
+    _, generic = greedy_logits(decoder(model, None), 16, fed=fed)
+    _, fused = greedy_logits(decoder(model, cuda_blocks.Blocks(model.config, model.model.language_model.layers)),
+                             16, fed=fed)
+    assert worst(fused, ref_logits) <= 2 * worst(generic, ref_logits), (worst(fused, ref_logits),
+                                                                        worst(generic, ref_logits))
+
+
+@needs_cuda
+def test_the_kernels_take_the_place_of_most_of_a_layers_small_ones(models):
+    """The default compiled step on a CUDA GPU uses the kernels, and they replace what they
+    should: per layer 3 custom kernels where the generic graph has 19 kernels and a few views
+    (layer 0 has no previous layer's end in its first kernel, the last layer ends generically)."""
+    import io
+
+    model = models["tiny", "float32"]
+    assert cuda_blocks.enabled()
+
+    def kernels(blocks):
+        dec = decoder(model, blocks)
+        mx.eval(dec(mx.array([5])))
+        token = mx.array([[5]], dtype=mx.int32)
+        dot = io.StringIO()
+        mx.export_to_dot(dot, *dec._step(token, mx.array(dec.position, mx.int32), *dec.buffers))
+        return dot.getvalue()
+
+    layers = model.config.num_hidden_layers
+    default = DecodeStep(model)
+    assert isinstance(default.blocks, cuda_blocks.Blocks)
+    fused, generic = kernels(default.blocks), kernels(None)
+    assert fused.count('label ="CustomKernel') == 3 * layers
+    nodes = lambda dot: dot.count("shape=rectangle")  # noqa: E731
+    assert nodes(generic) - nodes(fused) >= 15 * layers, (nodes(generic), nodes(fused))
