@@ -31,6 +31,8 @@ import os
 
 import mlx.core as mx
 
+from runtime.inputs import BadValue
+
 ENV = "MLXP_CUDA_BLOCKS"
 THREADS = 256  # one block of this many threads per kernel; every loop strides by it
 
@@ -296,11 +298,12 @@ CORRECT_IN = ["mlp", "attn_laurel", "pred", "post_feedforward_norm", "router_nor
 
 def enabled(environ=None) -> bool:
     """Whether the compiled decode step uses these kernels: on a CUDA GPU, unless `MLXP_CUDA_BLOCKS`
-    is `0` (any value but `0` or `1` is refused, naming the variable)."""
+    is `0` (any value but `0` or `1` is refused, naming the variable: runtime.load checks it
+    before anything else, so a bad value stops a command at its start)."""
     env = os.environ if environ is None else environ
     value = env.get(ENV, "1").strip()
     if value not in ("0", "1"):
-        raise ValueError(f"{ENV}={value!r}: use 1 (the default: fused kernels on a CUDA GPU) or 0 (the generic graph)")
+        raise BadValue(f"{ENV}={value!r}: use 1 (the default: fused kernels on a CUDA GPU) or 0 (the generic graph)")
     return value == "1" and mx.default_device().type == mx.gpu and mx.cuda.is_available()
 
 

@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from manifests import target_for_device
 from manifests.format import revision_problem
+from runtime import cuda_blocks
 from runtime.assemble import build_model
 from runtime.bundle import BundleError, read_bundle_manifest, source_command
 from runtime.inputs import BadType, BadValue
@@ -91,6 +92,7 @@ def load(path, strict_target: bool = False, verify: bool = False, lazy: bool = F
         raise BadType(f"path must be a bundle directory or a hub id (a str or a path), not {type(path).__name__}")
     if revision is not None and (problem := revision_problem(revision)):
         raise (BadType if not isinstance(revision, str) else BadValue)(f"revision {problem}")
+    cuda_blocks.enabled()  # MLXP_CUDA_BLOCKS, read by the compiled decode step: a bad value stops here
     if is_hub_id(path):
         path, verify = resolve_bundle(str(path), revision=revision), True
     model = load_model(path, strict_target=strict_target, verify=verify, lazy=lazy, _stacklevel=3)

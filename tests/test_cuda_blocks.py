@@ -110,6 +110,29 @@ def test_switch_refuses_what_it_does_not_know():
     assert cuda_blocks.enabled({}) is (CUDA and mx.default_device().type == mx.gpu)
 
 
+def test_a_bad_switch_stops_the_command_and_the_api_at_load(models, tmp_path):
+    import subprocess
+    import sys
+
+    import runtime
+    from runtime.inputs import BadValue
+
+    path = models.root / "cuda-tiny"
+    models["tiny", "float32"]  # converted
+    env = {**os.environ, cuda_blocks.ENV: "fast"}
+    done = subprocess.run([sys.executable, "-m", "runtime", "generate", str(path), "--prompt", "hi"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {cuda_blocks.ENV}='fast': use 1 (the default: fused "
+                                                "kernels on a CUDA GPU) or 0 (the generic graph)"]
+    os.environ[cuda_blocks.ENV] = "2"
+    try:
+        with pytest.raises(BadValue, match=f"{cuda_blocks.ENV}='2'"):
+            runtime.load(path)
+    finally:
+        del os.environ[cuda_blocks.ENV]
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_step_through_the_blocks_interface_is_the_generic_step(models, name):
     """What the step does around the kernels (which outputs go where, the last layer's end),
