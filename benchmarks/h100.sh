@@ -44,7 +44,10 @@ for step in $steps; do
   case $step in q4|graphs-q4|prefill-q4|coldstart-q4|calibrate|probe|sanitize|ple|cuda-tests) ;; *) bundles ;; esac
   case $step in
     cuda-tests)
-      # The fused CUDA kernels' tests (skipped on machines without CUDA); pytest from the staged wheels.
+      # The fused CUDA kernels' tests (skipped on machines without CUDA); pytest from the wheels
+      # benchmarks/stage_test_wheels.sh adds to the staged build (copied to /root/mlxw by its stage.sh).
+      python3 -c "import pytest" 2>/dev/null || ls /root/mlxw/pytest-*.whl >/dev/null 2>&1 || {
+        echo "no pytest here: run benchmarks/stage_test_wheels.sh before staging's first call" >&2; exit 2; }
       python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/mlxsite \
         /root/mlxw/pytest-*.whl /root/mlxw/pluggy-*.whl /root/mlxw/iniconfig-*.whl /root/mlxw/packaging-*.whl \
         /root/mlxw/pygments-*.whl
