@@ -6,7 +6,8 @@ own method (runtime/model.py `DecoderLayer.predict`, `attention_residual`, `corr
 through that interface equals the generic step (the step's plumbing around the kernels); on a
 CUDA GPU each kernel equals its `LayerBlocks` call on random inputs, and the compiled step with
 the kernels equals the generic step token by token. The GPU tests are skipped where MLX has no
-CUDA device: `bash benchmarks/h100.sh cuda-tests` runs this file on one.
+CUDA device: `bash benchmarks/h100.sh e2b-narrow cuda-tests` runs this file on one (pytest staged
+there by benchmarks/stage_test_wheels.sh).
 """
 
 import os
