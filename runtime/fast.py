@@ -27,7 +27,7 @@ import numpy as np
 from runtime import cuda_blocks
 from runtime.cache import KVCache, RotatingKVCache, pad_positions
 from runtime.mapped import MappedTable
-from runtime.model import MLP_BLOCKS, gelu_tanh, rms_norm, softcap
+from runtime.model import rms_norm, softcap
 from runtime.projections import transposed_view
 
 DEFAULT_CAPACITY = 1024
@@ -235,16 +235,23 @@ class DecodeStep:
         for i, layer in enumerate(self.lm.layers):
             owner = self.producers.get(i, i)
             pred, normed = b.predict(i, planes) if tail is None else b.tail_predict(i, *tail)
-            heads, left, kv[owner] = self._attend(layer, normed, position, self.rope_tables[i], owner == i,
-                                                  kv[owner], masks)
-            attn_laurel, ffw_input = b.attn_laurel(i, self.linear(layer.self_attn.o_proj, heads),
-                                                   self.linear(layer.laurel.linear_right, left), pred, normed)
-            gate, up = layer.project(ffw_input, MLP_BLOCKS, self.linear)
-            activated, correction, first = b.correct(i, layer.mlp(gate, up, self.linear), attn_laurel, pred)
-            first = gelu_tanh(self.linear(layer.per_layer_input_gate, first)) * per_layer[i]
-            tail = (pred, activated, correction, self.linear(layer.per_layer_projection, first))
+            activated, correction, projected, kv[owner] = self._blocks_layer(i, layer, pred, normed, per_layer[i],
+                                                                             position, owner == i, kv[owner], masks)
+            tail = (pred, activated, correction, projected)
         pred, activated, correction, projected = tail
-        return layer.corrected(pred, activated, correction, projected, plane_mask)
+        active = pred[layer.active : layer.active + 1]
+        return layer.corrected(pred, active, activated, correction, projected, plane_mask)
+
+    def _blocks_layer(self, i, layer, pred, normed, per_layer, position, own_kv, kv, masks):
+        """Layer i's `DecoderLayer.body` with this step's attention and the kernels in the place of
+        its attention-residual and correct steps: (activated, correction coefficients, the
+        per-layer projection, the K/V buffer)."""
+        b = self.blocks
+        return layer.body(normed, per_layer,
+                          lambda x: self._attend(layer, x, position, self.rope_tables[i], own_kv, kv, masks),
+                          self.linear,
+                          residual=lambda attn, laurel: b.attn_laurel(i, attn, laurel, pred, normed),
+                          correct=lambda mlp, attn_laurel: b.correct(i, mlp, attn_laurel, pred))
 
     def _layer(self, layer, planes, per_layer, position, plane_mask, rope_table, own_kv, kv, masks):
         """One decoder layer (`DecoderLayer.forward`) with this step's attention; `kv` is the

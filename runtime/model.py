@@ -496,53 +496,62 @@ class DecoderLayer(nn.Module):
         compiled step one kernel fewer than correcting all planes, then slicing). The innovation
         is written `-(active - activated)` the second time: the same numbers, but not an
         expression `mx.compile` would merge with the first and materialize."""
-        predictions, normed = self.predict(planes, linear)
+        predictions, active, normed = self.predict(planes, linear)
+        activated, coefs, projected, state = self.body(
+            normed, per_layer_input, attend, linear,
+            residual=lambda attn, laurel: self.attention_residual(attn, laurel, active, normed),
+            correct=lambda mlp, attn_laurel: self.correct(mlp, attn_laurel, active, linear))
+        return self.corrected(predictions, active, activated, coefs, projected, plane_mask), state
+
+    def body(self, normed: mx.array, per_layer_input: mx.array, attend, linear, residual, correct):
+        """What runs between the layer's steps below: attention (`attend`), o_proj and LAuReL's
+        right projection, the MLP, the per-layer input's gate and projection. `residual(attn,
+        laurel)` is `attention_residual`, `correct(mlp, attn_laurel)` is `correct`, each bound to
+        this layer's predictions, or the compiled step's CUDA kernels in their place
+        (runtime/fast.py). Returns (activated, correction coefficients, the per-layer projection,
+        what `attend` kept of the cache)."""
         heads, left, state = attend(normed)
-        attn_laurel, ffw_input = self.attention_residual(linear(self.self_attn.o_proj, heads),
-                                                         linear(self.laurel.linear_right, left), predictions, normed)
+        attn_laurel, ffw_input = residual(linear(self.self_attn.o_proj, heads), linear(self.laurel.linear_right, left))
         gate, up = self.project(ffw_input, MLP_BLOCKS, linear)
-        activated, coefs, first = self.correct(self.mlp(gate, up, linear), attn_laurel, predictions, linear)
+        activated, coefs, first = correct(self.mlp(gate, up, linear), attn_laurel)
         first = gelu_tanh(linear(self.per_layer_input_gate, first)) * per_layer_input
-        projected = linear(self.per_layer_projection, first)
-        return self.corrected(predictions, activated, coefs, projected, plane_mask), state
+        return activated, coefs, linear(self.per_layer_projection, first), state
 
     # The layer's steps between its projections, attention and MLP, in `forward`'s order; the
-    # compiled decode step on a CUDA GPU runs each as one kernel (runtime/cuda_blocks.py).
+    # compiled decode step on a CUDA GPU runs each as one kernel (runtime/cuda_blocks.py). The
+    # active prediction is sliced once (`predict`) and handed on.
 
-    def predict(self, planes: mx.array, linear=call) -> tuple[mx.array, mx.array]:
-        """(AltUp's predictions `[..., n, h]`, the active prediction's input norm `[..., 1, h]`)."""
+    def predict(self, planes: mx.array, linear=call) -> tuple[mx.array, mx.array, mx.array]:
+        """(AltUp's predictions `[..., n, h]`, the active one `[..., 1, h]`, its input norm)."""
         predictions = self.altup.predict(planes, linear)
-        return predictions, self.input_layernorm(predictions[..., self.active : self.active + 1, :])
+        active = predictions[..., self.active : self.active + 1, :]
+        return predictions, active, self.input_layernorm(active)
 
-    def attention_residual(self, attn: mx.array, laurel: mx.array, predictions: mx.array,
+    def attention_residual(self, attn: mx.array, laurel: mx.array, active: mx.array,
                            normed: mx.array) -> tuple[mx.array, mx.array]:
         """(the active prediction + attention + LAuReL, over sqrt(2); that normed for the MLP), from
         o_proj's output `attn` and LAuReL's right projection's `laurel`."""
-        active = predictions[..., self.active : self.active + 1, :]
         attn_laurel = ((active + self.post_attention_layernorm(attn)) + self.laurel(normed, laurel)) * (2.0**-0.5)
         return attn_laurel, self.pre_feedforward_layernorm(attn_laurel)
 
-    def correct(self, mlp: mx.array, attn_laurel: mx.array, predictions: mx.array,
+    def correct(self, mlp: mx.array, attn_laurel: mx.array, active: mx.array,
                 linear=call) -> tuple[mx.array, mx.array, mx.array]:
         """(the activated output, AltUp's correction coefficients `[..., n, 1]`, the active plane
         corrected, scaled where the model scales it), from the MLP's output `mlp`."""
         altup, a = self.altup, self.active
         activated = attn_laurel + self.post_feedforward_layernorm(mlp)
-        coefs = linear(altup.correction_coefs, altup.router(activated, linear)).reshape(*predictions.shape[:-1], 1)
-        active = predictions[..., a : a + 1, :]
+        coefs = linear(altup.correction_coefs, altup.router(activated, linear)).reshape(*active.shape[:-2], altup.n, 1)
         first = active + (activated - active) * (coefs[..., a : a + 1, :] + 1.0)
         if self.correct_scale:
             first = first * altup.correct_output_scale
         return activated, coefs, first
 
-    def corrected(self, predictions: mx.array, activated: mx.array, coefs: mx.array, projected: mx.array,
-                  plane_mask: mx.array) -> mx.array:
+    def corrected(self, predictions: mx.array, active: mx.array, activated: mx.array, coefs: mx.array,
+                  projected: mx.array, plane_mask: mx.array) -> mx.array:
         """The planes the layer ends with: its predictions corrected by the activated output
         (AltUp correct, with the correction coefficients `coefs`), and the per-layer input's
         projection `projected`, normed, added where `plane_mask` is 1 (every plane but the first,
         as transformers does, whichever plane is active)."""
-        a = self.active
-        active = predictions[..., a : a + 1, :]
         first = self.post_per_layer_input_norm(projected)
         return predictions - (active - activated) * (coefs + 1.0) + first * plane_mask
 

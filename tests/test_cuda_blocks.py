@@ -33,17 +33,24 @@ class LayerBlocks:
         self.layers, self.plane_mask = lm.layers, lm.plane_mask
 
     def predict(self, i, planes):
-        return self.layers[i].predict(planes)
+        predictions, _, normed = self.layers[i].predict(planes)
+        return predictions, normed
+
+    def active(self, i, pred):
+        a = self.layers[i].active
+        return pred[..., a : a + 1, :]
 
     def tail_predict(self, i, prev_pred, activated, correction, projected):
         mask = self.plane_mask.astype(prev_pred.dtype)
-        return self.predict(i, self.layers[i - 1].corrected(prev_pred, activated, correction, projected, mask))
+        planes = self.layers[i - 1].corrected(prev_pred, self.active(i - 1, prev_pred), activated, correction,
+                                              projected, mask)
+        return self.predict(i, planes)
 
     def attn_laurel(self, i, attn, laurel, pred, normed):
-        return self.layers[i].attention_residual(attn, laurel, pred, normed)
+        return self.layers[i].attention_residual(attn, laurel, self.active(i, pred), normed)
 
     def correct(self, i, mlp, attn_laurel, pred):
-        return self.layers[i].correct(mlp, attn_laurel, pred)
+        return self.layers[i].correct(mlp, attn_laurel, self.active(i, pred))
 
 
 CONFIGS = {
