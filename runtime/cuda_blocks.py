@@ -32,6 +32,7 @@ import os
 import mlx.core as mx
 
 from runtime.inputs import BadValue
+from runtime.projections import row_major_weight
 
 ENV = "MLXP_CUDA_BLOCKS"
 THREADS = 256  # one block of this many threads per kernel; every loop strides by it
@@ -307,14 +308,6 @@ def enabled(environ=None) -> bool:
     return value == "1" and mx.default_device().type == mx.gpu and mx.cuda.is_available()
 
 
-def row_major(module) -> mx.array:
-    """A projection's float weight as contiguous `[out, in]` (a copy only where it was stored
-    pretransposed: the router and coefficient matrices are a few KB)."""
-    if "weight_t" in module:
-        return mx.contiguous(module["weight_t"].T)
-    return module["weight"]
-
-
 class Blocks:
     """The kernels for one model, with each layer's weights they read gathered once (views of
     the loaded arrays, plus contiguous copies of pretransposed AltUp matrices); `predict`,
@@ -337,9 +330,9 @@ class Blocks:
         for layer in layers:
             altup = layer.altup
             self.weights.append(dict(
-                router_norm=altup.router_norm.weight, router=row_major(altup.modality_router),
-                prediction_coefs=row_major(altup.prediction_coefs),
-                correction_coefs=row_major(altup.correction_coefs), input_norm=layer.input_layernorm.weight,
+                router_norm=altup.router_norm.weight, router=row_major_weight(altup.modality_router),
+                prediction_coefs=row_major_weight(altup.prediction_coefs),
+                correction_coefs=row_major_weight(altup.correction_coefs), input_norm=layer.input_layernorm.weight,
                 post_attention_norm=layer.post_attention_layernorm.weight,
                 post_laurel_norm=layer.laurel.post_laurel_norm.weight,
                 pre_feedforward_norm=layer.pre_feedforward_layernorm.weight,

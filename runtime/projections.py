@@ -208,6 +208,13 @@ def transposed_view(module: nn.Module) -> mx.array | None:
     return module.weight.T if type(module) in (Standard, Embedding) else None
 
 
+def row_major_weight(module: nn.Module) -> mx.array:
+    """A float projection's weight as contiguous `[out, in]`: the stored one (standard), or a copy
+    of the transposed stored one (pretransposed); for kernels that read rows of W, where the
+    matrix is small (the AltUp router and coefficients: runtime/cuda_blocks.py)."""
+    return mx.contiguous(module.weight_t.T) if type(module) is Pretransposed else module.weight
+
+
 class Embedding(nn.Embedding):
     """A lookup table `[num, dims]`; `as_linear` is the tied head's `x @ E.T`."""
 

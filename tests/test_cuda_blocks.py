@@ -118,6 +118,19 @@ def test_switch_refuses_what_it_does_not_know():
     assert cuda_blocks.enabled({}) is (CUDA and mx.default_device().type == mx.gpu)
 
 
+def test_the_kernels_read_a_weight_as_rows_whichever_layout_stored_it():
+    """The AltUp matrices the kernels read row by row, from a standard and a pretransposed
+    bundle alike (runtime/projections.py reads the layout)."""
+    from runtime.projections import projection_over, row_major_weight
+
+    w = mx.arange(12, dtype=mx.float32).reshape(4, 3)  # [out, in]
+    standard, pretransposed = projection_over("standard", w), projection_over("pretransposed", mx.contiguous(w.T))
+    assert "weight_t" in pretransposed and "weight" not in pretransposed
+    for module in (standard, pretransposed):
+        got = row_major_weight(module)
+        assert got.shape == (4, 3) and mx.array_equal(got, w).item()
+
+
 def test_a_bad_switch_stops_the_command_and_the_api_at_load(models, tmp_path):
     import subprocess
     import sys
