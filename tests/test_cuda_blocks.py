@@ -61,9 +61,12 @@ CONFIGS = {
 
 
 def bundle(root, name, dtype):
-    src = make_checkpoint(root / f"src-{name}", "hf", seed=5, text_config=tiny_text_config(**CONFIGS[name]))
-    return convert(src, root / f"cuda-{name}-{dtype}", "cuda", "--dtype", dtype) if dtype != "float32" else \
-        convert(src, root / f"cuda-{name}", "cuda")
+    """The `cuda` bundle of config `name` in `dtype` under `root`, converted the first time."""
+    out = root / f"cuda-{name}-{dtype}"
+    if not out.exists():
+        src = make_checkpoint(root / f"src-{name}", "hf", seed=5, text_config=tiny_text_config(**CONFIGS[name]))
+        convert(src, out, "cuda", "--dtype", dtype)
+    return out
 
 
 class Models(dict):
@@ -138,8 +141,7 @@ def test_a_bad_switch_stops_the_command_and_the_api_at_load(models, tmp_path):
     import runtime
     from runtime.inputs import BadValue
 
-    path = models.root / "cuda-tiny"
-    models["tiny", "float32"]  # converted
+    path = bundle(models.root, "tiny", "float32")
     env = {**os.environ, cuda_blocks.ENV: "fast"}
     done = subprocess.run([sys.executable, "-m", "runtime", "generate", str(path), "--prompt", "hi"],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -238,13 +240,13 @@ def test_the_step_with_the_kernels_decodes_as_the_generic_step(models, name):
 
 @needs_cuda
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_the_step_with_the_kernels_rounds_no_worse_than_the_generic_step(models, name, tmp_path):
+def test_the_step_with_the_kernels_rounds_no_worse_than_the_generic_step(models, name):
     """Bfloat16: the tiny random models amplify rounding (the generic bf16 step's logits lie
     0.24-0.30 of the largest logit away from the same weights computed in float32; a kernel that
     rounds one value a unit differently moves them by as much), so the kernels' step is held to
     the exact computation instead: no further from it than twice the generic step is."""
     model = models[name, "bfloat16"]
-    exact = float32_copy(load_quietly(bundle(tmp_path, name, "bfloat16"))[0])
+    exact = float32_copy(load_quietly(bundle(models.root, name, "bfloat16"))[0])  # a second copy, cast
     ref_ids, ref_logits = greedy_logits(decoder(exact, None), 16)
     fed = [5, *ref_ids]
     _, generic = greedy_logits(decoder(model, None), 16, fed=fed)
