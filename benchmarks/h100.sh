@@ -46,11 +46,12 @@ for step in $steps; do
     cuda-tests)
       # The fused CUDA kernels' tests (skipped on machines without CUDA); pytest from the wheels
       # benchmarks/stage_test_wheels.sh adds to the staged build (copied to /root/mlxw by its stage.sh).
-      python3 -c "import pytest" 2>/dev/null || ls /root/mlxw/pytest-*.whl >/dev/null 2>&1 || {
-        echo "no pytest here: run benchmarks/stage_test_wheels.sh before staging's first call" >&2; exit 2; }
-      python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/mlxsite \
-        /root/mlxw/pytest-*.whl /root/mlxw/pluggy-*.whl /root/mlxw/iniconfig-*.whl /root/mlxw/packaging-*.whl \
-        /root/mlxw/pygments-*.whl
+      if ! python3 -c "import pytest" 2>/dev/null; then
+        ls /root/mlxw/pytest-*.whl >/dev/null 2>&1 || {
+          echo "no pytest here: run benchmarks/stage_test_wheels.sh before staging's first call" >&2; exit 2; }
+        python3 -m pip install -q --no-index --no-deps --target /tmp/mlxsite /root/mlxw/pytest-*.whl \
+          /root/mlxw/pluggy-*.whl /root/mlxw/iniconfig-*.whl /root/mlxw/packaging-*.whl /root/mlxw/pygments-*.whl
+      fi
       MLX_ENABLE_TF32=0 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_blocks.py 2>&1 | tee "$out/cuda-tests.txt" ;;
     blocks)
       # The compiled step with the fused CUDA kernels (runtime/cuda_blocks.py, the default) and

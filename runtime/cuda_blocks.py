@@ -304,7 +304,8 @@ def enabled(environ=None) -> bool:
     env = os.environ if environ is None else environ
     value = env.get(ENV, "1").strip()
     if value not in ("0", "1"):
-        raise BadValue(f"{ENV}={value!r}: use 1 (the default: fused kernels on a CUDA GPU) or 0 (the generic graph)")
+        raise BadValue(f"{ENV}={value!r:.40}: use 1 (the default: fused kernels on a CUDA GPU) "
+                       "or 0 (the generic graph)")
     return value == "1" and mx.default_device().type == mx.gpu and mx.cuda.is_available()
 
 

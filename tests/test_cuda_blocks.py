@@ -117,6 +117,10 @@ def test_switch_refuses_what_it_does_not_know():
     assert cuda_blocks.enabled({cuda_blocks.ENV: "0"}) is False
     with pytest.raises(ValueError, match=f"{cuda_blocks.ENV}='yes'"):
         cuda_blocks.enabled({cuda_blocks.ENV: "yes"})
+    for value in ("", "nan", "-1", "2", "1" * 100_000):  # a huge one is cut in the message
+        with pytest.raises(ValueError, match=cuda_blocks.ENV) as e:
+            cuda_blocks.enabled({cuda_blocks.ENV: value})
+        assert len(str(e.value)) < 200
     # the default: on, where the default device is a CUDA GPU
     assert cuda_blocks.enabled({}) is (CUDA and mx.default_device().type == mx.gpu)
 
