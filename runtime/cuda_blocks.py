@@ -63,11 +63,28 @@ __device__ inline void block_sum(float (&v)[K], float* scratch) {
     v[k] = s;
   }
 }
+
+// This thread's elements t, t + THREADS, ... of a length-W vector as floats (0 past its end).
+template <int E, int THREADS, int W, typename In>
+__device__ inline void load(float (&dst)[E], const In* src) {
+  #pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = threadIdx.x + e * THREADS;
+    dst[e] = i < W ? static_cast<float>(src[i]) : 0.f;
+  }
+}
 """
 
 # Every kernel: T the activations' dtype (its outputs' too), H the hidden width, N the AltUp
 # planes, A the active plane; EPS the norms' epsilon. R(x) rounds a float to T and back: where
 # the generic graph holds a value in T, so does this code.
+#
+# Each kernel first loads everything it reads (activations and weights) into registers, then
+# computes. A kernel is a chain of passes joined by block sums, and a load cannot move across a
+# block sum (nor above a store to an output that might alias it): loaded pass by pass, each pass
+# waited on memory once more, about 1 us from DRAM, where the weights are at every step (the
+# step streams gigabytes through a 50 MB L2). Loaded first, the loads all overlap. Thread t
+# holds elements t, t + THREADS, ... in every pass, so the sums add in the same order as before.
 _PRELUDE = r"""
   constexpr int E = (H + THREADS - 1) / THREADS;  // elements per thread
   __shared__ float scratch[32 * (N + 2)];
@@ -75,6 +92,18 @@ _PRELUDE = r"""
   auto R = [](float x) { return static_cast<float>(static_cast<T>(x)); };
   // mx.fast.rms_norm: w * T(x * rsqrt(mean(x^2) + eps)), the product in T
   auto norm = [&](float x, float r, float w) { return R(w * R(x * r)); };
+"""
+
+# AltUp predict's weights (router norm and router, prediction coefficients, input norm).
+_PREDICT_LOADS = r"""
+  float w_router_norm[E], w_input_norm[E], w_router[N][E], w_coefs[N];
+  load<E, THREADS, H>(w_router_norm, router_norm);
+  load<E, THREADS, H>(w_input_norm, input_norm);
+  #pragma unroll
+  for (int j = 0; j < N; ++j) {
+    load<E, THREADS, H>(w_router[j], router + j * H);
+    w_coefs[j] = t < N * N ? static_cast<float>(prediction_coefs[t * N + j]) : 0.f;
+  }
 """
 
 # planes p[N][E] (floats holding T values) -> predictions written to `pred`, the active one's
@@ -94,9 +123,9 @@ _PREDICT = r"""
     for (int e = 0; e < E; ++e) {
       const int i = t + e * THREADS;
       if (i < H) {
-        const float x = norm(p[A][e], r, static_cast<float>(router_norm[i]));
+        const float x = norm(p[A][e], r, w_router_norm[e]);
         #pragma unroll
-        for (int j = 0; j < N; ++j) dot[j] += x * static_cast<float>(router[j * H + i]);
+        for (int j = 0; j < N; ++j) dot[j] += x * w_router[j][e];
       }
     }
     block_sum<N, THREADS>(dot, scratch);
@@ -106,7 +135,7 @@ _PREDICT = r"""
       #pragma unroll
       for (int j = 0; j < N; ++j) {
         const float m = R(tanhf(R(dot[j]) * (1.0f / H)));
-        c += static_cast<float>(prediction_coefs[t * N + j]) * m;
+        c += w_coefs[j] * m;
       }
       coef[t] = R(c);
     }
@@ -135,7 +164,7 @@ _PREDICT = r"""
     #pragma unroll
     for (int e = 0; e < E; ++e) {
       const int i = t + e * THREADS;
-      if (i < H) normed[i] = static_cast<T>(norm(act[e], r_in, static_cast<float>(input_norm[i])));
+      if (i < H) normed[i] = static_cast<T>(norm(act[e], r_in, w_input_norm[e]));
     }
   }
 """
@@ -143,10 +172,8 @@ _PREDICT = r"""
 _PLANES_IN = r"""
   float p[N][E];
   #pragma unroll
-  for (int e = 0; e < E; ++e) {
-    const int i = t + e * THREADS;
-    #pragma unroll
-    for (int j = 0; j < N; ++j) p[j][e] = i < H ? static_cast<float>(planes[j * H + i]) : 0.f;
+  for (int j = 0; j < N; ++j) {
+    load<E, THREADS, H>(p[j], planes + j * H);
   }
 """
 
@@ -156,43 +183,51 @@ _PLANES_IN = r"""
 _TAIL = r"""
   float p[N][E];
   {
-    float sq[1] = {0.f};
-    float y[E];
+    float y[E], w_per_layer_norm[E], activ[E], c1[N];
+    load<E, THREADS, H>(y, projected);
+    load<E, THREADS, H>(w_per_layer_norm, per_layer_norm);
+    load<E, THREADS, H>(activ, activated);
     #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int i = t + e * THREADS;
-      y[e] = i < H ? static_cast<float>(projected[i]) : 0.f;
-      sq[0] += y[e] * y[e];
+    for (int j = 0; j < N; ++j) {
+      load<E, THREADS, H>(p[j], prev_pred + j * H);
+      c1[j] = R(static_cast<float>(correction[j]) + 1.0f);
     }
+    float sq[1] = {0.f};
+    #pragma unroll
+    for (int e = 0; e < E; ++e) sq[0] += y[e] * y[e];
     block_sum<1, THREADS>(sq, scratch);
     const float r = rsqrtf(sq[0] / H + EPS);
     #pragma unroll
     for (int e = 0; e < E; ++e) {
       const int i = t + e * THREADS;
-      #pragma unroll
-      for (int j = 0; j < N; ++j) p[j][e] = 0.f;
       if (i < H) {
-        const float first = norm(y[e], r, static_cast<float>(per_layer_norm[i]));
-        const float d = R(static_cast<float>(prev_pred[A * H + i]) - static_cast<float>(activated[i]));
+        const float first = norm(y[e], r, w_per_layer_norm[e]);
+        const float d = R(p[A][e] - activ[e]);
         #pragma unroll
         for (int j = 0; j < N; ++j) {
-          const float c1 = R(static_cast<float>(correction[j]) + 1.0f);
-          const float x = R(static_cast<float>(prev_pred[j * H + i]) - R(d * c1));
+          const float x = R(p[j][e] - R(d * c1[j]));
           p[j][e] = j == 0 ? x : R(x + first);
         }
+      } else {
+        #pragma unroll
+        for (int j = 0; j < N; ++j) p[j][e] = 0.f;
       }
     }
   }
 """
 
 _ATTN_LAUREL = r"""
-  float o[E], l[E];
+  float o[E], l[E], pa[E], nd[E], w_post_attention_norm[E], w_post_laurel_norm[E], w_pre_feedforward_norm[E];
+  load<E, THREADS, H>(o, attn);
+  load<E, THREADS, H>(l, laurel);
+  load<E, THREADS, H>(pa, pred + A * H);
+  load<E, THREADS, H>(nd, normed);
+  load<E, THREADS, H>(w_post_attention_norm, post_attention_norm);
+  load<E, THREADS, H>(w_post_laurel_norm, post_laurel_norm);
+  load<E, THREADS, H>(w_pre_feedforward_norm, pre_feedforward_norm);
   float sq[2] = {0.f, 0.f};
   #pragma unroll
   for (int e = 0; e < E; ++e) {
-    const int i = t + e * THREADS;
-    o[e] = i < H ? static_cast<float>(attn[i]) : 0.f;
-    l[e] = i < H ? static_cast<float>(laurel[i]) : 0.f;
     sq[0] += o[e] * o[e];
     sq[1] += l[e] * l[e];
   }
@@ -206,9 +241,9 @@ _ATTN_LAUREL = r"""
     const int i = t + e * THREADS;
     s[e] = 0.f;
     if (i < H) {
-      const float a = norm(o[e], r_o, static_cast<float>(post_attention_norm[i]));
-      const float lr = R(static_cast<float>(normed[i]) + norm(l[e], r_l, static_cast<float>(post_laurel_norm[i])));
-      s[e] = R(R(R(static_cast<float>(pred[A * H + i]) + a) + lr) * half);
+      const float a = norm(o[e], r_o, w_post_attention_norm[e]);
+      const float lr = R(nd[e] + norm(l[e], r_l, w_post_laurel_norm[e]));
+      s[e] = R(R(R(pa[e] + a) + lr) * half);
       attn_laurel[i] = static_cast<T>(s[e]);
     }
     sq_out[0] += s[e] * s[e];
@@ -218,21 +253,30 @@ _ATTN_LAUREL = r"""
   #pragma unroll
   for (int e = 0; e < E; ++e) {
     const int i = t + e * THREADS;
-    if (i < H) ffw_input[i] = static_cast<T>(norm(s[e], r, static_cast<float>(pre_feedforward_norm[i])));
+    if (i < H) ffw_input[i] = static_cast<T>(norm(s[e], r, w_pre_feedforward_norm[e]));
   }
 """
 
 _CORRECT = r"""
   float act[E];
   {
-    float m[E];
+    float m[E], al[E], pa[E], w_post_feedforward_norm[E], w_router_norm[E], w_router[N][E], w_scale[E], w_coefs[N];
+    load<E, THREADS, H>(m, mlp);
+    load<E, THREADS, H>(al, attn_laurel);
+    load<E, THREADS, H>(pa, pred + A * H);
+    load<E, THREADS, H>(w_post_feedforward_norm, post_feedforward_norm);
+    load<E, THREADS, H>(w_router_norm, router_norm);
+    if (SCALED) {
+      load<E, THREADS, H>(w_scale, correct_scale);
+    }
+    #pragma unroll
+    for (int j = 0; j < N; ++j) {
+      load<E, THREADS, H>(w_router[j], router + j * H);
+      w_coefs[j] = t < N ? static_cast<float>(correction_coefs[t * N + j]) : 0.f;
+    }
     float sq[1] = {0.f};
     #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int i = t + e * THREADS;
-      m[e] = i < H ? static_cast<float>(mlp[i]) : 0.f;
-      sq[0] += m[e] * m[e];
-    }
+    for (int e = 0; e < E; ++e) sq[0] += m[e] * m[e];
     block_sum<1, THREADS>(sq, scratch);
     const float r = rsqrtf(sq[0] / H + EPS);
     float sq_act[1] = {0.f};
@@ -241,7 +285,7 @@ _CORRECT = r"""
       const int i = t + e * THREADS;
       act[e] = 0.f;
       if (i < H) {
-        act[e] = R(static_cast<float>(attn_laurel[i]) + norm(m[e], r, static_cast<float>(post_feedforward_norm[i])));
+        act[e] = R(al[e] + norm(m[e], r, w_post_feedforward_norm[e]));
         activated[i] = static_cast<T>(act[e]);
       }
       sq_act[0] += act[e] * act[e];
@@ -255,9 +299,9 @@ _CORRECT = r"""
     for (int e = 0; e < E; ++e) {
       const int i = t + e * THREADS;
       if (i < H) {
-        const float x = norm(act[e], r_act, static_cast<float>(router_norm[i]));
+        const float x = norm(act[e], r_act, w_router_norm[e]);
         #pragma unroll
-        for (int j = 0; j < N; ++j) dot[j] += x * static_cast<float>(router[j * H + i]);
+        for (int j = 0; j < N; ++j) dot[j] += x * w_router[j][e];
       }
     }
     block_sum<N, THREADS>(dot, scratch);
@@ -267,7 +311,7 @@ _CORRECT = r"""
       #pragma unroll
       for (int j = 0; j < N; ++j) {
         const float mj = R(tanhf(R(dot[j]) * (1.0f / H)));
-        c += static_cast<float>(correction_coefs[t * N + j]) * mj;
+        c += w_coefs[j] * mj;
       }
       coef[t] = R(c);
       correction[t] = static_cast<T>(c);
@@ -279,9 +323,8 @@ _CORRECT = r"""
     for (int e = 0; e < E; ++e) {
       const int i = t + e * THREADS;
       if (i < H) {
-        const float a = static_cast<float>(pred[A * H + i]);
-        float f = R(a + R(R(act[e] - a) * c1));
-        if (SCALED) f = R(f * static_cast<float>(correct_scale[i]));
+        float f = R(pa[e] + R(R(act[e] - pa[e]) * c1));
+        if (SCALED) f = R(f * w_scale[e]);
         first[i] = static_cast<T>(f);
       }
     }
@@ -323,8 +366,9 @@ class Blocks:
             return mx.fast.cuda_kernel(name=f"gemma3n_{name}", input_names=inputs, output_names=outputs,
                                        source=consts + _PRELUDE + body, header=_HEADER)
 
-        self._predict = kernel("predict", PREDICT_IN, ["pred", "normed"], _PLANES_IN + _PREDICT)
-        self._tail_predict = kernel("tail_predict", TAIL_PREDICT_IN, ["pred", "normed"], _TAIL + _PREDICT)
+        self._predict = kernel("predict", PREDICT_IN, ["pred", "normed"], _PREDICT_LOADS + _PLANES_IN + _PREDICT)
+        self._tail_predict = kernel("tail_predict", TAIL_PREDICT_IN, ["pred", "normed"],
+                                   _PREDICT_LOADS + _TAIL + _PREDICT)
         self._attn_laurel = kernel("attn_laurel", ATTN_LAUREL_IN, ["attn_laurel", "ffw_input"], _ATTN_LAUREL)
         self._correct = kernel("correct", CORRECT_IN, ["activated", "correction", "first"], _CORRECT)
         self.weights = []
