@@ -331,6 +331,51 @@ _CORRECT = r"""
   }
 """
 
+# An activation-sparse layer's MLP activation (runtime/model.py `MLP.activate`): the Gaussian
+# top-k of the gate (mean, deviations, their standard deviation, the threshold), then
+# gelu_tanh(gate) * up, op by op in T. W is the layer's intermediate width, M its std multiplier
+# (read as T, as the generic graph's Python scalar is). The generic graph spends 5 kernels here,
+# one of them a single-row GEMV over the whole width (17 us on E4B); this is one.
+_SPARSE_ACTIVATE = r"""
+  constexpr int E = (W + THREADS - 1) / THREADS;
+  __shared__ float scratch[32];
+  const int t = threadIdx.x;
+  auto R = [](float x) { return static_cast<float>(static_cast<T>(x)); };
+  float g[E], u[E];
+  load<E, THREADS, W>(g, gate);
+  load<E, THREADS, W>(u, up);
+  const float m = R(static_cast<float>(multiplier[0]));
+  const float inv_n = R(1.0f / W);
+  float s[1] = {0.f};
+  #pragma unroll
+  for (int e = 0; e < E; ++e) s[0] += g[e];
+  block_sum<1, THREADS>(s, scratch);
+  const float mean = R(R(s[0]) * inv_n);
+  float v[1] = {0.f};
+  #pragma unroll
+  for (int e = 0; e < E; ++e) {
+    if (t + e * THREADS < W) {
+      g[e] = R(g[e] - mean);
+      v[0] += g[e] * g[e];
+    }
+  }
+  block_sum<1, THREADS>(v, scratch);
+  const float threshold = R(R(sqrtf(R(R(v[0]) * inv_n))) * m);
+  const float c0 = R(0.044715f), c1 = R(0.7978845608028654f);  // gelu_tanh's constants: sqrt(2 / pi)
+  #pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = t + e * THREADS;
+    if (i < W) {
+      const float x = fmaxf(R(g[e] - threshold), 0.f);
+      const float inner = R(c1 * R(x + R(c0 * R(powf(x, 3.0f)))));
+      const float gelu = R(R(1.0f + R(tanhf(inner))) * R(0.5f * x));
+      out[i] = static_cast<T>(gelu * u[e]);
+    }
+  }
+"""
+SPARSE_THREADS = 512  # a block of 512 may use 128 registers a thread
+SPARSE_WIDTH = 32 * SPARSE_THREADS  # the widest gate it takes: 80 registers at E4B's 16384 (sm_90)
+
 PREDICT_IN = ["planes", "router_norm", "router", "prediction_coefs", "input_norm"]
 TAIL_PREDICT_IN = ["prev_pred", "activated", "correction", "projected", "per_layer_norm",
                    "router_norm", "router", "prediction_coefs", "input_norm"]
@@ -360,6 +405,7 @@ class Blocks:
 
     def __init__(self, config, layers):
         self.h, self.n, self.a = config.hidden_size, config.altup_num_inputs, config.altup_active_idx
+        self.widths = list(config.intermediate_size)
         consts = f"  constexpr float EPS = {float(config.rms_norm_eps)!r}f;\n"
 
         def kernel(name, inputs, outputs, body):
@@ -371,6 +417,9 @@ class Blocks:
                                    _PREDICT_LOADS + _TAIL + _PREDICT)
         self._attn_laurel = kernel("attn_laurel", ATTN_LAUREL_IN, ["attn_laurel", "ffw_input"], _ATTN_LAUREL)
         self._correct = kernel("correct", CORRECT_IN, ["activated", "correction", "first"], _CORRECT)
+        self._sparse_activate = mx.fast.cuda_kernel(name="gemma3n_sparse_activate",
+                                                    input_names=["gate", "up", "multiplier"], output_names=["out"],
+                                                    source=_SPARSE_ACTIVATE, header=_HEADER)
         self.weights = []
         for layer in layers:
             altup = layer.altup
@@ -383,7 +432,9 @@ class Blocks:
                 pre_feedforward_norm=layer.pre_feedforward_layernorm.weight,
                 post_feedforward_norm=layer.post_feedforward_layernorm.weight,
                 per_layer_norm=layer.post_per_layer_input_norm.weight,
-                correct_scale=altup.correct_output_scale if layer.correct_scale else None))
+                correct_scale=altup.correct_output_scale if layer.correct_scale else None,
+                multiplier=None if layer.mlp.std_multiplier is None
+                else mx.array([layer.mlp.std_multiplier], dtype=mx.float32)))
         mx.eval([[w for w in ws.values() if w is not None] for ws in self.weights])
 
     def _run(self, kernel, inputs, shapes, dtype, **flags):
@@ -426,3 +477,19 @@ class Blocks:
                   w["correction_coefs"], w["correct_scale"] if scaled else w["router_norm"]]  # unread unless scaled
         return self._run(self._correct, inputs, [(1, self.h), (self.n, 1), (1, self.h)], pred.dtype,
                          SCALED=scaled)
+
+    def activation(self, i):
+        """Layer i's `MLP.activate` as a kernel, `activate(gate, up)`, or None where the generic
+        graph keeps it: a dense layer (gelu * up is one kernel already) or a gate wider than
+        SPARSE_WIDTH."""
+        if self.weights[i]["multiplier"] is None or self.widths[i] > SPARSE_WIDTH:
+            return None
+        return lambda gate, up: self.sparse_activate(i, gate, up)
+
+    def sparse_activate(self, i, gate, up):
+        """Layer i's `MLP.activate` (an activation-sparse layer's) on gate and up `[1, width]`."""
+        width = gate.shape[-1]
+        return self._sparse_activate(inputs=[gate, up, self.weights[i]["multiplier"]],
+                                     template=[("T", gate.dtype), ("W", width), ("THREADS", SPARSE_THREADS)],
+                                     grid=(SPARSE_THREADS, 1, 1), threadgroup=(SPARSE_THREADS, 1, 1),
+                                     output_shapes=[gate.shape], output_dtypes=[gate.dtype])[0]

@@ -251,7 +251,8 @@ class DecodeStep:
                           lambda x: self._attend(layer, x, position, self.rope_tables[i], own_kv, kv, masks),
                           self.linear,
                           residual=lambda attn, laurel: b.attn_laurel(i, attn, laurel, pred, normed),
-                          correct=lambda mlp, attn_laurel: b.correct(i, mlp, attn_laurel, pred))
+                          correct=lambda mlp, attn_laurel: b.correct(i, mlp, attn_laurel, pred),
+                          activate=b.activation(i))
 
     def _layer(self, layer, planes, per_layer, position, plane_mask, rope_table, own_kv, kv, masks):
         """One decoder layer (`DecoderLayer.forward`) with this step's attention; `kv` is the

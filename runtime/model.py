@@ -372,10 +372,17 @@ class MLP(nn.Module):
         # activations. NormalDist().inv_cdf(p) is sqrt(2) * erfinv(2p - 1), in double precision.
         self.std_multiplier = NormalDist().inv_cdf(sparsity) if sparsity > 0 else None
 
-    def __call__(self, gate: mx.array, up: mx.array, linear=call) -> mx.array:
+    def activate(self, gate: mx.array, up: mx.array) -> mx.array:
+        """What the down projection reads: gelu(gate) * up, the gate first sparsified where the
+        layer is activation-sparse."""
         if self.std_multiplier is not None:
             gate = gaussian_top_k(gate, self.std_multiplier)
-        return linear(self.down_proj, gelu_tanh(gate) * up)
+        return gelu_tanh(gate) * up
+
+    def __call__(self, gate: mx.array, up: mx.array, linear=call, activate=None) -> mx.array:
+        """`activate`: `self.activate` by default, or what stands in for it (the compiled step's
+        CUDA kernel, runtime/fast.py)."""
+        return linear(self.down_proj, (activate or self.activate)(gate, up))
 
 
 class AltUp(nn.Module):
@@ -503,17 +510,18 @@ class DecoderLayer(nn.Module):
             correct=lambda mlp, attn_laurel: self.correct(mlp, attn_laurel, active, linear))
         return self.corrected(predictions, active, activated, coefs, projected, plane_mask), state
 
-    def body(self, normed: mx.array, per_layer_input: mx.array, attend, linear, residual, correct):
+    def body(self, normed: mx.array, per_layer_input: mx.array, attend, linear, residual, correct, activate=None):
         """What runs between the layer's steps below: attention (`attend`), o_proj and LAuReL's
         right projection, the MLP, the per-layer input's gate and projection. `residual(attn,
         laurel)` is `attention_residual`, `correct(mlp, attn_laurel)` is `correct`, each bound to
         this layer's predictions, or the compiled step's CUDA kernels in their place
-        (runtime/fast.py). Returns (activated, correction coefficients, the per-layer projection,
-        what `attend` kept of the cache)."""
+        (runtime/fast.py), as `activate(gate, up)` may stand in for `MLP.activate`. Returns
+        (activated, correction coefficients, the per-layer projection, what `attend` kept of the
+        cache)."""
         heads, left, state = attend(normed)
         attn_laurel, ffw_input = residual(linear(self.self_attn.o_proj, heads), linear(self.laurel.linear_right, left))
         gate, up = self.project(ffw_input, MLP_BLOCKS, linear)
-        activated, coefs, first = correct(self.mlp(gate, up, linear), attn_laurel)
+        activated, coefs, first = correct(self.mlp(gate, up, linear, activate), attn_laurel)
         first = gelu_tanh(linear(self.per_layer_input_gate, first)) * per_layer_input
         return activated, coefs, linear(self.per_layer_projection, first), state
 

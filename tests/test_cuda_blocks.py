@@ -52,11 +52,17 @@ class LayerBlocks:
     def correct(self, i, mlp, attn_laurel, pred):
         return self.layers[i].correct(mlp, attn_laurel, self.active(i, pred))
 
+    def activation(self, i):
+        mlp = self.layers[i].mlp
+        return None if mlp.std_multiplier is None else mlp.activate
+
 
 CONFIGS = {
     "tiny": {},
-    # wider than a thread block's 256 lanes and no multiple of it, another active plane, no scale
-    "wide": dict(hidden_size=320, altup_active_idx=1, altup_correct_scale=False),
+    # wider than a thread block's 256 lanes and no multiple of it, another active plane, no scale;
+    # the activation-sparse layers' gates wider than the sparse kernel's 512 lanes, no multiple of it
+    "wide": dict(hidden_size=320, altup_active_idx=1, altup_correct_scale=False,
+                 intermediate_size=[1200] * 5 + [96] * 5),
 }
 
 
@@ -172,7 +178,7 @@ def test_the_step_through_the_blocks_interface_is_the_generic_step(models, name)
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
-def random_inputs(model, seed):
+def random_inputs(model, seed, width=1):
     c = model.config
     h, n = c.hidden_size, c.altup_num_inputs
     rng = np.random.default_rng(seed)
@@ -183,7 +189,8 @@ def random_inputs(model, seed):
 
     return dict(planes=arr(n, h, scale=3.0), activated=arr(1, h, scale=3.0), correction=arr(n, 1, scale=0.3),
                 projected=arr(1, h, scale=2.0), attn=arr(1, h), laurel=arr(1, h, scale=0.1), normed=arr(1, h),
-                mlp=arr(1, h, scale=5.0), attn_laurel=arr(1, h, scale=3.0))
+                mlp=arr(1, h, scale=5.0), attn_laurel=arr(1, h, scale=3.0), gate=arr(1, width, scale=2.0),
+                up=arr(1, width, scale=2.0))
 
 
 # Float32 matmuls run in TF32 on a GPU unless MLX_ENABLE_TF32=0 (h100.sh cuda-tests sets it):
@@ -210,8 +217,15 @@ def test_each_kernel_equals_the_generic_graph(models, name, dtype):
         }
         if i:
             calls["tail_predict"] = (i, pred, x["activated"], x["correction"], x["projected"])
+        width = model.config.intermediate_size[i]
+        if ref.activation(i) is not None:  # an activation-sparse layer: the gate's Gaussian top-k, gelu * up
+            gate, up = (random_inputs(model, seed=i, width=width)[k] for k in ("gate", "up"))
+            calls["sparse_activate"] = (i, gate, up)
         for method, args in calls.items():
-            got, want = getattr(blocks, method)(*args), getattr(ref, method)(*args)
+            if method == "sparse_activate":
+                got, want = [blocks.activation(i)(*args[1:])], [ref.activation(i)(*args[1:])]
+            else:
+                got, want = getattr(blocks, method)(*args), getattr(ref, method)(*args)
             for k, (g, w) in enumerate(zip(got, want, strict=True)):
                 assert g.shape == w.shape and g.dtype == w.dtype, (method, k)
                 assert rel(g, w) <= tol, (method, i, k, rel(g, w))
@@ -264,7 +278,8 @@ def test_the_step_with_the_kernels_rounds_no_worse_than_the_generic_step(models,
 def test_the_kernels_take_the_place_of_most_of_a_layers_small_ones(models):
     """The default compiled step on a CUDA GPU uses the kernels, and they replace what they
     should: per layer 3 custom kernels where the generic graph has 19 kernels and a few views
-    (layer 0 has no previous layer's end in its first kernel, the last layer ends generically)."""
+    (layer 0 has no previous layer's end in its first kernel, the last layer ends generically),
+    and a fourth in each activation-sparse layer where the generic graph has 5."""
     import io
 
     model = models["tiny", "float32"]
@@ -282,6 +297,7 @@ def test_the_kernels_take_the_place_of_most_of_a_layers_small_ones(models):
     default = DecodeStep(model)
     assert isinstance(default.blocks, cuda_blocks.Blocks)
     fused, generic = kernels(default.blocks), kernels(None)
-    assert fused.count('label ="CustomKernel') == 3 * layers
+    sparse = sum(s > 0 for s in model.config.activation_sparsity_pattern)
+    assert sparse and fused.count('label ="CustomKernel') == 3 * layers + sparse
     nodes = lambda dot: dot.count("shape=rectangle")  # noqa: E731
     assert nodes(generic) - nodes(fused) >= 15 * layers, (nodes(generic), nodes(fused))
