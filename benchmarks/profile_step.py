@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 CLASSES = [  # first match wins
+    # the runtime's own (runtime/cuda_blocks.py; "gemma3n" would match "gemm" below)
+    ("block kernels (ours)", r"custom_kernel"),
     ("quantized matmul", r"qmv|qmm|quantized|affine_dequant|dequant"),
     ("gemv / gemm", r"gemv|gemm|cutlass|cublas|sm90_xmma|ampere|matmul|Matmul"),
     ("attention", r"sdpa|attention|softmax|Softmax"),
