@@ -14,6 +14,9 @@ element-wise glue between them, each over a few thousand numbers. Here three ker
 - `correct`: post-feed-forward norm and residual, AltUp's correction router and coefficients,
   the active plane corrected (and scaled), which the per-layer input gate reads.
 
+and in each activation-sparse layer (Gemma3n's first 10) a fourth, `sparse_activate`: the
+gate's Gaussian top-k and gelu(gate) * up (`MLP.activate`), where the generic graph has 5.
+
 The projections between them (q/k/v, o_proj, gate/up, down, the per-layer gate and projection,
 LAuReL's two) stay MLX's matmuls, float or quantized. The arithmetic is the generic graph's,
 rounded where it rounds (each op's result to the activation dtype, as MLX's fused CUDA kernels

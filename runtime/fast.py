@@ -97,7 +97,8 @@ class DecodeStep:
       deviations with themselves (5 kernels for the Gaussian top-k where two means are 6).
     - on a CUDA GPU (`_blocks_layers`, runtime/cuda_blocks.py) each layer's steps between its
       projections, attention and MLP (norms, AltUp predict and correct, the residuals) run as
-      three kernels of the runtime's own, where the generic graph launches 19.
+      three kernels of the runtime's own, where the generic graph launches 19, and an
+      activation-sparse layer's MLP activation as a fourth, where it launches 5.
 
     A change to a shared formula changes both passes at once; tests/test_decode_graph.py holds
     this step's kernel and view budgets, tests/test_fast.py the two passes equal on every kind
