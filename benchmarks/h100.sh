@@ -19,12 +19,25 @@ set -euo pipefail
 size=${1:-e2b}
 shift || true
 steps=${*:-decode}
+known="decode fast q4 graphs graphs-q4 sweep variants numeric graph probe sanitize coldstart coldstart-q4 profile prefill-q4 ple calibrate cuda-tests blocks"
+case $size in e2b|e4b|e2b-narrow|e4b-narrow) ;; *) echo "unknown size '$size': one of e2b, e4b, e2b-narrow, e4b-narrow" >&2; exit 2 ;; esac
+for step in $steps; do
+  case " $known " in *" $step "*) ;; *) echo "unknown step '$step': one of $known" >&2; exit 2 ;; esac
+done
 data=/tmp/bench-data
 out=${OUT:-/tmp}
-mkdir -p "$data"
 # Fail before minutes of checkpoint writing when the machine was handed back and came up bare.
 python3 -c "import mlx.core" 2>/dev/null || { echo "MLX is not importable here: install MLX's CUDA build (or activate its environment) first" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# A measurement needs the GPU to itself: a run cut off by a time limit may leave its processes
+# decoding on (docs/BENCHMARKS.md, "a disturbed machine"). BUSY_OK=1 measures anyway.
+busy=$(nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader 2>/dev/null || true)
+if [ -n "$busy" ] && [ "${BUSY_OK:-0}" != 1 ]; then
+  echo "the GPU is busy with other processes (left over from an earlier run?); stop them, or BUSY_OK=1:" >&2
+  echo "$busy" >&2
+  exit 2
+fi
+mkdir -p "$data"
 if [ ! -d "$data/$size" ]; then
   case $size in *-narrow) ;; *) rm -rf "$data"/e?b "$data"/e?b-* ;; esac  # one full model at a time: the disk holds about 64 GB
   python3 benchmarks/make_checkpoint.py --size "$size" --quiet "$data/$size"

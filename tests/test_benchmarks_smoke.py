@@ -162,3 +162,38 @@ def test_bench_qmm_rows_compares_both_layouts_and_checks_its_arguments():
     for bad in (["--rows", "0"], ["--in", "100"], ["--repeats", "-1"]):
         r = subprocess.run([sys.executable, script, *bad], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "usage:" in r.stderr and "Traceback" not in r.stderr, bad
+
+
+H100 = ROOT / "benchmarks" / "h100.sh"
+
+
+def h100(tmp_path, *args, busy=""):
+    """benchmarks/h100.sh with a stand-in `nvidia-smi` first on PATH (this machine has no GPU):
+    it names a fake card and, where `busy` is given, one process using it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text('#!/bin/sh\ncase "$*" in *compute-apps*) [ -n "$FAKE_BUSY" ] && echo "$FAKE_BUSY" ;; '
+                   '*) echo "Fake GPU, 1 MiB, 0" ;; esac\nexit 0\n')
+    smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "FAKE_BUSY": busy, "OUT": str(tmp_path / "out")}
+    env.pop("BUSY_OK", None)
+    return subprocess.run(["bash", str(H100), *args], capture_output=True, text=True, env=env, timeout=60,
+                          cwd=ROOT)
+
+
+@pytest.mark.parametrize("args, named", [(["e3b", "decode"], "unknown size 'e3b'"),
+                                         (["e2b", "decode", "speed"], "unknown step 'speed'")])
+def test_h100_script_refuses_an_unknown_size_or_step_before_any_work(tmp_path, args, named):
+    r = h100(tmp_path, *args)
+    assert r.returncode == 2 and named in r.stderr
+    assert "Fake GPU" not in r.stdout  # stopped before it looked at the machine
+
+
+def test_h100_script_refuses_a_busy_gpu(tmp_path):
+    """A process left on the GPU (a run cut off by its time limit) would share it with the
+    measurement: refused, the process named, before any checkpoint is made."""
+    r = h100(tmp_path, "e2b-narrow", "cuda-tests", busy="4242, python3, 9000 MiB")
+    assert r.returncode == 2
+    assert "busy" in r.stderr and "4242, python3, 9000 MiB" in r.stderr
