@@ -388,6 +388,14 @@ CORRECT_IN = ["mlp", "attn_laurel", "pred", "post_feedforward_norm", "router_nor
               "correct_scale"]
 
 
+def sparse_kernel_layers(config) -> set[int]:
+    """The layers whose MLP activation `Blocks` runs as its kernel: the activation-sparse ones
+    whose gate is at most SPARSE_WIDTH wide (a dense layer's gelu * up is one kernel already)."""
+    return {i for i, (sparsity, width) in enumerate(zip(config.activation_sparsity_pattern, config.intermediate_size,
+                                                        strict=True))
+            if sparsity > 0 and width <= SPARSE_WIDTH}
+
+
 def enabled(environ=None) -> bool:
     """Whether the compiled decode step uses these kernels: on a CUDA GPU, unless `MLXP_CUDA_BLOCKS`
     is `0` (any value but `0` or `1` is refused, naming the variable: runtime.load checks it
@@ -408,7 +416,7 @@ class Blocks:
 
     def __init__(self, config, layers):
         self.h, self.n, self.a = config.hidden_size, config.altup_num_inputs, config.altup_active_idx
-        self.widths = list(config.intermediate_size)
+        self.sparse = sparse_kernel_layers(config)
         consts = f"  constexpr float EPS = {float(config.rms_norm_eps)!r}f;\n"
 
         def kernel(name, inputs, outputs, body):
@@ -485,7 +493,7 @@ class Blocks:
         """Layer i's `MLP.activate` as a kernel, `activate(gate, up)`, or None where the generic
         graph keeps it: a dense layer (gelu * up is one kernel already) or a gate wider than
         SPARSE_WIDTH."""
-        if self.weights[i]["multiplier"] is None or self.widths[i] > SPARSE_WIDTH:
+        if i not in self.sparse:
             return None
         return lambda gate, up: self.sparse_activate(i, gate, up)
 

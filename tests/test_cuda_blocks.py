@@ -131,6 +131,18 @@ def test_switch_refuses_what_it_does_not_know():
     assert cuda_blocks.enabled({}) is (CUDA and mx.default_device().type == mx.gpu)
 
 
+def test_the_sparse_kernel_takes_the_sparse_layers_it_can_hold():
+    from runtime.model import TextConfig
+
+    def config(sparsity, widths):
+        return TextConfig.from_dict(tiny_text_config(activation_sparsity_pattern=sparsity, intermediate_size=widths))
+
+    assert cuda_blocks.sparse_kernel_layers(config([0.95] * 5 + [0.0] * 5, [128] * 10)) == {0, 1, 2, 3, 4}
+    wide = cuda_blocks.SPARSE_WIDTH
+    widths = [wide, wide + 1, 64, 64, 64, wide + 1, 64, 64, 64, 64]
+    assert cuda_blocks.sparse_kernel_layers(config([0.95] * 3 + [0.0] * 7, widths)) == {0, 2}
+
+
 def test_the_kernels_read_a_weight_as_rows_whichever_layout_stored_it():
     """The AltUp matrices the kernels read row by row, from a standard and a pretransposed
     bundle alike (runtime/projections.py reads the layout)."""
