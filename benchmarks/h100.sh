@@ -12,18 +12,23 @@
 # layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments), numeric
 # (`runtime verify --numeric --runs RUNS` on the 4-bit and bf16 cuda bundles), ple (the per-layer
 # embedding table resident vs mapped, bf16 and 4-bit: memory, TTFT, decode; bench_ple.py), cuda-tests
-# (tests/test_cuda_blocks.py), blocks (compiled decode with and without the fused CUDA kernels). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
+# (tests/test_cuda_blocks.py), blocks (compiled decode with and without the fused CUDA kernels), ab
+# (this tree's compiled decode against AB_TREE's, another commit's copy, alternating). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
 # (every layer at tiny widths: launch cost alone, made in seconds).
 # The random full-size checkpoint and its bundle are made there, in /tmp (nothing that big travels).
 set -euo pipefail
 size=${1:-e2b}
 shift || true
 steps=${*:-decode}
-known="decode fast q4 graphs graphs-q4 sweep variants numeric graph probe sanitize coldstart coldstart-q4 profile prefill-q4 ple calibrate cuda-tests blocks"
+known="decode fast q4 graphs graphs-q4 sweep variants numeric graph probe sanitize coldstart coldstart-q4 profile prefill-q4 ple calibrate cuda-tests blocks ab"
 case $size in e2b|e4b|e2b-narrow|e4b-narrow) ;; *) echo "unknown size '$size': one of e2b, e4b, e2b-narrow, e4b-narrow" >&2; exit 2 ;; esac
 for step in $steps; do
   case " $known " in *" $step "*) ;; *) echo "unknown step '$step': one of $known" >&2; exit 2 ;; esac
 done
+case " $steps " in *" ab "*)
+  [ -f "${AB_TREE:-}/benchmarks/bench_runtime.py" ] && [ -n "${AB_COMMIT:-}" ] || {
+    echo "step ab needs AB_TREE, a copy of another commit's tree (git archive REV runtime convert manifests benchmarks | tar -x -C DIR), and AB_COMMIT, that commit" >&2; exit 2; } ;;
+esac
 data=/tmp/bench-data
 out=${OUT:-/tmp}
 # Fail before minutes of checkpoint writing when the machine was handed back and came up bare.
@@ -72,6 +77,20 @@ for step in $steps; do
       for on in 1 0; do
         MLXP_CUDA_BLOCKS=$on python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" \
           --no-eager --rounds "${ROUNDS:-1}" --reps 3 --prompt 64 --tokens "${TOKENS:-128}" --json "$out/blocks$on-$size.json"
+      done ;;
+    ab)
+      # This tree's compiled decode and AB_TREE's (another commit's runtime and benchmarks), each
+      # against mlx-lm in its own run, alternating for ROUNDS rounds (default 2), the order
+      # swapped every round: an A/B of two commits on one machine (AB_COMMIT names AB_TREE's in
+      # its JSON: inside this repository git would name this tree's).
+      for r in $(seq "${ROUNDS:-2}"); do
+        order="this that"; [ $((r % 2)) = 0 ] && order="that this"
+        for side in $order; do
+          tree=.; commit=${BENCH_COMMIT:-}; [ "$side" = that ] && tree=$AB_TREE && commit=$AB_COMMIT
+          BENCH_COMMIT=$commit python3 "$tree/benchmarks/bench_runtime.py" decode "$data/$size-cuda" \
+            --source "$data/$size-generic" --no-eager --rounds 1 --reps 3 --prompt 64 --tokens "${TOKENS:-128}" \
+            --json "$out/ab-$side-$size-$r.json"
+        done
       done ;;
     decode)
       python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --compiled \

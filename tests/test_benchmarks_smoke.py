@@ -197,3 +197,9 @@ def test_h100_script_refuses_a_busy_gpu(tmp_path):
     r = h100(tmp_path, "e2b-narrow", "cuda-tests", busy="4242, python3, 9000 MiB")
     assert r.returncode == 2
     assert "busy" in r.stderr and "4242, python3, 9000 MiB" in r.stderr
+
+
+def test_h100_script_refuses_an_ab_step_without_the_other_tree(tmp_path):
+    r = h100(tmp_path, "e2b-narrow", "ab")
+    assert r.returncode == 2 and "step ab needs AB_TREE" in r.stderr and "AB_COMMIT" in r.stderr
+    assert "Fake GPU" not in r.stdout
