@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One measurement on an NVIDIA GPU (written for an H100) with MLX's CUDA build importable
+# One measurement on an NVIDIA GPU (written for an H100, run on an H200 too) with MLX's CUDA build importable
 # (mlx 0.32.4 with mlx-cuda-13 and mlx-lm 0.32.2 were measured), from the repository's root:
 #   bash benchmarks/h100.sh e2b decode
 # Each JSON records the commit (git rev-parse HEAD); in a copy of the tree without .git, pass it:
@@ -12,7 +12,7 @@
 # layouts), graph (nodes per decode step, bench_graph.py), variants (layout experiments), numeric
 # (`runtime verify --numeric --runs RUNS` on the 4-bit and bf16 cuda bundles), ple (the per-layer
 # embedding table resident vs mapped, bf16 and 4-bit: memory, TTFT, decode; bench_ple.py), cuda-tests
-# (tests/test_cuda_blocks.py), blocks (compiled decode with and without the fused CUDA kernels), ab
+# (tests/test_cuda_blocks.py), blocks (compiled decode with and without the fused CUDA kernels, alternating), ab
 # (this tree's compiled decode against AB_TREE's, another commit's copy, alternating). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
 # (every layer at tiny widths: launch cost alone, made in seconds).
 # The random full-size checkpoint and its bundle are made there, in /tmp (nothing that big travels).
@@ -73,10 +73,15 @@ for step in $steps; do
       MLX_ENABLE_TF32=0 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_blocks.py 2>&1 | tee "$out/cuda-tests.txt" ;;
     blocks)
       # The compiled step with the fused CUDA kernels (runtime/cuda_blocks.py, the default) and
-      # without (MLXP_CUDA_BLOCKS=0), each against mlx-lm in its own run, one after the other.
-      for on in 1 0; do
-        MLXP_CUDA_BLOCKS=$on python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" \
-          --no-eager --rounds "${ROUNDS:-1}" --reps 3 --prompt 64 --tokens "${TOKENS:-128}" --json "$out/blocks$on-$size.json"
+      # without (MLXP_CUDA_BLOCKS=0), each against mlx-lm in its own run, alternating for ROUNDS
+      # rounds (default 1), the order swapped every round: on one machine a process's speed can
+      # move by as much as the kernels do (docs/BENCHMARKS.md, the H200's pairs).
+      for r in $(seq "${ROUNDS:-1}"); do
+        order="1 0"; [ $((r % 2)) = 0 ] && order="0 1"
+        for on in $order; do
+          MLXP_CUDA_BLOCKS=$on python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" \
+            --no-eager --rounds 1 --reps 3 --prompt 64 --tokens "${TOKENS:-128}" --json "$out/blocks$on-$size-$r.json"
+        done
       done ;;
     ab)
       # This tree's compiled decode and AB_TREE's (another commit's runtime and benchmarks), each
