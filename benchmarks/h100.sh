@@ -70,7 +70,10 @@ for step in $steps; do
         python3 -m pip install -q --no-index --no-deps --target /tmp/mlxsite /root/mlxw/pytest-*.whl \
           /root/mlxw/pluggy-*.whl /root/mlxw/iniconfig-*.whl /root/mlxw/packaging-*.whl /root/mlxw/pygments-*.whl
       fi
-      MLX_ENABLE_TF32=0 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_blocks.py 2>&1 | tee "$out/cuda-tests.txt" ;;
+      # JOBS=N spreads the tests over N processes where pytest-xdist is importable (each process
+      # compiles the kernels its tests use: MLX keeps no custom kernel on disk); default one.
+      jobs=(); if [ "${JOBS:-1}" != 1 ] && python3 -c "import xdist" 2>/dev/null; then jobs=(-n "$JOBS"); fi
+      MLX_ENABLE_TF32=0 python3 -m pytest -q -p no:cacheprovider "${jobs[@]}" tests/test_cuda_blocks.py 2>&1 | tee "$out/cuda-tests.txt" ;;
     blocks)
       # The compiled step with the fused CUDA kernels (runtime/cuda_blocks.py, the default) and
       # without (MLXP_CUDA_BLOCKS=0), each against mlx-lm in its own run, alternating for ROUNDS
