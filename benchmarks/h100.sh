@@ -78,8 +78,9 @@ for step in $steps; do
       # The compiled step with the fused CUDA kernels (runtime/cuda_blocks.py, the default) and
       # without (MLXP_CUDA_BLOCKS=0), each against mlx-lm in its own run, alternating for ROUNDS
       # rounds (default 1), the order swapped every round: on one machine a process's speed can
-      # move by as much as the kernels do (docs/BENCHMARKS.md, the H200's pairs).
-      for r in $(seq "${ROUNDS:-1}"); do
+      # move by as much as the kernels do (docs/BENCHMARKS.md, the H200's pairs). ROUND_FROM=R
+      # starts at round R (a later call on the same machine continues where one left off).
+      for r in $(seq "${ROUND_FROM:-1}" "${ROUNDS:-1}"); do
         order="1 0"; [ $((r % 2)) = 0 ] && order="0 1"
         for on in $order; do
           MLXP_CUDA_BLOCKS=$on python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" \
@@ -91,7 +92,7 @@ for step in $steps; do
       # against mlx-lm in its own run, alternating for ROUNDS rounds (default 2), the order
       # swapped every round: an A/B of two commits on one machine (AB_COMMIT names AB_TREE's in
       # its JSON: inside this repository git would name this tree's).
-      for r in $(seq "${ROUNDS:-2}"); do
+      for r in $(seq "${ROUND_FROM:-1}" "${ROUNDS:-2}"); do  # ROUND_FROM as in blocks
         order="this that"; [ $((r % 2)) = 0 ] && order="that this"
         for side in $order; do
           tree=.; commit=${BENCH_COMMIT:-}; [ "$side" = that ] && tree=$AB_TREE && commit=$AB_COMMIT
