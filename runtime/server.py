@@ -66,6 +66,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 64 << 20  # an oversized body up to this is read (and dropped) before the 413 goes out
 GEMMA3N_CONTEXT = 32768  # max_position_embeddings of every Gemma3n, for configs that omit it
 CLIENT_POLL_S = 0.2
+SIGNAL_POLL_S = 0.25  # how often an idle engine looks for a signal (Engine.run_forever)
 # A client that sends nothing for this long (mid-request line, headers or body, or idle between
 # requests on a kept-alive connection), or reads nothing of an answer for this long, is dropped
 # (`serve --client-timeout`); and a body must arrive whole within twice that of its headers, so
@@ -167,8 +168,19 @@ class Engine:
         self.jobs.put(None)
 
     def run_forever(self) -> None:
-        """Run requests as they come, on this thread, until `stop`."""
-        while (job := self.jobs.get()) is not None:
+        """Run requests as they come, on this thread, until `stop`.
+
+        Idle, it wakes every SIGNAL_POLL_S: Python runs a signal's handler on the main thread,
+        between its bytecodes, and a SIGINT or SIGTERM handled on another thread (the kernel may
+        hand a process's signal to any) or just before the main one blocked on the queue with no
+        timeout left the server waiting for a request that never came (a Ctrl-C hung it)."""
+        while True:
+            try:
+                job = self.jobs.get(timeout=SIGNAL_POLL_S)
+            except queue.Empty:
+                continue
+            if job is None:
+                return
             if job.cancelled.is_set():
                 continue
             try:
