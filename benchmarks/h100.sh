@@ -25,6 +25,16 @@ case $size in e2b|e4b|e2b-narrow|e4b-narrow) ;; *) echo "unknown size '$size': o
 for step in $steps; do
   case " $known " in *" $step "*) ;; *) echo "unknown step '$step': one of $known" >&2; exit 2 ;; esac
 done
+# Counts from the environment: whole numbers from 1 (a typo would run nothing, or pytest would refuse late).
+for var in ROUNDS ROUND_FROM TOKENS JOBS RUNS; do
+  value=${!var:-}
+  [ -z "$value" ] || [[ "$value" =~ ^[1-9][0-9]{0,5}$ ]] || {
+    echo "$var='${value:0:40}': a whole number from 1 to 999999" >&2; exit 2; }
+done
+if [ -n "${ROUND_FROM:-}" ]; then
+  [ -n "${ROUNDS:-}" ] && [ "$ROUND_FROM" -le "$ROUNDS" ] || {
+    echo "ROUND_FROM=$ROUND_FROM needs ROUNDS, the last round, at least as large" >&2; exit 2; }
+fi
 case " $steps " in *" ab "*)
   [ -f "${AB_TREE:-}/benchmarks/bench_runtime.py" ] && [ -n "${AB_COMMIT:-}" ] || {
     echo "step ab needs AB_TREE, a copy of another commit's tree (git archive REV runtime convert manifests benchmarks | tar -x -C DIR), and AB_COMMIT, that commit" >&2; exit 2; } ;;

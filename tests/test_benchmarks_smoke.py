@@ -191,6 +191,19 @@ def test_h100_script_refuses_an_unknown_size_or_step_before_any_work(tmp_path, a
     assert "Fake GPU" not in r.stdout  # stopped before it looked at the machine
 
 
+@pytest.mark.parametrize("env, named", [
+    ({"ROUNDS": "two"}, "ROUNDS='two'"), ({"TOKENS": "0"}, "TOKENS='0'"), ({"JOBS": "-4"}, "JOBS='-4'"),
+    ({"ROUNDS": "nan"}, "ROUNDS='nan'"), ({"RUNS": "9" * 50}, "RUNS='" + "9" * 40 + "'"),
+    ({"ROUND_FROM": "2"}, "ROUND_FROM=2 needs ROUNDS"), ({"ROUND_FROM": "3", "ROUNDS": "2"}, "ROUND_FROM=3 needs"),
+])
+def test_h100_script_refuses_a_bad_count_before_any_work(tmp_path, monkeypatch, env, named):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = h100(tmp_path, "e2b-narrow", "blocks")
+    assert r.returncode == 2 and named in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "Fake GPU" not in r.stdout
+
+
 def test_h100_script_refuses_a_busy_gpu(tmp_path):
     """A process left on the GPU (a run cut off by its time limit) would share it with the
     measurement: refused, the process named, before any checkpoint is made."""
