@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from runtime import cuda_blocks
-from runtime.fast import CompiledDecoder, DecodeStep
+from runtime.fast import CompiledDecoder, DecodeStep, attention
 from tests.checkpoints import make_checkpoint, tiny_text_config
 from tests.runtime_helpers import convert, load_quietly
 
@@ -55,6 +55,14 @@ class LayerBlocks:
     def activation(self, i):
         mlp = self.layers[i].mlp
         return None if mlp.std_multiplier is None else mlp.activate
+
+    @staticmethod
+    def attends(slots, head_dim):
+        return cuda_blocks.attends(slots, head_dim)
+
+    @staticmethod
+    def attention(q, kv, mask):
+        return attention(q, kv, mask)
 
 
 CONFIGS = {
@@ -141,6 +149,12 @@ def test_the_sparse_kernel_takes_the_sparse_layers_it_can_hold():
     wide = cuda_blocks.SPARSE_WIDTH
     widths = [wide, wide + 1, 64, 64, 64, wide + 1, 64, 64, 64, 64]
     assert cuda_blocks.sparse_kernel_layers(config([0.95] * 3 + [0.0] * 7, widths)) == {0, 2}
+
+
+def test_the_attention_kernel_takes_the_buffers_it_can_hold():
+    slots, width = cuda_blocks.ATTENTION_SLOTS, cuda_blocks.ATTENTION_WIDTH
+    assert cuda_blocks.attends(1, 16) and cuda_blocks.attends(slots, width)
+    assert not cuda_blocks.attends(slots + 1, width) and not cuda_blocks.attends(slots, width + 1)
 
 
 def test_the_kernels_read_a_weight_as_rows_whichever_layout_stored_it():
@@ -243,6 +257,26 @@ def test_each_kernel_equals_the_generic_graph(models, name, dtype):
                 assert rel(g, w) <= tol, (method, i, k, rel(g, w))
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_attention_kernel_equals_the_generic_attention(dtype):
+    """One query token over K/V buffers of several lengths (1, under a warp's 32 slots, not a
+    multiple of the block's 256, the longest it takes), written up to a random slot (the rest
+    masked), q heads sharing K/V heads as Gemma3n's do, at a head width below, at and above 32
+    lanes and not a multiple of them."""
+    rng = np.random.default_rng(7)
+    tol = TOLERANCE[dtype]
+    for slots in (1, 7, 300, cuda_blocks.ATTENTION_SLOTS):
+        for nq, nkv, d in ((2, 1, 32), (8, 2, 256), (4, 2, 48), (3, 3, 16)):
+            written = int(rng.integers(0, slots))
+            q = mx.array(rng.standard_normal((1, nq, 1, d)).astype(np.float32)).astype(getattr(mx, dtype))
+            kv = mx.array(rng.standard_normal((1, 2 * nkv, slots, d)).astype(np.float32)).astype(getattr(mx, dtype))
+            mask = mx.where(mx.arange(slots) <= written, 0.0, -mx.inf).astype(getattr(mx, dtype))
+            got, want = cuda_blocks.attention(q, kv, mask), attention(q, kv, mask)
+            assert got.shape == want.shape == (1, nq * d) and got.dtype == want.dtype
+            assert rel(got, want) <= tol, (slots, nq, nkv, d, written, rel(got, want))
+
+
 def float32_copy(model):
     """The model with its bfloat16 parameters in float32: the same weights, computed exactly."""
     from mlx.utils import tree_map
@@ -291,7 +325,8 @@ def test_the_kernels_take_the_place_of_most_of_a_layers_small_ones(models):
     """The default compiled step on a CUDA GPU uses the kernels, and they replace what they
     should: per layer 3 custom kernels where the generic graph has 19 kernels and a few views
     (layer 0 has no previous layer's end in its first kernel, the last layer ends generically),
-    and a fourth in each activation-sparse layer where the generic graph has 5."""
+    attention as one where it has 3, and one more in each activation-sparse layer where the
+    generic graph has 5."""
     import io
 
     model = models["tiny", "float32"]
@@ -310,6 +345,6 @@ def test_the_kernels_take_the_place_of_most_of_a_layers_small_ones(models):
     assert isinstance(default.blocks, cuda_blocks.Blocks)
     fused, generic = kernels(default.blocks), kernels(None)
     sparse = sum(s > 0 for s in model.config.activation_sparsity_pattern)
-    assert sparse and fused.count('label ="CustomKernel') == 3 * layers + sparse
+    assert sparse and fused.count('label ="CustomKernel') == 4 * layers + sparse
     nodes = lambda dot: dot.count("shape=rectangle")  # noqa: E731
-    assert nodes(generic) - nodes(fused) >= 15 * layers, (nodes(generic), nodes(fused))
+    assert nodes(generic) - nodes(fused) >= 17 * layers, (nodes(generic), nodes(fused))
