@@ -16,6 +16,7 @@ element-wise glue between them, each over a few thousand numbers. Here three ker
 
 and in each activation-sparse layer (Gemma3n's first 10) a fourth, `sparse_activate`: the
 gate's Gaussian top-k and gelu(gate) * up (`MLP.activate`), where the generic graph has 5.
+`heads` norms, scales and rotates a layer's q/k/v heads, where the generic graph has 2;
 `attention` is one query token's attention over a layer's K/V buffer (scores with the mask,
 softmax, values: runtime/fast.py `attention`), where the generic graph has 3; it takes buffers
 of at most ATTENTION_SLOTS slots, one block per head.
@@ -464,6 +465,44 @@ _ATTENTION = r"""
     out[h * D + i] = static_cast<T>(o);
   }
 """
+# A layer's q, k and v heads (q alone in a KV-shared layer) normed without scale, then scaled
+# per head and q and k rotated by RoPE at `position` (runtime/fast.py `heads`): the norm as
+# mx.fast.rms_norm rounds it, the two products in T, angles and the sum in float32, rounded
+# once. One block per head; the normed head in shared memory, where a thread finds the element
+# its rotated half pairs it with. One kernel where the generic graph launches 2.
+_HEADS = r"""
+  constexpr int E = (D + THREADS - 1) / THREADS, HALF = D / 2;
+  __shared__ float xs[D];
+  __shared__ float scratch[32];
+  const int t = threadIdx.x, h = blockIdx.x;
+  auto R = [](float x) { return static_cast<float>(static_cast<T>(x)); };
+  float v[E];
+  load<E, THREADS, D>(v, x + h * D);
+  float sq[1] = {0.f};
+  #pragma unroll
+  for (int e = 0; e < E; ++e) sq[0] += v[e] * v[e];
+  block_sum<1, THREADS>(sq, scratch);
+  const float r = rsqrtf(sq[0] / D + EPS);
+  #pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = t + e * THREADS;
+    if (i < D) xs[i] = R(v[e] * r);
+  }
+  __syncthreads();
+  const float pos = static_cast<float>(position[0]);
+  #pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = t + e * THREADS;
+    if (i < D) {
+      const int k = h * D + i, other = i < HALF ? i + HALF : i - HALF;
+      const float a = pos * static_cast<float>(freq[k]);
+      const float y = R(xs[i] * static_cast<float>(scale[k])) * cosf(a) +
+                      R(xs[other] * static_cast<float>(swapped[k])) * sinf(a);
+      out[k] = static_cast<T>(y);
+    }
+  }
+"""
+
 ATTENTION_SLOTS = 1024  # the longest K/V buffer the kernel takes (one block per head reads it all)
 ATTENTION_THREADS = 512
 ATTENTION_WIDTH = 256  # the widest head it takes: its per-warp sums fill 16 KB of shared memory
@@ -510,6 +549,25 @@ def attention(q: mx.array, kv: mx.array, mask: mx.array) -> mx.array:
     template = [("T", q.dtype), ("D", d), ("G", nq // nkv), ("THREADS", threads), ("SLOTS", ATTENTION_SLOTS)]
     return _attention_kernel()(inputs=[q, kv, mask], template=template, grid=(nq * threads, 1, 1),
                                threadgroup=(threads, 1, 1), output_shapes=[(1, nq * d)], output_dtypes=[q.dtype])[0]
+
+
+@functools.cache
+def _heads_kernel(eps: float):
+    return mx.fast.cuda_kernel(name="gemma3n_heads", input_names=["x", "position", "freq", "scale", "swapped"],
+                               output_names=["out"], source=f"  constexpr float EPS = {float(eps)!r}f;\n" + _HEADS,
+                               header=_HEADER)
+
+
+def heads(x: mx.array, position: mx.array, table, eps: float) -> mx.array:
+    """A layer's q/k/v heads `[1, n, 1, d]` normed, scaled and rotated as one kernel (runtime/fast.py
+    `heads`, the generic graph, says what): `position` an int32 scalar, `table` the layer's
+    (freq, scale, swapped) of `DecodeStep._rope_tables`."""
+    n, d = x.shape[1], x.shape[3]
+    freq, scale, swapped = table
+    return _heads_kernel(eps)(inputs=[x, position, freq, scale, swapped],
+                              template=[("T", x.dtype), ("D", d), ("THREADS", THREADS)],
+                              grid=(n * THREADS, 1, 1), threadgroup=(THREADS, 1, 1), output_shapes=[x.shape],
+                              output_dtypes=[x.dtype])[0]
 
 
 def enabled(environ=None) -> bool:
@@ -612,6 +670,10 @@ class Blocks:
         if i not in self.sparse:
             return None
         return lambda gate, up: self.sparse_activate(i, gate, up)
+
+    @staticmethod
+    def heads(x, position, table, eps):
+        return heads(x, position, table, eps)
 
     @staticmethod
     def attends(slots: int, head_dim: int) -> bool:

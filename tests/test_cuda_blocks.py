@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from runtime import cuda_blocks
-from runtime.fast import CompiledDecoder, DecodeStep, attention
+from runtime.fast import CompiledDecoder, DecodeStep, attention, heads
 from tests.checkpoints import make_checkpoint, tiny_text_config
 from tests.runtime_helpers import convert, load_quietly
 
@@ -55,6 +55,10 @@ class LayerBlocks:
     def activation(self, i):
         mlp = self.layers[i].mlp
         return None if mlp.std_multiplier is None else mlp.activate
+
+    @staticmethod
+    def heads(x, position, table, eps):
+        return heads(x, position, table, eps)
 
     @staticmethod
     def attends(slots, head_dim):
@@ -277,6 +281,26 @@ def test_the_attention_kernel_equals_the_generic_attention(dtype):
             assert rel(got, want) <= tol, (slots, nq, nkv, d, written, rel(got, want))
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_heads_kernel_equals_the_generic_graph(models, name, dtype):
+    """A layer's q/k/v heads (q alone in a KV-shared layer) normed, scaled and rotated, with the
+    model's own RoPE tables, at positions from 0 to far along (large angles)."""
+    model = models[name, dtype]
+    step, eps = DecodeStep(model, blocks=None), model.config.rms_norm_eps
+    rng = np.random.default_rng(3)
+    for i in (0, model.config.num_hidden_layers - 1):
+        table = step.rope_tables[i]
+        n, d = table[0].shape[1], table[0].shape[4] * 2
+        for position in (0, 7, 5000):
+            x = mx.array((rng.standard_normal((1, n, 1, d)) * 3).astype(np.float32)).astype(getattr(mx, dtype))
+            pos = mx.array(position, mx.int32)
+            got, want = cuda_blocks.heads(x, pos, table, eps), heads(x, pos, table, eps)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert rel(got, want) <= TOLERANCE[dtype], (i, position, rel(got, want))
+
+
 def float32_copy(model):
     """The model with its bfloat16 parameters in float32: the same weights, computed exactly."""
     from mlx.utils import tree_map
@@ -325,8 +349,8 @@ def test_the_kernels_take_the_place_of_most_of_a_layers_small_ones(models):
     """The default compiled step on a CUDA GPU uses the kernels, and they replace what they
     should: per layer 3 custom kernels where the generic graph has 19 kernels and a few views
     (layer 0 has no previous layer's end in its first kernel, the last layer ends generically),
-    attention as one where it has 3, and one more in each activation-sparse layer where the
-    generic graph has 5."""
+    the heads' norm and RoPE as one where it has 2, attention as one where it has 3, and one
+    more in each activation-sparse layer where the generic graph has 5."""
     import io
 
     model = models["tiny", "float32"]
@@ -345,6 +369,6 @@ def test_the_kernels_take_the_place_of_most_of_a_layers_small_ones(models):
     assert isinstance(default.blocks, cuda_blocks.Blocks)
     fused, generic = kernels(default.blocks), kernels(None)
     sparse = sum(s > 0 for s in model.config.activation_sparsity_pattern)
-    assert sparse and fused.count('label ="CustomKernel') == 4 * layers + sparse
+    assert sparse and fused.count('label ="CustomKernel') == 5 * layers + sparse
     nodes = lambda dot: dot.count("shape=rectangle")  # noqa: E731
-    assert nodes(generic) - nodes(fused) >= 17 * layers, (nodes(generic), nodes(fused))
+    assert nodes(generic) - nodes(fused) >= 18 * layers, (nodes(generic), nodes(fused))
