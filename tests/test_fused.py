@@ -220,6 +220,37 @@ def test_fused_logits_match_transformers(bundles, reference, ids, name):
         assert relative_error(step, reference[:, t:t + 1]) < BOUND, f"decode step at position {t}"
 
 
+@pytest.mark.parametrize("name", ["standard", "laurel"])
+def test_every_projection_reads_row_major_rows(bundles, ids, name, monkeypatch):
+    """MLX's matmul copies an input whose row stride is not its width (one kernel more per
+    projection on a GPU). A slice of a fused module's output keeps the fused row's stride, even
+    for one decode row, and so does gelu(gate) * up over such slices: LAuReL's right projection
+    and the down projection read them. Every projection a layer multiplies by gets rows laid out
+    row-major, in a prefill and in a decode row (strides read from the evaluated inputs)."""
+    from runtime import model as runtime_model
+
+    seen = []
+    forward = runtime_model.DecoderLayer.forward
+
+    def recording_forward(self, planes, per_layer_input, attend, plane_mask, linear=runtime_model.call):
+        def recording_linear(module, x):
+            mx.eval(x)
+            seen.append((x.shape, memoryview(x).strides, x.itemsize))
+            return linear(module, x)
+        return forward(self, planes, per_layer_input, attend, plane_mask, linear=recording_linear)
+
+    monkeypatch.setattr(runtime_model.DecoderLayer, "forward", recording_forward)
+    model, _ = load_quietly(bundles[name])
+    cache = model.make_cache()
+    for rows in (ids[:1, :PREFILL], ids[:1, PREFILL:PREFILL + 1]):
+        seen.clear()
+        model(mx.array(rows), cache=cache)
+        assert len(seen) >= 6 * LAYERS  # o_proj, laurel's right, down, routers, coefficients, per-layer ones
+        strided = [(shape, strides) for shape, strides, size in seen
+                   if strides[-1] != size or strides[-2] != shape[-1] * size]
+        assert strided == [], f"{len(rows[0])} rows"
+
+
 def test_greedy_generation_follows_transformers(source, bundles):
     """runtime.generate's decode loop (the compiled step, which equals the eager forward on fused
     bundles too: test_fast.py) on a fused bundle picks the tokens transformers' greedy argmax
