@@ -163,7 +163,9 @@ def gaussian_top_k(gate: mx.array, std_multiplier: float) -> mx.array:
     themselves: one GEMV per row instead of a second reduction over squared deviations (in the
     compiled step 5 kernels where two means are 6; on the CPU faster than mx.std too)."""
     inv_n = 1.0 / gate.shape[-1]
-    dev = gate - mx.sum(gate, axis=-1, keepdims=True) * inv_n
+    # row-major, or the dot product's matmul copies both operands (a decode row of a fused
+    # gate/up output keeps the fused row's stride, and so do the deviations: `row_major`)
+    dev = row_major(gate - mx.sum(gate, axis=-1, keepdims=True) * inv_n)
     std = mx.sqrt((dev @ dev.swapaxes(-1, -2)) * inv_n)
     return mx.maximum(dev - std * std_multiplier, 0)
 

@@ -251,6 +251,25 @@ def test_every_projection_reads_row_major_rows(bundles, ids, name, monkeypatch):
         assert strided == [], f"{len(rows[0])} rows"
 
 
+def test_the_sparse_gates_deviations_are_row_major():
+    """The Gaussian top-k's variance is the deviations' dot product with themselves, a matmul
+    that copies operands whose row stride is not their width. A decode row's gate, cut from a
+    fused gate/up output, has the fused row's stride; the element-wise results over it would keep
+    it (what the top-k returns shows which strides its deviations had). Same values either way."""
+    from runtime.model import gaussian_top_k
+
+    rng = np.random.default_rng(5)
+    fused = mx.array(rng.standard_normal((1, 1, 1, 2 * 96)).astype(np.float32))
+    gate = mx.split(fused, 2, axis=-1)[0]
+    got = gaussian_top_k(gate, 1.6448536)
+    mx.eval(got)
+    assert memoryview(got).strides == (96 * 4,) * 3 + (4,)
+    g = np.array(fused)[0, 0, 0, :96].astype(np.float64)
+    dev = g - g.mean()
+    want = np.maximum(dev - np.sqrt(dev @ dev / 96) * 1.6448536, 0)
+    assert np.abs(np.array(got)[0, 0, 0] - want).max() < 1e-5
+
+
 def test_greedy_generation_follows_transformers(source, bundles):
     """runtime.generate's decode loop (the compiled step, which equals the eager forward on fused
     bundles too: test_fast.py) on a fused bundle picks the tokens transformers' greedy argmax
