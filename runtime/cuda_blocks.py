@@ -16,6 +16,10 @@ element-wise glue between them, each over a few thousand numbers. Here three ker
 
 and in each activation-sparse layer (Gemma3n's first 10) a fourth, `sparse_activate`: the
 gate's Gaussian top-k and gelu(gate) * up (`MLP.activate`), where the generic graph has 5.
+`heads` norms, scales and rotates a layer's q/k/v heads, where the generic graph has 2;
+`attention` is one query token's attention over a layer's K/V buffer (scores with the mask,
+softmax, values: runtime/fast.py `attention`), where the generic graph has 3; it takes buffers
+of at most ATTENTION_SLOTS slots, one block per head.
 
 The projections between them (q/k/v, o_proj, gate/up, down, the per-layer gate and projection,
 LAuReL's two) stay MLX's matmuls, float or quantized. The arithmetic is the generic graph's,
@@ -30,6 +34,7 @@ generic graph then runs on CUDA too: A/B measurements, or a driver where they mi
 
 from __future__ import annotations
 
+import functools
 import os
 
 import mlx.core as mx
@@ -376,6 +381,132 @@ _SPARSE_ACTIVATE = r"""
     }
   }
 """
+# One query token's attention over a layer's K/V buffer (runtime/fast.py `attention`): the
+# scores (q . k plus the additive mask, rounded to T as the generic graph's addmm rounds them),
+# their softmax in float32 (rounded to T), and the probabilities times the values (summed in
+# float32, rounded once). One block per q head (G q heads share a K/V head), the scores in shared
+# memory: one kernel where the generic graph launches 3 (addmm, softmax, matmul). D is the head
+# width, SLOTS the most slots it takes. Both passes give each warp every WARPS-th slot, its lanes
+# across the head (a key or value row is one coalesced read), four slots at a time so that their
+# reads overlap; the values' per-warp sums meet in shared memory, added in warp order.
+_ATTENTION = r"""
+  constexpr int WARPS = THREADS / 32, EQ = (D + 31) / 32;  // a lane's elements of a head
+  __shared__ float p[SLOTS];
+  __shared__ float partial[WARPS * D];
+  __shared__ float scratch[32];
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5, h = blockIdx.x, g = h / G;
+  const int S = kv_shape[2], NKV = kv_shape[1] / 2;
+  const float neg_inf = -__int_as_float(0x7f800000);
+  auto R = [](float x) { return static_cast<float>(static_cast<T>(x)); };
+  float qv[EQ];
+  #pragma unroll
+  for (int e = 0; e < EQ; ++e) {
+    const int i = lane + 32 * e;
+    qv[e] = i < D ? static_cast<float>(q[h * D + i]) : 0.f;
+  }
+  const T* keys = kv + static_cast<size_t>(g) * S * D;
+  const T* values = kv + static_cast<size_t>(NKV + g) * S * D;
+  float m = neg_inf;
+  #pragma unroll 4
+  for (int j = warp; j < S; j += WARPS) {
+    const T* row = keys + static_cast<size_t>(j) * D;
+    float s = 0.f;
+    #pragma unroll
+    for (int e = 0; e < EQ; ++e) {
+      const int i = lane + 32 * e;
+      if (i < D) s += qv[e] * static_cast<float>(row[i]);
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+    s = R(s + static_cast<float>(mask[j]));
+    if (lane == 0) p[j] = s;
+    m = fmaxf(m, s);
+  }
+  // the largest score over the block (a warp's lanes all hold its own)
+  __syncthreads();
+  if (lane == 0) scratch[warp] = m;
+  __syncthreads();
+  m = neg_inf;
+  #pragma unroll
+  for (int w = 0; w < WARPS; ++w) m = fmaxf(m, scratch[w]);
+  float sum[1] = {0.f};
+  for (int j = t; j < S; j += THREADS) {
+    const float e = expf(p[j] - m);
+    p[j] = e;
+    sum[0] += e;
+  }
+  block_sum<1, THREADS>(sum, scratch);  // its first barrier also orders p's writes
+  const float inv = 1.f / sum[0];
+  for (int j = t; j < S; j += THREADS) p[j] = R(p[j] * inv);
+  __syncthreads();
+  float acc[EQ];
+  #pragma unroll
+  for (int e = 0; e < EQ; ++e) acc[e] = 0.f;
+  #pragma unroll 4
+  for (int j = warp; j < S; j += WARPS) {
+    const T* row = values + static_cast<size_t>(j) * D;
+    const float pj = p[j];
+    #pragma unroll
+    for (int e = 0; e < EQ; ++e) {
+      const int i = lane + 32 * e;
+      if (i < D) acc[e] += pj * static_cast<float>(row[i]);
+    }
+  }
+  #pragma unroll
+  for (int e = 0; e < EQ; ++e) {
+    const int i = lane + 32 * e;
+    if (i < D) partial[warp * D + i] = acc[e];
+  }
+  __syncthreads();
+  for (int i = t; i < D; i += THREADS) {
+    float o = 0.f;
+    #pragma unroll
+    for (int w = 0; w < WARPS; ++w) o += partial[w * D + i];
+    out[h * D + i] = static_cast<T>(o);
+  }
+"""
+# A layer's q, k and v heads (q alone in a KV-shared layer) normed without scale, then scaled
+# per head and q and k rotated by RoPE at `position` (runtime/fast.py `heads`): the norm as
+# mx.fast.rms_norm rounds it, the two products in T, angles and the sum in float32, rounded
+# once. One block per head; the normed head in shared memory, where a thread finds the element
+# its rotated half pairs it with. One kernel where the generic graph launches 2.
+_HEADS = r"""
+  constexpr int E = (D + THREADS - 1) / THREADS, HALF = D / 2;
+  __shared__ float xs[D];
+  __shared__ float scratch[32];
+  const int t = threadIdx.x, h = blockIdx.x;
+  auto R = [](float x) { return static_cast<float>(static_cast<T>(x)); };
+  float v[E];
+  load<E, THREADS, D>(v, x + h * D);
+  float sq[1] = {0.f};
+  #pragma unroll
+  for (int e = 0; e < E; ++e) sq[0] += v[e] * v[e];
+  block_sum<1, THREADS>(sq, scratch);
+  const float r = rsqrtf(sq[0] / D + EPS);
+  #pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = t + e * THREADS;
+    if (i < D) xs[i] = R(v[e] * r);
+  }
+  __syncthreads();
+  const float pos = static_cast<float>(position[0]);
+  #pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = t + e * THREADS;
+    if (i < D) {
+      const int k = h * D + i, other = i < HALF ? i + HALF : i - HALF;
+      const float a = pos * static_cast<float>(freq[k]);
+      const float y = R(xs[i] * static_cast<float>(scale[k])) * cosf(a) +
+                      R(xs[other] * static_cast<float>(swapped[k])) * sinf(a);
+      out[k] = static_cast<T>(y);
+    }
+  }
+"""
+
+ATTENTION_SLOTS = 1024  # the longest K/V buffer the kernel takes (one block per head reads it all)
+ATTENTION_THREADS = 512
+ATTENTION_WIDTH = 256  # the widest head it takes: its per-warp sums fill 16 KB of shared memory
+
 SPARSE_THREADS = 512  # a block of 512 may use 128 registers a thread
 SPARSE_WIDTH = 32 * SPARSE_THREADS  # the widest gate it takes: 80 registers at E4B's 16384 (sm_90)
 
@@ -394,6 +525,49 @@ def sparse_kernel_layers(config) -> set[int]:
     return {i for i, (sparsity, width) in enumerate(zip(config.activation_sparsity_pattern, config.intermediate_size,
                                                         strict=True))
             if sparsity > 0 and width <= SPARSE_WIDTH}
+
+
+def attends(slots: int, head_dim: int) -> bool:
+    """Whether `attention` takes a K/V buffer of `slots` slots of heads `head_dim` wide (else the
+    generic graph runs it: one block per head reads the whole buffer, which would be slow on a
+    long one, and keeps a head's sums per warp in shared memory)."""
+    return slots <= ATTENTION_SLOTS and head_dim <= ATTENTION_WIDTH
+
+
+@functools.cache
+def _attention_kernel():
+    return mx.fast.cuda_kernel(name="gemma3n_attention", input_names=["q", "kv", "mask"], output_names=["out"],
+                               source=_ATTENTION, header=_HEADER)
+
+
+def attention(q: mx.array, kv: mx.array, mask: mx.array) -> mx.array:
+    """One query token's attention as one kernel (runtime/fast.py `attention`, the generic graph,
+    says what): q `[1, nq, 1, d]`, the K/V buffer `[1, 2 * nkv, slots, d]` (keys, then values),
+    the additive mask `[slots]`; returns `[1, nq * d]`. Where `attends(slots, d)`."""
+    nq, d, nkv = q.shape[1], q.shape[3], kv.shape[1] // 2
+    threads = ATTENTION_THREADS
+    template = [("T", q.dtype), ("D", d), ("G", nq // nkv), ("THREADS", threads), ("SLOTS", ATTENTION_SLOTS)]
+    return _attention_kernel()(inputs=[q, kv, mask], template=template, grid=(nq * threads, 1, 1),
+                               threadgroup=(threads, 1, 1), output_shapes=[(1, nq * d)], output_dtypes=[q.dtype])[0]
+
+
+@functools.cache
+def _heads_kernel(eps: float):
+    return mx.fast.cuda_kernel(name="gemma3n_heads", input_names=["x", "position", "freq", "scale", "swapped"],
+                               output_names=["out"], source=f"  constexpr float EPS = {float(eps)!r}f;\n" + _HEADS,
+                               header=_HEADER)
+
+
+def heads(x: mx.array, position: mx.array, table, eps: float) -> mx.array:
+    """A layer's q/k/v heads `[1, n, 1, d]` normed, scaled and rotated as one kernel (runtime/fast.py
+    `heads`, the generic graph, says what): `position` an int32 scalar, `table` the layer's
+    (freq, scale, swapped) of `DecodeStep._rope_tables`."""
+    n, d = x.shape[1], x.shape[3]
+    freq, scale, swapped = table
+    return _heads_kernel(eps)(inputs=[x, position, freq, scale, swapped],
+                              template=[("T", x.dtype), ("D", d), ("THREADS", THREADS)],
+                              grid=(n * THREADS, 1, 1), threadgroup=(THREADS, 1, 1), output_shapes=[x.shape],
+                              output_dtypes=[x.dtype])[0]
 
 
 def enabled(environ=None) -> bool:
@@ -496,6 +670,18 @@ class Blocks:
         if i not in self.sparse:
             return None
         return lambda gate, up: self.sparse_activate(i, gate, up)
+
+    @staticmethod
+    def heads(x, position, table, eps):
+        return heads(x, position, table, eps)
+
+    @staticmethod
+    def attends(slots: int, head_dim: int) -> bool:
+        return attends(slots, head_dim)
+
+    @staticmethod
+    def attention(q, kv, mask):
+        return attention(q, kv, mask)
 
     def sparse_activate(self, i, gate, up):
         """Layer i's `MLP.activate` (an activation-sparse layer's) on gate and up `[1, width]`."""

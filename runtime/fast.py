@@ -87,7 +87,9 @@ class DecodeStep:
       transformers does, so no cast needs a kernel of its own;
     - attention over the fixed-size buffers is written out (scores, masked softmax, values):
       MLX's fused attention takes no array mask on CUDA and would expand into more nodes; the
-      mask is additive and joins the scores' matmul (`addmm`);
+      mask is additive and joins the scores' matmul (`addmm`; `attention`). On a CUDA GPU it is
+      one kernel of the runtime's own where the buffer has at most 1024 slots
+      (`cuda_blocks.attention`);
     - a layer's q, k and v heads are normed by one unscaled norm, then scaled per head and q and
       k rotated by RoPE in one fused element-wise kernel (`_rope_tables`, `_scale_and_rotate`):
       2 kernels where the norms and RoPEs one by one are 5;
@@ -270,30 +272,47 @@ class DecodeStep:
         # q, k and v side by side (q alone in a KV-shared layer), and laurel's left projection:
         # one GEMV each, or one for both where the bundle fuses them, cut by one split.
         qkv, laurel = layer.project(normed, (QKV if own_kv else Q, LAUREL_LEFT), self.linear)
+        # q, k and v heads (q alone in a KV-shared layer) normed at once, then scaled per head (v by
+        # 1) and q and k rotated (v by angle 0): 2 kernels where the norms and RoPEs one by one are
+        # 5 (on a CUDA GPU one: cuda_blocks.heads).
+        x = qkv.reshape(1, nq + 2 * nkv if own_kv else nq, 1, d)
+        x = (self.blocks.heads if self.blocks is not None else heads)(x, position, rope_table, eps)
         if own_kv:
-            # q, k and v heads normed at once, then scaled per head (v by 1) and q and k rotated
-            # (v by angle 0) in one kernel: 2 kernels where the norms and RoPEs one by one are 5.
-            heads = rms_norm(qkv.reshape(1, nq + 2 * nkv, 1, d), None, eps)
-            heads = self._scale_and_rotate(heads, position, rope_table)
             # k's and v's heads follow q's: one update writes both into the shared buffer.
-            q = heads[:, :nq]
+            q = x[:, :nq]
             # A scatter along the slots, not mx.slice_update: MLX's CUDA backend launches a dynamic
             # slice update over the whole buffer, each new element rewritten as many times as the
             # buffer has slots (17 us a layer on E4B); the scatter's launch covers the update alone.
             slot = (position % kv.shape[2]).reshape(1, 1, 1, 1)
-            kv = mx.put_along_axis(kv, slot, heads[:, nq:], axis=2)
+            kv = mx.put_along_axis(kv, slot, x[:, nq:], axis=2)
         else:
-            q = self._scale_and_rotate(rms_norm(qkv.reshape(1, nq, 1, d), None, eps), position, rope_table)
-        keys, values = kv[:, :nkv], kv[:, nkv:]
-        # Attention scale is 1; mask + q @ k^T in one kernel.
-        scores = mx.addmm(masks[keys.shape[2]], q.reshape(1, nkv, nq // nkv, d), keys.swapaxes(-1, -2))
-        out = (mx.softmax(scores, axis=-1, precise=True) @ values).reshape(1, nq * d)
-        return out, laurel, kv
+            q = x
+        mask = masks[kv.shape[2]]
+        if self.blocks is not None and self.blocks.attends(kv.shape[2], d):
+            return self.blocks.attention(q, kv, mask), laurel, kv
+        return attention(q, kv, mask), laurel, kv
 
     def _head(self, planes):
         logits = self.linear(self.head, self.lm.unembed(planes, self.linear))
         cap = self.config.final_logit_softcapping
         return softcap(logits, cap) if cap else logits
+
+
+def heads(x: mx.array, position: mx.array, table, eps: float) -> mx.array:
+    """A layer's q/k/v heads `x` `[1, n, 1, d]` normed without scale, then scaled per head and
+    rotated by RoPE at `position` (`DecodeStep._scale_and_rotate`, `table` from `_rope_tables`)."""
+    return DecodeStep._scale_and_rotate(rms_norm(x, None, eps), position, table)
+
+
+def attention(q: mx.array, kv: mx.array, mask: mx.array) -> mx.array:
+    """One query token's attention: q `[1, nq, 1, d]` (normed, scaled, rotated), the K/V buffer
+    `[1, 2 * nkv, slots, d]` (keys, then values), the additive mask `[slots]` (0 for slots written
+    so far, -inf for the rest); returns the heads' output `[1, nq * d]`. The attention scale is 1;
+    the mask joins the scores' matmul (`addmm`): 3 kernels."""
+    nq, d, nkv = q.shape[1], q.shape[3], kv.shape[1] // 2
+    keys, values = kv[:, :nkv], kv[:, nkv:]
+    scores = mx.addmm(mask, q.reshape(1, nkv, nq // nkv, d), keys.swapaxes(-1, -2))
+    return (mx.softmax(scores, axis=-1, precise=True) @ values).reshape(1, nq * d)
 
 
 def compiled_step(model):

@@ -145,6 +145,17 @@ def call(module: nn.Module, x: mx.array) -> mx.array:
     return module(x)
 
 
+def row_major(x: mx.array) -> mx.array:
+    """`x` with row-major strides (a view where its rows already are contiguous, else a copy).
+    A slice of a fused projection's output keeps the fused row's stride, even over one row, and
+    so does an element-wise result over such slices. MLX's matmul copies an input whose row
+    stride is not its width, as one kernel more per projection on a GPU (one decode row's
+    LAuReL and down-projection inputs: 60 copies a step on E4B). Reshaping to one axis and
+    back gives a one-row view fresh strides at no cost; a strided slice of several rows is
+    copied here instead of in the matmul."""
+    return x.reshape(-1).reshape(x.shape)
+
+
 def gaussian_top_k(gate: mx.array, std_multiplier: float) -> mx.array:
     """Keep what lies `std_multiplier` standard deviations above the mean of the last axis, minus
     that threshold (activation sparsity: the `sparsity` quantile of a normal fitted to the
@@ -152,7 +163,9 @@ def gaussian_top_k(gate: mx.array, std_multiplier: float) -> mx.array:
     themselves: one GEMV per row instead of a second reduction over squared deviations (in the
     compiled step 5 kernels where two means are 6; on the CPU faster than mx.std too)."""
     inv_n = 1.0 / gate.shape[-1]
-    dev = gate - mx.sum(gate, axis=-1, keepdims=True) * inv_n
+    # row-major, or the dot product's matmul copies both operands (a decode row of a fused
+    # gate/up output keeps the fused row's stride, and so do the deviations: `row_major`)
+    dev = row_major(gate - mx.sum(gate, axis=-1, keepdims=True) * inv_n)
     std = mx.sqrt((dev @ dev.swapaxes(-1, -2)) * inv_n)
     return mx.maximum(dev - std * std_multiplier, 0)
 
@@ -382,7 +395,7 @@ class MLP(nn.Module):
     def __call__(self, gate: mx.array, up: mx.array, linear=call, activate=None) -> mx.array:
         """`activate`: `self.activate` by default, or what stands in for it (the compiled step's
         CUDA kernel, runtime/fast.py)."""
-        return linear(self.down_proj, (activate or self.activate)(gate, up))
+        return linear(self.down_proj, row_major((activate or self.activate)(gate, up)))
 
 
 class AltUp(nn.Module):
@@ -519,7 +532,8 @@ class DecoderLayer(nn.Module):
         (activated, correction coefficients, the per-layer projection, what `attend` kept of the
         cache)."""
         heads, left, state = attend(normed)
-        attn_laurel, ffw_input = residual(linear(self.self_attn.o_proj, heads), linear(self.laurel.linear_right, left))
+        attn = linear(self.self_attn.o_proj, heads)
+        attn_laurel, ffw_input = residual(attn, linear(self.laurel.linear_right, row_major(left)))
         gate, up = self.project(ffw_input, MLP_BLOCKS, linear)
         activated, coefs, first = correct(self.mlp(gate, up, linear, activate), attn_laurel)
         first = gelu_tanh(linear(self.per_layer_input_gate, first)) * per_layer_input

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from runtime import cuda_blocks
-from runtime.fast import CompiledDecoder, DecodeStep
+from runtime.fast import CompiledDecoder, DecodeStep, attention, heads
 from tests.checkpoints import make_checkpoint, tiny_text_config
 from tests.runtime_helpers import convert, load_quietly
 
@@ -55,6 +55,18 @@ class LayerBlocks:
     def activation(self, i):
         mlp = self.layers[i].mlp
         return None if mlp.std_multiplier is None else mlp.activate
+
+    @staticmethod
+    def heads(x, position, table, eps):
+        return heads(x, position, table, eps)
+
+    @staticmethod
+    def attends(slots, head_dim):
+        return cuda_blocks.attends(slots, head_dim)
+
+    @staticmethod
+    def attention(q, kv, mask):
+        return attention(q, kv, mask)
 
 
 CONFIGS = {
@@ -141,6 +153,12 @@ def test_the_sparse_kernel_takes_the_sparse_layers_it_can_hold():
     wide = cuda_blocks.SPARSE_WIDTH
     widths = [wide, wide + 1, 64, 64, 64, wide + 1, 64, 64, 64, 64]
     assert cuda_blocks.sparse_kernel_layers(config([0.95] * 3 + [0.0] * 7, widths)) == {0, 2}
+
+
+def test_the_attention_kernel_takes_the_buffers_it_can_hold():
+    slots, width = cuda_blocks.ATTENTION_SLOTS, cuda_blocks.ATTENTION_WIDTH
+    assert cuda_blocks.attends(1, 16) and cuda_blocks.attends(slots, width)
+    assert not cuda_blocks.attends(slots + 1, width) and not cuda_blocks.attends(slots, width + 1)
 
 
 def test_the_kernels_read_a_weight_as_rows_whichever_layout_stored_it():
@@ -243,6 +261,55 @@ def test_each_kernel_equals_the_generic_graph(models, name, dtype):
                 assert rel(g, w) <= tol, (method, i, k, rel(g, w))
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_attention_kernel_equals_the_generic_attention(dtype):
+    """One query token over K/V buffers of several lengths (1, under a warp's 32 slots, not a
+    multiple of the block's 256, the longest it takes), written up to a random slot (the rest
+    masked), q heads sharing K/V heads as Gemma3n's do, at a head width below, at and above 32
+    lanes and not a multiple of them.
+
+    In float32 the softmax's exponent turns a score's rounding into the same relative error in
+    its weight, and the kernel and the generic matmul round different sums: scores of unit-RMS
+    heads reach 4 * sqrt(256) = 64, where one float32 ulp is 7.6e-6. So the float32 bound adds
+    two ulps of the largest score (the H200 measured 1.29e-5 at 300 slots, head width 256, over
+    the flat 1e-5); a wrong kernel is off by O(1)."""
+    rng = np.random.default_rng(7)
+    for slots in (1, 7, 300, cuda_blocks.ATTENTION_SLOTS):
+        for nq, nkv, d in ((2, 1, 32), (8, 2, 256), (4, 2, 48), (3, 3, 16)):
+            written = int(rng.integers(0, slots))
+            q = mx.array(rng.standard_normal((1, nq, 1, d)).astype(np.float32)).astype(getattr(mx, dtype))
+            kv = mx.array(rng.standard_normal((1, 2 * nkv, slots, d)).astype(np.float32)).astype(getattr(mx, dtype))
+            mask = mx.where(mx.arange(slots) <= written, 0.0, -mx.inf).astype(getattr(mx, dtype))
+            got, want = cuda_blocks.attention(q, kv, mask), attention(q, kv, mask)
+            assert got.shape == want.shape == (1, nq * d) and got.dtype == want.dtype
+            tol = TOLERANCE[dtype]
+            if dtype == "float32":  # every q head against every K and V row: a bound on the scores
+                scores = np.array(q).reshape(nq, d).astype(np.float64) @ np.array(kv).reshape(-1, d).T
+                tol += 2 * float(np.spacing(np.float32(np.abs(scores).max())))
+            assert rel(got, want) <= tol, (slots, nq, nkv, d, written, rel(got, want), tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_heads_kernel_equals_the_generic_graph(models, name, dtype):
+    """A layer's q/k/v heads (q alone in a KV-shared layer) normed, scaled and rotated, with the
+    model's own RoPE tables, at positions from 0 to far along (large angles)."""
+    model = models[name, dtype]
+    step, eps = DecodeStep(model, blocks=None), model.config.rms_norm_eps
+    rng = np.random.default_rng(3)
+    for i in (0, model.config.num_hidden_layers - 1):
+        table = step.rope_tables[i]
+        n, d = table[0].shape[1], table[0].shape[4] * 2
+        for position in (0, 7, 5000):
+            x = mx.array((rng.standard_normal((1, n, 1, d)) * 3).astype(np.float32)).astype(getattr(mx, dtype))
+            pos = mx.array(position, mx.int32)
+            got, want = cuda_blocks.heads(x, pos, table, eps), heads(x, pos, table, eps)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert rel(got, want) <= TOLERANCE[dtype], (i, position, rel(got, want))
+
+
 def float32_copy(model):
     """The model with its bfloat16 parameters in float32: the same weights, computed exactly."""
     from mlx.utils import tree_map
@@ -291,7 +358,8 @@ def test_the_kernels_take_the_place_of_most_of_a_layers_small_ones(models):
     """The default compiled step on a CUDA GPU uses the kernels, and they replace what they
     should: per layer 3 custom kernels where the generic graph has 19 kernels and a few views
     (layer 0 has no previous layer's end in its first kernel, the last layer ends generically),
-    and a fourth in each activation-sparse layer where the generic graph has 5."""
+    the heads' norm and RoPE as one where it has 2, attention as one where it has 3, and one
+    more in each activation-sparse layer where the generic graph has 5."""
     import io
 
     model = models["tiny", "float32"]
@@ -310,6 +378,6 @@ def test_the_kernels_take_the_place_of_most_of_a_layers_small_ones(models):
     assert isinstance(default.blocks, cuda_blocks.Blocks)
     fused, generic = kernels(default.blocks), kernels(None)
     sparse = sum(s > 0 for s in model.config.activation_sparsity_pattern)
-    assert sparse and fused.count('label ="CustomKernel') == 3 * layers + sparse
+    assert sparse and fused.count('label ="CustomKernel') == 5 * layers + sparse
     nodes = lambda dot: dot.count("shape=rectangle")  # noqa: E731
-    assert nodes(generic) - nodes(fused) >= 15 * layers, (nodes(generic), nodes(fused))
+    assert nodes(generic) - nodes(fused) >= 18 * layers, (nodes(generic), nodes(fused))

@@ -65,14 +65,16 @@ def test_decode_step_stays_within_its_kernel_budget(bundles, step_counts):
     # stacked rescaling (5) breaks the budget; MLX upgrades may move it.
     budget = 433
     assert kernels <= budget, f"{kernels} kernels per step (budget {budget}): {counts.most_common(12)}"
-    # Views cost host time too (a node each, no kernel, far less than a kernel): 166 now, 170 when
-    # written (the RoPE kernel reads each head's halves through views), down from 340 before the
-    # weights' transposes were taken once outside the step and the planes kept 2-D. A transpose
-    # per projection per token (~12 a layer) breaks this at once.
+    # Views cost host time too (a node each, no kernel, far less than a kernel): 170 when written
+    # (the RoPE kernel reads each head's halves through views), down from 340 before the weights'
+    # transposes were taken once outside the step and the planes kept 2-D; 166, then 218 since
+    # LAuReL's right and the down projection read row-major views (model.row_major: 4 views a
+    # layer, 2 more in each activation-sparse one, that spare MLX's matmul a copy kernel each,
+    # tests/test_fused.py). A transpose per projection per token (~12 a layer) breaks this at once.
     view_names = step_counts["generic"][1]
     views = sum(n for k, n in counts.items() if k in view_names)
     view_counts = [(k, n) for k, n in counts.items() if k in view_names]
-    assert views <= 170, f"{views} views per step (budget 170): {view_counts}"
+    assert views <= 220, f"{views} views per step (budget 220): {view_counts}"
     # No 3-D matmul inputs (each would add a Flatten/Unflatten pair) and no attention fallback.
     assert counts.get("Flatten", 0) + counts.get("Unflatten", 0) <= 4
     assert counts.get("ScaledDotProductAttention", 0) == 0 and counts["Softmax"] == layers

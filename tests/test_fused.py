@@ -220,6 +220,56 @@ def test_fused_logits_match_transformers(bundles, reference, ids, name):
         assert relative_error(step, reference[:, t:t + 1]) < BOUND, f"decode step at position {t}"
 
 
+@pytest.mark.parametrize("name", ["standard", "laurel"])
+def test_every_projection_reads_row_major_rows(bundles, ids, name, monkeypatch):
+    """MLX's matmul copies an input whose row stride is not its width (one kernel more per
+    projection on a GPU). A slice of a fused module's output keeps the fused row's stride, even
+    for one decode row, and so does gelu(gate) * up over such slices: LAuReL's right projection
+    and the down projection read them. Every projection a layer multiplies by gets rows laid out
+    row-major, in a prefill and in a decode row (strides read from the evaluated inputs)."""
+    from runtime import model as runtime_model
+
+    seen = []
+    forward = runtime_model.DecoderLayer.forward
+
+    def recording_forward(self, planes, per_layer_input, attend, plane_mask, linear=runtime_model.call):
+        def recording_linear(module, x):
+            mx.eval(x)
+            seen.append((x.shape, memoryview(x).strides, x.itemsize))
+            return linear(module, x)
+        return forward(self, planes, per_layer_input, attend, plane_mask, linear=recording_linear)
+
+    monkeypatch.setattr(runtime_model.DecoderLayer, "forward", recording_forward)
+    model, _ = load_quietly(bundles[name])
+    cache = model.make_cache()
+    for rows in (ids[:1, :PREFILL], ids[:1, PREFILL:PREFILL + 1]):
+        seen.clear()
+        model(mx.array(rows), cache=cache)
+        assert len(seen) >= 6 * LAYERS  # o_proj, laurel's right, down, routers, coefficients, per-layer ones
+        strided = [(shape, strides) for shape, strides, size in seen
+                   if strides[-1] != size or strides[-2] != shape[-1] * size]
+        assert strided == [], f"{len(rows[0])} rows"
+
+
+def test_the_sparse_gates_deviations_are_row_major():
+    """The Gaussian top-k's variance is the deviations' dot product with themselves, a matmul
+    that copies operands whose row stride is not their width. A decode row's gate, cut from a
+    fused gate/up output, has the fused row's stride; the element-wise results over it would keep
+    it (what the top-k returns shows which strides its deviations had). Same values either way."""
+    from runtime.model import gaussian_top_k
+
+    rng = np.random.default_rng(5)
+    fused = mx.array(rng.standard_normal((1, 1, 1, 2 * 96)).astype(np.float32))
+    gate = mx.split(fused, 2, axis=-1)[0]
+    got = gaussian_top_k(gate, 1.6448536)
+    mx.eval(got)
+    assert memoryview(got).strides == (96 * 4,) * 3 + (4,)
+    g = np.array(fused)[0, 0, 0, :96].astype(np.float64)
+    dev = g - g.mean()
+    want = np.maximum(dev - np.sqrt(dev @ dev / 96) * 1.6448536, 0)
+    assert np.abs(np.array(got)[0, 0, 0] - want).max() < 1e-5
+
+
 def test_greedy_generation_follows_transformers(source, bundles):
     """runtime.generate's decode loop (the compiled step, which equals the eager forward on fused
     bundles too: test_fast.py) on a fused bundle picks the tokens transformers' greedy argmax
