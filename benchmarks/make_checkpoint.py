@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -226,11 +227,37 @@ def make_checkpoint(out: str | os.PathLike, size: str = "e2b", *, dtype: str = "
                     towers: bool = False, kv_shared_extras: bool = True, random_norms: bool = False,
                     max_shard_bytes: int = 5 * 10**9, block_bytes: int = 64 << 20, seed: int = 0,
                     quiet: bool = True) -> Path:
-    """Write the checkpoint into `out` (created; must not hold a checkpoint already)."""
+    """Write the checkpoint into `out`: new, or an empty directory; never over files.
+
+    It is written into a hidden sibling (`.NAME.partial-PID`) and renamed into place whole, so a
+    killed or failed run leaves no `out` that a later run would take for a checkpoint (a failed
+    run removes its partial directory; a killed one leaves it, hidden, under its own name).
+    """
     out = Path(out)
     if (out / "config.json").exists():
         raise FileExistsError(f"{out} already holds a checkpoint")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    partial.mkdir()
+    try:
+        _write_checkpoint(partial, size, dtype=dtype, towers=towers, kv_shared_extras=kv_shared_extras,
+                          random_norms=random_norms, max_shard_bytes=max_shard_bytes,
+                          block_bytes=block_bytes, seed=seed, quiet=quiet)
+        try:
+            os.rename(partial, out)  # replaces an empty directory, never one that filled meanwhile
+        except OSError as e:
+            raise FileExistsError(f"{out} was filled while the checkpoint was written ({e.strerror})") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # ours: made above under this process's id
+        raise
+    return out
+
+
+def _write_checkpoint(out: Path, size: str, *, dtype: str, towers: bool, kv_shared_extras: bool,
+                      random_norms: bool, max_shard_bytes: int, block_bytes: int, seed: int,
+                      quiet: bool) -> None:
     text = text_config(size)
     tensors = tensor_list(text, towers=towers, kv_shared_extras=kv_shared_extras)
     shards = plan_shards(tensors, dtype, max_shard_bytes)
@@ -257,7 +284,6 @@ def make_checkpoint(out: str | os.PathLike, size: str = "e2b", *, dtype: str = "
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0, "do_sample": False}, indent=2) + "\n")
     _write_tokenizer(out, int(text["vocab_size"]))
-    return out
 
 
 def _write_tokenizer(out: Path, vocab_size: int) -> None:
@@ -314,8 +340,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     need = checkpoint_bytes(a.size, a.dtype, towers=a.towers, kv_shared_extras=a.kv_shared_extras)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    free = os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
+    probe = out.absolute()
+    while not probe.exists():  # the free space where the checkpoint will go
+        probe = probe.parent
+    free = os.statvfs(probe).f_bavail * os.statvfs(probe).f_frsize
     if need > free:
         print(f"{out}: needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free", file=sys.stderr)
         return 2
@@ -324,7 +352,7 @@ def main(argv=None) -> int:
         make_checkpoint(out, a.size, dtype=a.dtype, towers=a.towers, kv_shared_extras=a.kv_shared_extras,
                         random_norms=a.random_norms, max_shard_bytes=int(a.max_shard_size * 1e9),
                         block_bytes=a.block_mb << 20, seed=a.seed, quiet=a.quiet)
-    except FileExistsError as e:
+    except (FileExistsError, NotADirectoryError) as e:
         print(str(e), file=sys.stderr)
         return 2
     if not a.quiet:

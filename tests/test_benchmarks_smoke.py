@@ -94,6 +94,45 @@ def test_refuses_to_overwrite(tmp_path):
     assert r.returncode == 2 and "already holds" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_fills_an_empty_directory_and_never_a_users_files(tmp_path):
+    """A new or empty directory is filled; one with anything in it is refused, left as it was,
+    and nothing of the attempt stays beside it."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    generate(empty)
+    assert (empty / "config.json").is_file() and (empty / "model.safetensors").is_file()
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    r = subprocess.run([sys.executable, str(GENERATOR), "--size", "tiny", "--quiet", str(users)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not an empty directory" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert [p.name for p in users.iterdir()] == ["notes.txt"] and (users / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "users"]
+
+
+def test_a_failed_write_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
+    """The checkpoint is written into a hidden sibling and renamed into place whole: a write that
+    fails part-way (here the second tensor's values) leaves neither the directory a later run
+    would take for a checkpoint (h100.sh makes one only where none exists) nor the partial one."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_checkpoint_under_test", GENERATOR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real, calls = module._write_values, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(module, "_write_values", failing)
+    with pytest.raises(OSError, match="No space left"):
+        module.make_checkpoint(tmp_path / "ckpt", "tiny")
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("given", [None, "0123abc"])
 def test_a_result_names_the_commit_and_the_device_it_ran_on(tmp_path, given):
     """A benchmark's JSON says which code and which device it measured (benchmarks/common.py):
