@@ -4,7 +4,10 @@
 #   bash benchmarks/h100.sh e2b decode
 # Each JSON records the commit (git rev-parse HEAD); in a copy of the tree without .git, pass it:
 #   BENCH_COMMIT=<the commit's hash> bash benchmarks/h100.sh e2b decode
-# Steps: decode (runtime eager and compiled vs mlx-lm, same weights), fast (compiled only vs
+# Steps: prepare (the checkpoint and its bf16 bundles, nothing measured: minutes at full size, so
+# it can run in the background while a narrow step uses the machine,
+#   (setsid nohup bash benchmarks/h100.sh e4b prepare > /tmp/prepare-e4b.log 2>&1 &)
+# and a later call's e4b steps wait for it), decode (runtime eager and compiled vs mlx-lm, same weights), fast (compiled only vs
 # mlx-lm), probe / sanitize (where a 4-bit prefill stops being deterministic), coldstart (time to
 # first token with empty vs warm kernel caches; coldstart-q4 on 4-bit bundles), profile (device time per kernel class of a step), prefill-q4 (a
 # 4-bit prefill's wall time, ours, its variants and mlx-lm's, then each one's kernels), q4 (4-bit bundles, compiled vs mlx-lm on the same 4-bit arrays), graphs / graphs-q4
@@ -15,12 +18,13 @@
 # (tests/test_cuda_blocks.py), blocks (compiled decode with and without the fused CUDA kernels, alternating), ab
 # (this tree's compiled decode against AB_TREE's, another commit's copy, alternating). Sizes: e2b, e4b, and e2b-narrow / e4b-narrow
 # (every layer at tiny widths: launch cost alone, made in seconds).
-# The random full-size checkpoint and its bundle are made there, in /tmp (nothing that big travels).
+# The random full-size checkpoint and its bundle are made there, in /tmp/bench-data or $BENCH_DATA
+# (nothing that big travels).
 set -euo pipefail
 size=${1:-e2b}
 shift || true
 steps=${*:-decode}
-known="decode fast q4 graphs graphs-q4 sweep variants numeric graph probe sanitize coldstart coldstart-q4 profile prefill-q4 ple calibrate cuda-tests blocks ab"
+known="prepare decode fast q4 graphs graphs-q4 sweep variants numeric graph probe sanitize coldstart coldstart-q4 profile prefill-q4 ple calibrate cuda-tests blocks ab"
 case $size in e2b|e4b|e2b-narrow|e4b-narrow) ;; *) echo "unknown size '$size': one of e2b, e4b, e2b-narrow, e4b-narrow" >&2; exit 2 ;; esac
 for step in $steps; do
   case " $known " in *" $step "*) ;; *) echo "unknown step '$step': one of $known" >&2; exit 2 ;; esac
@@ -39,24 +43,39 @@ case " $steps " in *" ab "*)
   [ -f "${AB_TREE:-}/benchmarks/bench_runtime.py" ] && [ -n "${AB_COMMIT:-}" ] || {
     echo "step ab needs AB_TREE, a copy of another commit's tree (git archive REV runtime convert manifests benchmarks | tar -x -C DIR), and AB_COMMIT, that commit" >&2; exit 2; } ;;
 esac
-data=/tmp/bench-data
+data=${BENCH_DATA:-/tmp/bench-data}
 out=${OUT:-/tmp}
 # Fail before minutes of checkpoint writing when the machine was handed back and came up bare.
 python3 -c "import mlx.core" 2>/dev/null || { echo "MLX is not importable here: install MLX's CUDA build (or activate its environment) first" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # A measurement needs the GPU to itself: a run cut off by a time limit may leave its processes
 # decoding on (docs/BENCHMARKS.md, "a disturbed machine"). BUSY_OK=1 measures anyway.
+mkdir -p "$data"
+# The data (checkpoint, bundles) is made under a lock: one per narrow size, one for the full sizes
+# (one full model at a time: the disk holds about 64 GB). `prepare` makes the checkpoint and the
+# bf16 bundles and nothing else, so it can run in the background while a call measures something
+# else; a step that needs the same data waits for it instead of writing the same directories,
+# and finds only whole ones (the checkpoint and each bundle are renamed into place when done).
+case $size in *-narrow) lock=$data/.lock-$size ;; *) lock=$data/.lock-full ;; esac
+locked() {  # run "$@" holding the data lock (where flock exists)
+  ( if command -v flock >/dev/null; then flock 9; fi; "$@" ) 9>"$lock"
+}
+locked true  # a prepare of this data in flight finishes before the GPU is looked at
+# A measurement needs the GPU to itself: a run cut off by a time limit may leave its processes
+# decoding on (docs/BENCHMARKS.md, "a disturbed machine"). BUSY_OK=1 measures anyway; `prepare`
+# alone measures nothing and does not ask.
 busy=$(nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader 2>/dev/null || true)
-if [ -n "$busy" ] && [ "${BUSY_OK:-0}" != 1 ]; then
+if [ -n "$busy" ] && [ "${BUSY_OK:-0}" != 1 ] && [ "$steps" != prepare ]; then
   echo "the GPU is busy with other processes (left over from an earlier run?); stop them, or BUSY_OK=1:" >&2
   echo "$busy" >&2
   exit 2
 fi
-mkdir -p "$data"
-if [ ! -d "$data/$size" ]; then
-  case $size in *-narrow) ;; *) rm -rf "$data"/e?b "$data"/e?b-* ;; esac  # one full model at a time: the disk holds about 64 GB
+checkpoint() {
+  [ ! -d "$data/$size" ] || return 0
+  # a full size replaces the other one, and what a killed run left of either (hidden, partial)
+  case $size in *-narrow) ;; *) rm -rf "$data"/e?b "$data"/e?b-* "$data"/.e?b*.partial-* ;; esac
   python3 benchmarks/make_checkpoint.py --size "$size" --quiet "$data/$size"
-fi
+}
 bundles() {  # the bf16 bundles (the q4 and calibrate steps need neither)
   [ -d "$data/$size-cuda" ] || python3 -m convert --target cuda --quiet "$data/$size" "$data/$size-cuda"
   # mlx-lm runs the generic bundle's arrays (the cuda profile fuses q/k/v and gate/up, which mlx-lm cannot load)
@@ -67,10 +86,13 @@ q4_bundles() {  # the 4-bit bundles of the targets named (generic for mlx-lm, cu
     [ -d "$data/$size-$t-q4" ] || python3 -m convert --target "$t" --quantize 4 --quiet "$data/$size" "$data/$size-$t-q4"
   done
 }
+locked checkpoint
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)  # profile steps only
 for step in $steps; do
-  case $step in q4|graphs-q4|prefill-q4|coldstart-q4|calibrate|probe|sanitize|ple|cuda-tests) ;; *) bundles ;; esac
+  case $step in q4|graphs-q4|prefill-q4|coldstart-q4|calibrate|probe|sanitize|ple|cuda-tests) ;; *) locked bundles ;; esac
   case $step in
+    prepare)
+      echo "prepared: $data/$size, $data/$size-cuda, $data/$size-generic" ;;
     cuda-tests)
       # The fused CUDA kernels' tests (skipped on machines without CUDA); pytest from the wheels
       # benchmarks/stage_test_wheels.sh adds to the staged build (copied to /root/mlxw by its stage.sh).
@@ -118,7 +140,7 @@ for step in $steps; do
       python3 benchmarks/bench_runtime.py decode "$data/$size-cuda" --source "$data/$size-generic" --no-eager \
         --rounds "${ROUNDS:-2}" --reps 3 --prompt 64 --tokens "${TOKENS:-64}" --json "$out/fast-$size.json" ;;
     q4)
-      q4_bundles generic cuda
+      locked q4_bundles generic cuda
       python3 benchmarks/bench_quantized.py decode "$data/$size-generic-q4" --ours "$data/$size-cuda-q4" --compiled \
         --rounds "${ROUNDS:-2}" --reps 3 --prompt 64 --tokens "${TOKENS:-64}" --json "$out/q4-$size.json" ;;
     graphs|graphs-q4)
@@ -126,7 +148,7 @@ for step in $steps; do
       # TRIES="nographs ours:nographs" tries those instead.
       tries=(); for t in ${TRIES:-}; do tries+=(--try "$t"); done
       if [ "$step" = graphs-q4 ]; then
-        q4_bundles generic cuda
+        locked q4_bundles generic cuda
         python3 benchmarks/bench_graphs.py "$data/$size-cuda-q4" "$data/$size-generic-q4" --quantized \
           --rounds "${ROUNDS:-3}" --tokens "${TOKENS:-64}" "${tries[@]}" --json "$out/graphs-q4-$size.json"
       else
@@ -154,7 +176,7 @@ for step in $steps; do
     numeric)
       # verify --numeric on the 4-bit and the bf16 cuda bundle: known answers (numpy, this machine's CPU) if
       # absent, then each path RUNS times here (every run after the first bit for bit against it).
-      q4_bundles cuda
+      locked q4_bundles cuda
       for b in "$data/$size-cuda-q4" "$data/$size-cuda"; do
         grep -q '^known_answers:' "$b/manifest.yaml" || python3 -m convert known-answers "$b"
         python3 -m runtime verify --numeric --runs "${RUNS:-10}" "$b" | tee -a "$out/numeric-$size.txt" || true
@@ -165,7 +187,7 @@ for step in $steps; do
     probe)
       # Where a 4-bit prefill stops being deterministic (cuda_q4_probe.py: the culprit module, alone,
       # fresh and with a poisoned buffer cache), then MLX's quantized matmul shape by shape.
-      q4_bundles generic
+      locked q4_bundles generic
       python3 benchmarks/cuda_q4_probe.py "$data/$size-generic-q4" --mlx-lm --repeats "${REPEATS:-8}" \
         --phases "${PHASES:-repeat,stages,ops,memory,isolate}" --json "$out/probe-$size.json" --save-npz "$out/probe-$size-op.npz"
       python3 benchmarks/cuda_qmm_sweep.py --json "$out/qmm-sweep.json" | grep -v "^ok " || true ;;
@@ -173,7 +195,7 @@ for step in $steps; do
       # compute-sanitizer over the smallest repro (initcheck: reads of memory nothing wrote; racecheck:
       # shared-memory races) and over one 4-token prefill of the model.
       cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-      q4_bundles generic
+      locked q4_bundles generic
       for tool in initcheck racecheck; do
         timeout 150 "$cs" --tool $tool --print-limit 3 python3 benchmarks/cuda_qmm_repro.py --repeats 1 2>&1 | head -40 || true
       done
@@ -187,7 +209,7 @@ for step in $steps; do
     coldstart-q4)
       # The same on the 4-bit bundles (mlx-lm on the generic 4-bit bundle's arrays): a 4-bit prefill compiles
       # MLX's quantized kernels too, on both sides.
-      q4_bundles generic cuda
+      locked q4_bundles generic cuda
       python3 benchmarks/bench_coldstart.py "$data/$size-cuda-q4" "$data/$size-generic-q4" --rounds "${ROUNDS:-1}" \
         --impls "${IMPLS:-ours,mlx-lm}" --tokens "${TOKENS:-16}" --json "$out/coldstart-q4-$size.json" ;;
     profile)
@@ -199,7 +221,7 @@ for step in $steps; do
     prefill-q4)
       # A 4-bit prefill of PROMPT tokens (default 64): wall time of ours (as it runs, and the variants
       # profile_step.py names), of mlx-lm on the same arrays, then Nsight Compute's kernels of ours and mlx-lm's.
-      q4_bundles generic cuda
+      locked q4_bundles generic cuda
       p=${PROMPT:-64}
       for r in 1 2; do
         for v in default kernel whole; do

@@ -209,6 +209,11 @@ H100 = ROOT / "benchmarks" / "h100.sh"
 def h100(tmp_path, *args, busy=""):
     """benchmarks/h100.sh with a stand-in `nvidia-smi` first on PATH (this machine has no GPU):
     it names a fake card and, where `busy` is given, one process using it."""
+    return subprocess.run(["bash", str(H100), *args], capture_output=True, text=True,
+                          env=h100_env(tmp_path, busy), timeout=60, cwd=ROOT)
+
+
+def h100_env(tmp_path, busy=""):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     smi = bin_dir / "nvidia-smi"
@@ -218,8 +223,8 @@ def h100(tmp_path, *args, busy=""):
     env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "FAKE_BUSY": busy, "OUT": str(tmp_path / "out")}
     env.pop("BUSY_OK", None)
-    return subprocess.run(["bash", str(H100), *args], capture_output=True, text=True, env=env, timeout=60,
-                          cwd=ROOT)
+    env.pop("BENCH_DATA", None)
+    return env
 
 
 @pytest.mark.parametrize("args, named", [(["e3b", "decode"], "unknown size 'e3b'"),
@@ -255,3 +260,23 @@ def test_h100_script_refuses_an_ab_step_without_the_other_tree(tmp_path):
     r = h100(tmp_path, "e2b-narrow", "ab")
     assert r.returncode == 2 and "step ab needs AB_TREE" in r.stderr and "AB_COMMIT" in r.stderr
     assert "Fake GPU" not in r.stdout
+
+
+def test_h100_prepare_twice_at_once_makes_the_data_once(tmp_path):
+    """Two `prepare`s of one size at once (a background one and a step that needs its data): the
+    second waits for the first's lock and finds whole directories, so both succeed and the data
+    is made once. Without the lock both would write the checkpoint and the second's rename, or
+    its conversion into the same bundle, would fail. `prepare` measures nothing, so a busy GPU
+    does not stop it."""
+    data = tmp_path / "data"
+    env = {**h100_env(tmp_path, busy="4242, python3, 9000 MiB"), "BENCH_DATA": str(data)}
+    runs = [subprocess.Popen(["bash", str(H100), "e2b-narrow", "prepare"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for _ in range(2)]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in runs]
+    for rc, out, err in results:
+        assert rc == 0 and "prepared:" in out, err
+    assert sorted(p.name for p in data.iterdir()) == [
+        ".lock-e2b-narrow", "e2b-narrow", "e2b-narrow-cuda", "e2b-narrow-generic"]
+    for target in ("cuda", "generic"):
+        assert read_manifest(data / f"e2b-narrow-{target}")["target"]["name"] == target
+
