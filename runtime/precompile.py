@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -53,6 +54,7 @@ from runtime.kernels import TEMP_VARIABLES, kernel_cache_dirs, mlx_temp_dir
 LIST_PREFIX = "mlx-prepared-kernels-"
 PRIVATE_PREFIX = "mlx-prepared-compile-"
 OWNERS = "owners.json"  # in a child's directory: the pids of the process that made it and of the child
+WAIT_STEP_S = 0.25  # how often finish() comes back to the interpreter while it waits for the child
 RUNTIME = Path(__file__).resolve().parent
 
 
@@ -202,13 +204,22 @@ class BackgroundCompile:
             return True
 
     def finish(self, timeout: float | None = None) -> bool:
-        """Wait for the child (at most `timeout` seconds), then publish its kernels; whether it ended."""
+        """Wait for the child (at most `timeout` seconds), then publish its kernels; whether it ended.
+
+        It waits in steps of WAIT_STEP_S: Python runs a signal's handler on the main thread between
+        bytecodes, the kernel may hand the signal to another thread, and a wait with no timeout
+        would then hold the handler (a Ctrl-C, a process manager's SIGTERM) until the child ended.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            if self.child is not None:
+            while self.child is not None:
+                left = WAIT_STEP_S if deadline is None else deadline - time.monotonic()
                 try:
-                    self.child.wait(timeout=timeout)
+                    self.child.wait(timeout=max(0.0, min(WAIT_STEP_S, left)))
                 except subprocess.TimeoutExpired:
-                    return False
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
+                    continue
                 self._end()
             return True
 

@@ -334,3 +334,46 @@ def test_seeding_where_the_ptx_cache_is_tmpdir_itself(tmp_path, monkeypatch):
     assert linked == ["ptx/K.ptx", "ptx/K.txt"]
     assert publish(private, "same-dir") == sorted([str(tmp_path / "K.ptx"), str(tmp_path / "Own.ptx")])
     assert (tmp_path / "Own.ptx").read_text() == "being written" and (tmp_path / "notes.doc").exists()
+
+
+TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)  # the syscall's number (Linux)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or TGKILL is None, reason="tgkill, /proc: Linux")
+def test_waiting_for_the_child_still_hears_a_signal_handled_on_another_thread(tmp_path):
+    """`generate` and `chat` end by waiting for the background child (`finish()`). Python runs a
+    signal's handler on the main thread, between bytecodes; the kernel may hand a process's
+    signal to any thread (MLX has several), and a main thread blocked in a wait with no timeout
+    then never gets there before the child ends: minutes on a GPU, for a SIGTERM from a process
+    manager. Here a real BackgroundCompile whose child is a 60 s sleep (the object made without
+    its constructor, which would start a real compilation; its lock and child are what `finish`
+    uses) is waited for while SIGUSR1 goes to another thread: the handler must run at once."""
+    script = (
+        "import ctypes, os, signal, subprocess, sys, threading, time\n"
+        "from runtime.precompile import BackgroundCompile\n"
+        "job = BackgroundCompile.__new__(BackgroundCompile)\n"
+        "job._lock = threading.Lock()\n"
+        "job.child = subprocess.Popen(['sleep', '60'])\n"
+        "class Heard(Exception): pass\n"
+        "def heard(*_): raise Heard\n"
+        "signal.signal(signal.SIGUSR1, heard)\n"
+        "other = threading.Thread(target=time.sleep, args=(30,), daemon=True); other.start()\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def send():\n"
+        "    time.sleep(1)\n"
+        f"    assert libc.syscall({TGKILL}, os.getpid(), other.native_id, signal.SIGUSR1) == 0\n"
+        "threading.Thread(target=send, daemon=True).start()\n"
+        "t0 = time.monotonic()\n"
+        "try:\n"
+        "    job.finish()\n"
+        "    print('not heard')\n"
+        "except Heard:\n"
+        "    print(f'heard after {time.monotonic() - t0:.2f} s')\n"
+        "finally:\n"
+        "    job.child.kill(); job.child.wait()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env=machine(fresh(tmp_path, "signal")))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("heard after "), r.stdout
+    assert float(r.stdout.split()[2]) < 5, r.stdout
