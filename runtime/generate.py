@@ -45,6 +45,7 @@ from runtime.inputs import (
     context_length_of,
     vocab_size_of,
 )
+from runtime.kernels import check_kernel_cache
 from runtime.model import Model
 from runtime.precompile import pending
 from runtime.sampling import Sampler, SamplingParams, apply_repetition_penalty
@@ -309,9 +310,11 @@ def _compiled(compiled, model) -> bool:
     runtime's model), checked where it enters."""
     compiled = check_option(compiled, "compiled")
     if compiled is None:
-        return isinstance(model, Model)
-    if compiled and not isinstance(model, Model):
+        compiled = isinstance(model, Model)
+    elif compiled and not isinstance(model, Model):
         raise ValueError("compiled decoding needs this runtime's model (runtime.load); pass compiled=False")
+    if compiled:
+        check_kernel_cache()
     return compiled
 
 

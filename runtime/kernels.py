@@ -79,6 +79,23 @@ def kernel_cache_problem() -> str | None:
     return None
 
 
+class KernelCacheError(RuntimeError):
+    """Compiled decoding cannot run here: MLX could not keep the kernels it compiles (the message
+    is `kernel_cache_problem`'s). A RuntimeError, as MLX's own failure was."""
+
+
+def check_kernel_cache() -> None:
+    """The Python API's door for compiled decoding: where MLX keeps compiled kernels on disk (the
+    CPU, CUDA; Metal keeps none), a temporary directory it cannot use fails the first compiled
+    step with a C++ filesystem error that names no path, after the prompt's first token. Raised
+    here instead, before any work, with `kernel_cache_problem`'s line."""
+    if mx.default_device().type == mx.gpu and mx.metal.is_available():
+        return
+    problem = kernel_cache_problem()
+    if problem:
+        raise KernelCacheError(problem)
+
+
 def _state(directory: Path) -> tuple | None:
     """What changes when a kernel is written: the directory's and its subdirectories' mtimes; None
     while it is missing or empty. An empty one is not a kernel: the command's own cache check

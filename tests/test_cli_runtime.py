@@ -207,6 +207,41 @@ def test_the_compile_note_names_where_a_kernel_was_written(tmp_path, monkeypatch
     assert said == [kernels.compile_note(ptx)]
 
 
+@pytest.mark.parametrize("temp", ["missing", "a file"])
+def test_the_python_api_refuses_compiled_decoding_with_such_a_directory_before_any_work(bundle, tmp_path, temp):
+    """The same through the Python API: MLX's own failure was a RuntimeError that named no path
+    ("filesystem error: temp_directory_path: No such file or directory"), raised by the first
+    compiled step, after stream_generate had given the prompt's first token. Now a
+    KernelCacheError (a RuntimeError) with the command's line, before the first token; eager
+    decoding, which compiles nothing, still runs."""
+    value = str(tmp_path / ("nope" if temp == "missing" else "file"))
+    (tmp_path / "file").write_text("not a directory")
+    env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TMP", "TEMP", "TEMPDIR")}
+    env["TMPDIR"] = value
+    script = (
+        "import sys, warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "import runtime\n"
+        "from runtime.kernels import KernelCacheError\n"
+        "model, tokenizer = runtime.load(sys.argv[1])\n"
+        "got = []\n"
+        "try:\n"
+        "    for r in runtime.stream_generate(model, tokenizer, 'Hello', max_tokens=4):\n"
+        "        got.append(r.text)\n"
+        "except KernelCacheError as e:\n"
+        "    assert isinstance(e, RuntimeError)\n"
+        "    print('refused after', len(got), 'tokens:', e)\n"
+        "print('eager:', repr(runtime.generate(model, tokenizer, 'Hello', max_tokens=4, compiled=False)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(bundle)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    refused, eager = r.stdout.splitlines()
+    assert refused == (f"refused after 0 tokens: TMPDIR={value!r} is not a directory; MLX keeps the kernels "
+                       "it compiles under it; point TMPDIR at a writable directory"), refused
+    assert eager.startswith("eager: '") and len(eager) > len("eager: ''"), eager
+
+
 def test_warmup_refuses_a_missing_bundle_in_one_line(tmp_path):
     assert_one_line_error(run("runtime", "warmup", str(tmp_path / "nope")), str(tmp_path / "nope"))
 
