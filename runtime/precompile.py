@@ -54,7 +54,10 @@ from runtime.kernels import TEMP_VARIABLES, kernel_cache_dirs, mlx_temp_dir
 LIST_PREFIX = "mlx-prepared-kernels-"
 PRIVATE_PREFIX = "mlx-prepared-compile-"
 OWNERS = "owners.json"  # in a child's directory: the pids of the process that made it and of the child
-WAIT_STEP_S = 0.25  # how often finish() comes back to the interpreter while it waits for the child
+# How often a wait on the main thread comes back to the interpreter: Python runs a signal's
+# handler there, between bytecodes, and one the kernel handed to another thread waits for it
+# (BackgroundCompile.finish here; the server's idle engine, runtime/server.py).
+SIGNAL_POLL_S = 0.25
 RUNTIME = Path(__file__).resolve().parent
 
 
@@ -206,16 +209,16 @@ class BackgroundCompile:
     def finish(self, timeout: float | None = None) -> bool:
         """Wait for the child (at most `timeout` seconds), then publish its kernels; whether it ended.
 
-        It waits in steps of WAIT_STEP_S: Python runs a signal's handler on the main thread between
+        It waits in steps of SIGNAL_POLL_S: Python runs a signal's handler on the main thread between
         bytecodes, the kernel may hand the signal to another thread, and a wait with no timeout
         would then hold the handler (a Ctrl-C, a process manager's SIGTERM) until the child ended.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self.child is not None:
-                left = WAIT_STEP_S if deadline is None else deadline - time.monotonic()
+                left = SIGNAL_POLL_S if deadline is None else deadline - time.monotonic()
                 try:
-                    self.child.wait(timeout=max(0.0, min(WAIT_STEP_S, left)))
+                    self.child.wait(timeout=max(0.0, min(SIGNAL_POLL_S, left)))
                 except subprocess.TimeoutExpired:
                     if deadline is not None and time.monotonic() >= deadline:
                         return False

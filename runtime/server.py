@@ -59,6 +59,7 @@ from runtime.openai_api import (
     usage,
     usage_chunk,
 )
+from runtime.precompile import SIGNAL_POLL_S
 from runtime.stops import StopStrings
 
 DEFAULT_PORT = 8080
@@ -66,7 +67,6 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 64 << 20  # an oversized body up to this is read (and dropped) before the 413 goes out
 GEMMA3N_CONTEXT = 32768  # max_position_embeddings of every Gemma3n, for configs that omit it
 CLIENT_POLL_S = 0.2
-SIGNAL_POLL_S = 0.25  # how often an idle engine looks for a signal (Engine.run_forever)
 # A client that sends nothing for this long (mid-request line, headers or body, or idle between
 # requests on a kept-alive connection), or reads nothing of an answer for this long, is dropped
 # (`serve --client-timeout`); and a body must arrive whole within twice that of its headers, so
