@@ -92,7 +92,8 @@ class DecodeStep:
       (`cuda_blocks.attention`);
     - a layer's q, k and v heads are normed by one unscaled norm, then scaled per head and q and
       k rotated by RoPE in one fused element-wise kernel (`_rope_tables`, `_scale_and_rotate`):
-      2 kernels where the norms and RoPEs one by one are 5;
+      2 kernels where the norms and RoPEs one by one are 5 (on a CUDA GPU one kernel of the
+      runtime's own, `cuda_blocks.heads`);
     - a fused bundle (manifests/format.py FUSED_GROUPS) is one GEMV per group, its output cut by
       one split (`DecoderLayer.project`);
     - (gaussian_top_k) the activation-sparse layers' standard deviation is one dot product of the
